@@ -1,0 +1,22 @@
+"""lamina: open a pretrained network layer by layer.
+
+Measure what every layer knows and how much it matters, and turn that into a
+smaller, faster model for your task, with measurements that prove it.
+
+    import lamina
+    res = lamina.capture("minilm", "rotten-tomatoes", lamina.CaptureConfig(out="run/", limit=500))
+    store = lamina.FeatureStore.open("run/")
+"""
+
+__version__ = "0.1.0"
+
+from .blocks import BlockMap, Tap, find_blocks, select_taps  # noqa: E402
+from .capture import CaptureConfig, CaptureResult, capture  # noqa: E402
+from .data import Dataset, load_data  # noqa: E402
+from .errors import LaminaError, UsageError  # noqa: E402
+from .models import LoadedModel, load_model  # noqa: E402
+from .store import FeatureStore  # noqa: E402
+
+__all__ = ["capture", "CaptureConfig", "CaptureResult", "FeatureStore", "find_blocks", "select_taps",
+           "BlockMap", "Tap", "load_model", "LoadedModel", "load_data", "Dataset", "LaminaError",
+           "UsageError", "__version__"]

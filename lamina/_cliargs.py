@@ -1,0 +1,59 @@
+"""Generate argparse flags from a frozen config dataclass, and back.
+
+Every field becomes ``--field-name``; its help is the field's ``help``
+metadata plus its default, so ``--help`` is complete by construction and the
+CLI cannot drift from the Python API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+
+
+def _base_type(tp):
+    """(python type, optional?) of an annotation like ``int | None``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else str), True
+    return tp, False
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -> None:
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(f"{cls.__name__} settings")
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp, optional = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if tp is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=f"{help_} (default: {f.default})")
+            continue
+        if tp in (tuple, list) or typing.get_origin(tp) in (tuple, list):
+            inner = (typing.get_args(tp) or (str,))[0]
+            group.add_argument(flag, type=inner, nargs="+", default=None if required else f.default,
+                               required=required, help=f"{help_} (default: {f.default})")
+            continue
+        default = None if required else f.default
+        shown = "required" if required else f"default: {default}"
+        group.add_argument(flag, type=tp if tp in (int, float, str) else str, default=default,
+                           required=required, metavar=f.name.upper(), help=f"{help_} ({shown})")
+
+
+def config_from_args(cls, ns: argparse.Namespace, **extra):
+    values = {}
+    for f in dataclasses.fields(cls):
+        if hasattr(ns, f.name):
+            v = getattr(ns, f.name)
+            if isinstance(v, list):
+                v = tuple(v)
+            values[f.name] = v
+    values.update(extra)
+    return cls(**values)

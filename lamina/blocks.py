@@ -1,0 +1,255 @@
+"""Where a model's blocks are: the one foundation every stage reads.
+
+A *block* is one repeated residual unit (a transformer layer, an MBConv block).
+``find_blocks(model)`` returns a :class:`BlockMap`: an ordered list of *taps*,
+each a canonical name bound to a module path and to which side of it is read:
+
+    embed          input of blocks.0 (what every block stack is fed; equals
+                   ``hidden_states[0]`` of Hugging Face models)
+    blocks.0 ...   output of each block, before any final norm
+    final_norm     output of the final norm (GPT-2 ``ln_f``, Llama ``norm``,
+                   ViT ``layernorm``) when the model has one
+    head_conv      EfficientNet: the head convolution's activated output
+
+Discovery is structural, not a table of class names: the block stack is the
+container (``ModuleList``/``Sequential``) of at least two modules of one class
+holding the most parameters. That finds ``encoder.layer`` (BERT family, ViT),
+``h`` (GPT-2), ``model.layers`` (Llama/Qwen2/Mistral) and ``_blocks``
+(EfficientNet) alike. For anything else the user names the blocks: a dotted
+path to a container, or a glob over module paths (``layer*.*``).
+
+Block *selection* (None = all, n = last n, negative indices, names, globs) is
+defined once here, in :func:`select_taps`, so capture, analysis and pruning
+cannot disagree about what "the last 3 blocks" means.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from .errors import UsageError, suggest
+
+# Names of final norms that follow the block stack, nearest ancestor first.
+_FINAL_NORM_NAMES = ("ln_f", "norm", "final_layernorm", "final_layer_norm", "layernorm", "norm_f",
+                     "post_layernorm")
+# Names of task heads (used by importance to measure output change on logits).
+_HEAD_NAMES = ("classifier", "lm_head", "score", "_fc", "fc", "head", "cls")
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One recorded point: ``name`` (canonical), ``path`` (module), ``side``.
+
+    ``side`` is ``"output"`` (forward hook) or ``"input"`` (forward pre-hook,
+    first positional argument).
+    """
+
+    name: str
+    path: str
+    side: str = "output"
+
+
+@dataclass(frozen=True)
+class BlockMap:
+    """The blocks of one model.
+
+    Attributes:
+        block_paths: module path of each block, in forward order.
+        taps: embed, blocks.0..N-1, then final_norm/head_conv when present.
+        container: path of the block container ('' when given by glob).
+        head: path of the task head, or None.
+        arch: short family name ('bert', 'gpt2', 'llama', 'vit',
+            'efficientnet', or the model's class name).
+    """
+
+    block_paths: tuple[str, ...]
+    taps: tuple[Tap, ...]
+    container: str = ""
+    head: str | None = None
+    arch: str = ""
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.block_paths)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.taps]
+
+    def tap(self, name: str) -> Tap:
+        for t in self.taps:
+            if t.name == name:
+                return t
+        raise UsageError(f"no layer named {name!r} in this model", value=name,
+                         allowed=", ".join(self.names), fix=suggest(name, self.names) or None)
+
+    def to_dict(self) -> dict:
+        return {"arch": self.arch, "container": self.container, "head": self.head,
+                "block_paths": list(self.block_paths),
+                "taps": [{"name": t.name, "path": t.path, "side": t.side} for t in self.taps]}
+
+
+def _arch_name(model: nn.Module) -> str:
+    cfg = getattr(model, "config", None)
+    mt = getattr(cfg, "model_type", None)
+    if mt:
+        return {"qwen2": "llama", "mistral": "llama", "llama": "llama"}.get(mt, mt)
+    name = type(model).__name__
+    return "efficientnet" if name.lower().startswith("efficientnet") else name
+
+
+def _stack_candidates(model: nn.Module) -> list[tuple[int, str, int, str]]:
+    """(parameter count, path, length, child class) of every plausible block stack."""
+    found = []
+    for path, mod in model.named_modules():
+        if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < 2:
+            continue
+        kinds = {type(c) for c in mod}
+        if len(kinds) != 1:
+            continue
+        n_params = sum(p.numel() for p in mod.parameters())
+        found.append((n_params, path, len(mod), next(iter(kinds)).__name__))
+    found.sort(key=lambda t: -t[0])
+    return found
+
+
+def _all_containers(model: nn.Module) -> list[str]:
+    out = []
+    for path, mod in model.named_modules():
+        if isinstance(mod, (nn.ModuleList, nn.Sequential)) and len(mod) >= 1 and path:
+            kinds = sorted({type(c).__name__ for c in mod})
+            n = sum(p.numel() for p in mod.parameters())
+            out.append((n, f"{path} ({len(mod)} x {'/'.join(kinds)}, {n:,} params)"))
+    out.sort(key=lambda t: -t[0])
+    return [s for _, s in out]
+
+
+def _parent(path: str) -> str:
+    return path.rsplit(".", 1)[0] if "." in path else ""
+
+
+def _find_final(model: nn.Module, container: str, arch: str) -> Tap | None:
+    mods = dict(model.named_modules())
+    if arch == "efficientnet" and "_avg_pooling" in mods:
+        # The head conv + BN + activation is applied inline; the activated map is
+        # the input of the global pool, so read that side of it.
+        return Tap("head_conv", "_avg_pooling", "input")
+    anc = _parent(container) if container else None
+    while anc is not None:
+        for name in _FINAL_NORM_NAMES:
+            p = f"{anc}.{name}" if anc else name
+            m = mods.get(p)
+            if m is not None and "norm" in type(m).__name__.lower():
+                return Tap("final_norm", p, "output")
+        anc = _parent(anc) if anc else None
+    return None
+
+
+def _find_head(model: nn.Module) -> str | None:
+    for name, _ in model.named_children():
+        if name in _HEAD_NAMES:
+            return name
+    return None
+
+
+def _paths_from_spec(model: nn.Module, spec: str) -> tuple[list[str], str]:
+    mods = dict(model.named_modules())
+    if any(ch in spec for ch in "*?["):
+        paths = [p for p in mods if p and fnmatch.fnmatchcase(p, spec)]
+        # Keep only the outermost matches so 'layer*.*' does not also take sub-modules.
+        paths = [p for p in paths if not any(p != q and p.startswith(q + ".") for q in paths)]
+        if not paths:
+            raise UsageError("the block glob matched no module", value=spec,
+                             allowed="a glob over module paths, e.g. 'encoder.layers.*' or 'layer*.*'",
+                             fix="some containers in this model: " + "; ".join(_all_containers(model)[:5]))
+        return paths, ""
+    if spec not in mods:
+        raise UsageError("the named block container does not exist in this model", value=spec,
+                         allowed="a dotted module path such as 'encoder.layers'",
+                         fix=(suggest(spec, [p for p in mods if p]) or "")
+                         + " containers seen: " + "; ".join(_all_containers(model)[:5]))
+    mod = mods[spec]
+    children = [f"{spec}.{n}" for n, _ in mod.named_children()]
+    if len(children) < 1:
+        raise UsageError("the named block container has no child modules", value=spec,
+                         allowed="a ModuleList/Sequential of blocks",
+                         fix="name the container itself, e.g. 'encoder.layers', not one block")
+    return children, spec
+
+
+def find_blocks(model: nn.Module, blocks: str | None = None) -> BlockMap:
+    """Find the block stack of ``model`` (or use ``blocks``, a path or glob).
+
+    Raises UsageError listing the best candidate containers when no stack is
+    found, so the user can name one with ``--blocks``.
+    """
+    arch = _arch_name(model)
+    if blocks:
+        paths, container = _paths_from_spec(model, blocks)
+    else:
+        cands = _stack_candidates(model)
+        if not cands:
+            seen = _all_containers(model)
+            raise UsageError(
+                f"could not find the blocks of this {type(model).__name__}: no list of two or more "
+                "modules of one class", value=type(model).__name__,
+                allowed="a model with a ModuleList/Sequential of repeated blocks, or blocks named by the user",
+                fix="name them with --blocks PATH or --blocks 'GLOB' (Python: blocks=...). "
+                    + ("Candidates seen: " + "; ".join(seen[:5]) if seen else "No module containers seen."))
+        _, container, _, _ = cands[0]
+        paths = [f"{container}.{n}" if container else n for n, _ in dict(model.named_modules())[container].named_children()]
+    taps = [Tap("embed", paths[0], "input")]
+    taps += [Tap(f"blocks.{i}", p, "output") for i, p in enumerate(paths)]
+    final = _find_final(model, container, arch)
+    if final is not None:
+        taps.append(final)
+    return BlockMap(tuple(paths), tuple(taps), container=container, head=_find_head(model), arch=arch)
+
+
+def select_taps(bmap: BlockMap, selection=None) -> list[Tap]:
+    """The taps chosen by ``selection``, in forward order.
+
+    ``selection`` may be None (all taps), an int n (the last n blocks), a
+    list of ints (block indices, negatives from the end), or names/globs over
+    tap names (``"blocks.*"``, ``"embed,blocks.-1"``), as a list or a
+    comma-separated string. Unknown names raise UsageError with suggestions.
+    """
+    if selection is None or selection == "" or selection == "all":
+        return list(bmap.taps)
+    if isinstance(selection, str):
+        parts = [s.strip() for s in selection.split(",") if s.strip()]
+        if len(parts) == 1 and parts[0].lstrip("-").isdigit():
+            selection = int(parts[0])
+        else:
+            selection = parts
+    n = bmap.n_blocks
+    blocks = [t for t in bmap.taps if t.name.startswith("blocks.")]
+    if isinstance(selection, int):
+        if not 1 <= selection <= n:
+            raise UsageError("the number of last blocks to take is out of range", value=selection,
+                             allowed=f"1..{n}", fix=f"use a number between 1 and {n}, or 'all'")
+        return blocks[n - selection:]
+    chosen: list[str] = []
+    for item in selection:
+        if isinstance(item, int) or (isinstance(item, str) and item.lstrip("-").isdigit()):
+            idx = int(item)
+            if not -n <= idx < n:
+                raise UsageError("block index out of range", value=idx, allowed=f"{-n}..{n - 1}",
+                                 fix="negative indices count from the last block")
+            chosen.append(f"blocks.{idx % n}")
+            continue
+        if item.startswith("blocks.") and item[7:].lstrip("-").isdigit():
+            idx = int(item[7:])
+            if -n <= idx < 0:
+                item = f"blocks.{idx % n}"
+        matches = [t.name for t in bmap.taps if fnmatch.fnmatchcase(t.name, item)]
+        if not matches:
+            raise UsageError("unknown layer name", value=item, allowed=", ".join(bmap.names),
+                             fix=suggest(item, bmap.names) or "use one of the allowed names or a glob like 'blocks.*'")
+        chosen.extend(matches)
+    keep = set(chosen)
+    return [t for t in bmap.taps if t.name in keep]

@@ -1,0 +1,255 @@
+"""``capture``: one forward pass per batch records every selected block.
+
+Design decisions:
+- Batches are fixed slices of the (subsampled) dataset in order, so batch b
+  always holds the same rows: resume and multi-rank runs process identical
+  batches and write identical bytes.
+- Ranks under torchrun take remaining batches round-robin and write their own
+  rows into the shared, preallocated layer files; rank 0 allocates and
+  finalizes. The process group (gloo on CPU) only provides barriers.
+- A capture key (model fingerprint + data identity + every setting that
+  changes the bytes) is stored in the manifest; resuming with another key is
+  refused rather than silently mixing two captures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..blocks import select_taps
+from ..data import Dataset, check_labels, load_data, subsample
+from ..errors import LaminaError, UsageError
+from ..models import LoadedModel, load_model
+from ..runfolder import update_run_config
+from ..store import FeatureStore, StoreWriter, read_manifest
+from .dist import Dist
+from .hooks import POOLINGS, recording
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """Settings of ``lamina capture``."""
+
+    out: str = field(metadata={"help": "run folder; features go to OUT/features"})
+    layers: str | None = field(default=None, metadata={
+        "help": "layers to record: all (default), N for the last N blocks, or comma-separated names/globs/"
+                "indices such as 'embed,blocks.-1' or 'blocks.*'"})
+    blocks: str | None = field(default=None, metadata={
+        "help": "where the blocks are, for models lamina cannot read by itself: a module path such as "
+                "'encoder.layers' or a glob such as 'layer*.*'"})
+    pooling: str = field(default="mean", metadata={
+        "help": "mean (padding-aware), cls (first token), last (last non-pad token), none (full sequences); "
+                "CNN maps are always spatially averaged unless none"})
+    batch_size: int = field(default=32, metadata={"help": "samples per forward pass"})
+    max_length: int = field(default=128, metadata={"help": "text: truncate to this many tokens"})
+    image_size: int | None = field(default=None, metadata={
+        "help": "images: resize to this side (default: the model's own, 224 for efficientnet-lite0)"})
+    limit: int | None = field(default=None, metadata={
+        "help": "use at most this many samples, stratified by label (deterministic given --seed)"})
+    seed: int = field(default=0, metadata={"help": "seed of the subsample"})
+    dtype: str = field(default="float32", metadata={"help": "storage dtype: float32 or float16"})
+    text_column: str | None = field(default=None, metadata={"help": "text column of a CSV/JSONL/Parquet file"})
+    label_column: str | None = field(default=None, metadata={"help": "label column of a CSV/JSONL/Parquet file"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted capture in OUT"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing store in OUT"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise UsageError("unknown pooling", value=self.pooling, allowed=", ".join(POOLINGS),
+                             fix="--pooling mean")
+        if self.dtype not in ("float32", "float16"):
+            raise UsageError("unknown storage dtype", value=self.dtype, allowed="float32, float16",
+                             fix="--dtype float16 halves the store size")
+        for name in ("batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1", value=getattr(self, name),
+                                 allowed="a positive integer", fix=f"--{name.replace('_', '-')} 32")
+        if self.image_size is not None and self.image_size < 8:
+            raise UsageError("--image-size is too small", value=self.image_size, allowed=">= 8",
+                             fix="--image-size 64")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other", value="both given",
+                             allowed="one of them", fix="--resume continues; --overwrite starts over")
+
+
+@dataclass
+class CaptureResult:
+    """What a capture produced."""
+
+    store: str
+    n: int
+    layers: list[str]
+    batches_run: int
+    batches_total: int
+    seconds: float
+    resumed: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def open(self) -> FeatureStore:
+        return FeatureStore.open(self.store)
+
+
+def _key(model: LoadedModel, ds: Dataset, cfg: CaptureConfig, taps) -> dict:
+    ids_hash = hashlib.sha256("\n".join(ds.ids.tolist()).encode()).hexdigest()[:16]
+    parts = {"model": model.fingerprint(), "data": ds.name, "source": ds.source, "ids": ids_hash,
+             "layers": [t.name for t in taps], "pooling": cfg.pooling, "dtype": cfg.dtype,
+             "batch_size": cfg.batch_size, "max_length": cfg.max_length, "image_size": cfg.image_size}
+    parts["key"] = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return parts
+
+
+def _prepare_folder(root: Path, cfg: CaptureConfig, key: dict, dist: Dist) -> str:
+    """Decide 'fresh', 'resume' or 'done' for OUT/features; refuse what would lose data."""
+    exists = (root / "manifest.json").exists()
+    if not exists and root.exists() and any(root.iterdir()) and not cfg.overwrite:
+        raise UsageError("the features folder exists but holds no lamina store", value=str(root),
+                         allowed="an empty or missing folder", fix="choose another --out, or pass --overwrite")
+    if exists and not cfg.overwrite:
+        man = read_manifest(root)
+        if not cfg.resume:
+            state = "a complete" if man.get("complete") else "an interrupted"
+            raise UsageError(f"{state} feature store already exists", value=str(root),
+                             allowed="a new --out folder",
+                             fix="--resume to continue it, --overwrite to replace it, or another --out")
+        old = man.get("capture_key", {})
+        if old.get("key") != key["key"]:
+            diff = [k for k in key if k != "key" and old.get(k) != key[k]]
+            raise UsageError("the store in OUT was captured with another model or settings; refusing to mix them",
+                             value=str(root), allowed=f"the same settings (differs in: {', '.join(diff)})",
+                             fix="use the original settings with --resume, or --overwrite to start over")
+        return "done" if man.get("complete") else "resume"
+    if exists and cfg.overwrite and dist.rank == 0:
+        shutil.rmtree(root)
+    return "fresh"
+
+
+def _to_numpy(t: torch.Tensor, dtype: str, name: str, ids) -> np.ndarray:
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).nonzero().flatten().tolist()
+        raise LaminaError(f"non-finite activations (NaN or inf) in layer {name!r}",
+                          value=f"samples {[str(ids[i]) for i in bad[:5]]}", allowed="finite values",
+                          fix="check the inputs of those samples and the model's weights; the store stays "
+                              "resumable")
+    arr = t.float().cpu().numpy()
+    if dtype == "float16":
+        arr16 = arr.astype(np.float16)
+        if not np.isfinite(arr16).all():
+            raise LaminaError(f"layer {name!r} overflows float16 (values beyond 65504)",
+                              value=float(np.abs(arr).max()), allowed="|x| <= 65504 for float16 storage",
+                              fix="capture with --dtype float32")
+        return arr16
+    return arr
+
+
+def capture(model, data, config: CaptureConfig) -> CaptureResult:
+    """Record every selected block's (pooled) output for every sample.
+
+    Args:
+        model: a bundled name, HF folder, 'module:factory', nn.Module or LoadedModel.
+        data: a bundled name, a path, or a :class:`~lamina.data.Dataset`.
+        config: a :class:`CaptureConfig`.
+    Returns:
+        CaptureResult; the store itself is in ``config.out/features``.
+    """
+    t0 = time.perf_counter()
+    lm = load_model(model, blocks=config.blocks)
+    if config.blocks and lm.blocks.container != config.blocks and isinstance(model, LoadedModel):
+        from ..blocks import find_blocks
+        lm.blocks = find_blocks(lm.module, config.blocks)
+    ds = subsample(load_data(data, config.text_column, config.label_column), config.limit, config.seed)
+    check_labels(ds)
+    if len(ds) < 2:
+        raise UsageError("the dataset is too small to capture", value=len(ds), allowed=">= 2 samples",
+                         fix="use more data")
+    taps = select_taps(lm.blocks, config.layers)
+    key = _key(lm, ds, config, taps)
+    root = Path(config.out) / "features"
+    n, bs = len(ds), config.batch_size
+    n_batches = (n + bs - 1) // bs
+
+    with Dist() as dist:
+        state = _prepare_folder(root, config, key, dist)
+        dist.barrier()
+        with torch.inference_mode(), recording(lm.module, taps, config.pooling) as rec:
+            def run(rows):
+                b = lm.batch(ds, rows, config.max_length, config.image_size)
+                rec.mask = b.get("attention_mask")
+                rec.outputs.clear()
+                lm.forward(b)
+                return b
+
+            if state == "fresh" and dist.rank == 0:
+                run(np.arange(min(2, n)))  # learn each layer's shape
+                shapes = {}
+                for t in taps:
+                    s = tuple(rec.outputs[t.name].shape[1:])
+                    if config.pooling == "none" and lm.modality == "text":
+                        s = (config.max_length, *s[1:])
+                    shapes[t.name] = s
+                manifest = {"lamina_version": __version__, "capture_key": key, "pooling": config.pooling,
+                            "model": {k: v for k, v in lm.describe().items() if k != "blocks"},
+                            "blocks": lm.blocks.to_dict(), "data": ds.describe(),
+                            "config": asdict(config), "torch": torch.__version__}
+                StoreWriter(root).create(manifest, shapes, config.dtype, ds.labels, ds.ids,
+                                         lengths=config.pooling == "none" and lm.modality == "text")
+            dist.barrier()
+            if state == "done":
+                return CaptureResult(str(root), n, [t.name for t in taps], 0, n_batches,
+                                     time.perf_counter() - t0, True)
+            writer = StoreWriter(root, rank=dist.rank)
+            writer.open()
+            done = writer.done_batches()
+            todo = [b for b in range(n_batches) if b not in done][dist.rank::dist.world]
+            bar = None
+            if config.progress and dist.rank == 0:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=n_batches, initial=len(done), desc=f"capture {lm.name}", unit="batch")
+            try:
+                for b in todo:
+                    rows = np.arange(b * bs, min((b + 1) * bs, n))
+                    batch = run(rows)
+                    arrays = {t.name: rec.outputs[t.name] for t in taps}
+                    if config.pooling == "none" and lm.modality == "text":
+                        arrays = {k: _pad_tokens(v, config.max_length) for k, v in arrays.items()}
+                        arrays["__lengths__"] = batch["attention_mask"].sum(1).numpy()
+                    out = {k: (v if isinstance(v, np.ndarray) else _to_numpy(v, config.dtype, k, ds.ids[rows]))
+                           for k, v in arrays.items()}
+                    writer.write_batch(b, int(rows[0]), out)
+                    if bar is not None:
+                        bar.update(dist.world if dist.world > 1 else 1)
+            finally:
+                writer.close()
+                if bar is not None:
+                    bar.close()
+        dist.barrier()
+        if dist.rank == 0:
+            StoreWriter(root).finish(n_batches)
+            update_run_config(config.out, "capture", {"config": asdict(config), "model": lm.name,
+                                                      "data": ds.name, "n": n, "store": str(root)})
+        dist.barrier()
+    return CaptureResult(str(root), n, [t.name for t in taps], len(todo), n_batches,
+                         time.perf_counter() - t0, state == "resume")
+
+
+def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, T, D) -> (B, length, D), zero padding after the last token."""
+    if x.dim() != 3 or x.shape[1] == length:
+        return x
+    out = x.new_zeros(x.shape[0], length, x.shape[2])
+    out[:, : x.shape[1]] = x[:, :length]
+    return out

