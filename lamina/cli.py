@@ -41,7 +41,8 @@ def _capture(ns):
     from .capture import CaptureConfig, capture
     from .store import FeatureStore
     res = capture(ns.model, ns.data, config_from_args(CaptureConfig, ns))
-    _print_store(FeatureStore.open(res.store), ns)
+    if res.rank == 0:
+        _print_store(FeatureStore.open(res.store), ns)
     return 0
 
 

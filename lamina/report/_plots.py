@@ -1,0 +1,227 @@
+"""The report's figures, rendered to inline SVG (or base64 PNG) markup.
+
+Figures are built on ``matplotlib.figure.Figure`` directly, never through
+pyplot: nothing touches the caller's pyplot state or GUI backend, and no
+window can open (the Agg/SVG canvases render without a display). Style lives
+in one ``rc_context`` so a user's rcParams neither leak in nor get changed.
+SVG output is deterministic (fixed hash salt, no date) so the same run folder
+always gives the same page.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from contextlib import contextmanager
+
+import matplotlib
+import numpy as np
+from markupsafe import Markup, escape
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from . import _catalog as cat
+from ._scores import Importance
+
+INK, MUTED, GRID = "#1f2937", "#6b7280", "#e5e7eb"
+CONTROL = "#9ca3af"
+MAIN = "#2563eb"
+COLORS = {"probe_acc": "#2563eb", "knn_acc": "#ea580c", "ncc_acc": "#16a34a"}
+EXTRA = ("#7c3aed", "#db2777", "#0891b2", "#ca8a04")
+_RC = {
+    "font.family": "DejaVu Sans", "font.size": 9, "axes.titlesize": 10, "axes.titleweight": "bold",
+    "axes.titlelocation": "left", "axes.labelsize": 9, "axes.edgecolor": "#9ca3af", "axes.labelcolor": INK,
+    "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.color": GRID,
+    "grid.linewidth": 0.8, "xtick.color": MUTED, "ytick.color": MUTED, "text.color": INK,
+    "legend.frameon": False, "legend.fontsize": 8.5, "lines.linewidth": 2.0, "lines.markersize": 4.5,
+    "svg.fonttype": "path", "svg.hashsalt": "lamina-report", "hatch.color": "#9ca3af",
+    "figure.facecolor": "white", "axes.facecolor": "white",
+}
+
+
+@contextmanager
+def _style():
+    with matplotlib.rc_context(_RC):
+        yield
+
+
+def render(fig: Figure, fmt: str, alt: str) -> Markup:
+    """Inline markup of ``fig``: an ``<svg>`` element (fmt ``svg``) or a data-URI ``<img>`` (fmt ``png``)."""
+    with _style():
+        if fmt == "png":
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=144, bbox_inches="tight", metadata={"Software": None})
+            data = base64.b64encode(buf.getvalue()).decode("ascii")
+            return Markup(f'<img class="plot" alt="{escape(alt)}" src="data:image/png;base64,{data}">')
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
+    svg = buf.getvalue()
+    svg = svg[svg.index("<svg"):]  # drop the XML prolog and DOCTYPE: invalid inside HTML
+    # Let CSS size the plot (the viewBox keeps its aspect ratio); label it for screen readers.
+    svg = re.sub(r'^<svg([^>]*?) width="[^"]*" height="[^"]*"',
+                 lambda m: f'<svg class="plot" role="img" aria-label="{escape(alt)}"{m.group(1)}', svg, count=1)
+    return Markup(svg)
+
+
+def _values(v) -> np.ndarray:
+    return np.array([np.nan if x is None else x for x in v], dtype=float)
+
+
+def _layer_axis(ax, layers: list[str]) -> None:
+    x = np.arange(len(layers))
+    step = max(1, int(np.ceil(len(layers) / 24)))
+    ax.set_xticks(x[::step], [cat.short_layer(n) for n in layers][::step])
+    ax.set_xlim(-0.4, len(layers) - 0.6)
+    ax.set_xlabel("layer (emb = embedding output, then block index)")
+    ax.grid(axis="x", visible=False)
+
+
+def accuracy_figure(layers, metrics: dict, control: dict | None, chance: float | None) -> Figure:
+    """All ``*_acc`` metrics on one axis; the probe's 95% CI as a band; control dashed in the same colour."""
+    with _style():
+        fig = Figure(figsize=(9.2, 3.9))
+        ax = fig.add_subplot()
+        x = np.arange(len(layers))
+        names = [n for n in cat.ordered(metrics) if cat.is_accuracy(n)]
+        extra = iter(EXTRA)
+        handles = []
+        for name in names:
+            color = COLORS.get(name) or next(extra, MUTED)
+            y = _values(metrics[name])
+            if name == "probe_acc" and all(b in metrics for b in cat.BAND):
+                lo, hi = _values(metrics[cat.BAND[0]]), _values(metrics[cat.BAND[1]])
+                ax.fill_between(x, lo, hi, color=color, alpha=0.14, linewidth=0)
+            ax.plot(x, y, color=color, marker="o", zorder=3)
+            handles.append(Line2D([], [], color=color, marker="o", label=cat.label(name)))
+            if control and name in control:
+                ax.plot(x, _values(control[name]), color=color, linestyle=(0, (4, 2.5)), linewidth=1.5,
+                        marker="o", markerfacecolor="white", markersize=3.5, alpha=0.85, zorder=2)
+        if any(b in metrics for b in cat.BAND) and "probe_acc" in names:
+            handles.append(Patch(color=COLORS["probe_acc"], alpha=0.14, label="probe 95% CI"))
+        if control and any(n in control for n in names):
+            handles.append(Line2D([], [], color=MUTED, linestyle=(0, (4, 2.5)), linewidth=1.5,
+                                  label="random-init control"))
+        if chance is not None:
+            ax.axhline(chance, color=MUTED, linestyle=":", linewidth=1.2, zorder=1)
+            handles.append(Line2D([], [], color=MUTED, linestyle=":", linewidth=1.2,
+                                  label=f"majority class ({chance:.3f})"))
+        _layer_axis(ax, layers)
+        ax.set_ylabel("test accuracy")
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(len(handles), 4))
+        return fig
+
+
+def metric_figure(name: str, layers, values, control_values=None) -> Figure:
+    """One metric per layer, solid; the control dashed grey. Log scale for wide positive ranges."""
+    with _style():
+        fig = Figure(figsize=(3.9, 2.5))
+        ax = fig.add_subplot()
+        x = np.arange(len(layers))
+        y = _values(values)
+        ax.plot(x, y, color=MAIN, marker="o", zorder=3)
+        both = y
+        if control_values is not None:
+            c = _values(control_values)
+            ax.plot(x, c, color=CONTROL, linestyle=(0, (4, 2.5)), linewidth=1.5, marker="o",
+                    markerfacecolor="white", markersize=3.5, zorder=2)
+            both = np.concatenate([y, c])
+        finite = both[np.isfinite(both)]
+        if name in cat.LOG_SCALE or (finite.size and finite.min() > 0 and finite.max() / finite.min() > 30):
+            if finite.size and finite.min() > 0:
+                ax.set_yscale("log")
+        # The title and reading hint are HTML around the figure: sharper, searchable, never clipped.
+        _layer_axis(ax, layers)
+        ax.set_xlabel("layer")
+        if not finite.size:
+            ax.text(0.5, 0.5, "no values", transform=ax.transAxes, ha="center", color=MUTED)
+        return fig
+
+
+def cka_figure(layers, cka, control_cka=None) -> Figure:
+    """Layer x layer linear CKA heatmap(s) on a shared 0..1 colour scale; values printed when few layers."""
+    panels = [("pretrained", cka)] + ([("random-init control", control_cka)] if control_cka is not None else [])
+    n = len(layers)
+    side = min(6.0, max(3.4, 0.36 * n + 1.4))
+    with _style():
+        fig = Figure(figsize=(side * len(panels) + 1.0, side), layout="constrained")
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#f3f4f6")
+        ticks = np.arange(n)
+        step = max(1, int(np.ceil(n / 20)))
+        labels = [cat.short_layer(x) for x in layers]
+        im = None
+        for ax, (title, m) in zip(axes, panels):
+            a = _values([x for row in m for x in row]).reshape(n, n)
+            im = ax.imshow(np.ma.masked_invalid(a), cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_title(title)
+            ax.set_xticks(ticks[::step], labels[::step])
+            ax.set_yticks(ticks[::step], labels[::step])
+            ax.grid(False)
+            for s in ax.spines.values():
+                s.set_visible(False)
+            ax.tick_params(length=0)
+            if n <= 14:
+                for i in range(n):
+                    for j in range(n):
+                        if np.isfinite(a[i, j]):
+                            ax.text(j, i, f"{a[i, j]:.2f}", ha="center", va="center", fontsize=6.5,
+                                    color="white" if a[i, j] < 0.6 else INK)
+        fig.colorbar(im, ax=list(axes), shrink=0.85, label="linear CKA")
+        return fig
+
+
+def importance_figure(main: Importance, control: Importance | None = None) -> Figure:
+    """Block Influence and skip nMSE bars per block; blocks that cannot be skipped hatched and labelled."""
+    n = len(main.blocks)
+    with _style():
+        fig = Figure(figsize=(9.2, 3.3), layout="constrained")
+        axes = fig.subplots(1, 2)
+        x = np.arange(n)
+        width = 0.4 if control is not None else 0.7
+        for ax, key, color in ((axes[0], "block_influence", "#7c3aed"), (axes[1], "skip_nmse", "#db2777")):
+            y = _values(getattr(main, key))
+            finite = y[np.isfinite(y)]
+            top = float(finite.max()) if finite.size else 1.0
+            if control is not None:
+                c = _values(getattr(control, key))
+                cf = c[np.isfinite(c)]
+                top = max(top, float(cf.max()) if cf.size else 0.0)
+            top = top or 1.0
+            off = -width / 2 if control is not None else 0.0
+            ax.bar(x + off, np.nan_to_num(y), width, color=color, zorder=3)
+            if control is not None:
+                ax.bar(x + width / 2, np.nan_to_num(c), width, facecolor="white", edgecolor=CONTROL,
+                       linestyle=(0, (3, 2)), linewidth=1.2, zorder=3)
+            for i in range(n):
+                if not main.skippable[i]:
+                    ax.bar(i, top * 1.08, 0.86, facecolor="#f3f4f6", edgecolor="#9ca3af", hatch="///",
+                           linewidth=0, zorder=1)
+                    ax.text(i, top * 0.54, "not skippable", rotation=90, ha="center", va="center",
+                            fontsize=7.5, color=MUTED, zorder=4,
+                            bbox=dict(boxstyle="round,pad=0.2", facecolor="white", edgecolor="none"))
+                elif np.isfinite(y[i]):
+                    if n <= 16:
+                        ax.text(i + off, y[i] + top * 0.015, f"{y[i]:.3g}", ha="center", va="bottom",
+                                fontsize=6.5, color=INK, zorder=4)
+                else:
+                    ax.text(i + off, top * 0.015, "n/a", ha="center", va="bottom", fontsize=7, color=MUTED)
+            ax.set_ylim(0, top * 1.12)
+            ax.set_title(cat.label(key))
+            ax.text(1.0, 1.02, cat.hint(key), transform=ax.transAxes, ha="right", va="bottom", fontsize=7.5,
+                    color=MUTED)
+            step = max(1, int(np.ceil(n / 24)))
+            ax.set_xticks(x[::step], [cat.short_layer(b) for b in main.blocks][::step])
+            ax.set_xlim(-0.6, n - 0.4)
+            ax.set_xlabel("block")
+            ax.grid(axis="x", visible=False)
+        handles = [Patch(color="#7c3aed", label="pretrained (Block Influence)"),
+                   Patch(color="#db2777", label="pretrained (skip nMSE)")]
+        if control is not None:
+            handles.append(Patch(facecolor="white", edgecolor=CONTROL, linestyle=(0, (3, 2)),
+                                 label="random-init control"))
+        if not all(main.skippable):
+            handles.append(Patch(facecolor="#f3f4f6", edgecolor="#9ca3af", hatch="///", label="not skippable"))
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
+        return fig

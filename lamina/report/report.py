@@ -1,0 +1,262 @@
+"""``report``: one self-contained HTML page from a run folder.
+
+Design decisions:
+- The page is a view of the run folder, never a source of truth: every
+  number comes from ``scores.json`` (required), ``config.json`` and any later
+  stage's ``plan.json`` / ``distill.json`` / ``bench.json`` (optional), and
+  ``scores.json`` and ``config.json`` are embedded verbatim as JSON data blocks
+  with their SHA-256, so each number on the page can be traced to its file.
+- It works offline by construction: plots are inline SVG (or base64 PNG), CSS
+  is inline, there is no script to run, and a Content-Security-Policy forbids
+  the browser from fetching anything, so a stray external reference fails
+  loudly in the Chromium test instead of quietly needing the network.
+- Re-running replaces an earlier report lamina wrote (it is derived data and
+  carries a generator tag); any other file at the target is kept unless
+  ``overwrite`` is given, as everywhere in lamina.
+- Rendering is deterministic: the same run folder gives the same bytes.
+- It does not write ``config.json``: a report is a view, and recording it
+  there would change the settings the next report shows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup
+
+from .. import __version__
+from ..errors import LaminaError, UsageError
+from . import _catalog as cat
+from . import _context as ctx
+from . import _plots as plots
+from ._scores import parse_scores
+
+log = logging.getLogger(__name__)
+
+GENERATOR = "lamina report"
+PLOT_FORMATS = ("svg", "png")
+# Later stages' files: (file, section id, heading). Shown generically, in pipeline order.
+STAGE_FILES = (("plan.json", "plan", "Compression plan"), ("distill.json", "distill", "Distillation"),
+               ("bench.json", "bench", "Speed and accuracy"))
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Settings of ``lamina report``."""
+
+    out: str | None = field(default=None, metadata={
+        "help": "where to write the page (default: RUN/report.html)"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace OUT even when it is not a report lamina wrote; an earlier lamina report is always "
+                "replaced, since it is derived from the run folder"})
+    title: str | None = field(default=None, metadata={"help": "page title (default: 'MODEL on DATA')"})
+    plots: str = field(default="svg", metadata={
+        "help": "svg (inline vectors, sharp at any zoom) or png (inline base64 images, smaller for very "
+                "deep models)"})
+
+    def __post_init__(self):
+        if self.plots not in PLOT_FORMATS:
+            raise UsageError("unknown plot format", value=self.plots, allowed=", ".join(PLOT_FORMATS),
+                             fix="--plots svg")
+        if self.out is not None and not str(self.out).strip():
+            raise UsageError("--out is empty", value=repr(self.out), allowed="a file path",
+                             fix="leave --out out to write RUN/report.html")
+
+
+@dataclass
+class ReportResult:
+    """What a report produced."""
+
+    path: str
+    bytes: int
+    plots: int
+    sections: list[str]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise LaminaError(f"{path.name} is not valid JSON", value=f"{path}: line {e.lineno}, column {e.colno}: "
+                          f"{e.msg}", fix=f"re-run the stage that wrote {path.name}") from e
+
+
+def _read_optional(path: Path) -> tuple[object | None, str | None]:
+    """(data, problem) of an optional file: a broken one is reported on the page, not fatal."""
+    if not path.is_file():
+        return None, None
+    try:
+        return _read_json(path), None
+    except (LaminaError, OSError, UnicodeDecodeError) as e:
+        log.warning("report: skipping %s: %s", path, e)
+        return None, str(e).splitlines()[0] + (f" ({e.value})" if getattr(e, "value", None) else "")
+
+
+def _run_dir(run: str | Path) -> Path:
+    run = Path(run)
+    if run.is_file() and run.name == "scores.json":
+        run = run.parent
+    if not run.is_dir():
+        raise UsageError("the run folder does not exist", value=str(run), allowed="a folder with scores.json",
+                         fix="give the folder that `lamina analyze` wrote to")
+    return run
+
+
+def _is_lamina_report(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return f'<meta name="generator" content="{GENERATOR}'.encode() in head
+
+
+def _target(run: Path, config: ReportConfig) -> Path:
+    out = Path(config.out) if config.out else run / "report.html"
+    if out.is_dir():
+        raise UsageError("--out is a folder", value=str(out), allowed="a file path",
+                         fix=f"--out {out / 'report.html'}")
+    if out.exists() and not config.overwrite and not _is_lamina_report(out):
+        raise UsageError("the output file exists and is not a report lamina wrote", value=str(out),
+                         allowed="a new path, or an earlier lamina report",
+                         fix="pass --overwrite to replace it, or choose another --out")
+    return out
+
+
+def _data_block(obj) -> Markup:
+    """JSON for a ``<script type=application/json>`` block: ``<``, ``>``, ``&`` escaped so it cannot end it."""
+    text = json.dumps(obj, indent=1, default=str)
+    return Markup(text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e"))
+
+
+def _figures(s, fmt: str) -> dict:
+    """Rendered figures by section: accuracy (one), geometry (one per metric), cka, importance."""
+    ctrl = s.control.metrics if s.control else {}
+    out: dict = {"accuracy": None, "geometry": [], "cka": None, "importance": None}
+    m = s.main.metrics
+    if any(cat.is_accuracy(n) for n in m):
+        fig = plots.accuracy_figure(s.layers, m, ctrl or None, ctx.chance(s))
+        out["accuracy"] = plots.render(fig, fmt, "test accuracy per layer")
+    for name in cat.ordered(m):
+        if cat.is_accuracy(name) or name in cat.BAND:
+            continue
+        fig = plots.metric_figure(name, s.layers, m[name], ctrl.get(name))
+        out["geometry"].append({"name": name, "label": cat.label(name), "hint": cat.hint(name),
+                                "definition": s.definitions.get(name, ""),
+                                "markup": plots.render(fig, fmt, f"{cat.label(name)} per layer")})
+    if s.main.cka is not None:
+        fig = plots.cka_figure(s.layers, s.main.cka, s.control.cka if s.control else None)
+        out["cka"] = plots.render(fig, fmt, "layer by layer linear CKA")
+    if s.main.importance is not None:
+        ci = s.control.importance if s.control else None
+        if ci is not None and ci.blocks != s.main.importance.blocks:
+            log.warning("report: the control's importance lists other blocks; drawing it is skipped")
+            ci = None
+        fig = plots.importance_figure(s.main.importance, ci)
+        out["importance"] = plots.render(fig, fmt, "block importance")
+    return out
+
+
+def _stages(run: Path) -> list[dict]:
+    out = []
+    for name, sid, heading in STAGE_FILES:
+        data, problem = _read_optional(run / name)
+        if data is None and problem is None:
+            continue
+        rows, tables = ctx.flatten(data) if isinstance(data, dict) else ([("value", ctx.fmt(data))], [])
+        out.append({"id": sid, "heading": heading, "file": name, "rows": rows, "tables": tables,
+                    "problem": problem})
+    return out
+
+
+def _environment() -> Environment:
+    env = Environment(loader=FileSystemLoader(Path(__file__).parent), autoescape=True,
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters["fmt"] = ctx.fmt
+    return env
+
+
+def render_html(run: str | Path, config: ReportConfig = ReportConfig()) -> tuple[str, dict]:
+    """The page as a string, and a summary (``plots``, ``sections``), without writing anything."""
+    run = _run_dir(run)
+    scores_path = run / "scores.json"
+    if not scores_path.is_file():
+        raise LaminaError("the run folder has no scores.json", value=str(run),
+                          allowed="a run folder after `lamina analyze`", fix=f"run `lamina analyze {run}` first")
+    scores_bytes = scores_path.read_bytes()
+    s = parse_scores(_read_json(scores_path), scores_path)
+    run_config, config_problem = _read_optional(run / "config.json")
+    if run_config is not None and not isinstance(run_config, dict):
+        run_config, config_problem = None, "config.json is not a JSON object"
+    config_bytes = (run / "config.json").read_bytes() if run_config is not None else None
+
+    figures = _figures(s, config.plots)
+    stages = _stages(run)
+    settings = []
+    for stage, values in (run_config or {}).items():
+        if stage != "versions" and isinstance(values, dict):
+            rows, tables = ctx.flatten(values)
+            settings.append({"stage": stage, "rows": rows, "tables": tables})
+    model, data = s.info("model"), s.info("data")
+    title = config.title or " on ".join(str(x) for x in (model.get("name"), data.get("name")) if x is not None) \
+        or "lamina report"
+    sections = ["summary", "settings"]
+    sections += [k for k in ("accuracy", "geometry", "cka", "importance") if figures[k]]
+    sections += ["layers"] + [st["id"] for st in stages] + (["definitions"] if s.definitions else [])
+    context = {
+        "generator": f"{GENERATOR} {__version__}", "title": title, "s": s, "synthetic": bool(s.raw.get("synthetic")),
+        "facts": ctx.run_facts(s), "highlights": ctx.highlights(s), "settings": settings,
+        "config_problem": config_problem, "config_versions": (run_config or {}).get("versions"),
+        "figures": figures, "control": s.control is not None, "chance": ctx.chance(s),
+        "table": ctx.layer_table(s.layers, s.main),
+        "control_table": ctx.layer_table(s.layers, s.control) if s.control and s.control.metrics else None,
+        "stages": stages, "definitions": ctx.definitions(s), "sections": sections,
+        "nav": [(sid, _NAV[sid]) for sid in sections if sid in _NAV] + [(st["id"], st["heading"]) for st in stages],
+        "importance_target": s.main.importance.target if s.main.importance else None,
+        "scores_sha": hashlib.sha256(scores_bytes).hexdigest(),
+        "config_sha": hashlib.sha256(config_bytes).hexdigest() if config_bytes else None,
+        "scores_json": _data_block(s.raw), "config_json": _data_block(run_config) if run_config else None,
+        "acc_definitions": [d for d in ctx.definitions(s) if cat.is_accuracy(d["name"]) or d["name"] in cat.BAND],
+    }
+    html = _environment().get_template("template.html.j2").render(**context)
+    n_plots = sum(1 for k in ("accuracy", "cka", "importance") if figures[k]) + len(figures["geometry"])
+    return html, {"plots": n_plots, "sections": sections}
+
+
+_NAV = {"summary": "Summary", "settings": "Settings", "accuracy": "Accuracy", "geometry": "Geometry",
+        "cka": "CKA", "importance": "Importance", "layers": "Per-layer table", "definitions": "Definitions"}
+
+
+def report(run: str | Path, config: ReportConfig = ReportConfig()) -> ReportResult:
+    """Write one self-contained HTML page for the run folder ``run`` (default ``RUN/report.html``).
+
+    Reads ``scores.json`` (required) and, when present, ``config.json``,
+    ``plan.json``, ``distill.json`` and ``bench.json``; never changes them.
+    ``run`` may also be the path of a ``scores.json``. Raises
+    :class:`~lamina.errors.LaminaError` when ``scores.json`` is missing or
+    malformed, :class:`~lamina.errors.UsageError` when the target is taken.
+
+        >>> from lamina.report import report, ReportConfig
+        >>> res = report("run/")                       # doctest: +SKIP
+        >>> res.path, res.plots                        # doctest: +SKIP
+        ('run/report.html', 10)
+    """
+    t0 = time.perf_counter()
+    run_dir = _run_dir(run)
+    out = _target(run_dir, config)  # before the work: a taken target fails fast
+    html, summary = render_html(run_dir, config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(html, encoding="utf-8")
+    os.replace(tmp, out)  # atomic: a reader never sees half a page
+    log.info("report: wrote %s (%d plots, %.0f kB)", out, summary["plots"], len(html.encode()) / 1e3)
+    return ReportResult(path=str(out), bytes=out.stat().st_size, plots=summary["plots"],
+                        sections=summary["sections"], seconds=time.perf_counter() - t0)

