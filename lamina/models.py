@@ -257,6 +257,32 @@ def load_model(spec, blocks: str | None = None) -> LoadedModel:
     return lm
 
 
+def random_init(lm: LoadedModel, seed: int = 0) -> LoadedModel:
+    """The same architecture with fresh random weights: the control of every analysis.
+
+    Hugging Face models are rebuilt from their config, so they get their own
+    initialization scheme; any other module is deep-copied and every submodule
+    with ``reset_parameters`` is reset (PyTorch's default init).
+    """
+    import copy
+    torch.manual_seed(10_007 + seed)  # offset: never the seed a test model was built with
+    mod = lm.module
+    if hasattr(mod, "config") and hasattr(mod, "post_init"):
+        new = type(mod)(copy.deepcopy(mod.config))
+    else:
+        new = copy.deepcopy(mod)
+        for m in new.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+            if hasattr(m, "reset_running_stats"):
+                m.reset_running_stats()
+    new.eval()
+    out = copy.copy(lm)
+    out.module, out.name, out.source = new, f"{lm.name} (random init, seed {seed})", f"random-init:{lm.source}"
+    out.blocks = find_blocks(new, lm.blocks.container or None) if lm.blocks.container else lm.blocks
+    return out
+
+
 def save_json(path, obj) -> None:
     """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
     path = Path(path)

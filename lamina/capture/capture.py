@@ -202,7 +202,9 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
                     if config.pooling == "none" and lm.modality == "text":
                         s = (config.max_length, *s[1:])
                     shapes[t.name] = s
-                manifest = {"lamina_version": __version__, "capture_key": key, "pooling": config.pooling,
+                specs = {"model_spec": model if isinstance(model, str) else None,
+                         "data_spec": str(data) if isinstance(data, (str, Path)) else None}
+                manifest = {"lamina_version": __version__, "capture_key": key, "pooling": config.pooling, **specs,
                             "model": {k: v for k, v in lm.describe().items() if k != "blocks"},
                             "blocks": lm.blocks.to_dict(), "data": ds.describe(),
                             "config": asdict(config), "torch": torch.__version__}
