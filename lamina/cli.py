@@ -84,21 +84,105 @@ def _print_store(store, ns) -> None:
         print(f"  {name:<12} {tuple(shape)}")
 
 
+# ---------------------------------------------------------------- analyze ----
+def _analyze_args(p):
+    from .analyze import AnalyzeConfig
+    p.add_argument("run", help="run folder written by `lamina capture`")
+    add_config_args(p, AnalyzeConfig)
+
+
+@verb("analyze", "per-layer probes, k-NN, geometry, CKA and block importance -> RUN/scores.json")
+def _analyze(ns):
+    from .analyze import AnalyzeConfig, analyze
+    res = analyze(ns.run, config_from_args(AnalyzeConfig, ns))
+    _print_scores(res.scores_path)
+    return 0
+
+
+_analyze.add_args = _analyze_args
+
+
+def _print_scores(path) -> None:
+    s = json.loads(open(path).read())
+    m, ctrl = s["metrics"], (s.get("control") or {}).get("metrics", {})
+    imp = s.get("importance") or {}
+    skip = dict(zip(imp.get("blocks", []), imp.get("skip_nmse", [])))
+    bi = dict(zip(imp.get("blocks", []), imp.get("block_influence", [])))
+    f = lambda v: "   -  " if v is None else f"{v:6.3f}"  # noqa: E731
+    print(f"{'layer':<12} {'probe':>6} {'ctrl':>6} {'kNN':>6} {'NCC':>6} {'CKA>last':>8} {'BI':>6} {'skip':>6}")
+    for i, name in enumerate(s["layers"]):
+        c = ctrl.get("probe_acc", [None] * len(s["layers"]))[i]
+        print(f"{name:<12} {f(m['probe_acc'][i])} {f(c)} {f(m['knn_acc'][i])} {f(m['ncc_acc'][i])} "
+              f"{f(m['cka_to_last'][i]):>8} {f(bi.get(name))} {f(skip.get(name))}")
+    print(f"scores: {path}")
+
+
+# ---------------------------------------------------------------- compare ----
+def _compare_args(p):
+    from .analyze import CompareConfig
+    p.add_argument("run_a", help="first run folder")
+    p.add_argument("run_b", help="second run folder, captured on the same samples")
+    add_config_args(p, CompareConfig)
+
+
+@verb("compare", "CKA layer x layer across two models on the same samples, with a permutation null")
+def _compare(ns):
+    from .analyze import CompareConfig, compare
+    res = compare(ns.run_a, ns.run_b, config_from_args(CompareConfig, ns))
+    width = max(len(n) for n in res.layers_a)
+    print(" " * width + " " + " ".join(f"{n[-8:]:>8}" for n in res.layers_b))
+    for name, row in zip(res.layers_a, res.cka):
+        print(f"{name:<{width}} " + " ".join(f"{v:8.3f}" for v in row))
+    print(f"comparison: {res.path}")
+    return 0
+
+
+_compare.add_args = _compare_args
+
+
+# ----------------------------------------------------------------- report ----
+def _report_args(p):
+    from .report import ReportConfig
+    p.add_argument("run", help="run folder with scores.json")
+    add_config_args(p, ReportConfig)
+
+
+@verb("report", "write one self-contained HTML page (RUN/report.html) from a run folder")
+def _report(ns):
+    from .report import ReportConfig, report
+    res = report(ns.run, config_from_args(ReportConfig, ns))
+    print(f"report: {res.path} ({res.plots} plots)")
+    return 0
+
+
+_report.add_args = _report_args
+
+
 # ------------------------------------------------------------------- demo ----
 def _demo_args(p):
     p.add_argument("--out", default="demo-run", help="run folder (default: demo-run)")
     p.add_argument("--limit", type=int, default=2000, help="sentences to use (default: 2000)")
+    p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
+                   help="include the random-init control (default: true)")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True,
                    help="replace an earlier demo run in OUT (default: true)")
 
 
-@verb("demo", "the main job on the bundled MiniLM and Rotten Tomatoes sentences")
+@verb("demo", "the main job: bundled MiniLM on Rotten Tomatoes, capture -> analyze -> report")
 def _demo(ns):
+    from .analyze import AnalyzeConfig, analyze
     from .capture import CaptureConfig, capture
+    from .report import ReportConfig, report
     from .store import FeatureStore
+    print(f"[1/3] capture: minilm x {ns.limit} rotten-tomatoes sentences -> {ns.out}/features")
     res = capture("minilm", "rotten-tomatoes", CaptureConfig(out=ns.out, limit=ns.limit, overwrite=ns.overwrite))
     _print_store(FeatureStore.open(res.store), ns)
-    print(f"captured {res.n} samples x {len(res.layers)} layers in {res.seconds:.1f} s -> {res.store}")
+    print("[2/3] analyze: probes, k-NN, geometry, CKA, importance" + (", random-init control" if ns.control else ""))
+    ares = analyze(ns.out, AnalyzeConfig(control=ns.control, overwrite=ns.overwrite))
+    _print_scores(ares.scores_path)
+    print("[3/3] report")
+    rep = report(ns.out, ReportConfig())
+    print(f"report: {rep.path}  (open it in a browser; it works offline)")
     return 0
 
 

@@ -21,6 +21,7 @@ KNOWN = {
     "probe_ci_high": ("Probe accuracy, 95% CI high", "CI high", ""),
     "block_influence": ("Block Influence", "BI", "1 - cos(in, out); low = block changes little"),
     "skip_nmse": ("Skip nMSE", "skip nMSE", "output change when skipped; low = can go"),
+    "skip_importance": ("Skip nMSE", "skip nMSE", "output change when skipped; low = can go"),
     "cka": ("Linear CKA", "CKA", ""),
 }
 BAND = ("probe_ci_low", "probe_ci_high")

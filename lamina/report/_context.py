@@ -95,6 +95,22 @@ def chance(s: Scores) -> float | None:
     return None
 
 
+def subtitle(s: Scores) -> list[str]:
+    """The line under the title: architecture, size, data, pooling, depth."""
+    m, d = s.info("model"), s.info("data")
+    parts = [fmt(m["class"])] if m.get("class") else []
+    if isinstance(m.get("parameters"), (int, float)):
+        parts.append(f"{_params(m['parameters']).split(' (')[0]} parameters")
+    if d.get("n") is not None:
+        parts.append(f"{fmt(d['n'])} samples")
+    if isinstance(d.get("classes"), list):
+        parts.append(f"{len(d['classes'])} classes")
+    if s.raw.get("pooling"):
+        parts.append(f"{fmt(s.raw['pooling'])} pooling")
+    parts.append(f"{len(s.layers)} layers")
+    return parts
+
+
 def run_facts(s: Scores) -> list[tuple[str, str]]:
     m, d, sp = s.info("model"), s.info("data"), s.info("split")
     rows = []

@@ -42,8 +42,9 @@ _RC = {
 
 
 @contextmanager
-def _style():
-    with matplotlib.rc_context(_RC):
+def _style(n_points: int = 0):
+    # Smaller markers when there are many layers, so points do not merge into a band.
+    with matplotlib.rc_context(dict(_RC, **({"lines.markersize": 3.0} if n_points > 20 else {}))):
         yield
 
 
@@ -69,10 +70,26 @@ def _values(v) -> np.ndarray:
     return np.array([np.nan if x is None else x for x in v], dtype=float)
 
 
-def _layer_axis(ax, layers: list[str]) -> None:
-    x = np.arange(len(layers))
-    step = max(1, int(np.ceil(len(layers) / 24)))
-    ax.set_xticks(x[::step], [cat.short_layer(n) for n in layers][::step])
+def ticks(layers: list[str], most: int) -> list[int]:
+    """Positions to label: all when few; else ``embed`` and every block whose index is a round multiple."""
+    n = len(layers)
+    if n <= most:
+        return list(range(n))
+    step = next((s for s in (2, 4, 5, 8, 10, 16, 20, 25, 50, 100) if n / s <= most), int(np.ceil(n / most)))
+    out = []
+    for i, name in enumerate(layers):
+        if name.startswith("blocks.") and name[7:].isdigit():
+            k = int(name[7:])
+            if k % step == 0 and not (k == 0 and i > 0):  # blocks.0 would crowd the embedding's label
+                out.append(i)
+        elif i % step == 0:
+            out.append(i)
+    return out
+
+
+def _layer_axis(ax, layers: list[str], most: int = 24) -> None:
+    pos = ticks(layers, most)
+    ax.set_xticks(pos, [cat.short_layer(layers[i]) for i in pos])
     ax.set_xlim(-0.4, len(layers) - 0.6)
     ax.set_xlabel("layer (emb = embedding output, then block index)")
     ax.grid(axis="x", visible=False)
@@ -80,7 +97,7 @@ def _layer_axis(ax, layers: list[str]) -> None:
 
 def accuracy_figure(layers, metrics: dict, control: dict | None, chance: float | None) -> Figure:
     """All ``*_acc`` metrics on one axis; the probe's 95% CI as a band; control dashed in the same colour."""
-    with _style():
+    with _style(len(layers)):
         fig = Figure(figsize=(9.2, 3.9))
         ax = fig.add_subplot()
         x = np.arange(len(layers))
@@ -97,7 +114,7 @@ def accuracy_figure(layers, metrics: dict, control: dict | None, chance: float |
             handles.append(Line2D([], [], color=color, marker="o", label=cat.label(name)))
             if control and name in control:
                 ax.plot(x, _values(control[name]), color=color, linestyle=(0, (4, 2.5)), linewidth=1.5,
-                        marker="o", markerfacecolor="white", markersize=3.5, alpha=0.85, zorder=2)
+                        marker="o", markerfacecolor="white", markersize=3.0, alpha=0.85, zorder=2)
         if any(b in metrics for b in cat.BAND) and "probe_acc" in names:
             handles.append(Patch(color=COLORS["probe_acc"], alpha=0.14, label="probe 95% CI"))
         if control and any(n in control for n in names):
@@ -115,7 +132,7 @@ def accuracy_figure(layers, metrics: dict, control: dict | None, chance: float |
 
 def metric_figure(name: str, layers, values, control_values=None) -> Figure:
     """One metric per layer, solid; the control dashed grey. Log scale for wide positive ranges."""
-    with _style():
+    with _style(len(layers)):
         fig = Figure(figsize=(3.9, 2.5))
         ax = fig.add_subplot()
         x = np.arange(len(layers))
@@ -125,14 +142,14 @@ def metric_figure(name: str, layers, values, control_values=None) -> Figure:
         if control_values is not None:
             c = _values(control_values)
             ax.plot(x, c, color=CONTROL, linestyle=(0, (4, 2.5)), linewidth=1.5, marker="o",
-                    markerfacecolor="white", markersize=3.5, zorder=2)
+                    markerfacecolor="white", markersize=3.0, zorder=2)
             both = np.concatenate([y, c])
         finite = both[np.isfinite(both)]
         if name in cat.LOG_SCALE or (finite.size and finite.min() > 0 and finite.max() / finite.min() > 30):
             if finite.size and finite.min() > 0:
                 ax.set_yscale("log")
         # The title and reading hint are HTML around the figure: sharper, searchable, never clipped.
-        _layer_axis(ax, layers)
+        _layer_axis(ax, layers, most=9)
         ax.set_xlabel("layer")
         if not finite.size:
             ax.text(0.5, 0.5, "no values", transform=ax.transAxes, ha="center", color=MUTED)
@@ -143,21 +160,20 @@ def cka_figure(layers, cka, control_cka=None) -> Figure:
     """Layer x layer linear CKA heatmap(s) on a shared 0..1 colour scale; values printed when few layers."""
     panels = [("pretrained", cka)] + ([("random-init control", control_cka)] if control_cka is not None else [])
     n = len(layers)
-    side = min(6.0, max(3.4, 0.36 * n + 1.4))
+    side = min(5.0, max(3.4, 0.36 * n + 1.4))
     with _style():
         fig = Figure(figsize=(side * len(panels) + 1.0, side), layout="constrained")
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
         cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#f3f4f6")
-        ticks = np.arange(n)
-        step = max(1, int(np.ceil(n / 20)))
-        labels = [cat.short_layer(x) for x in layers]
+        pos = ticks(layers, 14)
+        labels = [cat.short_layer(layers[i]) for i in pos]
         im = None
         for ax, (title, m) in zip(axes, panels):
             a = _values([x for row in m for x in row]).reshape(n, n)
             im = ax.imshow(np.ma.masked_invalid(a), cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
             ax.set_title(title)
-            ax.set_xticks(ticks[::step], labels[::step])
-            ax.set_yticks(ticks[::step], labels[::step])
+            ax.set_xticks(pos, labels)
+            ax.set_yticks(pos, labels)
             ax.grid(False)
             for s in ax.spines.values():
                 s.set_visible(False)
@@ -166,7 +182,7 @@ def cka_figure(layers, cka, control_cka=None) -> Figure:
                 for i in range(n):
                     for j in range(n):
                         if np.isfinite(a[i, j]):
-                            ax.text(j, i, f"{a[i, j]:.2f}", ha="center", va="center", fontsize=6.5,
+                            ax.text(j, i, f"{a[i, j]:.2f}", ha="center", va="center", fontsize=8 if n <= 7 else 6.5,
                                     color="white" if a[i, j] < 0.6 else INK)
         fig.colorbar(im, ax=list(axes), shrink=0.85, label="linear CKA")
         return fig
@@ -211,8 +227,8 @@ def importance_figure(main: Importance, control: Importance | None = None) -> Fi
             ax.set_title(cat.label(key))
             ax.text(1.0, 1.02, cat.hint(key), transform=ax.transAxes, ha="right", va="bottom", fontsize=7.5,
                     color=MUTED)
-            step = max(1, int(np.ceil(n / 24)))
-            ax.set_xticks(x[::step], [cat.short_layer(b) for b in main.blocks][::step])
+            pos = ticks(main.blocks, 16)
+            ax.set_xticks(pos, [cat.short_layer(main.blocks[i]) for i in pos])
             ax.set_xlim(-0.6, n - 0.4)
             ax.set_xlabel("block")
             ax.grid(axis="x", visible=False)

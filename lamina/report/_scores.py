@@ -99,7 +99,9 @@ def _importance(v, where: str, source: Path) -> Importance | None:
     n = len(blocks)
     none = [None] * n
     bi = _series(v["block_influence"], n, f"{where}.block_influence", source) if "block_influence" in v else none
-    sk = _series(v["skip_nmse"], n, f"{where}.skip_nmse", source) if "skip_nmse" in v else none
+    # analyze's importance result calls the same number skip_importance; accept either name.
+    sk_key = "skip_nmse" if "skip_nmse" in v else "skip_importance"
+    sk = _series(v[sk_key], n, f"{where}.{sk_key}", source) if sk_key in v else none
     skippable = v.get("skippable")
     if skippable is None:  # not stated: a block is skippable where it has a skip score
         skippable = [x is not None for x in sk]

@@ -52,11 +52,11 @@ class ReportConfig:
     """Settings of ``lamina report``."""
 
     out: str | None = field(default=None, metadata={
-        "help": "where to write the page (default: RUN/report.html)"})
+        "help": "where to write the page; unset means RUN/report.html"})
     overwrite: bool = field(default=False, metadata={
         "help": "replace OUT even when it is not a report lamina wrote; an earlier lamina report is always "
                 "replaced, since it is derived from the run folder"})
-    title: str | None = field(default=None, metadata={"help": "page title (default: 'MODEL on DATA')"})
+    title: str | None = field(default=None, metadata={"help": "page title; unset means 'MODEL on DATA'"})
     plots: str = field(default="svg", metadata={
         "help": "svg (inline vectors, sharp at any zoom) or png (inline base64 images, smaller for very "
                 "deep models)"})
@@ -213,7 +213,7 @@ def render_html(run: str | Path, config: ReportConfig = ReportConfig()) -> tuple
     sections += ["layers"] + [st["id"] for st in stages] + (["definitions"] if s.definitions else [])
     context = {
         "generator": f"{GENERATOR} {__version__}", "title": title, "s": s, "synthetic": bool(s.raw.get("synthetic")),
-        "facts": ctx.run_facts(s), "highlights": ctx.highlights(s), "settings": settings,
+        "subtitle": ctx.subtitle(s), "facts": ctx.run_facts(s), "highlights": ctx.highlights(s), "settings": settings,
         "config_problem": config_problem, "config_versions": (run_config or {}).get("versions"),
         "figures": figures, "control": s.control is not None, "chance": ctx.chance(s),
         "table": ctx.layer_table(s.layers, s.main),
@@ -221,6 +221,8 @@ def render_html(run: str | Path, config: ReportConfig = ReportConfig()) -> tuple
         "stages": stages, "definitions": ctx.definitions(s), "sections": sections,
         "nav": [(sid, _NAV[sid]) for sid in sections if sid in _NAV] + [(st["id"], st["heading"]) for st in stages],
         "importance_target": s.main.importance.target if s.main.importance else None,
+        "unskippable": [b for b, ok in zip(s.main.importance.blocks, s.main.importance.skippable) if not ok]
+        if s.main.importance else [],
         "scores_sha": hashlib.sha256(scores_bytes).hexdigest(),
         "config_sha": hashlib.sha256(config_bytes).hexdigest() if config_bytes else None,
         "scores_json": _data_block(s.raw), "config_json": _data_block(run_config) if run_config else None,
