@@ -1,0 +1,180 @@
+"""Benchmark of the analysis stage, lamina against the obvious alternative in one run.
+
+    .venv/bin/python bench/analyze.py            # full run (~10-15 min on 2 cores)
+    .venv/bin/python bench/analyze.py --quick    # smoke run
+
+Writes bench/results/analyze.json and the "## analyze" section of BENCHMARKS.md:
+- probe_speedup_vs_sklearn: all layers x the same C grid, lamina's batched
+  probe vs one scikit-learn LogisticRegression (lbfgs) per layer per C, on
+  MiniLM features of 4,000 Rotten Tomatoes sentences (target >= 10), with
+  probe_max_acc_gap (target <= 0.01).
+- skip_importance_cost_ratio: lamina's skip importance over all 6 MiniLM blocks
+  vs one full forward per skipped block (target <= 0.65).
+- cka_rss_growth_4x: peak RSS of `lamina.analyze.compare` (streaming CKA) on
+  stores of N and 4N samples, each in a fresh process (target <= 1.10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+
+def _minilm_features(n: int, work: Path):
+    import lamina
+    run = work / "probe-run"
+    res = lamina.capture("minilm", "rotten-tomatoes", lamina.CaptureConfig(out=str(run), limit=n, overwrite=True,
+                                                                           progress=False))
+    store = lamina.FeatureStore.open(res.store)
+    return [np.asarray(store.load(name)) for name in store.layers], store.labels, store.layers
+
+
+def probe_part(n: int, work: Path, repeats: int) -> dict:
+    from probe_vs_sklearn import compare
+
+    from lamina.analyze.metrics import stratified_split
+    feats, labels, layers = _minilm_features(n, work)
+    split = stratified_split(labels, (0.6, 0.2, 0.2), seed=0)
+    out = compare(feats, labels, split, repeats=repeats)
+    out["layers"] = layers
+    out["n"] = n
+    return out
+
+
+def importance_part(n: int, repeats: int) -> dict:
+    from importance_cost import measure
+
+    from lamina.data import load_data, subsample
+    from lamina.models import load_model
+    return measure(load_model("minilm"), subsample(load_data("rotten-tomatoes"), n, 0), repeats=repeats)
+
+
+def _fake_run(root: Path, n: int, layers: int = 7, dim: int = 384, seed: int = 0) -> None:
+    """A complete feature store of random features (what compare reads), written in chunks."""
+    from lamina.store import StoreWriter
+    rng = np.random.default_rng(seed)
+    w = StoreWriter(root / "features")
+    labels = np.arange(n) % 2
+    w.create({"model": {"name": f"fake{seed}"}, "pooling": "mean"}, {f"blocks.{i}": (dim,) for i in range(layers)},
+             "float32", labels, np.arange(n).astype(str))
+    w.open()
+    base = rng.standard_normal((dim, dim)).astype(np.float32)
+    for b, start in enumerate(range(0, n, 1000)):
+        rows = min(1000, n - start)
+        z = rng.standard_normal((rows, dim)).astype(np.float32)
+        w.write_batch(b, start, {f"blocks.{i}": z @ np.linalg.matrix_power(base / np.sqrt(dim), i + 1)
+                                 for i in range(layers)})
+    w.finish((n + 999) // 1000)
+
+
+def _cka_child(n: int) -> None:
+    """Run in a fresh process: build two stores of n samples, compare them, print peak RSS."""
+    from lamina.analyze import CompareConfig, compare
+    with tempfile.TemporaryDirectory() as tmp:
+        a, b = Path(tmp) / "a", Path(tmp) / "b"
+        _fake_run(a, n, seed=1)
+        _fake_run(b, n, seed=2)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t = time.perf_counter()
+        compare(a, b, CompareConfig(out=str(Path(tmp) / "c.json"), n_perm=5))
+        print(json.dumps({"n": n, "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                          "rss_before_compare_kb": base, "seconds": time.perf_counter() - t}))
+
+
+def cka_part(n: int, repeats: int) -> dict:
+    runs = {}
+    for size in (n, 4 * n):
+        vals = []
+        for _ in range(repeats):
+            r = subprocess.run([sys.executable, __file__, "--cka-child", str(size)], capture_output=True, text=True,
+                               check=True)
+            vals.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        runs[size] = vals
+    peak = {s: float(np.median([v["peak_rss_kb"] for v in vals])) for s, vals in runs.items()}
+    return {"n": n, "peak_rss_kb": {str(k): v for k, v in peak.items()}, "raw": {str(k): v for k, v in runs.items()},
+            "cka_rss_growth_4x": peak[4 * n] / peak[n]}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, one repeat (smoke test)")
+    ap.add_argument("--cka-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.cka_child:
+        _cka_child(args.cka_child)
+        return {}
+    import torch
+    n_probe, n_imp, n_cka, rep = (800, 96, 2000, 1) if args.quick else (4000, 500, 20000, 3)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = probe_part(n_probe, Path(tmp), rep)
+    imp = importance_part(n_imp, rep)
+    cka = cka_part(n_cka, rep)
+    result = {
+        "command": "python bench/analyze.py" + (" --quick" if args.quick else ""),
+        "probe_speedup_vs_sklearn": probe["probe_speedup_vs_sklearn"],
+        "probe_max_acc_gap": probe["probe_max_acc_gap"],
+        "skip_importance_cost_ratio": imp["skip_importance_cost_ratio"],
+        "cka_rss_growth_4x": cka["cka_rss_growth_4x"],
+        "targets": {"probe_speedup_vs_sklearn": ">= 10", "probe_max_acc_gap": "<= 0.01",
+                    "skip_importance_cost_ratio": "<= 0.65", "cka_rss_growth_4x": "<= 1.10"},
+        "probe": probe, "importance": imp, "cka": cka,
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+        "seconds": time.time() - t0,
+    }
+    result["targets_met"] = {
+        "probe_speedup_vs_sklearn": result["probe_speedup_vs_sklearn"] >= 10,
+        "probe_max_acc_gap": result["probe_max_acc_gap"] <= 0.01,
+        "skip_importance_cost_ratio": result["skip_importance_cost_ratio"] <= 0.65,
+        "cka_rss_growth_4x": result["cka_rss_growth_4x"] <= 1.10,
+    }
+    (HERE / "results").mkdir(exist_ok=True)
+    name = "analyze-quick.json" if args.quick else "analyze.json"
+    (HERE / "results" / name).write_text(json.dumps(result, indent=2, default=float))
+    if not args.quick:
+        _write_section(result)
+    print(json.dumps({k: result[k] for k in ("probe_speedup_vs_sklearn", "probe_max_acc_gap",
+                                             "skip_importance_cost_ratio", "cka_rss_growth_4x", "targets_met",
+                                             "seconds")}, indent=2, default=float))
+    return result
+
+
+def _write_section(r: dict) -> None:
+    path = HERE.parent / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines = ["## analyze", "",
+             f"Command: `{r['command']}` (results: `bench/results/analyze.json`; "
+             f"{r['machine']['cpus']} CPUs, torch {r['machine']['torch']}, medians).", "",
+             "| measure | value | target | met |", "|---|---|---|---|"]
+    for key in ("probe_speedup_vs_sklearn", "probe_max_acc_gap", "skip_importance_cost_ratio", "cka_rss_growth_4x"):
+        lines.append(f"| {key} | {r[key]:.3f} | {r['targets'][key]} | {'yes' if r['targets_met'][key] else 'NO'} |")
+    lines += ["", f"Probe: {r['probe']['n']} MiniLM-pooled Rotten Tomatoes sentences, {len(r['probe']['layers'])} "
+              f"layers x 7 C values; lamina {r['probe']['lamina_s']:.2f} s vs scikit-learn {r['probe']['sklearn_s']:.2f} s. "
+              f"Skip importance: {r['importance'].get('n_samples', '?')} sentences, 6 blocks. CKA: two stores of "
+              f"7 x 384 features, N = {r['cka']['n']} and {4 * r['cka']['n']}, full `lamina.analyze.compare` "
+              "including the permutation null.", ""]
+    section = "\n".join(lines)
+    if "## analyze" in text:
+        head, _, rest = text.partition("## analyze")
+        nxt = rest.find("\n## ")
+        text = head + section + (rest[nxt + 1:] if nxt >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + section
+    path.write_text(text.rstrip() + "\n")
+
+
+if __name__ == "__main__":
+    main()
