@@ -43,8 +43,12 @@ def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -> N
             continue
         default = None if required else f.default
         shown = "required" if required else f"default: {default}"
+        # Choices are validated by the config itself (one message, one place), so
+        # they are only shown here, not enforced by argparse.
+        choices = f.metadata.get("choices")
+        metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
         group.add_argument(flag, type=tp if tp in (int, float, str) else str, default=default,
-                           required=required, metavar=f.name.upper(), help=f"{help_} ({shown})")
+                           required=required, metavar=metavar, help=f"{help_} ({shown})")
 
 
 def config_from_args(cls, ns: argparse.Namespace, **extra):

@@ -49,7 +49,7 @@ class CaptureConfig:
     blocks: str | None = field(default=None, metadata={
         "help": "where the blocks are, for models lamina cannot read by itself: a module path such as "
                 "'encoder.layers' or a glob such as 'layer*.*'"})
-    pooling: str = field(default="mean", metadata={
+    pooling: str = field(default="mean", metadata={"choices": POOLINGS,
         "help": "mean (padding-aware), cls (first token), last (last non-pad token), none (full sequences); "
                 "CNN maps are always spatially averaged unless none"})
     batch_size: int = field(default=32, metadata={"help": "samples per forward pass"})
@@ -59,7 +59,8 @@ class CaptureConfig:
     limit: int | None = field(default=None, metadata={
         "help": "use at most this many samples, stratified by label (deterministic given --seed)"})
     seed: int = field(default=0, metadata={"help": "seed of the subsample"})
-    dtype: str = field(default="float32", metadata={"help": "storage dtype: float32 or float16"})
+    dtype: str = field(default="float32", metadata={"choices": ("float32", "float16"),
+                                                    "help": "storage dtype: float32 or float16"})
     text_column: str | None = field(default=None, metadata={"help": "text column of a CSV/JSONL/Parquet file"})
     label_column: str | None = field(default=None, metadata={"help": "label column of a CSV/JSONL/Parquet file"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted capture in OUT"})
