@@ -43,3 +43,15 @@ def test_efficientnet_capture_equals_manual_forward(tmp_path):
         ref["head_conv"] = net.extract_features(x).mean((2, 3))
     for name, r in ref.items():
         np.testing.assert_allclose(store.load(name), r.numpy(), atol=1e-5)
+
+
+def test_demo_end_to_end_small(tmp_path, capsys):
+    """`lamina demo` = capture -> analyze -> report on the bundled model and data."""
+    from lamina.cli import main
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--limit", "150", "--no-control"]) == 0
+    printed = capsys.readouterr().out
+    assert "report:" in printed and "blocks.5" in printed
+    assert (out / "features" / "manifest.json").exists() and (out / "scores.json").exists()
+    html = (out / "report.html").read_text()
+    assert "minilm" in html and html.count("<svg") >= 3
