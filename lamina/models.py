@@ -107,11 +107,12 @@ class LoadedModel:
     def fingerprint(self) -> str:
         return model_fingerprint(self.module)
 
-    def describe(self) -> dict:
+    def describe(self, fingerprint: str | None = None) -> dict:
+        """Name, source, class, size and blocks; pass ``fingerprint`` when already computed."""
         n = sum(p.numel() for p in self.module.parameters())
         return {"name": self.name, "source": self.source, "class": type(self.module).__name__,
                 "modality": self.modality, "parameters": n, "blocks": self.blocks.to_dict(),
-                "fingerprint": self.fingerprint()}
+                "fingerprint": fingerprint or self.fingerprint()}
 
 
 def model_fingerprint(module: nn.Module) -> str:

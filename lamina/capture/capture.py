@@ -19,7 +19,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +141,9 @@ def _prepare_folder(root: Path, cfg: CaptureConfig, key: dict, dist: Dist) -> st
 
 
 def _to_numpy(t: torch.Tensor, dtype: str, name: str, ids) -> np.ndarray:
-    if not torch.isfinite(t).all():
+    # One reduction screens the whole batch; the element-wise check runs only if
+    # it fails (a finite sum can overflow, so that path re-checks properly).
+    if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
         bad = (~torch.isfinite(t)).reshape(t.shape[0], -1).any(1).nonzero().flatten().tolist()
         raise LaminaError(f"non-finite activations (NaN or inf) in layer {name!r}",
                           value=f"samples {[str(ids[i]) for i in bad[:5]]}", allowed="finite values",
@@ -172,7 +174,7 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
     lm = load_model(model, blocks=config.blocks)
     if config.blocks and lm.blocks.container != config.blocks and isinstance(model, LoadedModel):
         from ..blocks import find_blocks
-        lm.blocks = find_blocks(lm.module, config.blocks)
+        lm = replace(lm, blocks=find_blocks(lm.module, config.blocks))  # never touch the caller's object
     ds = subsample(load_data(data, config.text_column, config.label_column), config.limit, config.seed)
     check_labels(ds)
     if len(ds) < 2:
@@ -183,40 +185,47 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
     root = Path(config.out) / "features"
     n, bs = len(ds), config.batch_size
     n_batches = (n + bs - 1) // bs
+    unpooled_text = config.pooling == "none" and lm.modality == "text"
 
     with Dist() as dist:
         state = _prepare_folder(root, config, key, dist)
         dist.barrier()
         with torch.inference_mode(), recording(lm.module, taps, config.pooling) as rec:
-            def run(rows):
-                b = lm.batch(ds, rows, config.max_length, config.image_size)
-                rec.mask = b.get("attention_mask")
+            def run_batch(b: int) -> dict[str, np.ndarray]:
+                rows = np.arange(b * bs, min((b + 1) * bs, n))
+                batch = lm.batch(ds, rows, config.max_length, config.image_size)
+                rec.mask = batch.get("attention_mask")
                 rec.outputs.clear()
-                lm.forward(b)
-                return b
+                lm.forward(batch)
+                arrays = {t.name: rec.outputs[t.name] for t in taps}
+                if unpooled_text:
+                    arrays = {k: _pad_tokens(v, config.max_length) for k, v in arrays.items()}
+                out = {k: _to_numpy(v, config.dtype, k, ds.ids[rows]) for k, v in arrays.items()}
+                if unpooled_text:
+                    out["__lengths__"] = batch["attention_mask"].sum(1).numpy()
+                return out
 
+            writer = StoreWriter(root, rank=dist.rank)
             if state == "fresh" and dist.rank == 0:
-                run(np.arange(min(2, n)))  # learn each layer's shape
-                shapes = {}
-                for t in taps:
-                    s = tuple(rec.outputs[t.name].shape[1:])
-                    if config.pooling == "none" and lm.modality == "text":
-                        s = (config.max_length, *s[1:])
-                    shapes[t.name] = s
+                # The first real batch tells each layer's shape; it is then written
+                # like any other, so learning the shapes costs no extra forward.
+                first = run_batch(0)
+                shapes = {t.name: first[t.name].shape[1:] for t in taps}
                 specs = {"model_spec": model if isinstance(model, str) else None,
                          "data_spec": str(data) if isinstance(data, (str, Path)) else None}
+                described = {k: v for k, v in lm.describe(fingerprint=key["model"]).items() if k != "blocks"}
                 manifest = {"lamina_version": __version__, "capture_key": key, "pooling": config.pooling, **specs,
-                            "model": {k: v for k, v in lm.describe().items() if k != "blocks"},
-                            "blocks": lm.blocks.to_dict(), "data": ds.describe(),
+                            "model": described, "blocks": lm.blocks.to_dict(), "data": ds.describe(),
                             "config": asdict(config), "torch": torch.__version__}
-                StoreWriter(root).create(manifest, shapes, config.dtype, ds.labels, ds.ids,
-                                         lengths=config.pooling == "none" and lm.modality == "text")
+                writer.create(manifest, shapes, config.dtype, ds.labels, ds.ids, lengths=unpooled_text)
+                writer.open()
+                writer.write_batch(0, 0, first)
             dist.barrier()
             if state == "done":
                 return CaptureResult(str(root), n, [t.name for t in taps], 0, n_batches,
-                                     time.perf_counter() - t0, True)
-            writer = StoreWriter(root, rank=dist.rank)
-            writer.open()
+                                     time.perf_counter() - t0, True, rank=dist.rank)
+            if not writer.is_open:
+                writer.open()
             done = writer.done_batches()
             todo = [b for b in range(n_batches) if b not in done][dist.rank::dist.world]
             dist.barrier()  # every rank must read `done` before any rank writes more
@@ -226,15 +235,7 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
                 bar = tqdm(total=n_batches, initial=len(done), desc=f"capture {lm.name}", unit="batch")
             try:
                 for b in todo:
-                    rows = np.arange(b * bs, min((b + 1) * bs, n))
-                    batch = run(rows)
-                    arrays = {t.name: rec.outputs[t.name] for t in taps}
-                    if config.pooling == "none" and lm.modality == "text":
-                        arrays = {k: _pad_tokens(v, config.max_length) for k, v in arrays.items()}
-                        arrays["__lengths__"] = batch["attention_mask"].sum(1).numpy()
-                    out = {k: (v if isinstance(v, np.ndarray) else _to_numpy(v, config.dtype, k, ds.ids[rows]))
-                           for k, v in arrays.items()}
-                    writer.write_batch(b, int(rows[0]), out)
+                    writer.write_batch(b, b * bs, run_batch(b))
                     if bar is not None:
                         bar.update(dist.world if dist.world > 1 else 1)
             finally:
@@ -247,7 +248,8 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
             update_run_config(config.out, "capture", {"config": asdict(config), "model": lm.name,
                                                       "data": ds.name, "n": n, "store": str(root)})
         dist.barrier()
-    return CaptureResult(str(root), n, [t.name for t in taps], len(todo), n_batches,
+    ran = len(todo) + (1 if state == "fresh" and dist.rank == 0 else 0)
+    return CaptureResult(str(root), n, [t.name for t in taps], ran, n_batches,
                          time.perf_counter() - t0, state == "resume", rank=dist.rank)
 
 

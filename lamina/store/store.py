@@ -138,6 +138,10 @@ class StoreWriter:
         self._progress.write(f"{batch_index}\n")
         self._progress.flush()
 
+    @property
+    def is_open(self) -> bool:
+        return bool(self._files)
+
     def close(self) -> None:
         for f, *_ in self._files.values():
             f.close()
