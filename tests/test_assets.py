@@ -42,7 +42,7 @@ def test_efficientnet_capture_equals_manual_forward(tmp_path):
             ref[f"blocks.{i}"] = h.mean((2, 3))
         ref["head_conv"] = net.extract_features(x).mean((2, 3))
     for name, r in ref.items():
-        np.testing.assert_allclose(store.load(name), r.numpy(), atol=1e-5)
+        np.testing.assert_allclose(store.load(name), r.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_demo_end_to_end_small(tmp_path, capsys):

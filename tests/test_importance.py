@@ -15,6 +15,15 @@ from lamina.blocks import find_blocks
 from lamina.data import Dataset
 from lamina.models import LoadedModel, wrap_module
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # (arch, head): heads make the target the logits, no head the final hidden states.
 CASES = [("bert", False), ("gpt2", True), ("llama", False), ("qwen2", True), ("vit", True), ("vit", False),
          ("cnn", True)]
@@ -102,7 +111,8 @@ def _manual_bi(xs, ys, masks, channel_dim=-1):
     tot, cnt = 0.0, 0
     for x, y, m in zip(xs, ys, masks):
         x, y = x.double(), y.double()
-        cos = (x * y).sum(channel_dim) / (x.norm(dim=channel_dim) * y.norm(dim=channel_dim))
+        # a zero vector (a dead ReLU pixel) has cosine 0 with anything, as in torch's cosine_similarity
+        cos = (x * y).sum(channel_dim) / (x.norm(dim=channel_dim) * y.norm(dim=channel_dim)).clamp_min(1e-8)
         w = torch.ones_like(cos) if m is None else m.double()
         tot += float((cos * w).sum())
         cnt += int(w.sum())
@@ -276,12 +286,12 @@ def test_selection_batches_and_to_dict():
     lm = _lm("gpt2")
     ds = _data(lm)
     full = block_importance(lm, ds, batch_size=5, max_length=16, progress=False)
-    some = block_importance(lm, _batches(lm, ds), blocks=[0, -1], progress=False)
+    some = block_importance(lm, _batches(lm, ds), layers=[0, -1], progress=False)
     assert [b.name for b in some.blocks] == ["blocks.0", "blocks.2"]
     assert some.n_samples == len(ds)
     for b in some.blocks:
         assert b == next(f for f in full.blocks if f.name == b.name)
-    assert naive_skip_importance(lm, ds, blocks="blocks.-1", progress=False).keys() == {"blocks.2"}
+    assert naive_skip_importance(lm, ds, layers="blocks.-1", progress=False).keys() == {"blocks.2"}
     d = json.loads(json.dumps(full.to_dict()))
     assert d["target"] == "final hidden states" and len(d["blocks"]) == 3
     assert set(d["definitions"]) == {"block_influence", "skip_importance"}
@@ -294,7 +304,7 @@ def test_bad_input():
     with pytest.raises(UsageError, match="batch_size"):
         block_importance(lm, ds, batch_size=0, progress=False)
     with pytest.raises(UsageError, match="no block"):
-        block_importance(lm, ds, blocks="embed", progress=False)
+        block_importance(lm, ds, layers="embed", progress=False)
     with pytest.raises(UsageError, match="empty"):
         block_importance(lm, ds.take([]), progress=False)
     nan = wrap_module(lt.nan_model())
@@ -314,7 +324,7 @@ def test_minilm_real_weights():
     assert [b.name for b in res.blocks] == [f"blocks.{i}" for i in range(6)]
     for b in res.blocks:
         assert b.skippable and 0 < b.block_influence < 2 and np.isfinite(b.skip_importance) and b.skip_importance > 0
-    ref = naive_skip_importance(lm, ds, max_length=64, progress=False, blocks=[0, -1])
+    ref = naive_skip_importance(lm, ds, max_length=64, progress=False, layers=[0, -1])
     for name, s in ref.items():
         assert res.skip_importance[name] == pytest.approx(s, rel=1e-5)
 
@@ -333,6 +343,6 @@ def test_efficientnet_lite0_shape_changing_blocks_not_skippable():
         stride = args.stride[0] if isinstance(args.stride, (list, tuple)) else args.stride
         assert b.skippable == (stride == 1 and args.input_filters == args.output_filters)
         assert (b.skip_importance is None) == (not b.skippable)
-    ref = naive_skip_importance(lm, ds, image_size=64, progress=False, blocks=["blocks.2", "blocks.-1"])
+    ref = naive_skip_importance(lm, ds, image_size=64, progress=False, layers=["blocks.2", "blocks.-1"])
     assert ref["blocks.15"] is None
     assert res.skip_importance["blocks.2"] == pytest.approx(ref["blocks.2"], rel=1e-5)

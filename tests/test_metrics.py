@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from lamina.errors import UsageError
-from lamina.analyze.metrics import (MinibatchCKA, ProbeResult, cka_matrix, cka_permutation_null,
+from lamina.analyze.metrics import (DEFAULT_CS, MinibatchCKA, ProbeResult, cka_matrix, cka_permutation_null,
                                     components_for_variance, effective_rank, explained_variance, knn_accuracy,
                                     knn_predict, linear_cka, ncc_accuracy, probe_layers, separability,
                                     stratified_split, streaming_cka, wilson_interval)
-from lamina.analyze.metrics.probe import _fit, _principal_axes
+from lamina.analyze.metrics.probe import _fit
 
 sklearn = pytest.importorskip("sklearn")
 from sklearn.linear_model import LogisticRegression  # noqa: E402
@@ -102,15 +102,13 @@ def test_solver_reaches_sklearns_optimum(n_classes):
     x = layers[0].astype(np.float64)
     x = (x - x.mean(0)) / x.std(0)
     import torch
-    xt = torch.from_numpy(x)
-    axes = _principal_axes(xt)
     cs = np.array([0.01, 1.0, 100.0])
-    w, converged = _fit(xt @ axes, torch.from_numpy(y.astype(np.int64)), torch.from_numpy(1 / cs), n_classes,
-                        tol=1e-10, max_iter=100)
+    w, converged = _fit(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)), torch.from_numpy(1 / cs),
+                        n_classes, tol=1e-10, max_iter=100)
     assert converged
     for q, c in enumerate(cs):
         ref = LogisticRegression(C=c, tol=1e-12, max_iter=20000).fit(x, y)
-        coef = (axes @ w[q, :, :-1].T).T.numpy()
+        coef = w[q, :, :-1].numpy()
         intercept = w[q, :, -1].numpy()
         if n_classes > 2:  # the multinomial intercept is defined up to a shared constant
             intercept, ref_intercept = intercept - intercept.mean(), ref.intercept_ - ref.intercept_.mean()
@@ -143,6 +141,84 @@ def test_probe_layers_agrees_with_sklearn(n_classes, dims):
         assert abs(res.test_accuracy - test[int(np.argmax(val))]) <= max(0.01, 1 / len(split["test"])) + 1e-9
         assert res.ci_low <= res.test_accuracy <= res.ci_high
         assert res.n_test == len(split["test"]) and res.C in cs
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_float32_solver_lands_on_the_float64_optimum(n_classes):
+    """The default tol runs every pass over the data in float32: its logits must match the
+    float64 solve to far below any decision margin, at every C of the default grid."""
+    import torch
+    layers, y = _layers(n=600, dims=(40,), n_classes=n_classes, signal=(0.8,))
+    x = layers[0].astype(np.float64)
+    x = (x - x.mean(0)) / x.std(0)
+    lam, yt = torch.from_numpy(1 / np.asarray(DEFAULT_CS)), torch.from_numpy(y.astype(np.int64))
+    w64, ok64 = _fit(torch.from_numpy(x), yt, lam, n_classes, tol=1e-10, max_iter=100)
+    w32, ok32 = _fit(torch.from_numpy(x.astype(np.float32)), yt, lam, n_classes, tol=1e-5, max_iter=100)
+    assert ok64 and ok32
+    a = np.c_[x, np.ones(len(x))]
+    logits64, logits32 = (np.einsum("nd,pkd->pkn", a, w.numpy()) for w in (w64, w32))
+    if n_classes > 2:  # defined up to a shared constant per sample
+        logits64, logits32 = logits64 - logits64.mean(1, keepdims=True), logits32 - logits32.mean(1, keepdims=True)
+    assert np.abs(logits32 - logits64).max() < 2e-3
+
+
+def test_probe_many_classes_converges_at_every_C():
+    """Ten classes, the default C grid: the strongest C finishes its CG early while the weak ones go on
+    (a float32 CG that kept iterating past its target once derailed C=1e-4 here)."""
+    layers, y = _layers(n=1000, dims=(64,), n_classes=10, signal=(1.5,))
+    split = stratified_split(y, seed=0)
+    res = probe_layers(layers, y, split)[0]
+    parts = _standardized(layers[0], split)
+    val = [LogisticRegression(C=c, max_iter=1000).fit(parts["train"], y[split["train"]]).score(parts["val"],
+                                                                                            y[split["val"]])
+           for c in DEFAULT_CS]
+    assert res.converged
+    np.testing.assert_allclose(res.val_accuracy_by_C, val, atol=1 / len(split["val"]) + 1e-9)
+
+
+def test_batched_cg_leaves_each_C_at_its_own_target():
+    """All C values share the CG passes, but one that meets its forcing target must stay put while the
+    others iterate on (float32 CG run past its target derailed the strongest C of a 10-class probe):
+    a C's Newton step does not depend on which other C values share the batch."""
+    import torch
+    from lamina.analyze.metrics.probe import _gram_basis, _newton_direction
+    layers, y = _layers(n=600, dims=(40,), signal=(0.8,))
+    z = torch.from_numpy(((layers[0] - layers[0].mean(0)) / layers[0].std(0)).astype(np.float32))
+    a = torch.cat([z, torch.ones(len(z), 1)], 1)
+    basis, ev = _gram_basis(z)
+    lam = torch.tensor([1e2, 1e-2], dtype=torch.float64)
+    # near the weak C's optimum (small gradient, tight target, many CG steps), far from the strong C's
+    w_weak, _ = _fit(z, torch.from_numpy(y.astype(np.int64)), lam[1:], 2, 1e-5, 100)
+    w = w_weak[0].expand(2, 41) + torch.from_numpy(np.random.default_rng(0).normal(0, 1e-3, (2, 41)))
+    prob = torch.sigmoid(w @ a.double().T).view(2, 1, -1)
+    g = ((prob[:, 0] - torch.from_numpy(y).double()) @ a.double() + lam[:, None] * w * (torch.arange(41) < 40)).float()
+    both, image = _newton_direction(a, basis, ev, prob, g, lam, 0.0)
+    alone, _ = _newton_direction(a, basis, ev, prob[:1], g[:1], lam[:1], 0.0)
+    np.testing.assert_allclose(both[0].numpy(), alone[0].numpy(), rtol=1e-4, atol=1e-6 * float(alone.abs().max()))
+    np.testing.assert_allclose(image.numpy(), (both @ a.T).numpy(), rtol=1e-3, atol=1e-4)  # A d, accumulated
+
+
+def test_probe_input_forms_give_the_same_result(tmp_path):
+    """float32, float64 (kept float64 inside) and a memory-mapped file: the same probe."""
+    layers, y = _layers(n=400, dims=(24,), signal=(0.8,))
+    split = stratified_split(y, seed=2)
+    path = tmp_path / "layer.npy"
+    np.save(path, layers[0])
+    forms = [layers[0], layers[0].astype(np.float64), np.load(path, mmap_mode="r")]
+    results = [probe_layers([x], y, split)[0] for x in forms]
+    for res in results[1:]:
+        assert res.C == results[0].C and res.test_accuracy == results[0].test_accuracy
+        np.testing.assert_allclose(res.val_accuracy_by_C, results[0].val_accuracy_by_C)
+
+
+@pytest.mark.parametrize("part", ["train", "val", "test"])
+def test_probe_rejects_non_finite_rows_in_every_part(part):
+    layers, y = _layers(n=200, dims=(6,), signal=(1.0,))
+    split = stratified_split(y)
+    bad = layers[0].copy()
+    bad[split[part][3], 1] = np.inf
+    with pytest.raises(UsageError, match=r"features\[0\].*NaN or inf"):
+        probe_layers([bad], y, split)
 
 
 def test_probe_result_round_trips_through_json():

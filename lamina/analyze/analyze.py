@@ -136,9 +136,10 @@ def _num(v):
 
 
 def _importance_dict(res) -> dict:
+    opt = lambda v: None if v is None else _num(v)  # noqa: E731  (NaN from a degenerate model -> null)
     return {"blocks": [b.name for b in res.blocks], "paths": [b.path for b in res.blocks],
-            "block_influence": [b.block_influence for b in res.blocks],
-            "skip_nmse": [b.skip_importance for b in res.blocks],
+            "block_influence": [opt(b.block_influence) for b in res.blocks],
+            "skip_nmse": [opt(b.skip_importance) for b in res.blocks],
             "skippable": [b.skippable for b in res.blocks], "notes": [b.note for b in res.blocks],
             "target": res.target, "n_samples": res.n_samples}
 

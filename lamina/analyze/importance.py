@@ -9,6 +9,8 @@ Definitions (both per block j of ``model.blocks``):
         mean is ONE global mean over every valid position of every sample
         (padding excluded through ``attention_mask``), not a mean of per-sample
         means: long sentences weigh more, exactly as their tokens count.
+        cos = x.y / max(|x| |y|, 1e-8) in float64: a zero vector (a dead ReLU
+        pixel) has cosine 0 with anything, so it adds 1 to BI.
         None when x_j and y_j differ in shape (a stride-2 or channel-changing
         block): there is no position-wise cosine to take.
 
@@ -47,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Iterator
@@ -54,10 +57,9 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..blocks import select_taps
-from ..data import Dataset
+from ..data import Dataset, load_data
 from ..errors import LaminaError, UsageError
 from ..models import LoadedModel, load_model
 
@@ -198,16 +200,16 @@ class _Cache:
         self.inputs: list[torch.Tensor | None] = [None] * n
         self.outputs: list[object] = [None] * n
         self.calls = [0] * n
-        self._memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def clone(self, x: torch.Tensor) -> torch.Tensor:
-        # One copy per distinct tensor: block j's output object is usually block
-        # j+1's input, so each activation is copied once.
-        hit = self._memo.get(id(x))
-        if hit is not None and hit[0] is x:
-            return hit[1]
+        # Block j's output object is usually block j+1's input: remembering the
+        # last copy made copies each activation once, and holding only that one
+        # original lets the others be freed as the forward goes on.
+        if self._last is not None and self._last[0] is x:
+            return self._last[1]
         c = x.clone()
-        self._memo[id(x)] = (x, c)
+        self._last = (x, c)
         return c
 
 
@@ -233,7 +235,7 @@ def _caching(mods: list[nn.Module], keep: bool) -> Iterator[_Cache]:
     finally:
         for h in handles:
             h.remove()
-        cache._memo.clear()
+        cache._last = None
 
 
 @contextlib.contextmanager
@@ -266,26 +268,54 @@ def _target(out, has_head: bool) -> tuple[str, torch.Tensor]:
 
 
 def _position_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(B, T) mask as x's dtype when x is (B, T, ...), else None (every position counts)."""
+    """The (B, T) mask as float64 when x is (B, T, ...), else None (every position counts)."""
     if mask is None or x.dim() < 3 or tuple(mask.shape) != tuple(x.shape[:2]):
         return None
     return mask.to(device=x.device, dtype=torch.float64)
 
 
 def _sq_sums(full: torch.Tensor, other: torch.Tensor | None, mask) -> float:
-    """sum (full - other)^2 (or sum full^2 when other is None), padding excluded."""
-    d = full.double() if other is None else full.double() - other.double()
-    sq = d.pow(2)
+    """sum (full - other)^2 (or sum full^2 when other is None), padding excluded.
+
+    The difference is one float32 rounding; the squares are summed in float64.
+    """
+    d = full if other is None else full - other
     m = _position_mask(full, mask)
-    if m is not None:
-        sq = sq.reshape(*sq.shape[:2], -1).sum(-1) * m
-    return float(sq.sum())
+    if m is None:
+        return float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
+    per_position = torch.linalg.vector_norm(d.reshape(*d.shape[:2], -1), dim=-1, dtype=torch.float64)
+    return float((per_position.square() * m).sum())
 
 
-def _cos_sums(x: torch.Tensor, y: torch.Tensor, mask) -> tuple[float, int]:
-    """(sum of cos(x, y) over valid positions, number of valid positions)."""
+class _Float64:
+    """float64 copies and channel norms of the activations of one batch, made once each.
+
+    Block j's input is usually the very tensor cached as block j-1's output, so
+    converting by identity halves the work; fewer large ops also matter on a
+    busy shared CPU, where every parallel op waits for its slowest thread.
+    """
+
+    def __init__(self):
+        self._seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def get(self, x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        for orig, xd, norm in self._seen[-2:]:
+            if orig is x:
+                return xd, norm
+        xd = x.double()
+        norm = torch.linalg.vector_norm(xd, dim=dim)
+        self._seen = self._seen[-1:] + [(x, xd, norm)]
+        return xd, norm
+
+
+def _cos_sums(x: torch.Tensor, y: torch.Tensor, mask, f64: _Float64) -> tuple[float, int]:
+    """(sum of cos(x, y) over valid positions, number of valid positions), in float64.
+
+    cos = x.y / max(|x| |y|, 1e-8): a zero vector has cosine 0 with anything.
+    """
     dim = 1 if x.dim() == 4 else -1  # NCHW maps: channels; sequences and vectors: last dim
-    cos = F.cosine_similarity(x.double(), y.double(), dim=dim)
+    (xd, nx), (yd, ny) = f64.get(x, dim), f64.get(y, dim)
+    cos = torch.linalg.vecdot(xd, yd, dim=dim) / (nx * ny).clamp_min(1e-8)
     m = _position_mask(x, mask)
     if m is None:
         return float(cos.sum()), cos.numel()
@@ -300,14 +330,16 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
 
 # ---------------------------------------------------------------- batches and selection
 
-def _prepare(model, data, blocks, batch_size, max_length, image_size):
+def _prepare(model, data, layers, batch_size, max_length, image_size):
     lm = load_model(model)
+    if isinstance(data, (str, os.PathLike)):
+        data = load_data(data)
     for name, v in (("batch_size", batch_size), ("max_length", max_length)):
         if not isinstance(v, (int, np.integer)) or v < 1:
             raise UsageError(f"{name} must be a positive integer", value=v, allowed=">= 1", fix=f"{name}=32")
-    taps = [t for t in select_taps(lm.blocks, blocks) if t.name.startswith("blocks.")]
+    taps = [t for t in select_taps(lm.blocks, layers) if t.name.startswith("blocks.")]
     if not taps:
-        raise UsageError("the selection names no block", value=blocks,
+        raise UsageError("the selection names no block", value=layers,
                          allowed="None (all), n (last n), indices, or names/globs such as 'blocks.*'",
                          fix="importance scores blocks; 'embed' and 'final_norm' are not blocks")
     idx = [int(t.name.split(".")[1]) for t in taps]
@@ -320,12 +352,11 @@ def _prepare(model, data, blocks, batch_size, max_length, image_size):
         def batches():
             for start in range(0, n, batch_size):
                 yield lm.batch(data, np.arange(start, min(n, start + batch_size)), max_length, image_size)
-        return lm, idx, batches(), (n + batch_size - 1) // batch_size, None
+        return lm, idx, batches(), (n + batch_size - 1) // batch_size
     if isinstance(data, Sequence) and data and all(isinstance(b, Mapping) for b in data):
-        n = sum(int(next(v for v in b.values() if isinstance(v, torch.Tensor)).shape[0]) for b in data)
-        return lm, idx, iter(data), len(data), n
+        return lm, idx, iter(data), len(data)
     raise UsageError("data must be a lamina Dataset or a list of batches from model.batch()",
-                     value=type(data).__name__, allowed="Dataset, list[dict[str, Tensor]]",
+                     value=type(data).__name__, allowed="Dataset, a dataset name or path, list[dict[str, Tensor]]",
                      fix="load it with lamina.load_data(...)")
 
 
@@ -350,18 +381,19 @@ def _check_calls(cache: _Cache, paths) -> None:
 # ---------------------------------------------------------------- public API
 
 def block_importance(model: LoadedModel, data, *, batch_size: int = 32, max_length: int = 128,
-                     image_size: int | None = None, progress: bool = True, blocks=None) -> ImportanceResult:
+                     image_size: int | None = None, progress: bool = True, layers=None) -> ImportanceResult:
     """Block Influence and skip importance of every block (see module docstring).
 
     Args:
         model: a LoadedModel (or anything :func:`lamina.load_model` accepts).
-        data: a :class:`~lamina.data.Dataset`, or a list of batch dicts from
+        data: a :class:`~lamina.data.Dataset`, a dataset name or path
+            (:func:`lamina.load_data`), or a list of batch dicts from
             ``model.batch`` (reused as they are; e.g. to time several runs on the
             same inputs).
         batch_size, max_length, image_size: how rows become batches
             (``model.batch``); ignored when ``data`` is already batches.
         progress: show a progress bar over batches.
-        blocks: which blocks to score: None (all), n (the last n), a list of
+        layers: which blocks to score (the same selection as CaptureConfig.layers): None (all), n (the last n), a list of
             indices (negative from the end), or names/globs ('blocks.0,blocks.-1'),
             as in :func:`lamina.blocks.select_taps`.
     Returns:
@@ -370,7 +402,7 @@ def block_importance(model: LoadedModel, data, *, batch_size: int = 32, max_leng
     Cost per batch: 1 full forward + sum over skippable selected j of (N-1-j)
     block evaluations, N the number of blocks.
     """
-    lm, sel, batches, n_batches, n_known = _prepare(model, data, blocks, batch_size, max_length, image_size)
+    lm, sel, batches, n_batches = _prepare(model, data, layers, batch_size, max_length, image_size)
     paths = lm.blocks.block_paths
     mods_by_path = dict(lm.module.named_modules())
     mods = [mods_by_path[p] for p in paths]
@@ -389,12 +421,13 @@ def block_importance(model: LoadedModel, data, *, batch_size: int = 32, max_leng
             _check_finite(full, f"the output of {lm.name!r}")
             den += _sq_sums(full, None, mask)
             n_samples += _batch_size(batch)
+            f64 = _Float64()
             for j in sel:
                 x, y = cache.inputs[j], _first(cache.outputs[j])
                 if x is None or y is None or x.shape != y.shape:
                     same_shape[j] = False
                     continue
-                s, c = _cos_sums(x, y, mask)
+                s, c = _cos_sums(x, y, mask, f64)
                 if not np.isfinite(s):
                     _check_finite(y, f"block {paths[j]!r} (blocks.{j})")
                     _check_finite(x, f"the input of block {paths[j]!r} (blocks.{j})")
@@ -408,7 +441,7 @@ def block_importance(model: LoadedModel, data, *, batch_size: int = 32, max_leng
                 with _patched_forwards(stubs):
                     out_j = lm.forward(batch)
                 num[j] += _sq_sums(full, _target(out_j, lm.blocks.head is not None)[1], mask)
-            del cache, out
+            del cache, out, f64
     scores = []
     for j in sel:
         ok = same_shape[j]
@@ -417,7 +450,7 @@ def block_importance(model: LoadedModel, data, *, batch_size: int = 32, max_leng
             block_influence=float(1.0 - cos_sum[j] / cos_n[j]) if ok and cos_n[j] else None,
             skippable=ok, skip_importance=float(num[j] / den) if ok and den > 0 else (float("nan") if ok else None),
             note=None if ok else "input and output shapes differ: not skippable, no Block Influence"))
-    return ImportanceResult(lm.name, lm.blocks.arch, n_known or n_samples, target or TARGETS[0], tuple(scores),
+    return ImportanceResult(lm.name, lm.blocks.arch, n_samples, target or TARGETS[0], tuple(scores),
                             batch_size, max_length, image_size)
 
 
@@ -435,7 +468,7 @@ def _identity_from_cache(out, x: torch.Tensor):
 
 def naive_skip_importance(model: LoadedModel, data, *, batch_size: int = 32, max_length: int = 128,
                           image_size: int | None = None, progress: bool = True,
-                          blocks=None) -> dict[str, float | None]:
+                          layers=None) -> dict[str, float | None]:
     """Reference skip importance: one reference forward, then one full forward per block.
 
     Block j is replaced by identity through its ``forward`` (its input returned in
@@ -444,7 +477,7 @@ def naive_skip_importance(model: LoadedModel, data, *, batch_size: int = 32, max
     {'blocks.j': s_j, or None when block j is not skippable}. Costs N+1 full
     forwards (minus one block each) per batch; meant for tests and benchmarks.
     """
-    lm, sel, batches, n_batches, _ = _prepare(model, data, blocks, batch_size, max_length, image_size)
+    lm, sel, batches, n_batches = _prepare(model, data, layers, batch_size, max_length, image_size)
     paths = lm.blocks.block_paths
     mods_by_path = dict(lm.module.named_modules())
     mods = [mods_by_path[p] for p in paths]

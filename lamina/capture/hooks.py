@@ -61,6 +61,19 @@ def _first_tensor(out) -> torch.Tensor:
     raise TypeError(f"cannot find a tensor in a block output of type {type(out).__name__}")
 
 
+def _block_input(args, kwargs, name: str) -> torch.Tensor:
+    """The tensor a block is fed: its first positional argument, else ``hidden_states``
+    or the first tensor keyword argument (blocks called with keywords only)."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"]
+    for v in kwargs.values():
+        if isinstance(v, torch.Tensor):
+            return v
+    raise TypeError(f"cannot find the input tensor of {name}: the block was called without a tensor argument")
+
+
 class Recorder:
     """Holds what the hooks saw in the last forward pass.
 
@@ -88,8 +101,7 @@ def recording(model: nn.Module, taps: list[Tap], pooling: str = "mean") -> Itera
             mod = modules[tap.path]
             if tap.side == "input":
                 def pre(_m, args, kwargs, _n=tap.name):
-                    x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
-                    rec._store(_n, x)
+                    rec._store(_n, _block_input(args, kwargs, _n))
                 handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
             else:
                 def post(_m, _args, out, _n=tap.name):
