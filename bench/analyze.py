@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
         _cka_child(args.cka_child)
         return {}
     import torch
-    n_probe, n_imp, n_cka, rep = (800, 96, 2000, 1) if args.quick else (4000, 500, 20000, 3)
+    n_probe, n_imp, n_cka, rep = (800, 96, 1000, 1) if args.quick else (4000, 500, 5000, 3)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         probe = probe_part(n_probe, Path(tmp), rep)
