@@ -3,16 +3,23 @@
 Both sides see the same standardized features (train mean/std) and choose C
 on validation accuracy the same way (the smallest C among ties), so the only
 difference is the solver. Only the ratio of the two times means something on
-shared CPUs: both are measured in the same process, one after the other.
+shared CPUs: both are measured in the same process, interleaved (lamina then
+sklearn, ``repeats`` times, after one lamina warm-up), and the medians are
+compared. Wall-clock and CPU time (``time.process_time``, which other jobs on
+the machine disturb much less) are both reported, with the load average.
 
 Threads matter more than anything else on a shared two-core machine: with
 other processes running, OpenMP/BLAS threads of both torch and scikit-learn
 can run ten times slower than one thread. ``--threads 1`` pins both sides to
-one thread, the fair and reproducible comparison; the default leaves both at
-their library defaults, which is what a user gets.
+one thread (torch, and every BLAS/OpenMP pool through threadpoolctl), the fair
+and reproducible comparison; ``--threads default`` leaves both at their library
+defaults, which is what a user gets; ``--threads 1 default`` runs both.
 
-Run ``python bench/probe_vs_sklearn.py`` for a synthetic demo (4000 x 384,
-7 layers, 2 classes); ``--classes 10`` and ``--dim 1280`` try the other cases.
+Data: ``--store PATH`` probes every layer of a feature store, e.g. MiniLM on
+4,000 rotten-tomatoes sentences (7 layers x 384, 2 classes), captured once with
+``lamina.capture("minilm", "rotten-tomatoes", lamina.CaptureConfig(out=PATH,
+limit=4000))``. Without it, synthetic correlated features (4000 x 384, 7
+layers, 2 classes; ``--classes 10 --dim 1280`` for the multinomial case).
 """
 
 from __future__ import annotations
@@ -52,6 +59,14 @@ def synthetic_layers(n: int = 4000, dim: int = 384, n_layers: int = 7, n_classes
     return layers, np.where(noisy, rng.integers(0, n_classes, n), y)
 
 
+def store_layers(path) -> tuple[list[np.ndarray], np.ndarray]:
+    """Every layer (in memory) and the labels of a lamina feature store."""
+    from lamina import FeatureStore
+
+    store = FeatureStore.open(path)
+    return [np.asarray(store.load(name)) for name in store.layers], np.asarray(store.labels)
+
+
 def _sklearn_probe(x: np.ndarray, labels: np.ndarray, split: dict, Cs) -> dict:
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -72,76 +87,112 @@ def _sklearn_probe(x: np.ndarray, labels: np.ndarray, split: dict, Cs) -> dict:
     return {"C": float(np.sort(Cs)[best]), "val": val, "test_accuracy": float(test[best])}
 
 
+def _timed(fn):
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
 def compare(features, labels, split, Cs=tuple(np.logspace(-4, 2, 7)), repeats: int = 3) -> dict:
     """Time and compare lamina's ``probe_layers`` with per-layer, per-C sklearn fits.
 
-    lamina runs first: sklearn's OpenMP threads, left spinning after its fits, slow down
-    torch ops that follow them on a two-core machine.
+    One lamina warm-up, then ``repeats`` rounds of (lamina, sklearn), medians kept.
 
     Args:
         features: L arrays (N, D_l); labels: (N,); split: train/val/test indices; Cs: C grid.
-        repeats: lamina runs (the median time is kept); sklearn runs once.
+        repeats: interleaved rounds.
 
     Returns:
-        ``lamina_s``, ``sklearn_s`` (seconds), ``probe_speedup_vs_sklearn``,
-        ``probe_max_acc_gap`` (largest |test accuracy difference| over layers,
-        in accuracy units: 0.01 is one point), ``max_val_gap_same_C`` (the
-        largest validation gap at equal C: the solvers themselves), and per
-        layer ``lamina``/``sklearn`` test accuracies and chosen C.
+        ``lamina_s``, ``sklearn_s`` (median wall seconds), their CPU-time twins
+        ``lamina_cpu_s``, ``sklearn_cpu_s``, ``probe_speedup_vs_sklearn`` (ratio of
+        the wall medians) and ``probe_speedup_cpu``, ``probe_max_acc_gap`` (largest
+        |test accuracy difference| over layers at each side's validation-chosen C,
+        in accuracy units: 0.01 is one point), ``max_val_gap_same_C`` (the largest
+        validation gap at equal C: the solvers themselves), the raw times, the
+        load averages before and after, and per layer ``lamina``/``sklearn`` test
+        accuracies and chosen C.
     """
     labels = np.asarray(labels)
-    load_before = os.getloadavg()[0]  # other processes on shared CPUs skew both timings
-    times, results = [], None
+    load_before = os.getloadavg()  # other processes on shared CPUs skew both timings
+    probe_layers(features, labels, split, Cs=Cs)  # warm-up: first calls into MKL/LAPACK
+    lam_t, skl_t, results, reference = [], [], None, None
     for _ in range(repeats):
-        start = time.perf_counter()
-        results = probe_layers(features, labels, split, Cs=Cs)
-        times.append(time.perf_counter() - start)
-    start = time.perf_counter()
-    reference = [_sklearn_probe(x, labels, split, Cs) for x in features]
-    sklearn_s = time.perf_counter() - start
-    lamina_s = float(np.median(times))
+        results, wall, cpu = _timed(lambda: probe_layers(features, labels, split, Cs=Cs))
+        lam_t.append((wall, cpu))
+        reference, wall, cpu = _timed(lambda: [_sklearn_probe(x, labels, split, Cs) for x in features])
+        skl_t.append((wall, cpu))
+    lam_wall, lam_cpu = np.median(lam_t, 0)
+    skl_wall, skl_cpu = np.median(skl_t, 0)
     gaps = [abs(r.test_accuracy - s["test_accuracy"]) for r, s in zip(results, reference)]
     val_gaps = [float(np.max(np.abs(np.subtract(r.val_accuracy_by_C, s["val"]))))
                 for r, s in zip(results, reference)]
     return {
         "n": int(len(labels)), "dims": [int(np.shape(x)[1]) for x in features],
-        "n_classes": int(len(np.unique(labels))), "n_Cs": int(len(Cs)),
-        "lamina_s": lamina_s, "sklearn_s": sklearn_s,
-        "probe_speedup_vs_sklearn": sklearn_s / lamina_s,
+        "n_classes": int(len(np.unique(labels))), "n_Cs": int(len(Cs)), "repeats": repeats,
+        "lamina_s": float(lam_wall), "sklearn_s": float(skl_wall),
+        "lamina_cpu_s": float(lam_cpu), "sklearn_cpu_s": float(skl_cpu),
+        "probe_speedup_vs_sklearn": float(skl_wall / lam_wall), "probe_speedup_cpu": float(skl_cpu / lam_cpu),
         "probe_max_acc_gap": float(max(gaps)), "max_val_gap_same_C": float(max(val_gaps)),
         "lamina_converged": all(r.converged for r in results),
-        "load_avg_1min": [load_before, os.getloadavg()[0]],
+        "times_wall_cpu": {"lamina": np.round(lam_t, 4).tolist(), "sklearn": np.round(skl_t, 4).tolist()},
+        "load_avg_before": [round(v, 2) for v in load_before],
+        "load_avg_after": [round(v, 2) for v in os.getloadavg()],
         "layers": [{"layer": r.layer, "lamina_test_accuracy": r.test_accuracy, "lamina_C": r.C,
                     "sklearn_test_accuracy": s["test_accuracy"], "sklearn_C": s["C"]}
                    for r, s in zip(results, reference)],
     }
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, default=4000, help="samples")
-    parser.add_argument("--dim", type=int, default=384, help="feature width of every layer")
-    parser.add_argument("--layers", type=int, default=7, help="number of layers")
-    parser.add_argument("--classes", type=int, default=2, help="number of classes")
-    parser.add_argument("--seed", type=int, default=0, help="data and split seed")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="threads for both sides (torch, BLAS, OpenMP); default: leave as is")
-    args = parser.parse_args(argv)
-    features, labels = synthetic_layers(args.n, args.dim, args.layers, args.classes, args.seed)
-    with contextlib.ExitStack() as stack:
-        if args.threads:
-            import sklearn.linear_model  # noqa: F401  (load its OpenMP/BLAS libraries so the limit reaches them)
-            import torch
-            from threadpoolctl import threadpool_limits  # installed with scikit-learn
+@contextlib.contextmanager
+def thread_setting(threads: int | None):
+    """Pin torch and every BLAS/OpenMP pool to ``threads``; None leaves the library defaults."""
+    if threads is None:
+        yield
+        return
+    import sklearn.linear_model  # noqa: F401  (load its OpenMP/BLAS libraries so the limit reaches them)
+    import torch
+    from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
-            previous = torch.get_num_threads()
-            torch.set_num_threads(args.threads)
-            stack.callback(torch.set_num_threads, previous)
-            stack.enter_context(threadpool_limits(limits=args.threads))
-        result = compare(features, labels, stratified_split(labels, seed=args.seed))
-    result["threads"] = args.threads
-    print(json.dumps(result, indent=2))
-    return result
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--store", default=None, help="feature store directory (default: synthetic data)")
+    parser.add_argument("--n", type=int, default=4000, help="synthetic: samples")
+    parser.add_argument("--dim", type=int, default=384, help="synthetic: feature width of every layer")
+    parser.add_argument("--layers", type=int, default=7, help="synthetic: number of layers")
+    parser.add_argument("--classes", type=int, default=2, help="synthetic: number of classes")
+    parser.add_argument("--seed", type=int, default=0, help="data and split seed")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (medians reported)")
+    parser.add_argument("--threads", nargs="+", default=["1"],
+                        help="thread settings to run, each an integer or 'default' (library defaults)")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    if args.store:
+        features, labels = store_layers(args.store)
+    else:
+        features, labels = synthetic_layers(args.n, args.dim, args.layers, args.classes, args.seed)
+    split = stratified_split(labels, seed=args.seed)
+    results = []
+    for setting in args.threads:
+        threads = None if setting == "default" else int(setting)
+        with thread_setting(threads):
+            result = compare(features, labels, split, repeats=args.repeats)
+        result["threads"] = setting
+        result["data"] = args.store or f"synthetic seed {args.seed}"
+        results.append(result)
+        print(json.dumps(result, indent=2), flush=True)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return results
 
 
 if __name__ == "__main__":
