@@ -171,3 +171,11 @@ def test_config_validation():
     for kw in ({"pooling": "max"}, {"dtype": "int8"}, {"batch_size": 0}, {"resume": True, "overwrite": True}):
         with pytest.raises(UsageError):
             CaptureConfig(out="x", **kw)
+
+
+def test_read_rows_equals_memory_map(tiny_dirs, tmp_path):
+    res = capture(str(tiny_dirs["bert"]), lt.tiny_text_dataset(20), CaptureConfig(out=str(tmp_path), progress=False))
+    store = FeatureStore.open(res.store)
+    rows = np.array([0, 1, 2, 5, 7, 8, 19])
+    for name in store.layers:
+        np.testing.assert_array_equal(store.read_rows(name, rows), store.load(name)[rows])

@@ -73,19 +73,20 @@ def compare(run_a, run_b, config: CompareConfig = CompareConfig()) -> CompareRes
         if bad:
             raise UsageError("compare needs pooled features", value=f"{s.root}: {bad[:3]}",
                              allowed="stores captured with --pooling mean, cls or last", fix="capture again pooled")
-    xa = [a.load(n) for n in a.layers]
-    xb = [b.load(n) for n in b.layers]
     bs = min(config.batch_size, a.n)
-    cka = streaming_cka(lambda idx: [np.asarray(x[idx], np.float64) for x in xa],
-                        lambda idx: [np.asarray(x[idx], np.float64) for x in xb], a.n, batch_size=bs,
+    # read_rows, not the memory map: touched pages of a map stay resident, so
+    # memory would grow with N (measured: x1.40 at 4N); file reads stay flat.
+    cka = streaming_cka(lambda idx: [a.read_rows(n, idx).astype(np.float64) for n in a.layers],
+                        lambda idx: [b.read_rows(n, idx).astype(np.float64) for n in b.layers], a.n, batch_size=bs,
                         seed=config.seed, epochs=config.epochs)
     null = None
     if config.n_perm:
         rows = np.sort(np.random.default_rng(config.seed).permutation(a.n)[: config.null_samples])
         null = {"samples": int(len(rows)), "n_perm": config.n_perm, "null_mean": [], "null_std": [], "p_value": []}
-        for x in xa:
-            xs = np.asarray(x[rows], np.float64)
-            res = [cka_permutation_null(xs, np.asarray(y[rows], np.float64), config.n_perm, config.seed) for y in xb]
+        ys = [b.read_rows(n, rows).astype(np.float64) for n in b.layers]
+        for name in a.layers:
+            xs = a.read_rows(name, rows).astype(np.float64)
+            res = [cka_permutation_null(xs, y, config.n_perm, config.seed) for y in ys]
             for k in ("null_mean", "null_std", "p_value"):
                 null[k].append([r[k] for r in res])
     result = {"run_a": str(a.root.parent), "run_b": str(b.root.parent),
