@@ -6,17 +6,24 @@ smaller, faster model for your task, with measurements that prove it.
     import lamina
     res = lamina.capture("minilm", "rotten-tomatoes", lamina.CaptureConfig(out="run/", limit=500))
     store = lamina.FeatureStore.open("run/")
+    lamina.analyze("run/", lamina.AnalyzeConfig())   # -> run/scores.json
+    lamina.report("run/")                            # -> run/report.html
 """
 
 __version__ = "0.1.0"
 
 from .blocks import BlockMap, Tap, find_blocks, select_taps  # noqa: E402
 from .capture import CaptureConfig, CaptureResult, capture  # noqa: E402
+# One public verb per stage at the top level, as `lamina.capture`: the verb
+# names shadow their subpackages as attributes; import configs from here.
+from .analyze import AnalyzeConfig, AnalyzeResult, CompareConfig, CompareResult, analyze, compare  # noqa: E402
+from .report import ReportConfig, ReportResult, report  # noqa: E402
 from .data import Dataset, load_data  # noqa: E402
 from .errors import LaminaError, UsageError  # noqa: E402
 from .models import LoadedModel, load_model  # noqa: E402
 from .store import FeatureStore  # noqa: E402
 
-__all__ = ["capture", "CaptureConfig", "CaptureResult", "FeatureStore", "find_blocks", "select_taps",
+__all__ = ["capture", "CaptureConfig", "CaptureResult", "analyze", "AnalyzeConfig", "AnalyzeResult", "compare",
+           "CompareConfig", "CompareResult", "report", "ReportConfig", "ReportResult", "FeatureStore", "find_blocks", "select_taps",
            "BlockMap", "Tap", "load_model", "LoadedModel", "load_data", "Dataset", "LaminaError",
            "UsageError", "__version__"]
