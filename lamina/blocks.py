@@ -102,11 +102,13 @@ def _arch_name(model: nn.Module) -> str:
     return "efficientnet" if name.lower().startswith("efficientnet") else name
 
 
-def _stack_candidates(model: nn.Module) -> list[tuple[int, str, int, str]]:
+def _stack_candidates(model: nn.Module, min_len: int = 2) -> list[tuple[int, str, int, str]]:
     """(parameter count, path, length, child class) of every plausible block stack."""
     found = []
     for path, mod in model.named_modules():
-        if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < 2:
+        if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < min_len:
+            continue
+        if min_len == 1 and not isinstance(mod, nn.ModuleList):
             continue
         kinds = {type(c) for c in mod}
         if len(kinds) != 1:
@@ -192,6 +194,11 @@ def find_blocks(model: nn.Module, blocks: str | None = None) -> BlockMap:
         paths, container = _paths_from_spec(model, blocks)
     else:
         cands = _stack_candidates(model)
+        cfg = getattr(model, "config", None)
+        if not cands and getattr(cfg, "num_hidden_layers", None) == 1:
+            # A model pruned to one block: its config vouches that a one-element
+            # ModuleList is the stack (a lone Sequential could be anything).
+            cands = _stack_candidates(model, min_len=1)
         if not cands:
             seen = _all_containers(model)
             raise UsageError(

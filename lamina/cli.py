@@ -158,6 +158,33 @@ def _report(ns):
 _report.add_args = _report_args
 
 
+# ------------------------------------------------------------------ prune ----
+def _prune_args(p):
+    from .compress import PruneConfig
+    p.add_argument("model", help="the model the scores were made for: minilm, a Hugging Face model folder, ...")
+    add_config_args(p, PruneConfig)
+
+
+@verb("prune", "plan from RUN/scores.json and a budget, then save the smaller model -> OUT/plan.json, OUT/model")
+def _prune(ns):
+    from .compress import PruneConfig, prune
+    res = prune(ns.model, None, config_from_args(PruneConfig, ns))
+    kept = res.blocks_after
+    print(f"blocks      {kept} kept, {len(res.removed)} removed of {res.blocks_before}"
+          + (f" ({', '.join(res.removed)})" if res.removed else ""))
+    for part in ("ffn", "heads"):
+        if res.plan.get(part):
+            print(f"{part:<11} {res.plan[part]['fraction']:.0%} removed in every block")
+    pct = 100 * (1 - res.parameters_after / res.parameters_before) if res.parameters_before else 0.0
+    print(f"parameters  {res.parameters_before:,} -> {res.parameters_after:,} (-{pct:.1f}%)")
+    print(f"plan:  {res.plan_path}")
+    print(f"model: {res.model_path}  (lamina.load_model or AutoModel.from_pretrained)")
+    return 0
+
+
+_prune.add_args = _prune_args
+
+
 # ------------------------------------------------------------------- demo ----
 def _demo_args(p):
     p.add_argument("--out", default="demo-run", help="run folder (default: demo-run)")

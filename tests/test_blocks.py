@@ -69,3 +69,8 @@ def test_select_taps_semantics():
         select_taps(bm, 9)
     with pytest.raises(UsageError):
         select_taps(bm, [7])
+
+
+def test_one_block_model_found_when_config_says_so():
+    bm = find_blocks(lt.tiny_hf_model("bert", layers=1))
+    assert bm.container == "encoder.layer" and bm.n_blocks == 1

@@ -14,9 +14,10 @@ from .apply import Applied, apply, apply_, check_plan
 from .depth import drop_blocks_
 from .heads import head_importance, heads_to_keep, prune_heads_
 from .plan import METHODS, PlanConfig, is_empty, load_plan, make_plan, save_plan
+from .prune import PruneConfig, PruneResult, prune
 from .width import ffn_importance, ffn_layout, prune_ffn_
 
 __all__ = ["Applied", "METHODS", "PlanConfig", "apply", "apply_", "check_plan", "drop_blocks_", "ffn_importance",
            "ffn_layout", "head_importance", "heads_to_keep", "is_empty", "load_plan", "make_plan", "prune_ffn_",
            "prune_heads_",
-           "save_plan"]
+           "PruneConfig", "PruneResult", "prune", "save_plan"]

@@ -1,0 +1,233 @@
+"""``prune``: scores.json + a budget -> OUT/plan.json and a smaller model in OUT/model.
+
+The stage behind ``lamina prune MODEL --scores RUN/scores.json --drop-blocks 0.5 --out small/``.
+
+Order (every refusal happens before anything is written):
+1. check OUT (refused when it exists and is not empty, unless ``overwrite``),
+   read the scores, make the plan (pure: refused when the budget removes every
+   block, or nothing at all);
+2. load the model and check the plan was made for it (fingerprints), that it
+   can be saved (Hugging Face models only, for now), and load the calibration
+   batches when FFN channels or heads are pruned;
+3. write ``OUT/plan.json`` (the pure plan), apply it on a copy, save the copy
+   (``save_pretrained`` + tokenizer) to ``OUT/model``, then rewrite plan.json
+   with what was done (indices, parameter counts).
+
+Calibration batches (FFN / head activation importance) come from the data the
+scores run was captured on: ``RUN/features/manifest.json`` records the data
+spec and the capture's limit / seed / columns; ``calibration_samples`` of those
+rows (stratified, the scores' seed) are fed in the capture's batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ..errors import UsageError
+from ..models import LoadedModel, load_model, save_json
+from .apply import apply, check_plan
+from .heads import _attn_blocks
+from .plan import METHODS, PlanConfig, is_empty, make_plan
+from .width import ffn_layout
+
+log = logging.getLogger(__name__)
+
+_PLAN_HELP = {f.name: dict(f.metadata) for f in fields(PlanConfig)}
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Settings of ``lamina prune`` (the plan's budget plus where things go)."""
+
+    out: str = field(metadata={"help": "output folder: OUT/plan.json and OUT/model (a save_pretrained folder)"})
+    scores: str = field(metadata={"help": "scores.json written by `lamina analyze` for this model"})
+    drop_blocks: float | None = field(default=None, metadata=_PLAN_HELP["drop_blocks"])
+    method: str = field(default="skip_nmse", metadata={**_PLAN_HELP["method"], "choices": METHODS})
+    ffn: float | None = field(default=None, metadata=_PLAN_HELP["ffn"])
+    heads: float | None = field(default=None, metadata=_PLAN_HELP["heads"])
+    calibration_samples: int = field(default=256, metadata={
+        "help": "samples of the scores run's data whose activations rank FFN channels and heads (only used with "
+                "--ffn / --heads)"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace OUT/plan.json and OUT/model when OUT already holds files"})
+
+    def __post_init__(self):
+        self.plan_config()  # validates the budget (one message, one place)
+        if isinstance(self.calibration_samples, bool) or not isinstance(self.calibration_samples, int) \
+                or self.calibration_samples < 1:
+            raise UsageError("--calibration-samples must be a positive integer", value=self.calibration_samples,
+                             allowed="an integer >= 1", fix="e.g. --calibration-samples 256")
+        for name in ("out", "scores"):
+            if not getattr(self, name):
+                raise UsageError(f"--{name} is required", value=getattr(self, name), allowed="a path",
+                                 fix=f"pass --{name} PATH")
+
+    def plan_config(self) -> PlanConfig:
+        return PlanConfig(drop_blocks=self.drop_blocks, method=self.method, ffn=self.ffn, heads=self.heads)
+
+
+@dataclass
+class PruneResult:
+    """What ``prune`` wrote.
+
+    Attributes:
+        out: the output folder.
+        plan_path: OUT/plan.json (the plan as carried out).
+        model_path: OUT/model, loadable with ``lamina.load_model`` and ``AutoModel.from_pretrained``.
+        plan: the plan as carried out (``applied: true``).
+        blocks_before, blocks_after: number of blocks.
+        removed: the canonical names of the removed blocks ('blocks.3', ...).
+        parameters_before, parameters_after: parameter counts.
+    """
+
+    out: str
+    plan_path: str
+    model_path: str
+    plan: dict
+    blocks_before: int
+    blocks_after: int
+    removed: list
+    parameters_before: int
+    parameters_after: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError("--out is a file, not a folder", value=str(out), allowed="a new or empty folder",
+                         fix="pick another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError("the output folder already exists and is not empty", value=str(out),
+                         allowed="a new or empty folder", fix="pick another --out, or pass --overwrite to replace "
+                                                              "OUT/plan.json and OUT/model")
+
+
+def _read_scores(scores, path: Path) -> dict:
+    if isinstance(scores, dict):
+        return scores
+    if path.is_dir():
+        path = path / "scores.json"
+    if not path.exists():
+        raise UsageError("no scores file there", value=str(path), allowed="a scores.json written by `lamina analyze`",
+                         fix="run `lamina analyze RUN` first and pass --scores RUN/scores.json")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"the scores file is not valid JSON ({e})", value=str(path),
+                         allowed="a scores.json written by `lamina analyze`", fix="analyze the run again") from e
+    if not isinstance(data, dict) or "model" not in data:
+        raise UsageError("the file is not a lamina scores.json", value=str(path),
+                         allowed="a scores.json written by `lamina analyze`", fix="point --scores at RUN/scores.json")
+    return data
+
+
+def _manifest(scores_path: Path) -> dict | None:
+    run = scores_path if scores_path.is_dir() else scores_path.parent
+    path = run / "features" / "manifest.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def _calibration_batches(lm: LoadedModel, man: dict | None, scores: dict, config: PruneConfig,
+                         scores_path: Path) -> list:
+    from ..data import load_data, subsample
+    if man is None or not man.get("data_spec"):
+        why = "has no features/manifest.json next to it" if man is None else "was captured from in-memory data"
+        raise UsageError(f"--ffn / --heads need calibration data, but the scores run {why}", value=str(scores_path),
+                         allowed="scores.json inside a run folder captured from a data path or bundled name",
+                         fix="pass the scores.json of such a run, or prune blocks only (--drop-blocks)")
+    cap = man.get("config", {})
+    ds = subsample(load_data(man["data_spec"], cap.get("text_column"), cap.get("label_column")), cap.get("limit"),
+                   cap.get("seed", 0))
+    if config.calibration_samples < len(ds):
+        ds = subsample(ds, config.calibration_samples, scores.get("seed", 0) or 0)
+    bs, n = cap.get("batch_size", 32), len(ds)
+    return [lm.batch(ds, range(s, min(n, s + bs)), cap.get("max_length", 128), cap.get("image_size"))
+            for s in range(0, n, bs)]
+
+
+def _save(res_model: LoadedModel, source: LoadedModel, dest: Path) -> None:
+    """save_pretrained (+ tokenizer / image preprocessor) into a temp folder, then swap it in."""
+    import transformers
+    transformers.utils.logging.disable_progress_bar()  # lamina prints its own summary
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    res_model.module.save_pretrained(tmp)
+    if source.tokenizer is not None and hasattr(source.tokenizer, "save_pretrained"):
+        source.tokenizer.save_pretrained(tmp)
+    src = Path(source.source)
+    pre = src / "preprocessor_config.json"
+    if src.is_dir() and pre.exists():
+        shutil.copy2(pre, tmp / pre.name)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+
+
+def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
+    """Plan from ``scores``, prune a copy of ``model``, save both under ``config.out``.
+
+    Args:
+        model: anything :func:`lamina.load_model` accepts (bundled name, Hugging
+            Face folder, LoadedModel); it is never modified.
+        scores: a loaded scores.json (dict) or its path; None reads ``config.scores``.
+        config: a :class:`PruneConfig`.
+
+    Raises UsageError, before anything is written, when OUT is not empty (and
+    not ``overwrite``), the scores are missing or of another model, the budget
+    removes every block (or nothing), or the model cannot be saved.
+    """
+    if config is None:
+        raise UsageError("prune needs a PruneConfig", value=None, allowed="PruneConfig(out=..., scores=..., ...)",
+                         fix="prune(model, None, PruneConfig(out='small', scores='run/scores.json', drop_blocks=0.25))")
+    out = Path(config.out)
+    scores_path = Path(config.scores) if scores is None or isinstance(scores, dict) else Path(scores)
+    _check_out(out, config.overwrite)
+    data = _read_scores(scores, scores_path)
+    plan = make_plan(data, config.plan_config())
+    if is_empty(plan):
+        raise UsageError("the budget removes nothing", value=asdict(config.plan_config()),
+                         allowed="--drop-blocks large enough to remove a whole block, or --ffn / --heads",
+                         fix="raise --drop-blocks (it is rounded to whole blocks), or add --ffn / --heads")
+    man = _manifest(scores_path)
+    blocks = ((man or {}).get("config") or {}).get("blocks")
+    lm = load_model(model, blocks=blocks)
+    check_plan(lm.module, plan)  # another model's scores: refused before anything is written
+    if not hasattr(lm.module, "save_pretrained"):
+        raise UsageError("saving a pruned model that is not a Hugging Face model is not supported yet",
+                         value=type(lm.module).__name__, allowed="a Hugging Face model (bundled minilm, or a "
+                                                                   "save_pretrained folder)",
+                         fix="use lamina.compress.make_plan + apply in Python and save the module yourself")
+    container = lm.blocks.container or None
+    if plan["ffn"]:
+        ffn_layout(lm.module, container)  # a model whose FFN cannot be pruned: refused before writing
+    if plan["heads"]:
+        _attn_blocks(lm.module, container)  # likewise for heads (Llama-family attention only)
+    batches = _calibration_batches(lm, man, data, config, scores_path) if (plan["ffn"] or plan["heads"]) else None
+
+    out.mkdir(parents=True, exist_ok=True)
+    plan_path, model_path = out / "plan.json", out / "model"
+    save_json(plan_path, plan)  # the pure plan first: it is what the user asked for, whatever happens next
+    res = apply(lm, plan, batches=batches)
+    _save(res.model, lm, model_path)
+    done = dict(res.plan)
+    n_before = lm.blocks.n_blocks
+    n_after = res.model.blocks.n_blocks
+    removed = list((done.get("depth") or {}).get("remove") or [])
+    done["result"] = {"model_path": str(model_path), "blocks_before": n_before, "blocks_after": n_after,
+                      "parameters_before": res.parameters_before, "parameters_after": res.parameters_after,
+                      "blocks_container": res.model.blocks.container or None, "source": lm.source}
+    save_json(plan_path, done)
+    log.info("prune: %d -> %d blocks, %d -> %d parameters", n_before, n_after, res.parameters_before,
+             res.parameters_after)
+    return PruneResult(str(out), str(plan_path), str(model_path), done, n_before, n_after, removed,
+                       res.parameters_before, res.parameters_after)

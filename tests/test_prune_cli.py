@@ -1,0 +1,177 @@
+"""`lamina prune` end to end on a tiny bert run: plan.json first, a reloadable pruned model that equals the
+original with the removed block bypassed, and refusals (exit 2) that write or overwrite nothing."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+import lamina
+from lamina import CaptureConfig, UsageError, capture
+from lamina import testing as lt
+from lamina.analyze import AnalyzeConfig, analyze
+from lamina.analyze.importance import _call_input, _patched_forwards, _with_first
+from lamina.blocks import find_blocks
+from lamina.cli import main
+from lamina.compress import PruneConfig, prune
+
+
+@pytest.fixture(scope="module")
+def bert_run(tmp_path_factory, tiny_dirs):
+    import pandas as pd
+    root = tmp_path_factory.mktemp("prune")
+    texts, labels = lt.tiny_sentences(60, seed=4)
+    csv = root / "sent.csv"
+    pd.DataFrame({"text": texts, "label": labels}).to_csv(csv, index=False)
+    run = root / "run"
+    capture(str(tiny_dirs["bert"]), str(csv), CaptureConfig(out=str(run), batch_size=16, progress=False))
+    analyze(run, AnalyzeConfig(progress=False, control=False, importance_samples=16))
+    return run
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 60, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@torch.no_grad()
+def _bypassed_output(module, remove: list[int], x: dict) -> torch.Tensor:
+    """Output of ``module`` with blocks ``remove`` passing their input through unchanged."""
+    m = copy.deepcopy(module)
+    blocks = [m.get_submodule(p) for p in find_blocks(m).block_paths]
+
+    def ident(orig):
+        return lambda *a, **k: _with_first(orig(*a, **k), _call_input(a, k))
+    with _patched_forwards({blocks[i]: ident(blocks[i].forward) for i in remove}):
+        return m(**x).last_hidden_state
+
+
+def _listing(path):
+    return sorted((str(p.relative_to(path)), p.stat().st_mtime_ns) for p in path.rglob("*"))
+
+
+def test_cli_prune_writes_plan_and_a_reloadable_model_equal_to_the_bypassed_original(bert_run, tiny_dirs,
+                                                                                     tmp_path, capsys):
+    out = tmp_path / "small"
+    rc = main(["prune", str(tiny_dirs["bert"]), "--scores", str(bert_run / "scores.json"), "--drop-blocks", "0.5",
+               "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "1 kept, 1 removed of 2" in printed and "->" in printed and str(out / "plan.json") in printed
+
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["applied"] is True and plan["depth"]["n_removed"] == 1
+    removed = plan["depth"]["remove"]
+    assert len(removed) == 1 and removed[0] in ("blocks.0", "blocks.1")
+    scores = json.loads((bert_run / "scores.json").read_text())
+    assert plan["model"]["fingerprint"] == scores["model"]["fingerprint"]
+    assert plan["result"]["blocks_after"] == 1
+    assert plan["result"]["parameters_after"] < plan["result"]["parameters_before"]
+
+    # block discovery needs a stack of two or more blocks, so a one-block model names its stack
+    assert plan["result"]["blocks_container"] == "encoder.layer"
+    lm = lamina.load_model(str(out / "model"))  # one block left: found through its config
+    assert lm.blocks.n_blocks == 1 and lm.module.config.num_hidden_layers == 1
+    assert lm.tokenizer is not None
+    from transformers import AutoModel
+    back = AutoModel.from_pretrained(out / "model").eval()
+    assert len(back.encoder.layer) == 1
+
+    orig = lamina.load_model(str(tiny_dirs["bert"])).module
+    x = _inputs()
+    want = _bypassed_output(orig, [int(removed[0].split(".")[1])], x)
+    with torch.no_grad():
+        torch.testing.assert_close(lm.module(**x).last_hidden_state, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(back(**x).last_hidden_state, want, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_prune_refusals_exit_2_and_leave_out_untouched(bert_run, tiny_dirs, tmp_path, capsys):
+    model, scores = str(tiny_dirs["bert"]), str(bert_run / "scores.json")
+    out = tmp_path / "existing"
+    out.mkdir()
+    (out / "marker.txt").write_text("keep me")
+    before = _listing(out)
+
+    # OUT exists and is not empty, no --overwrite
+    assert main(["prune", model, "--scores", scores, "--drop-blocks", "0.5", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    # scores file missing
+    assert main(["prune", model, "--scores", str(tmp_path / "nope.json"), "--drop-blocks", "0.5",
+                 "--out", str(out), "--overwrite"]) == 2
+    assert "no scores file" in capsys.readouterr().err
+    # the budget removes every block
+    assert main(["prune", model, "--scores", scores, "--drop-blocks", "0.9", "--out", str(out), "--overwrite"]) == 2
+    assert "every block" in capsys.readouterr().err
+    # nothing to remove
+    assert main(["prune", model, "--scores", scores, "--out", str(out), "--overwrite"]) == 2
+    assert "removes nothing" in capsys.readouterr().err
+    # another model's scores (same architecture, other weights)
+    other = lt.save_tiny_text_model(tmp_path / "other-bert", "bert", seed=7)
+    assert main(["prune", str(other), "--scores", scores, "--drop-blocks", "0.5", "--out", str(out),
+                 "--overwrite"]) == 2
+    assert "another model" in capsys.readouterr().err
+    # heads of a model whose config cannot express fewer heads
+    assert main(["prune", model, "--scores", scores, "--heads", "0.5", "--out", str(out), "--overwrite"]) == 2
+    assert "Llama-family" in capsys.readouterr().err
+    # a model that cannot be saved with save_pretrained
+    assert main(["prune", "lamina.testing:tiny_cnn", "--scores", scores, "--drop-blocks", "0.5", "--out",
+                 str(out / "cnn")]) == 2
+    capsys.readouterr()
+
+    assert _listing(out) == before and (out / "marker.txt").read_text() == "keep me"
+    fresh = tmp_path / "fresh"
+    assert main(["prune", str(other), "--scores", scores, "--drop-blocks", "0.5", "--out", str(fresh)]) == 2
+    assert not fresh.exists()  # refused before the folder was even made
+
+
+def test_overwrite_replaces_plan_and_model_only(bert_run, tiny_dirs, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "marker.txt").write_text("keep me")
+    (out / "model").mkdir()
+    (out / "model" / "stale.bin").write_text("old")
+    res = prune(str(tiny_dirs["bert"]), None, PruneConfig(out=str(out), scores=str(bert_run / "scores.json"),
+                                                          drop_blocks=0.5, method="even", overwrite=True))
+    assert res.blocks_after == 1 and res.removed == ["blocks.1"]  # even keeps the first block
+    assert (out / "marker.txt").read_text() == "keep me"
+    assert not (out / "model" / "stale.bin").exists() and (out / "model" / "config.json").exists()
+    assert json.loads((out / "plan.json").read_text())["depth"]["method"] == "even"
+
+
+def test_ffn_pruning_uses_the_runs_data_for_calibration(bert_run, tiny_dirs, tmp_path):
+    out = tmp_path / "ffn"
+    res = prune(str(tiny_dirs["bert"]), str(bert_run / "scores.json"),
+                PruneConfig(out=str(out), scores=str(bert_run / "scores.json"), ffn=0.5, calibration_samples=20))
+    assert res.blocks_after == res.blocks_before == 2 and res.parameters_after < res.parameters_before
+    plan = json.loads((out / "plan.json").read_text())
+    size = lamina.load_model(str(tiny_dirs["bert"])).module.config.intermediate_size
+    assert all(len(v) == size // 2 for v in plan["ffn"]["remove"].values())
+    lm = lamina.load_model(str(out / "model"))
+    assert lm.module.config.intermediate_size == size - size // 2
+
+
+def test_config_validation():
+    with pytest.raises(UsageError):
+        PruneConfig(out="o", scores="s", drop_blocks=1.0)
+    with pytest.raises(UsageError):
+        PruneConfig(out="o", scores="s", method="skip")
+    with pytest.raises(UsageError):
+        PruneConfig(out="o", scores="s", calibration_samples=0)
+
+
+def test_models_without_save_pretrained_are_refused_before_writing(tmp_path):
+    from lamina.models import model_fingerprint
+    cnn = lt.tiny_cnn()
+    n = find_blocks(cnn).n_blocks
+    scores = {"model": {"name": "tiny_cnn", "fingerprint": model_fingerprint(cnn), "parameters": 1},
+              "importance": {"blocks": [f"blocks.{i}" for i in range(n)], "paths": list(find_blocks(cnn).block_paths),
+                             "skip_nmse": [float(i) for i in range(n)], "block_influence": [1.0] * n,
+                             "skippable": [True] * n}}
+    out = tmp_path / "cnn"
+    with pytest.raises(UsageError, match="not supported yet"):
+        prune(cnn, scores, PruneConfig(out=str(out), scores=str(tmp_path / "scores.json"), drop_blocks=0.25))
+    assert not out.exists()
