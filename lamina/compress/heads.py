@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from ..blocks import find_blocks
 from ..errors import UsageError
+from ._calib import channel_sums
 from .plan import n_removed
 from .width import _replace, _select
 
@@ -60,38 +61,13 @@ def _has(block: nn.Module, path: str) -> bool:
 def head_importance(module: nn.Module, batches: Iterable[Mapping], blocks: str | None = None) -> list[torch.Tensor]:
     """Per-head activation importance: one float64 tensor (H,) per block (see module docstring)."""
     mods = _attn_blocks(module, blocks)
-    scores = [torch.zeros(module.config.num_attention_heads, dtype=torch.float64) for _ in mods]
-    mask: list[torch.Tensor | None] = [None]
-    handles = []
+    h = module.config.num_attention_heads
 
-    def hook(i, hd):
-        def fn(_m, args):
-            x = args[0].detach().double()  # (B, T, H * hd)
-            norms = torch.linalg.vector_norm(x.reshape(*x.shape[:-1], -1, hd), dim=-1)  # (B, T, H)
-            m = mask[0]
-            if m is not None and norms.dim() == 3 and tuple(m.shape) == tuple(norms.shape[:2]):
-                norms = norms * m.to(norms.device, torch.float64).unsqueeze(-1)
-            scores[i] += norms.reshape(-1, norms.shape[-1]).sum(0).cpu()
-        return fn
+    def per_head(hd):  # (B, T, H * hd) -> (B, T, H): the norm of each head's slice
+        return lambda x: torch.linalg.vector_norm(x.reshape(*x.shape[:-1], -1, hd), dim=-1)
 
-    was_training = module.training
-    module.eval()
-    try:
-        for i, b in enumerate(mods):
-            handles.append(b.self_attn.o_proj.register_forward_pre_hook(hook(i, b.self_attn.head_dim)))
-        n = 0
-        for batch in batches:
-            mask[0] = batch.get("attention_mask")
-            module(**batch)
-            n += 1
-        if n == 0:
-            raise UsageError("no calibration batches for head importance", value=0, allowed="at least one batch",
-                             fix="pass batches=[model.batch(ds, range(32))]")
-    finally:
-        for h in handles:
-            h.remove()
-        module.train(was_training)
-    return scores
+    points = [(b.self_attn.o_proj, "input", per_head(b.self_attn.head_dim), h) for b in mods]
+    return channel_sums(module, batches, points, "head importance")
 
 
 def heads_to_keep(scores: list[torch.Tensor], n_kv: int, fraction: float) -> list[torch.Tensor]:

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from ..blocks import find_blocks
 from ..errors import UsageError
+from ._calib import channel_sums
 
 # (first linears, last linear, config key) per layout; the first of `firsts` is the scored one.
 _LAYOUTS = (
@@ -69,40 +70,8 @@ def ffn_importance(module: nn.Module, batches: Iterable[Mapping], blocks: str | 
     model runs in eval mode without gradients; hooks are removed on exit.
     """
     mods, (firsts, _, _) = ffn_layout(module, blocks)
-    scores = [torch.zeros(_out_features(_get(b, firsts[0])), dtype=torch.float64) for b in mods]
-    mask: list[torch.Tensor | None] = [None]
-    handles = []
-
-    def hook(i):
-        def fn(_m, _args, out):
-            a = out.detach().abs().double()  # (B, T, I) or (B, I)
-            m = mask[0]
-            if m is not None and a.dim() == 3 and tuple(m.shape) == tuple(a.shape[:2]):
-                a = a * m.to(a.device, torch.float64).unsqueeze(-1)
-            scores[i] += a.reshape(-1, a.shape[-1]).sum(0).cpu()
-        return fn
-
-    was_training = module.training
-    module.eval()
-    try:
-        for i, b in enumerate(mods):
-            handles.append(_get(b, firsts[0]).register_forward_hook(hook(i)))
-        n = 0
-        for batch in batches:
-            mask[0] = batch.get("attention_mask")
-            if "pixels" in batch:
-                module(batch["pixels"])
-            else:
-                module(**batch)
-            n += 1
-        if n == 0:
-            raise UsageError("no calibration batches for FFN importance", value=0, allowed="at least one batch",
-                             fix="pass batches=[model.batch(ds, range(32))]")
-    finally:
-        for h in handles:
-            h.remove()
-        module.train(was_training)
-    return scores
+    points = [(_get(b, firsts[0]), "output", torch.abs, _out_features(_get(b, firsts[0]))) for b in mods]
+    return channel_sums(module, batches, points, "FFN importance")
 
 
 def _select(m: nn.Module, keep: torch.Tensor, dim_out: bool) -> nn.Module:
