@@ -58,3 +58,18 @@ def text_csv(tmp_path):
     path = tmp_path / "reviews.csv"
     pd.DataFrame({"review": texts, "sentiment": ["pos" if y else "neg" for y in labels]}).to_csv(path, index=False)
     return path
+
+
+def make_text_run(root, model_dir, n: int, seed: int, **analyze_kw):
+    """CSV of ``n`` tiny sentences -> capture with ``model_dir`` -> analyze; returns (run, csv)."""
+    import pandas as pd
+
+    from lamina import CaptureConfig, capture
+    from lamina.analyze import AnalyzeConfig, analyze
+    texts, labels = lt.tiny_sentences(n, seed=seed)
+    csv = root / "sent.csv"
+    pd.DataFrame({"text": texts, "label": labels}).to_csv(csv, index=False)
+    run = root / "run"
+    capture(str(model_dir), str(csv), CaptureConfig(out=str(run), batch_size=16, progress=False))
+    analyze(run, AnalyzeConfig(progress=False, **analyze_kw))
+    return run, csv

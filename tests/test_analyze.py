@@ -10,20 +10,13 @@ from lamina import testing as lt
 from lamina.analyze import AnalyzeConfig, CompareConfig, analyze, compare
 from lamina.analyze.metrics import cka_matrix, probe_layers
 from lamina.cli import main
+from conftest import make_text_run
 from lamina.store import FeatureStore
 
 
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory, tiny_dirs):
-    import pandas as pd
-    root = tmp_path_factory.mktemp("analyze")
-    texts, labels = lt.tiny_sentences(90, seed=3)
-    csv = root / "sent.csv"
-    pd.DataFrame({"text": texts, "label": labels}).to_csv(csv, index=False)
-    run = root / "run"
-    capture(str(tiny_dirs["bert"]), str(csv), CaptureConfig(out=str(run), batch_size=16, progress=False))
-    analyze(run, AnalyzeConfig(progress=False, importance_samples=32))
-    return run, csv
+    return make_text_run(tmp_path_factory.mktemp("analyze"), tiny_dirs["bert"], 90, seed=3, importance_samples=32)
 
 
 def test_scores_json_has_every_metric_for_every_layer(text_run):

@@ -8,25 +8,19 @@ import pytest
 import torch
 
 import lamina
-from lamina import CaptureConfig, UsageError, capture
+from lamina import UsageError
 from lamina import testing as lt
-from lamina.analyze import AnalyzeConfig, analyze
 from lamina.analyze.importance import _call_input, _patched_forwards, _with_first
 from lamina.blocks import find_blocks
 from lamina.cli import main
 from lamina.compress import PruneConfig, prune
+from conftest import make_text_run
 
 
 @pytest.fixture(scope="module")
 def bert_run(tmp_path_factory, tiny_dirs):
-    import pandas as pd
-    root = tmp_path_factory.mktemp("prune")
-    texts, labels = lt.tiny_sentences(60, seed=4)
-    csv = root / "sent.csv"
-    pd.DataFrame({"text": texts, "label": labels}).to_csv(csv, index=False)
-    run = root / "run"
-    capture(str(tiny_dirs["bert"]), str(csv), CaptureConfig(out=str(run), batch_size=16, progress=False))
-    analyze(run, AnalyzeConfig(progress=False, control=False, importance_samples=16))
+    run, _ = make_text_run(tmp_path_factory.mktemp("prune"), tiny_dirs["bert"], 60, seed=4, control=False,
+                           importance_samples=16)
     return run
 
 
