@@ -92,3 +92,11 @@ def test_bundled_sets_load():
     assert mn.inputs.shape == (5000, 28, 28) and np.bincount(mn.labels).tolist() == [500] * 10
     dg = load_data("digits")
     assert len(dg) == 1797 and dg.images([0]).shape == (1, 1, 8, 8)
+
+
+def test_column_options_refused_where_they_mean_nothing(tmp_path):
+    with pytest.raises(UsageError, match="fixed columns"):
+        load_data("digits", text_column="txt")
+    np.savez(tmp_path / "a.npz", x=np.zeros((4, 3)), y=[0, 1, 0, 1])
+    with pytest.raises(UsageError, match="table files only"):
+        load_data(tmp_path / "a.npz", label_column="y")

@@ -195,7 +195,17 @@ def load_data(spec, text_column: str | None = None, label_column: str | None = N
     loaders = {"rotten-tomatoes": rotten_tomatoes, "mnist-5k": mnist_5k, "digits": digits,
                "fashion-mnist": fashion_mnist}
     if spec in loaders:
+        given = {k: v for k, v in (("--text-column", text_column), ("--label-column", label_column)) if v}
+        if given:  # silently ignoring them would hide a mistake about which data is read
+            raise UsageError(f"the bundled set {spec!r} has fixed columns; column options apply to table files",
+                             value=", ".join(f"{k} {v}" for k, v in given.items()),
+                             allowed="--text-column/--label-column with a CSV/TSV/JSONL/Parquet file",
+                             fix=f"drop {' and '.join(given)}, or pass the table file as --data")
         return loaders[spec]()
+    if (text_column or label_column) and Path(spec).suffix.lower() not in _TABLE_EXT:
+        raise UsageError("column options apply to table files only", value=spec,
+                         allowed="--text-column/--label-column with a CSV/TSV/JSONL/Parquet file",
+                         fix="drop the column options for image folders and .npz files")
     path = Path(spec)
     if not path.exists():
         raise UsageError("the data is neither a bundled set nor an existing path", value=spec,
