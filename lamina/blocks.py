@@ -21,13 +21,28 @@ path to a container, or a glob over module paths (``layer*.*``).
 Block *selection* (None = all, n = last n, negative indices, names, globs) is
 defined once here, in :func:`select_taps`, so capture, analysis and pruning
 cannot disagree about what "the last 3 blocks" means.
+
+Calling blocks: a block's hidden state goes in as its first positional argument
+(or ``hidden_states=``) and comes out as a tensor, or first in a tuple / list /
+``ModelOutput``. :func:`block_input`, :func:`block_output` and
+:func:`with_output` read and replace it whatever the structure, and
+:func:`bypass` uses them to make blocks return their input (the model as if
+those blocks were deleted), e.g.::
+
+    with bypass(model, ["blocks.1"]):
+        y = model(x)          # == the model with block 1 removed
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import fnmatch
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Iterator
 
+import torch
 import torch.nn as nn
 
 from .errors import UsageError, suggest
@@ -260,3 +275,116 @@ def select_taps(bmap: BlockMap, selection=None) -> list[Tap]:
         chosen.extend(matches)
     keep = set(chosen)
     return [t for t in bmap.taps if t.name in keep]
+
+
+# ---------------------------------------------------------------- calling blocks
+
+def block_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The hidden state a block was called with: first positional argument, else ``hidden_states=``
+    (else the first tensor keyword). (B, T, D) for transformer layers, (B, C, H, W) for CNN blocks."""
+    if args:
+        return args[0] if isinstance(args[0], torch.Tensor) else None
+    x = kwargs.get("hidden_states")
+    if x is None:
+        x = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+    return x
+
+
+def block_output(out) -> torch.Tensor | None:
+    """The hidden state inside a block's output (a tensor, or first in a tuple/list/ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and len(out):
+        return block_output(out[0])
+    if isinstance(out, Mapping) and len(out):
+        return block_output(next(iter(out.values())))
+    return None
+
+
+def with_output(out, x: torch.Tensor):
+    """``out`` with its hidden state replaced by ``x``; the rest of its structure (caches, attentions) kept."""
+    if isinstance(out, torch.Tensor):
+        return x
+    if isinstance(out, tuple) and hasattr(out, "_fields"):  # namedtuple
+        return type(out)(with_output(out[0], x), *out[1:])
+    if isinstance(out, (tuple, list)):
+        return type(out)([with_output(out[0], x), *out[1:]])
+    if isinstance(out, Mapping):
+        new = copy.copy(out)
+        key = next(iter(out.keys()))
+        new[key] = with_output(out[key], x)
+        return new
+    raise TypeError(f"unsupported block output type {type(out).__name__}")
+
+
+@contextlib.contextmanager
+def patched_forwards(stubs: dict[nn.Module, object]) -> Iterator[None]:
+    """Replace ``forward`` on these module instances (hooks still fire); restore them in ``finally``."""
+    saved = []
+    try:
+        for mod, fn in stubs.items():
+            saved.append((mod, mod.__dict__.get("forward", None), "forward" in mod.__dict__))
+            mod.forward = fn
+        yield
+    finally:
+        for mod, old, had in reversed(saved):
+            if had:
+                mod.forward = old
+            else:
+                del mod.forward
+
+
+@contextlib.contextmanager
+def bypass(module: nn.Module, which, blocks: BlockMap | str | None = None, *,
+           like: Mapping[str, object] | None = None) -> Iterator[list[str]]:
+    """Inside the ``with``, blocks ``which`` of ``module`` return their input instead of their output.
+
+    The model then computes what it would with those blocks deleted (the
+    residual path only): the definition behind skip importance and the
+    reference every depth-pruning test compares against.
+
+    Args:
+        module: the model (not modified outside the ``with``).
+        which: blocks in :func:`select_taps` terms: ``["blocks.1", "blocks.3"]``,
+            ``[1, 3]``, ``"blocks.-1"`` (an int alone, ``3``, means the last three,
+            as everywhere in lamina).
+        blocks: a BlockMap of ``module``, a container path / glob, or None (found).
+        like: optional ``{block module path: an earlier output of that block}``;
+            those blocks do not run at all: their input is returned in that
+            output's structure (cheaper; only for blocks without side effects
+            such as KV-cache writes).
+    Yields the module paths of the bypassed blocks.
+
+    A bypassed block otherwise still runs (so a KV cache it writes and the
+    structure of its output stay valid); only its hidden state (B, T, D) /
+    (B, C, H, W) is replaced by its input. A block whose output shape differs from its input
+    shape raises UsageError when called: it cannot be bypassed.
+    """
+    bmap = blocks if isinstance(blocks, BlockMap) else find_blocks(module, blocks)
+    taps = select_taps(bmap, which)
+    bad = [t.name for t in taps if not t.name.startswith("blocks.")]
+    if bad:
+        raise UsageError("only blocks can be bypassed", value=bad, allowed="block names such as 'blocks.3'",
+                         fix="drop 'embed' / 'final_norm' / 'head_conv' from the selection")
+    stubs = {}
+    for t in taps:
+        mod = module.get_submodule(t.path)
+        stubs[mod] = _identity(mod.forward, t.path) if t.path not in (like or {}) \
+            else _identity(lambda *_a, _out=like[t.path], **_k: _out, t.path)
+    with patched_forwards(stubs):
+        yield [t.path for t in taps]
+
+
+def _identity(orig, path: str):
+    def stub(*args, **kwargs):
+        x = block_input(args, kwargs)
+        out = orig(*args, **kwargs)
+        y = block_output(out)
+        if x is None or y is None or x.shape != y.shape:
+            raise UsageError(f"block {path!r} changes the shape of what it is fed, so it cannot be bypassed",
+                             value=f"{None if x is None else tuple(x.shape)} -> "
+                                   f"{None if y is None else tuple(y.shape)}",
+                             allowed="blocks whose output has the shape of their input (skippable blocks)",
+                             fix="bypass only skippable blocks (scores.json: importance.skippable)")
+        return with_output(out, x)
+    return stub

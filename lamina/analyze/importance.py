@@ -48,7 +48,6 @@ Shapes: text batches give block tensors (B, T, D) and a mask (B, T); ViT
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -58,7 +57,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..blocks import select_taps
+from ..blocks import block_input, block_output, bypass, patched_forwards, select_taps, with_output
 from ..data import Dataset, load_data
 from ..errors import LaminaError, UsageError
 from ..models import LoadedModel, load_model
@@ -135,63 +134,7 @@ class ImportanceResult:
                            for b in self.blocks]}
 
 
-# ---------------------------------------------------------------- block outputs of any structure
-
-def _first(out) -> torch.Tensor | None:
-    """The hidden state inside a block's output (tensor, tuple/list, ModelOutput)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and len(out):
-        return _first(out[0])
-    if isinstance(out, Mapping) and len(out):
-        return _first(next(iter(out.values())))
-    return None
-
-
-def _with_first(out, x: torch.Tensor):
-    """``out`` with its hidden state replaced by ``x``, same structure otherwise."""
-    if isinstance(out, torch.Tensor):
-        return x
-    if isinstance(out, tuple) and hasattr(out, "_fields"):  # namedtuple
-        return type(out)(_with_first(out[0], x), *out[1:])
-    if isinstance(out, (tuple, list)):
-        return type(out)([_with_first(out[0], x), *out[1:]])
-    if isinstance(out, Mapping):
-        new = copy.copy(out)
-        key = next(iter(out.keys()))
-        new[key] = _with_first(out[key], x)
-        return new
-    raise TypeError(f"unsupported block output type {type(out).__name__}")
-
-
-def _call_input(args, kwargs) -> torch.Tensor | None:
-    """The hidden-state argument of a block call: first positional, else ``hidden_states``."""
-    if args:
-        return args[0] if isinstance(args[0], torch.Tensor) else None
-    x = kwargs.get("hidden_states")
-    if x is None:
-        x = next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
-    return x
-
-
-# ---------------------------------------------------------------- hooks and stubs, always removed
-
-@contextlib.contextmanager
-def _patched_forwards(stubs: dict[nn.Module, object]) -> Iterator[None]:
-    """Replace ``forward`` on these module instances; restore the originals in ``finally``."""
-    saved = []
-    try:
-        for mod, fn in stubs.items():
-            saved.append((mod, mod.__dict__.get("forward", None), "forward" in mod.__dict__))
-            mod.forward = fn
-        yield
-    finally:
-        for mod, old, had in reversed(saved):
-            if had:
-                mod.forward = old
-            else:
-                del mod.forward
-
+# ---------------------------------------------------------------- per-forward cache of block inputs/outputs
 
 class _Cache:
     """Input, output and call count of each block in one full forward."""
@@ -221,13 +164,13 @@ def _caching(mods: list[nn.Module], keep: bool) -> Iterator[_Cache]:
     try:
         for i, mod in enumerate(mods):
             def pre(_m, args, kwargs, _i=i):
-                x = _call_input(args, kwargs)
+                x = block_input(args, kwargs)
                 cache.inputs[_i] = cache.clone(x) if keep and x is not None else x
                 cache.calls[_i] += 1
 
             def post(_m, _args, out, _i=i):
-                y = _first(out)
-                cache.outputs[_i] = _with_first(out, cache.clone(y)) if keep and y is not None else out
+                y = block_output(out)
+                cache.outputs[_i] = with_output(out, cache.clone(y)) if keep and y is not None else out
 
             handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(mod.register_forward_hook(post))
@@ -259,7 +202,7 @@ def _target(out, has_head: bool) -> tuple[str, torch.Tensor]:
     hidden = getattr(out, "last_hidden_state", None)
     if isinstance(hidden, torch.Tensor):
         return "final hidden states", hidden
-    x = _first(out)
+    x = block_output(out)
     if x is None:
         raise LaminaError("cannot find a tensor in the model output", value=type(out).__name__,
                           allowed="a tensor, a tuple of tensors, or an output with .logits / .last_hidden_state",
@@ -423,7 +366,7 @@ def block_importance(model: LoadedModel, data, *, batch_size: int = 32, max_leng
             n_samples += _batch_size(batch)
             f64 = _Float64()
             for j in sel:
-                x, y = cache.inputs[j], _first(cache.outputs[j])
+                x, y = cache.inputs[j], block_output(cache.outputs[j])
                 if x is None or y is None or x.shape != y.shape:
                     same_shape[j] = False
                     continue
@@ -438,7 +381,7 @@ def block_importance(model: LoadedModel, data, *, batch_size: int = 32, max_leng
                     continue
                 stubs = {mods[i]: _returning(cache.outputs[i]) for i in range(j)}
                 stubs[mods[j]] = _identity_from_cache(cache.outputs[j], cache.inputs[j])
-                with _patched_forwards(stubs):
+                with patched_forwards(stubs):
                     out_j = lm.forward(batch)
                 num[j] += _sq_sums(full, _target(out_j, lm.blocks.head is not None)[1], mask)
             del cache, out, f64
@@ -462,7 +405,7 @@ def _returning(value):
 
 def _identity_from_cache(out, x: torch.Tensor):
     def stub(*_args, **_kwargs):  # block j: its own input, a fresh copy (later blocks may write in place)
-        return _with_first(out, x.clone())
+        return with_output(out, x.clone())
     return stub
 
 
@@ -471,7 +414,7 @@ def naive_skip_importance(model: LoadedModel, data, *, batch_size: int = 32, max
                           layers=None) -> dict[str, float | None]:
     """Reference skip importance: one reference forward, then one full forward per block.
 
-    Block j is replaced by identity through its ``forward`` (its input returned in
+    Block j is bypassed with :func:`lamina.blocks.bypass` (its input returned in
     the structure of its output); every other block is recomputed. Same
     arguments, target and definition as :func:`block_importance`; returns
     {'blocks.j': s_j, or None when block j is not skippable}. Costs N+1 full
@@ -492,16 +435,12 @@ def naive_skip_importance(model: LoadedModel, data, *, batch_size: int = 32, max
             full = _target(out, lm.blocks.head is not None)[1]
             den += _sq_sums(full, None, mask)
             for j in sel:
-                x, y = cache.inputs[j], _first(cache.outputs[j])
+                x, y = cache.inputs[j], block_output(cache.outputs[j])
                 if x is None or y is None or x.shape != y.shape:
                     skippable[j] = False
                     continue
-                ref_out = cache.outputs[j]
-
-                def identity(*args, _ref=ref_out, **kwargs):
-                    return _with_first(_ref, _call_input(args, kwargs))
-
-                with _patched_forwards({mods[j]: identity}):
+                # like=: block j does not run; its input comes back in its output's structure
+                with bypass(lm.module, [j], lm.blocks, like={paths[j]: cache.outputs[j]}):
                     out_j = lm.forward(batch)
                 num[j] += _sq_sums(full, _target(out_j, lm.blocks.head is not None)[1], mask)
     return {f"blocks.{j}": (num[j] / den if den > 0 else float("nan")) if skippable[j] else None for j in sel}
