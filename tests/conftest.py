@@ -73,3 +73,24 @@ def make_text_run(root, model_dir, n: int, seed: int, **analyze_kw):
     capture(str(model_dir), str(csv), CaptureConfig(out=str(run), batch_size=16, progress=False))
     analyze(run, AnalyzeConfig(progress=False, **analyze_kw))
     return run, csv
+
+
+@pytest.fixture(scope="session")
+def sentences_csv(tmp_path_factory):
+    """240 tiny labelled sentences: enough for a train/val/test split a tiny model can learn."""
+    import pandas as pd
+    texts, labels = lt.tiny_sentences(240, seed=3)
+    path = tmp_path_factory.mktemp("sentences") / "sent.csv"
+    pd.DataFrame({"text": texts, "label": labels}).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, tiny_dirs, sentences_csv):
+    """A fully fine-tuned tiny BERT classifier (a `lamina finetune` OUT folder)."""
+    from lamina.finetune import FinetuneConfig, finetune
+    out = tmp_path_factory.mktemp("teacher") / "teacher"
+    finetune(str(tiny_dirs["bert"]), str(sentences_csv),
+             FinetuneConfig(out=str(out), full=True, epochs=6, lr=3e-3, batch_size=16, patience=None,
+                            progress=False))
+    return out

@@ -1,0 +1,187 @@
+"""``bench``: measured latency, parameters, FLOPs and accuracy of models side by side.
+
+``lamina bench teacher/ small/ --data rotten-tomatoes`` answers "how much
+faster and how much worse is the small model", on the same inputs:
+
+- **Latency** per batch size (1, 8, 32 by default): the same real test rows
+  for every model; ``warmup`` untimed calls, then ``repeats`` rounds in which
+  every model runs once, interleaved, so a slow spell of a shared machine hits
+  all models alike; the median and the quartiles are reported, never a mean.
+- **FLOPs** per sample from ``torch.utils.flop_counter`` on the batch of the
+  largest size (matmuls and convolutions, what dominates); the ideal speed-up
+  is the FLOP ratio, and ``speedup_efficiency`` = measured / ideal.
+- **Accuracy** on the held-out test rows of the first model's task
+  (``finetune.json``), so a teacher and its pruned copies share one test set.
+
+Everything goes to ``OUT/bench.json`` (OUT defaults to the last model's folder),
+ratios relative to the first model.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UsageError
+from ..models import load_model, save_json
+from ..task import TaskSpec, evaluate, read_task
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Settings of ``lamina bench``."""
+
+    data: str | None = field(default=None, metadata={
+        "help": "labelled data for accuracy and inputs; default: the data the first model was fine-tuned on"})
+    out: str | None = field(default=None, metadata={
+        "help": "folder for bench.json (default: the last model's folder)"})
+    batch_sizes: tuple[int, ...] = field(default=(1, 8, 32), metadata={"help": "batch sizes to time"})
+    warmup: int = field(default=3, metadata={"help": "untimed calls per model and batch size"})
+    repeats: int = field(default=15, metadata={"help": "timed rounds per batch size (median reported)"})
+    threads: int | None = field(default=None, metadata={
+        "help": "torch intra-op threads while timing (default: torch's own setting)"})
+    accuracy: bool = field(default=True, metadata={"help": "measure test accuracy"})
+    accuracy_limit: int | None = field(default=None, metadata={
+        "help": "at most this many test rows for accuracy (default: all)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing OUT/bench.json"})
+    progress: bool = field(default=True, metadata={"help": "show progress"})
+
+    def __post_init__(self):
+        bs = self.batch_sizes
+        if not bs or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in bs):
+            raise UsageError("--batch-sizes must be positive integers", value=bs, allowed="e.g. 1 8 32",
+                             fix="--batch-sizes 1 8 32")
+        for name, lo in (("warmup", 0), ("repeats", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise UsageError(f"--{name} must be an integer >= {lo}", value=v, allowed=f">= {lo}",
+                                 fix=f"e.g. --{name} {max(lo, 3)}")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError("--threads must be >= 1", value=self.threads, allowed="an integer >= 1",
+                             fix="drop --threads to keep torch's default")
+
+
+def _task_for(models, data: str | None) -> TaskSpec:
+    for m in models:
+        spec = read_task(m) if isinstance(m, (str, Path)) else None
+        if spec is not None:
+            if data and data != spec.data:
+                return TaskSpec(**{**spec.to_dict(), "data": data, "limit": None})
+            return spec
+    if not data:
+        raise UsageError("no data to measure on", value=None,
+                         allowed="--data, or a model folder written by `lamina finetune` (it records its data)",
+                         fix="pass --data rotten-tomatoes (or the data the models were trained on)")
+    return TaskSpec(data=data)
+
+
+def flops_per_sample(lm, batch: dict) -> float:
+    """Forward FLOPs of ``batch`` counted by torch's FlopCounterMode, divided by its rows."""
+    from torch.utils.flop_counter import FlopCounterMode
+    n = next(iter(batch.values())).shape[0]
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        lm.forward(batch)
+    return fc.get_total_flops() / n
+
+
+def _time(lm, batch) -> float:
+    t = time.perf_counter()
+    lm.forward(batch)
+    return time.perf_counter() - t
+
+
+def bench(models, config: BenchConfig = BenchConfig()) -> dict:
+    """Measure ``models`` (paths or anything ``load_model`` takes); the first is the reference.
+
+    Returns the bench.json record (also written to OUT/bench.json).
+    """
+    models = list(models)
+    if not models:
+        raise UsageError("bench needs at least one model", value=models, allowed="one or more model folders",
+                         fix="lamina bench teacher/ small/ --data rotten-tomatoes")
+    last = models[-1]
+    out = Path(config.out) if config.out else (
+        Path(str(last)) if isinstance(last, (str, Path)) and Path(str(last)).is_dir() else Path("."))
+    dest = out / "bench.json"
+    if dest.exists() and not config.overwrite:
+        raise UsageError("bench.json already exists there", value=str(dest), allowed="a folder without bench.json",
+                         fix="pass --overwrite to replace it, or --out another folder")
+    spec = _task_for(models, config.data)
+    ds, split = spec.load()
+    lms = [load_model(m) for m in models]
+    labels = [str(m) if isinstance(m, (str, Path)) else lm.name for m, lm in zip(models, lms)]
+    test = split["test"]
+    need = max(config.batch_sizes)
+    rows = np.resize(test, need)  # repeated when the test split is smaller than the largest batch
+    old_threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    recs = [{"model": lab, "class": type(lm.module).__name__, "blocks": lm.blocks.n_blocks,
+             "parameters": int(sum(p.numel() for p in lm.module.parameters())), "latency": {}} for lab, lm in
+            zip(labels, lms)]
+    try:
+        for lm in lms:
+            lm.module.eval()
+        with torch.inference_mode():
+            big = [lm.batch(ds, rows[:need], spec.max_length, spec.image_size) for lm in lms]
+            for rec, lm, b in zip(recs, lms, big):
+                rec["flops_per_sample"] = flops_per_sample(lm, b)
+            bar = None
+            if config.progress:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=len(config.batch_sizes) * (config.warmup + config.repeats), desc="bench",
+                           unit="round", leave=False)
+            for bs in config.batch_sizes:
+                inputs = [lm.batch(ds, rows[:bs], spec.max_length, spec.image_size) for lm in lms]
+                times = [[] for _ in lms]
+                for r in range(config.warmup + config.repeats):
+                    order = range(len(lms)) if r % 2 == 0 else reversed(range(len(lms)))  # no fixed position
+                    for i in order:
+                        t = _time(lms[i], inputs[i])
+                        if r >= config.warmup:
+                            times[i].append(t)
+                    if bar is not None:
+                        bar.update(1)
+                for rec, ts in zip(recs, times):
+                    q = np.percentile(ts, [0, 25, 50, 75, 100]) * 1000
+                    rec["latency"][str(bs)] = {"median_ms": q[2], "p25_ms": q[1], "p75_ms": q[3], "min_ms": q[0],
+                                               "max_ms": q[4], "samples_per_s": bs / (q[2] / 1000),
+                                               "repeats": len(ts)}
+            if bar is not None:
+                bar.close()
+    finally:
+        torch.set_num_threads(old_threads)
+    if config.accuracy:
+        acc_rows = test if not config.accuracy_limit else test[: config.accuracy_limit]
+        for rec, lm in zip(recs, lms):
+            rec["accuracy"] = evaluate(lm, ds, acc_rows, spec)["accuracy"]
+    ref = recs[0]
+    for rec in recs:
+        ideal = ref["flops_per_sample"] / rec["flops_per_sample"] if rec["flops_per_sample"] else None
+        speed = {bs: ref["latency"][bs]["median_ms"] / rec["latency"][bs]["median_ms"] for bs in rec["latency"]}
+        rec["vs_first"] = {
+            "parameter_ratio": rec["parameters"] / ref["parameters"],
+            "flop_ratio": rec["flops_per_sample"] / ref["flops_per_sample"] if ref["flops_per_sample"] else None,
+            "ideal_speedup": ideal, "speedup": speed,
+            "speedup_efficiency": {bs: s / ideal for bs, s in speed.items()} if ideal else None,
+            "accuracy_retained": (rec["accuracy"] / ref["accuracy"] if config.accuracy and ref["accuracy"]
+                                  else None)}
+    result = {"lamina_bench": 1, "task": spec.to_dict(), "test_rows": int(len(test)),
+              "settings": asdict(config), "machine": _machine(config), "models": recs}
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(dest, result)
+    result["path"] = str(dest)
+    return result
+
+
+def _machine(config: BenchConfig) -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "threads": config.threads or torch.get_num_threads(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}

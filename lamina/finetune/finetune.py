@@ -1,0 +1,194 @@
+"""``finetune``: a task model (the teacher) from a backbone and labelled data.
+
+``lamina finetune --model minilm --data rotten-tomatoes --out teacher/`` puts a
+classification head on the backbone and trains it, the backbone frozen
+(default) or fully fine-tuned (``--full``). It writes:
+
+    OUT/model/           the classifier: save_pretrained (AutoModelFor*Classification
+                         .from_pretrained loads it) or lamina's format (EfficientNet)
+    OUT/finetune.json    the task (data, split seed and fractions, sizes), the
+                         history (train loss, validation accuracy per epoch) and
+                         the held-out test accuracy
+    OUT/checkpoint.pt    the last finished epoch, for --resume (deleted when done)
+
+Later stages (``bench``, ``distill``) read the task back from finetune.json,
+so every accuracy in lamina is measured on the same test rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UsageError
+from ..models import load_model, save_json
+from ..task import TASK_FILE, TaskSpec, batches, evaluate, logits_of
+from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, world
+from .heads import attach_head, head_parameters, save_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Settings of ``lamina finetune``."""
+
+    out: str = field(metadata={"help": "output folder: OUT/model, OUT/finetune.json"})
+    full: bool = field(default=False, metadata={
+        "help": "fine-tune every weight; default trains only the head (what runs after the last block)"})
+    epochs: int = field(default=3, metadata={"help": "passes over the training rows"})
+    lr: float | None = field(default=None, metadata={
+        "help": "peak learning rate of AdamW (linear warm-up and decay); default 5e-5 with --full, 1e-3 head only"})
+    batch_size: int = field(default=32, metadata={"help": "rows per optimizer step (over all ranks)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases and norms)"})
+    patience: int | None = field(default=2, metadata={
+        "help": "stop after this many epochs without a validation gain; the best epoch is kept"})
+    limit: int | None = field(default=None, metadata={"help": "use a stratified subsample of this many rows"})
+    seed: int = field(default=0, metadata={"help": "seed of the subsample, the split, the head and the order"})
+    val: float = field(default=0.1, metadata={"help": "fraction of rows held out for validation (early stopping)"})
+    test: float = field(default=0.2, metadata={"help": "fraction of rows held out for the test accuracy"})
+    max_length: int = field(default=128, metadata={"help": "tokens per text (longer texts are truncated)"})
+    image_size: int | None = field(default=None, metadata={
+        "help": "resize images to this side (default: the model's own, 224 for EfficientNet)"})
+    text_column: str | None = field(default=None, metadata={"help": "text column of a table"})
+    label_column: str | None = field(default=None, metadata={"help": "label column of a table"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from OUT/checkpoint.pt"})
+    overwrite: bool = field(default=False, metadata={"help": "replace what OUT already holds"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self):
+        if not self.out:
+            raise UsageError("--out is required", value=self.out, allowed="a folder", fix="pass --out teacher/")
+        check_loop_args(self.epochs, self.lr, self.batch_size, self.patience)
+        for name in ("val", "test"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 0.5:
+                raise UsageError(f"--{name} must be a fraction in (0, 0.5)", value=v, allowed="0 < f < 0.5",
+                                 fix=f"e.g. --{name} 0.2")
+        if self.max_length < 1 or (self.image_size is not None and self.image_size < 8):
+            raise UsageError("--max-length must be >= 1 and --image-size >= 8",
+                             value=(self.max_length, self.image_size), allowed="positive sizes",
+                             fix="e.g. --max-length 128 --image-size 64")
+
+    def loop(self) -> Loop:
+        lr = self.lr if self.lr is not None else (5e-5 if self.full else 1e-3)
+        return Loop(epochs=self.epochs, lr=lr, batch_size=self.batch_size, weight_decay=self.weight_decay,
+                    patience=self.patience, seed=self.seed, progress=self.progress)
+
+
+@dataclass
+class FinetuneResult:
+    """What ``finetune`` wrote: paths, accuracies and sizes (``finetune.json`` holds all of it)."""
+
+    out: str
+    model_path: str
+    test_accuracy: float
+    best_val_accuracy: float
+    parameters: int
+    trainable_parameters: int
+    seconds: float
+    record: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_out(out: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse an OUT that holds files unless --overwrite or --resume (shared by training stages)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError("--out is a file, not a folder", value=str(out), allowed="a new or empty folder",
+                         fix="pick another --out")
+    if resume:
+        if not (out / CHECKPOINT).exists():
+            raise UsageError("nothing to resume: OUT has no checkpoint.pt", value=str(out),
+                             allowed="the OUT folder of an interrupted run", fix="run without --resume")
+        return
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError("the output folder already exists and is not empty", value=str(out),
+                         allowed="a new or empty folder",
+                         fix="pick another --out, pass --resume to continue it, or --overwrite to replace it")
+
+
+def finetune(model, data: str, config: FinetuneConfig) -> FinetuneResult:
+    """Train a classifier on ``data`` from ``model`` (anything ``load_model`` takes); see the module doc."""
+    init_distributed()
+    rank, size = world()
+    t0 = time.perf_counter()
+    out = Path(config.out)
+    check_out(out, config.overwrite, config.resume)
+    spec = TaskSpec(data=str(data), limit=config.limit, seed=config.seed, val=config.val, test=config.test,
+                    max_length=config.max_length, image_size=config.image_size, text_column=config.text_column,
+                    label_column=config.label_column)
+    ds, split = spec.load()
+    base = load_model(model)
+    lm = attach_head(base, list(ds.classes))
+    if spec.image_size is None and lm.image_size:
+        spec = TaskSpec(**{**spec.to_dict(), "image_size": lm.image_size})
+    names = None
+    if not config.full:
+        probe_batch = lm.batch(ds, split["train"][:2], spec.max_length, spec.image_size)
+        names = set(head_parameters(lm, probe_batch))
+        if not names:
+            raise UsageError("found no parameters after the last block to train as the head",
+                             value=type(lm.module).__name__, allowed="a model with a head after its blocks",
+                             fix="pass --full to fine-tune every weight")
+    params = []
+    for n, p in lm.module.named_parameters():
+        p.requires_grad_(names is None or n in names)
+        if p.requires_grad:
+            params.append(p)
+    frozen = [lm.module.get_submodule(p) for p in lm.blocks.block_paths] if names is not None else []
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    ds_labels = torch.tensor(ds.labels)
+
+    def step(rows, gbs):
+        for m in frozen:  # a frozen backbone also keeps its dropout off
+            m.eval()
+        z = logits_of(lm.forward(lm.batch(ds, rows, spec.max_length, spec.image_size)))
+        return F.cross_entropy(z.float(), ds_labels[rows], reduction="sum") / gbs, {}
+
+    def validate(rows):
+        correct, n, loss = 0, 0, 0.0
+        with torch.no_grad():
+            for b, y in batches(lm, ds, rows, 64, spec):
+                z = logits_of(lm.forward(b)).float()
+                correct += int((z.argmax(-1) == y).sum())
+                loss += float(F.cross_entropy(z, y, reduction="sum"))
+                n += len(y)
+        return correct, n, loss
+
+    hist = fit({"model": lm.module}, params, step, split["train"], split["val"], validate, config.loop(),
+               out, resume=config.resume, desc="finetune")
+    for p in lm.module.parameters():
+        p.requires_grad_(True)
+    test = evaluate(lm, ds, split["test"], spec)
+    n_params = sum(p.numel() for p in lm.module.parameters())
+    rec = {"lamina_finetune": 1, "model": base.describe() | {"source": base.source}, "task": spec.to_dict(),
+           "classes": list(ds.classes),
+           "split_sizes": {k: int(len(v)) for k, v in split.items()},
+           "config": asdict(config), "mode": "full" if config.full else "head",
+           "parameters": n_params, "trainable_parameters": sum(p.numel() for p in params),
+           "history": hist, "test": test, "model_path": str(out / "model"),
+           "seconds": time.perf_counter() - t0}
+    if rank == 0:
+        fmt = save_model(lm, out / "model", base)
+        rec["format"] = fmt
+        save_json(out / TASK_FILE, rec)
+        ck = out / CHECKPOINT
+        if ck.exists():
+            ck.unlink()
+        log.info("finetune: test accuracy %.4f (best val %.4f at epoch %s)", test["accuracy"],
+                 hist["best_val_accuracy"], hist["best_epoch"])
+    if size > 1:
+        torch.distributed.barrier()
+    best = hist["best_val_accuracy"]
+    return FinetuneResult(str(out), str(out / "model"), test["accuracy"],
+                          best if best is not None and not math.isnan(best) else float("nan"),
+                          n_params, rec["trainable_parameters"], rec["seconds"], rec)

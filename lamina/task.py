@@ -1,0 +1,143 @@
+"""What every task-model stage shares: the split, batches, logits and accuracy.
+
+``finetune`` writes a teacher, ``bench`` and ``distill`` read it back; they
+must all see the same train / validation / test rows. The split is a pure
+function of (data, limit, seed, fractions), recorded in the teacher's
+``finetune.json`` as its ``task`` section, so a later stage rebuilds the same
+rows from that record instead of storing indices.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+
+TASK_FILE = "finetune.json"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Which rows a task model is trained and tested on (all of it is recorded).
+
+    Attributes:
+        data: the data spec (bundled name or path).
+        limit: stratified subsample size before splitting (None: all rows).
+        seed: seed of the subsample and of the split.
+        val, test: fractions of the rows held out for validation and test.
+        max_length: tokens per text (text models).
+        image_size: side images are resized to (None: the model's default).
+        text_column, label_column: columns of a table.
+    """
+
+    data: str
+    limit: int | None = None
+    seed: int = 0
+    val: float = 0.1
+    test: float = 0.2
+    max_length: int = 128
+    image_size: int | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def load(self):
+        """(dataset, {'train','val','test'} -> int64 row indices)."""
+        from .analyze.metrics.split import stratified_split
+        from .data import check_labels, load_data, subsample
+        ds = subsample(load_data(self.data, self.text_column, self.label_column), self.limit, self.seed)
+        check_labels(ds, min_per_class=3)
+        return ds, stratified_split(ds.labels, (1 - self.val - self.test, self.val, self.test), self.seed)
+
+
+def read_task(model_dir, _depth: int = 0) -> TaskSpec | None:
+    """The TaskSpec a model folder was trained on, or None.
+
+    A ``lamina finetune`` folder records it in finetune.json; a ``lamina prune``
+    output points at its source model (plan.json), a ``lamina distill`` output
+    at its teacher (distill.json); both are followed.
+    """
+    p = Path(str(model_dir))
+    if _depth > 4 or not p.is_dir():
+        return None
+    for cand in (p / TASK_FILE, p.parent / TASK_FILE):  # OUT, or the OUT of an OUT/model path
+        if cand.exists():
+            rec = json.loads(cand.read_text()).get("task")
+            if rec:
+                return TaskSpec(**rec)
+    for fname, key in (("plan.json", ("result", "source")), ("distill.json", ("task",))):
+        f = p / fname
+        if f.exists():
+            rec = json.loads(f.read_text())
+            for k in key:
+                rec = (rec or {}).get(k) if isinstance(rec, dict) else None
+            if isinstance(rec, dict):
+                return TaskSpec(**rec)
+            if isinstance(rec, str):
+                return read_task(rec, _depth + 1)
+    return None
+
+
+def batches(lm, ds, idx, batch_size: int, spec: TaskSpec):
+    """Model inputs for rows ``idx`` in order, ``batch_size`` at a time: yields (batch, labels)."""
+    idx = np.asarray(idx)
+    for s in range(0, len(idx), batch_size):
+        rows = idx[s:s + batch_size]
+        yield lm.batch(ds, rows, spec.max_length, spec.image_size), torch.as_tensor(ds.labels[rows])
+
+
+def logits_of(out) -> torch.Tensor:
+    """The class scores in a model's output (HF ``.logits``, a tuple's first item, or a tensor)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise UsageError("the model's output holds no class scores", value=type(out).__name__,
+                     allowed="a classifier: a tensor (B, classes) or an output with .logits",
+                     fix="fine-tune a head first: `lamina finetune --model M --data D --out teacher/`")
+
+
+def num_classes(lm) -> int | None:
+    """How many classes the model predicts (None when it is not a classifier lamina knows)."""
+    cfg = getattr(lm.module, "config", None)
+    if cfg is not None and getattr(cfg, "architectures", None) and any(
+            a.endswith("Classification") for a in cfg.architectures):
+        return int(cfg.num_labels)
+    fc = getattr(lm.module, "_fc", None)
+    if fc is not None and hasattr(fc, "out_features"):
+        return int(fc.out_features)
+    return None
+
+
+@torch.no_grad()
+def evaluate(lm, ds, idx, spec: TaskSpec, batch_size: int = 64) -> dict:
+    """Accuracy and mean cross-entropy of ``lm`` on rows ``idx`` (eval mode)."""
+    was = lm.module.training
+    lm.module.eval()
+    correct, loss, n = 0, 0.0, 0
+    try:
+        for b, y in batches(lm, ds, idx, batch_size, spec):
+            z = logits_of(lm.forward(b)).float()
+            check_classes(z.shape[-1], ds)
+            correct += int((z.argmax(-1) == y).sum())
+            loss += float(torch.nn.functional.cross_entropy(z, y, reduction="sum"))
+            n += len(y)
+    finally:
+        lm.module.train(was)
+    return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1), "n": n}
+
+
+def check_classes(n_out: int, ds) -> None:
+    if n_out != len(ds.classes):
+        raise UsageError("the model predicts another number of classes than the data has", value=n_out,
+                         allowed=f"{len(ds.classes)} ({', '.join(ds.classes[:6])}{'...' if len(ds.classes) > 6 else ''})",
+                         fix="use the data the model was fine-tuned on, or fine-tune it on this data")

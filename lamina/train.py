@@ -1,0 +1,226 @@
+"""The training loop ``finetune`` and ``distill`` share.
+
+One loop, so both get the same guarantees:
+- **Same curve on 1 or N ranks.** Every epoch shuffles the training rows with
+  (seed, epoch) alone; each global batch is split round-robin across ranks;
+  a step returns its rows' loss *summed and divided by the global batch size*,
+  and gradients are summed across ranks (gloo all-reduce), so N ranks take the
+  step one process would take on the whole batch (up to dropout noise, which
+  is seeded per rank). This is what DistributedDataParallel computes; doing it
+  by hand keeps teacher, adapters and centres out of DDP's wrapper.
+- **Checkpoints every epoch, resume, early stopping.** After each epoch rank 0
+  writes OUT/checkpoint.pt atomically (modules, optimizer, schedule, history,
+  best state); ``resume`` continues after the last finished epoch. Validation
+  accuracy decides the best epoch; ``patience`` epochs without a gain stop the
+  run, and the best epoch's weights are what the caller saves.
+- A progress bar per epoch shows the running losses (rank 0 only).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from .errors import UsageError
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class Loop:
+    """How to train (the fields every training stage exposes)."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    weight_decay: float = 0.01
+    warmup: float = 0.06
+    patience: int | None = 2
+    seed: int = 0
+    progress: bool = True
+    max_grad_norm: float = 1.0
+
+
+def check_loop_args(epochs, lr, batch_size, patience) -> None:
+    """The same refusal for every stage's training flags."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise UsageError("--epochs must be a positive integer", value=epochs, allowed="an integer >= 1",
+                         fix="e.g. --epochs 3")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)
+                           or lr <= 0):
+        raise UsageError("--lr must be a positive number", value=lr, allowed="a float > 0", fix="e.g. --lr 5e-5")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError("--batch-size must be a positive integer", value=batch_size, allowed="an integer >= 1",
+                         fix="e.g. --batch-size 32")
+    if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 0):
+        raise UsageError("--patience must be a non-negative integer", value=patience,
+                         allowed="an integer >= 0 (epochs without a validation gain before stopping)",
+                         fix="e.g. --patience 2")
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size): (0, 1) outside torchrun."""
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.get_rank(), tdist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> None:
+    """Join the torchrun group (gloo on CPU) when launched by torchrun; no-op otherwise."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 \
+            and not tdist.is_initialized():
+        tdist.init_process_group("gloo")
+
+
+def _barrier() -> None:
+    if world()[1] > 1:
+        tdist.barrier()
+
+
+def _param_groups(params: list, weight_decay: float) -> list:
+    # biases and norm scales are not decayed (1-d tensors), as in BERT's recipe
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: Loop, out: Path | None,
+        resume: bool = False, desc: str = "train") -> dict:
+    """Train ``params`` with AdamW and a linear warm-up/decay schedule.
+
+    Args:
+        modules: name -> nn.Module whose state is checkpointed and restored to
+            the best epoch (the student, adapters, ...).
+        params: the trainable parameters (the rest stays as it is).
+        step: ``step(rows, global_batch_size) -> (loss, parts)``: the loss of
+            ``rows`` summed over rows and divided by ``global_batch_size``;
+            ``parts`` maps loss names to float tensors on the same scale.
+        train_idx, val_idx: training and validation row indices.
+        validate: ``validate(rows) -> (correct, n, loss_sum)`` on the given
+            validation rows (each rank gets its share).
+        out: folder for checkpoint.pt (None: no checkpoints).
+        resume: continue from out/checkpoint.pt.
+
+    Returns the history: per-epoch train losses, validation accuracy and
+    loss, seconds; best_epoch; stopped_early; resumed_from.
+    """
+    rank, size = world()
+    train_idx = np.asarray(train_idx)
+    steps_per_epoch = math.ceil(len(train_idx) / loop.batch_size)
+    total = steps_per_epoch * loop.epochs
+    warm = max(1, int(loop.warmup * total))
+    opt = torch.optim.AdamW(_param_groups(params, loop.weight_decay), lr=loop.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    hist = {"epochs": [], "best_epoch": None, "best_val_accuracy": None, "stopped_early": False,
+            "resumed_from": None, "world_size": size, "steps_per_epoch": steps_per_epoch}
+    best_state = None
+    start = 0
+    ckpt = out / CHECKPOINT if out is not None else None
+    if resume:
+        if ckpt is None or not ckpt.exists():
+            raise UsageError("nothing to resume: no checkpoint in the output folder", value=str(ckpt),
+                             allowed="an OUT folder of an interrupted run", fix="run without --resume")
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        for k, m in modules.items():
+            m.load_state_dict(state["modules"][k])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        hist, best_state, start = state["history"], state["best_state"], state["epoch"] + 1
+        hist["resumed_from"] = state["epoch"]
+    val_rows = np.asarray(val_idx)[rank::size]
+    for epoch in range(start, loop.epochs):
+        if hist["stopped_early"]:
+            break
+        t0 = time.perf_counter()
+        torch.manual_seed(loop.seed * 1000 + epoch * 10 + rank)  # dropout: per rank, reproducible
+        order = train_idx[np.random.default_rng([loop.seed, epoch]).permutation(len(train_idx))]
+        for m in modules.values():
+            m.train()
+        sums: dict = {}
+        bar = _bar(loop, rank, steps_per_epoch, f"{desc} {epoch + 1}/{loop.epochs}")
+        for s in range(steps_per_epoch):
+            glob = order[s * loop.batch_size:(s + 1) * loop.batch_size]
+            rows = glob[rank::size]
+            opt.zero_grad(set_to_none=True)
+            loss, parts = step(rows, len(glob)) if len(rows) else _zero(params)
+            loss.backward()
+            if size > 1:
+                _allreduce_grads(params)
+            if loop.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, loop.max_grad_norm)
+            opt.step()
+            sched.step()
+            vals = {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
+            if size > 1:
+                packed = torch.stack([vals[k].float() for k in sorted(vals)])
+                tdist.all_reduce(packed)
+                vals = dict(zip(sorted(vals), packed))
+            for k, v in vals.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v / (s + 1):.4f}" for k, v in sums.items()}, refresh=False)
+        if bar is not None:
+            bar.close()
+        val = _validate(validate, val_rows, modules)
+        rec = {"epoch": epoch + 1, "train": {k: v / steps_per_epoch for k, v in sums.items()},
+               "val_accuracy": val[0], "val_loss": val[1], "lr": sched.get_last_lr()[0],
+               "seconds": time.perf_counter() - t0}
+        hist["epochs"].append(rec)
+        if hist["best_val_accuracy"] is None or val[0] > hist["best_val_accuracy"]:
+            hist["best_val_accuracy"], hist["best_epoch"] = val[0], epoch + 1
+            best_state = {k: copy.deepcopy(m.state_dict()) for k, m in modules.items()}
+        elif loop.patience is not None and epoch + 1 - hist["best_epoch"] > loop.patience:
+            hist["stopped_early"] = True
+        if ckpt is not None and rank == 0:
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"epoch": epoch, "modules": {k: m.state_dict() for k, m in modules.items()},
+                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": hist,
+                        "best_state": best_state}, tmp)
+            os.replace(tmp, ckpt)
+        _barrier()
+    if best_state is not None:
+        for k, m in modules.items():
+            m.load_state_dict(best_state[k])
+    for m in modules.values():
+        m.eval()
+    return hist
+
+
+def _zero(params):
+    z = sum((p.sum() * 0.0 for p in params), torch.zeros(()))
+    return z, {}
+
+
+def _allreduce_grads(params) -> None:
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        tdist.all_reduce(p.grad)
+
+
+def _validate(validate, rows, modules) -> tuple[float, float]:
+    for m in modules.values():
+        m.eval()
+    correct, n, loss = validate(rows)
+    if world()[1] > 1:
+        t = torch.tensor([correct, n, loss], dtype=torch.float64)
+        tdist.all_reduce(t)
+        correct, n, loss = t.tolist()
+    return correct / max(n, 1), loss / max(n, 1)
+
+
+def _bar(loop: Loop, rank: int, total: int, desc: str):
+    if not loop.progress or rank != 0:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit="step", leave=False)
