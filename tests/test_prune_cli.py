@@ -150,15 +150,34 @@ def test_config_validation():
         PruneConfig(out="o", scores="s", calibration_samples=0)
 
 
-def test_models_without_save_pretrained_are_refused_before_writing(tmp_path):
+def _cnn_scores(cnn) -> dict:
     from lamina.models import model_fingerprint
-    cnn = lt.tiny_cnn()
     n = find_blocks(cnn).n_blocks
-    scores = {"model": {"name": "tiny_cnn", "fingerprint": model_fingerprint(cnn), "parameters": 1},
-              "importance": {"blocks": [f"blocks.{i}" for i in range(n)], "paths": list(find_blocks(cnn).block_paths),
-                             "skip_nmse": [float(i) for i in range(n)], "block_influence": [1.0] * n,
-                             "skippable": [True] * n}}
+    return {"model": {"name": "tiny_cnn", "fingerprint": model_fingerprint(cnn), "parameters": 1},
+            "importance": {"blocks": [f"blocks.{i}" for i in range(n)], "paths": list(find_blocks(cnn).block_paths),
+                           "skip_nmse": [3.0, 9.0, 1.0, 2.0], "block_influence": [1.0] * n,
+                           "skippable": [True, False, True, True]}}
+
+
+def test_a_python_module_lamina_cannot_rebuild_is_refused_before_writing(tmp_path):
+    cnn = lt.tiny_cnn()
     out = tmp_path / "cnn"
-    with pytest.raises(UsageError, match="not supported yet"):
-        prune(cnn, scores, PruneConfig(out=str(out), scores=str(tmp_path / "scores.json"), drop_blocks=0.25))
+    with pytest.raises(UsageError, match="does not know how to rebuild"):
+        prune(cnn, _cnn_scores(cnn), PruneConfig(out=str(out), scores=str(tmp_path / "scores.json"), drop_blocks=0.25))
     assert not out.exists()
+
+
+def test_a_factory_model_is_saved_in_lamina_format_and_reloads(tmp_path):
+    """module:factory models have no save_pretrained: OUT/model is lamina's format, rebuilt from the factory."""
+    cnn = lt.tiny_cnn()
+    out = tmp_path / "cnn"
+    res = prune("lamina.testing:tiny_cnn", _cnn_scores(cnn),
+                PruneConfig(out=str(out), scores=str(tmp_path / "scores.json"), drop_blocks=0.25))
+    assert res.format == "lamina" and res.removed == ["blocks.2"] and (out / "model" / "lamina.json").exists()
+    back = lamina.load_model(str(out))  # the OUT folder maps to OUT/model
+    assert back.blocks.n_blocks == 3
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), bypass(cnn, [2]):
+        want = cnn(x)
+    with torch.no_grad():
+        torch.testing.assert_close(back.module(x), want, rtol=1e-5, atol=1e-6)

@@ -1,10 +1,12 @@
 """``apply``: perform a plan on a copy of the model; ``apply_`` does it in place.
 
-Order: FFN channels, then attention heads, are scored and pruned first (on
-every block, so importance is measured on the full-depth model), then blocks
-are removed. The returned plan is the input plan with what was done filled in
-(``applied: true``, the kept/removed block indices, the FFN channels removed
-per block and their scores).
+Order: FFN channels, attention heads, then EfficientNet expanded channels are
+scored and pruned first (on every block, so importance is measured on the
+full-depth model), then blocks are removed. A depth choice that needs the model
+(iterative method, parameter target) is made at that point, on the
+width-pruned model (:func:`lamina.compress.select.choose_depth`). The returned
+plan is the input plan with what was done filled in (``applied: true``, the
+kept/removed block indices, the channels removed per block and their scores).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from ..blocks import find_blocks
 from ..errors import UsageError
 from ..models import LoadedModel, model_fingerprint
 from .depth import drop_blocks_
+from .channels import channel_importance, prune_channels_
 from .heads import head_importance, heads_to_keep, prune_heads_
 from .plan import n_removed
+from .select import choose_depth
 from .width import ffn_importance, prune_ffn_
 
 log = logging.getLogger(__name__)
@@ -70,19 +74,17 @@ def check_plan(module: nn.Module, plan: dict) -> None:
                          fix="make the plan from this model's scores.json, or apply it to the model it was made for")
 
 
-def apply_(module: nn.Module, plan: dict, batches=None, blocks: str | None = None) -> dict:
-    """Perform ``plan`` on ``module`` in place; returns the plan as carried out.
+def _needs_batches(batches, what: str) -> None:
+    if batches is None:
+        raise UsageError(f"the plan prunes {what}, which needs calibration batches", value=None,
+                         allowed="a list of model input dicts", fix="apply(model, plan, batches=[...])")
 
-    ``batches`` (model input dicts) are needed when the plan prunes FFN channels
-    or heads: their activations decide which go.
-    """
-    check_plan(module, plan)
-    done = copy.deepcopy(plan)
+
+def _apply_width_(module: nn.Module, plan: dict, done: dict, batches, blocks: str | None) -> None:
+    """FFN channels, heads, expanded channels of ``plan`` on ``module`` in place; fills ``done``."""
     ffn = plan.get("ffn")
     if ffn:
-        if batches is None:
-            raise UsageError("the plan prunes FFN channels, which needs calibration batches", value=None,
-                             allowed="a list of model input dicts", fix="apply(model, plan, batches=[...])")
+        _needs_batches(batches, "FFN channels")
         scores = ffn_importance(module, batches, blocks)
         size = len(scores[0])
         k = size - n_removed(ffn["fraction"], size)
@@ -99,9 +101,7 @@ def apply_(module: nn.Module, plan: dict, batches=None, blocks: str | None = Non
         done["ffn"]["removed_scores"] = {n: s[o[k:].sort().values].tolist() for n, s, o in zip(names, scores, order)}
     heads = plan.get("heads")
     if heads:
-        if batches is None:
-            raise UsageError("the plan prunes attention heads, which needs calibration batches", value=None,
-                             allowed="a list of model input dicts", fix="apply(model, plan, batches=[...])")
+        _needs_batches(batches, "attention heads")
         scores = head_importance(module, batches, blocks)
         keep = heads_to_keep(scores, module.config.num_key_value_heads, heads["fraction"])
         res = prune_heads_(module, keep, blocks)
@@ -110,7 +110,37 @@ def apply_(module: nn.Module, plan: dict, batches=None, blocks: str | None = Non
         done["heads"].update(res)
         done["heads"]["remove"] = dict(zip(names, gone))
         done["heads"]["removed_scores"] = {n: s[g].tolist() for n, s, g in zip(names, scores, gone)}
+    chans = plan.get("channels")
+    if chans:
+        _needs_batches(batches, "CNN channels")
+        scores = channel_importance(module, batches, blocks)
+        keep, gone = {}, {}
+        for j, s in scores.items():
+            k = len(s) - n_removed(chans["fraction"], len(s))
+            if k < 1:
+                raise UsageError("the plan would remove every expanded channel of a block", value=chans["fraction"],
+                                 allowed=f"a fraction that keeps at least 1 of {len(s)}", fix="lower --channels")
+            order = torch.sort(-s, stable=True).indices  # highest first; equal scores keep the lower index
+            keep[j], gone[j] = order[:k].sort().values, order[k:].sort().values
+        done["channels"].update(prune_channels_(module, keep, blocks))
+        done["channels"]["remove"] = {f"blocks.{j}": g.tolist() for j, g in gone.items()}
+        done["channels"]["removed_scores"] = {f"blocks.{j}": scores[j][g].tolist() for j, g in gone.items()}
+
+
+def apply_(module: nn.Module, plan: dict, batches=None, blocks: str | None = None) -> dict:
+    """Perform ``plan`` on ``module`` in place; returns the plan as carried out.
+
+    ``batches`` (model input dicts) are needed when the plan prunes FFN
+    channels, heads or CNN channels (their activations decide which go), or
+    chooses blocks iteratively.
+    """
+    check_plan(module, plan)
+    done = copy.deepcopy(plan)
+    params_before = _n_params(module)
+    _apply_width_(module, plan, done, batches, blocks)
     depth = plan.get("depth")
+    if depth and depth.get("remove") is None:  # iterative / parameter target: chosen on the width-pruned model
+        done["depth"] = depth = choose_depth(module, depth, batches, blocks, params_before)
     if depth and depth.get("remove"):
         idx = [int(name.split(".")[1]) for name in depth["remove"]]
         bmap = find_blocks(module, blocks)
@@ -120,6 +150,29 @@ def apply_(module: nn.Module, plan: dict, batches=None, blocks: str | None = Non
         done["depth"].update(drop_blocks_(module, idx, blocks))
     done["applied"] = True
     return done
+
+
+def choose_blocks(model, plan: dict, batches=None, blocks: str | None = None) -> dict:
+    """``plan`` with a depth choice that needs the model made (iterative rounds, parameter target).
+
+    The plan's width parts are carried out on a copy first, so blocks are
+    scored and counted on the model they will be removed from; ``model`` is
+    untouched and the returned plan is still pure (``applied`` false): apply
+    it with :func:`apply`. Plans whose blocks are already chosen come back as they are.
+    """
+    module = model.module if isinstance(model, LoadedModel) else model
+    if blocks is None and isinstance(model, LoadedModel) and model.blocks.container:
+        blocks = model.blocks.container
+    check_plan(module, plan)
+    out = copy.deepcopy(plan)
+    if not plan.get("depth") or plan["depth"].get("remove") is not None:
+        return out
+    params_before = _n_params(module)
+    work = copy.deepcopy(module)
+    if plan.get("ffn") or plan.get("heads") or plan.get("channels"):
+        _apply_width_(work, plan, copy.deepcopy(plan), batches, blocks)
+    out["depth"] = choose_depth(work, plan["depth"], batches, blocks, params_before)
+    return out
 
 
 def apply(model, plan: dict, batches=None, blocks: str | None = None) -> Applied:

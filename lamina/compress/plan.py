@@ -6,9 +6,14 @@ A plan is made from ``scores.json`` (written by ``lamina analyze``) and a
     model        the fingerprint (and name) of the model the scores came from;
                  :func:`lamina.compress.apply` refuses any other model
     depth        the blocks that go (canonical names and module paths), the
-                 method that chose them, and the scores that decided it
-    ffn, heads   the fraction of FFN channels (attention heads) removed in
-                 every block; the indices are filled in by ``apply``, which
+                 method that chose them, and the scores that decided it.
+                 ``remove`` is None while the choice needs the model: the
+                 iterative method (re-scored after each removal) and a
+                 parameter target (counted on the model); ``choose_blocks`` /
+                 ``apply`` fill it in, with each round's scores
+    ffn, heads,  the fraction of FFN channels (attention heads, expanded
+    channels     channels of EfficientNet's MBConv blocks) removed in every
+                 block; the indices are filled in by ``apply``, which
                  measures activation importance on calibration batches
 
 Design decisions:
@@ -20,6 +25,15 @@ Design decisions:
   inside the skippable ones (candidate ``(k+1) * C // (n+1)`` for k < n, so the
   first and last blocks stay whenever the budget allows); it reads no importance, so it is the baseline the
   importance-driven methods must beat.
+- ``method="iterative"`` removes one block at a time, each time the skippable
+  block with the lowest skip nMSE measured on the model with the blocks
+  already removed (Nemotron Elastic's normalized MSE, re-scored), on the
+  calibration batches.
+- ``target_params``: a value >= 1 is an absolute parameter count; a value in
+  (0, 1) is that fraction of the unpruned model's parameters. Blocks go, in
+  the method's order, until the pruned model (width pruning included) has at
+  most that many parameters; refused when removing every removable block is
+  not enough. One depth budget at a time: ``drop_blocks`` or ``target_params``.
 - Width is uniform across blocks, so the Hugging Face config
   (``intermediate_size``) still describes the pruned model.
 """
@@ -34,14 +48,23 @@ from pathlib import Path
 from ..errors import UsageError, suggest
 
 PLAN_VERSION = 1
-METHODS = ("skip_nmse", "block_influence", "even")
+METHODS = ("skip_nmse", "block_influence", "iterative", "even")
 
 DEFINITIONS = {
     "skip_nmse": "removes the skippable blocks with the lowest normalized output change when skipped "
                  "(Nemotron Elastic): sum (M_full - M_skip)^2 / sum M_full^2",
     "block_influence": "removes the skippable blocks with the lowest Block Influence, 1 - cos(input, output) "
                        "(ShortGPT)",
+    "iterative": "removes one skippable block at a time: the one with the lowest skip nMSE, sum (M - M_skip)^2 / "
+                 "sum M^2, measured on the calibration batches on the model with the blocks already removed "
+                 "(M its output); every round's scores are recorded",
     "even": "removes evenly spaced skippable blocks, reading no importance (Unified Layer Skipping baseline)",
+    "channel_activation": "expanded channel c of an MBConv block scores the sum over calibration images and pixels "
+                          "of |input of _project_conv at c| (what the channel sends to the block output); each "
+                          "block keeps its highest-scoring channels (activation importance, as Nemotron Elastic)",
+    "target_params": "a value >= 1 is an absolute parameter count; 0 < value < 1 a fraction of the unpruned model's "
+                     "parameters; blocks go in the method's order until the pruned model (width pruning included) "
+                     "has at most that many parameters",
     "ffn_activation": "FFN channel i of a block scores sum |x W1_i^T| over the calibration tokens (padding "
                       "excluded), W1 the first FFN linear (the one whose output goes through the activation); "
                       "each block keeps its highest-scoring channels (Nemotron Elastic)",
@@ -79,11 +102,30 @@ class PlanConfig:
     heads: float | None = field(default=None, metadata={
         "help": "fraction of query heads to remove in every block (every KV group loses the same number), chosen "
                 "by activation importance; Llama/Qwen2/Mistral only; None keeps them all"})
+    channels: float | None = field(default=None, metadata={
+        "help": "fraction of the expanded channels to remove in every EfficientNet MBConv block (input/output "
+                "widths stay), chosen by activation importance; None keeps them all"})
+    target_params: float | None = field(default=None, metadata={
+        "help": "remove blocks (by --method) until the model has at most this many parameters: a value >= 1 is a "
+                "count, 0 < value < 1 a fraction of the unpruned model's parameters; instead of --drop-blocks"})
 
     def __post_init__(self):
         _fraction("drop_blocks", self.drop_blocks, "--drop-blocks")
         _fraction("ffn", self.ffn, "--ffn")
         _fraction("heads", self.heads, "--heads")
+        _fraction("channels", self.channels, "--channels")
+        t = self.target_params
+        if t is not None:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0 \
+                    or (t >= 1 and float(t) != int(t)):
+                raise UsageError("--target-params must be a parameter count (a whole number >= 1) or a fraction "
+                                 "in (0, 1) of the model's parameters", value=t,
+                                 allowed="e.g. 5000000, or 0.5 for half the parameters",
+                                 fix="--target-params 0.5")
+            if self.drop_blocks is not None:
+                raise UsageError("give one depth budget: --drop-blocks or --target-params, not both",
+                                 value={"drop_blocks": self.drop_blocks, "target_params": t},
+                                 allowed="one of them", fix="drop --drop-blocks")
         if self.method not in METHODS:
             raise UsageError("unknown block-selection method", value=self.method, allowed=", ".join(METHODS),
                              fix=suggest(self.method, METHODS) or "--method skip_nmse")
@@ -99,36 +141,52 @@ def _importance(scores: dict) -> dict:
     return imp
 
 
+def even_pick(cands: list[int], m: int) -> list[int]:
+    """``m`` evenly spaced entries of ``cands`` (candidate ``(k+1) * C // (m+1)``): first and last stay while they can."""
+    return sorted({cands[(k + 1) * len(cands) // (m + 1)] for k in range(m)})
+
+
 def _choose_blocks(scores: dict, cfg: PlanConfig) -> dict:
     imp = _importance(scores)
     names, paths = list(imp["blocks"]), list(imp.get("paths") or [None] * len(imp["blocks"]))
     n = len(names)
     skippable = list(imp.get("skippable") or [False] * n)
+    key = {"skip_nmse": "skip_nmse", "block_influence": "block_influence"}.get(cfg.method)
+    values = list(imp.get(key) or [None] * n) if key else [None] * n
+    cands = [i for i in range(n) if skippable[i] and (key is None or values[i] is not None)]
+    why = "skippable" if key is None else f"skippable with a {key} score"
+    base = {"method": cfg.method, "definition": DEFINITIONS[cfg.method], "fraction": cfg.drop_blocks,
+            "target_params": cfg.target_params, "n_blocks": n,
+            "candidates": [names[i] for i in cands],
+            "scores": {names[i]: values[i] for i in range(n)} if key else None,
+            "skippable": {names[i]: bool(skippable[i]) for i in range(n)}}
+    if cfg.target_params is not None:
+        if not cands:
+            raise UsageError(f"--target-params needs blocks that can go, and no block is {why}",
+                             value=cfg.target_params, allowed="a model with skippable blocks",
+                             fix="prune width instead (--ffn / --heads / --channels)")
+        # how many blocks go depends on parameter counts: chosen with the model (choose_blocks / apply)
+        return {**base, "target_rule": DEFINITIONS["target_params"], "n_removed": None, "remove": None,
+                "remove_paths": None}
     n_drop = n_removed(cfg.drop_blocks, n)
     if n_drop >= n:
         raise UsageError("the budget would remove every block", value=cfg.drop_blocks,
                          allowed=f"a fraction below {(n - 0.5) / n:.3f} for this {n}-block model",
                          fix="keep at least one block: lower --drop-blocks")
-    key = {"skip_nmse": "skip_nmse", "block_influence": "block_influence"}.get(cfg.method)
-    values = list(imp.get(key) or [None] * n) if key else [None] * n
-    cands = [i for i in range(n) if skippable[i] and (key is None or values[i] is not None)]
     if n_drop > len(cands):
-        why = "skippable" if key is None else f"skippable with a {key} score"
         raise UsageError(f"the budget removes more blocks than there are {why}", value=cfg.drop_blocks,
                          allowed=f"at most {len(cands)} of {n} blocks ({len(cands) / n:.3f})",
                          fix="lower --drop-blocks; blocks that change their input's shape can never go")
+    if cfg.method == "iterative" and n_drop:
+        return {**base, "n_removed": n_drop, "remove": None, "remove_paths": None, "rounds": None}
     if n_drop == 0:
         drop = []
     elif key is None:  # evenly spaced inside the candidates: the first and last stay while they can
-        drop = sorted({cands[(k + 1) * len(cands) // (n_drop + 1)] for k in range(n_drop)})
+        drop = even_pick(cands, n_drop)
     else:  # lowest score first; ties broken by position (earlier first) so plans are deterministic
         drop = sorted(sorted(cands, key=lambda i: (values[i], i))[:n_drop])
-    return {"method": cfg.method, "definition": DEFINITIONS[cfg.method], "fraction": cfg.drop_blocks,
-            "n_blocks": n, "n_removed": len(drop),
-            "remove": [names[i] for i in drop], "remove_paths": [paths[i] for i in drop],
-            "candidates": [names[i] for i in cands],
-            "scores": {names[i]: values[i] for i in range(n)} if key else None,
-            "skippable": {names[i]: bool(skippable[i]) for i in range(n)}}
+    return {**base, "n_removed": len(drop), "remove": [names[i] for i in drop],
+            "remove_paths": [paths[i] for i in drop]}
 
 
 def make_plan(scores: dict, config: PlanConfig = PlanConfig()) -> dict:
@@ -145,8 +203,8 @@ def make_plan(scores: dict, config: PlanConfig = PlanConfig()) -> dict:
     plan = {"lamina_plan": PLAN_VERSION, "config": asdict(config),
             "model": {"fingerprint": model.get("fingerprint"), "name": model.get("name"),
                       "parameters": model.get("parameters")},
-            "depth": None, "ffn": None, "heads": None, "applied": False}
-    if config.drop_blocks:
+            "depth": None, "ffn": None, "heads": None, "channels": None, "applied": False}
+    if config.drop_blocks or config.target_params is not None:
         plan["depth"] = _choose_blocks(scores, config)
     if config.ffn:
         plan["ffn"] = {"fraction": config.ffn, "importance": "ffn_activation",
@@ -154,12 +212,23 @@ def make_plan(scores: dict, config: PlanConfig = PlanConfig()) -> dict:
     if config.heads:
         plan["heads"] = {"fraction": config.heads, "importance": "head_activation",
                          "definition": DEFINITIONS["head_activation"], "remove": None}
+    if config.channels:
+        plan["channels"] = {"fraction": config.channels, "importance": "channel_activation",
+                            "definition": DEFINITIONS["channel_activation"], "remove": None}
     return plan
 
 
 def is_empty(plan: dict) -> bool:
-    """True when the plan removes nothing."""
-    return not (plan.get("depth") or {}).get("remove") and not plan.get("ffn") and not plan.get("heads")
+    """True when the plan removes nothing (a depth choice still to be made counts as removing something)."""
+    depth = plan.get("depth") or {}
+    deep = bool(depth.get("remove")) or (bool(depth) and depth.get("remove") is None)
+    return not deep and not plan.get("ffn") and not plan.get("heads") and not plan.get("channels")
+
+
+def needs_model(plan: dict) -> bool:
+    """True when the depth choice is still to be made on the model (iterative method, parameter target)."""
+    depth = plan.get("depth")
+    return bool(depth) and depth.get("remove") is None
 
 
 def save_plan(plan: dict, path) -> Path:

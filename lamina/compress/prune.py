@@ -7,16 +7,25 @@ Order (every refusal happens before anything is written):
    read the scores, make the plan (pure: refused when the budget removes every
    block, or nothing at all);
 2. load the model and check the plan was made for it (fingerprints), that it
-   can be saved (Hugging Face models only, for now), and load the calibration
-   batches when FFN channels or heads are pruned;
-3. write ``OUT/plan.json`` (the pure plan), apply it on a copy, save the copy
-   (``save_pretrained`` + tokenizer) to ``OUT/model``, then rewrite plan.json
-   with what was done (indices, parameter counts).
+   can be saved, that its architecture can lose what the plan removes, and
+   load the calibration batches when FFN channels, heads or CNN channels are
+   pruned or blocks are chosen iteratively;
+3. make the depth choices that need the model (iterative rounds, a parameter
+   target: :func:`lamina.compress.choose_blocks`), so plan.json records them;
+   refused here when a target cannot be reached;
+4. write ``OUT/plan.json``, apply it on a copy, save the copy to ``OUT/model``,
+   then rewrite plan.json with what was done (indices, parameter counts).
 
-Calibration batches (FFN / head activation importance) come from the data the
-scores run was captured on: ``RUN/features/manifest.json`` records the data
-spec and the capture's limit / seed / columns; ``calibration_samples`` of those
-rows (stratified, the scores' seed) are fed in the capture's batch size.
+Saving: Hugging Face models whose config still describes them go through
+``save_pretrained`` (+ tokenizer), so standard tools load them; everything else
+(the bundled EfficientNet, a channel-pruned one, ``module:factory`` models, a
+model in lamina's format) is written in lamina's format (:mod:`lamina.savefmt`).
+Either way ``lamina.load_model(OUT)`` loads it.
+
+Calibration batches come from the data the scores run was captured on:
+``RUN/features/manifest.json`` records the data spec and the capture's limit /
+seed / columns / image size; ``calibration_samples`` of those rows (stratified,
+the scores' seed) are fed in the capture's batch size.
 """
 
 from __future__ import annotations
@@ -30,9 +39,10 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..models import LoadedModel, load_model, save_json
-from .apply import apply, check_plan
+from .apply import apply, check_plan, choose_blocks
+from .channels import channel_layout
 from .heads import _attn_blocks
-from .plan import METHODS, PlanConfig, is_empty, make_plan
+from .plan import METHODS, PlanConfig, is_empty, make_plan, needs_model
 from .width import ffn_layout
 
 log = logging.getLogger(__name__)
@@ -44,15 +54,18 @@ _PLAN_HELP = {f.name: dict(f.metadata) for f in fields(PlanConfig)}
 class PruneConfig:
     """Settings of ``lamina prune`` (the plan's budget plus where things go)."""
 
-    out: str = field(metadata={"help": "output folder: OUT/plan.json and OUT/model (a save_pretrained folder)"})
+    out: str = field(metadata={"help": "output folder: OUT/plan.json and OUT/model (a save_pretrained folder, or "
+                                       "lamina's format for what a standard config cannot express)"})
     scores: str = field(metadata={"help": "scores.json written by `lamina analyze` for this model"})
     drop_blocks: float | None = field(default=None, metadata=_PLAN_HELP["drop_blocks"])
     method: str = field(default="skip_nmse", metadata={**_PLAN_HELP["method"], "choices": METHODS})
     ffn: float | None = field(default=None, metadata=_PLAN_HELP["ffn"])
     heads: float | None = field(default=None, metadata=_PLAN_HELP["heads"])
+    channels: float | None = field(default=None, metadata=_PLAN_HELP["channels"])
+    target_params: float | None = field(default=None, metadata=_PLAN_HELP["target_params"])
     calibration_samples: int = field(default=256, metadata={
-        "help": "samples of the scores run's data whose activations rank FFN channels and heads (only used with "
-                "--ffn / --heads)"})
+        "help": "samples of the scores run's data whose activations rank FFN channels, heads and CNN channels, "
+                "and on which --method iterative re-scores blocks"})
     overwrite: bool = field(default=False, metadata={
         "help": "replace OUT/plan.json and OUT/model when OUT already holds files"})
 
@@ -68,7 +81,8 @@ class PruneConfig:
                                  fix=f"pass --{name} PATH")
 
     def plan_config(self) -> PlanConfig:
-        return PlanConfig(drop_blocks=self.drop_blocks, method=self.method, ffn=self.ffn, heads=self.heads)
+        return PlanConfig(drop_blocks=self.drop_blocks, method=self.method, ffn=self.ffn, heads=self.heads,
+                          channels=self.channels, target_params=self.target_params)
 
 
 @dataclass
@@ -78,11 +92,13 @@ class PruneResult:
     Attributes:
         out: the output folder.
         plan_path: OUT/plan.json (the plan as carried out).
-        model_path: OUT/model, loadable with ``lamina.load_model`` and ``AutoModel.from_pretrained``.
+        model_path: OUT/model, loadable with ``lamina.load_model`` (and ``AutoModel.from_pretrained``
+            when ``format`` is 'huggingface').
         plan: the plan as carried out (``applied: true``).
         blocks_before, blocks_after: number of blocks.
         removed: the canonical names of the removed blocks ('blocks.3', ...).
         parameters_before, parameters_after: parameter counts.
+        format: 'huggingface' (save_pretrained) or 'lamina' (:mod:`lamina.savefmt`).
     """
 
     out: str
@@ -94,6 +110,7 @@ class PruneResult:
     removed: list
     parameters_before: int
     parameters_after: int
+    format: str = "huggingface"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,9 +158,10 @@ def _calibration_batches(lm: LoadedModel, man: dict | None, scores: dict, config
     from ..data import load_data, subsample
     if man is None or not man.get("data_spec"):
         why = "has no features/manifest.json next to it" if man is None else "was captured from in-memory data"
-        raise UsageError(f"--ffn / --heads need calibration data, but the scores run {why}", value=str(scores_path),
+        raise UsageError(f"--ffn / --heads / --channels / --method iterative need calibration data, but the "
+                         f"scores run {why}", value=str(scores_path),
                          allowed="scores.json inside a run folder captured from a data path or bundled name",
-                         fix="pass the scores.json of such a run, or prune blocks only (--drop-blocks)")
+                         fix="pass the scores.json of such a run, or prune blocks by their scores (--drop-blocks)")
     cap = man.get("config", {})
     ds = subsample(load_data(man["data_spec"], cap.get("text_column"), cap.get("label_column")), cap.get("limit"),
                    cap.get("seed", 0))
@@ -154,23 +172,40 @@ def _calibration_batches(lm: LoadedModel, man: dict | None, scores: dict, config
             for s in range(0, n, bs)]
 
 
-def _save(res_model: LoadedModel, source: LoadedModel, dest: Path) -> None:
-    """save_pretrained (+ tokenizer / image preprocessor) into a temp folder, then swap it in."""
-    import transformers
-    transformers.utils.logging.disable_progress_bar()  # lamina prints its own summary
+def _save(res_model: LoadedModel, source: LoadedModel, dest: Path) -> str:
+    """Save into a temp folder, then swap it in; returns the format ('huggingface' or 'lamina')."""
+    from ..savefmt import config_describes, save_loaded
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    res_model.module.save_pretrained(tmp)
-    if source.tokenizer is not None and hasattr(source.tokenizer, "save_pretrained"):
-        source.tokenizer.save_pretrained(tmp)
-    src = Path(source.source)
-    pre = src / "preprocessor_config.json"
-    if src.is_dir() and pre.exists():
-        shutil.copy2(pre, tmp / pre.name)
+    if _save_format(source) == "huggingface" and config_describes(res_model.module):
+        import transformers
+        transformers.utils.logging.disable_progress_bar()  # lamina prints its own summary
+        res_model.module.save_pretrained(tmp)
+        if source.tokenizer is not None and hasattr(source.tokenizer, "save_pretrained"):
+            source.tokenizer.save_pretrained(tmp)
+        src = Path(source.source)
+        pre = src / "preprocessor_config.json"
+        if src.is_dir() and pre.exists():
+            shutil.copy2(pre, tmp / pre.name)
+        fmt = "huggingface"
+    else:
+        save_loaded(res_model, tmp)
+        fmt = "lamina"
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
+    return fmt
+
+
+def _save_format(lm: LoadedModel) -> str:
+    """'huggingface' or 'lamina'; UsageError (before anything is written) when the model cannot be saved."""
+    from ..savefmt import SPEC, builder_for
+    src = Path(str(lm.source))
+    if hasattr(lm.module, "save_pretrained") and not (src.is_dir() and (src / SPEC).exists()):
+        return "huggingface"
+    builder_for(lm)  # raises when lamina cannot rebuild the architecture
+    return "lamina"
 
 
 def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
@@ -184,7 +219,8 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
 
     Raises UsageError, before anything is written, when OUT is not empty (and
     not ``overwrite``), the scores are missing or of another model, the budget
-    removes every block (or nothing), or the model cannot be saved.
+    removes every block (or nothing), a parameter target cannot be reached, the
+    architecture cannot lose what the plan removes, or the model cannot be saved.
     """
     if config is None:
         raise UsageError("prune needs a PruneConfig", value=None, allowed="PruneConfig(out=..., scores=..., ...)",
@@ -196,38 +232,47 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
     plan = make_plan(data, config.plan_config())
     if is_empty(plan):
         raise UsageError("the budget removes nothing", value=asdict(config.plan_config()),
-                         allowed="--drop-blocks large enough to remove a whole block, or --ffn / --heads",
-                         fix="raise --drop-blocks (it is rounded to whole blocks), or add --ffn / --heads")
+                         allowed="--drop-blocks large enough to remove a whole block, --target-params, or "
+                                 "--ffn / --heads / --channels",
+                         fix="raise --drop-blocks (it is rounded to whole blocks), or add --ffn / --heads / --channels")
     man = _manifest(scores_path)
     blocks = ((man or {}).get("config") or {}).get("blocks")
     lm = load_model(model, blocks=blocks)
     check_plan(lm.module, plan)  # another model's scores: refused before anything is written
-    if not hasattr(lm.module, "save_pretrained"):
-        raise UsageError("saving a pruned model that is not a Hugging Face model is not supported yet",
-                         value=type(lm.module).__name__, allowed="a Hugging Face model (bundled minilm, or a "
-                                                                   "save_pretrained folder)",
-                         fix="use lamina.compress.make_plan + apply in Python and save the module yourself")
+    _save_format(lm)  # a model lamina cannot save: refused before anything is written
     container = lm.blocks.container or None
     if plan["ffn"]:
         ffn_layout(lm.module, container)  # a model whose FFN cannot be pruned: refused before writing
     if plan["heads"]:
         _attn_blocks(lm.module, container)  # likewise for heads (Llama-family attention only)
-    batches = _calibration_batches(lm, man, data, config, scores_path) if (plan["ffn"] or plan["heads"]) else None
+    if plan["channels"]:
+        channel_layout(lm.module, container)  # likewise for CNN channels (EfficientNet MBConv blocks only)
+    iterative = needs_model(plan) and plan["depth"]["method"] == "iterative"
+    calibrate = plan["ffn"] or plan["heads"] or plan["channels"] or iterative
+    batches = _calibration_batches(lm, man, data, config, scores_path) if calibrate else None
+    if needs_model(plan):  # iterative rounds / parameter target: chosen now, so plan.json records the choice
+        plan = choose_blocks(lm, plan, batches)
+        if is_empty(plan):
+            raise UsageError("the model already meets the parameter target, so the budget removes nothing",
+                             value=config.target_params,
+                             allowed=f"a target below {plan['depth'].get('predicted_parameters'):,} parameters",
+                             fix="lower --target-params, or add width pruning")
 
     out.mkdir(parents=True, exist_ok=True)
     plan_path, model_path = out / "plan.json", out / "model"
-    save_json(plan_path, plan)  # the pure plan first: it is what the user asked for, whatever happens next
+    save_json(plan_path, plan)  # the plan first: it is what the user asked for, whatever happens next
     res = apply(lm, plan, batches=batches)
-    _save(res.model, lm, model_path)
+    fmt = _save(res.model, lm, model_path)
     done = dict(res.plan)
     n_before = lm.blocks.n_blocks
     n_after = res.model.blocks.n_blocks
     removed = list((done.get("depth") or {}).get("remove") or [])
     done["result"] = {"model_path": str(model_path), "blocks_before": n_before, "blocks_after": n_after,
                       "parameters_before": res.parameters_before, "parameters_after": res.parameters_after,
-                      "blocks_container": res.model.blocks.container or None, "source": lm.source}
+                      "blocks_container": res.model.blocks.container or None, "source": lm.source,
+                      "format": fmt}
     save_json(plan_path, done)
     log.info("prune: %d -> %d blocks, %d -> %d parameters", n_before, n_after, res.parameters_before,
              res.parameters_after)
     return PruneResult(str(out), str(plan_path), str(model_path), done, n_before, n_after, removed,
-                       res.parameters_before, res.parameters_after)
+                       res.parameters_before, res.parameters_after, fmt)
