@@ -243,6 +243,32 @@ def _bench(ns):
 _bench.add_args = _bench_args
 
 
+# ---------------------------------------------------------------- distill ----
+def _distill_args(p):
+    from .distill import DistillConfig
+    add_config_args(p, DistillConfig)
+
+
+@verb("distill", "train a pruned or narrow student to match its teacher (CE, KD, SKT cosine + FSP) -> OUT/model")
+def _distill(ns):
+    from .distill import DistillConfig, distill
+    res = distill(config_from_args(DistillConfig, ns))
+    for e in res.record["history"]["epochs"]:
+        parts = "  ".join(f"{k} {v:.4f}" for k, v in e["train"].items())
+        print(f"epoch {e['epoch']:>3}  {parts}  val acc {e['val_accuracy']:.4f}  ({e['seconds']:.0f} s)")
+    p = res.record["parameters"]
+    print(f"student     {p['student']:,} parameters ({p['student'] / p['teacher']:.1%} of the teacher's), "
+          f"layer map {res.record['layer_map_source']}: {res.record['layer_map']}")
+    print(f"test acc    {res.test_accuracy:.4f} (teacher {res.teacher_test_accuracy:.4f}, retained "
+          f"{res.accuracy_retained:.1%})")
+    print(f"model: {res.model_path}")
+    print(f"record: {res.out}/distill.json")
+    return 0
+
+
+_distill.add_args = _distill_args
+
+
 # ------------------------------------------------------------------- demo ----
 def _demo_args(p):
     p.add_argument("--out", default="demo-run", help="run folder (default: demo-run)")

@@ -94,3 +94,18 @@ def tiny_teacher(tmp_path_factory, tiny_dirs, sentences_csv):
              FinetuneConfig(out=str(out), full=True, epochs=6, lr=3e-3, batch_size=16, patience=None,
                             progress=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def nodrop_teacher(tmp_path_factory, sentences_csv):
+    """A fine-tuned tiny BERT without dropout: runs are deterministic across rank counts."""
+    from lamina.finetune import FinetuneConfig, finetune
+    root = tmp_path_factory.mktemp("nodrop")
+    model = lt.tiny_hf_model("bert", seed=1)
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+    model.save_pretrained(root / "bert")
+    lt.tiny_tokenizer().save_pretrained(root / "bert")
+    finetune(str(root / "bert"), str(sentences_csv),
+             FinetuneConfig(out=str(root / "teacher"), full=True, epochs=5, lr=3e-3, batch_size=16, patience=None,
+                            progress=False))
+    return root / "teacher"

@@ -1,4 +1,4 @@
-"""Distillation: train a student (the compressed model) to match its teacher (the original).
+"""Distillation: ``distill`` (:mod:`.distill`) trains a student (the compressed model) to match its teacher (the original).
 
 Losses (:mod:`.losses`): task cross-entropy, Hinton KD on softened logits,
 SKT intra-layer cosine and inter-layer FSP transfer through learned adapters,
@@ -25,6 +25,7 @@ Example::
 from .losses import (ADAPTER_KINDS, Adapter, CenterLoss, LossWeights, ce_loss, cosine_loss, fsp_loss, fsp_matrix,
                      kd_loss, make_adapters, total_loss)
 from .taps import record
+from .distill import DistillConfig, DistillResult, distill, layer_map, parse_layer_map
 
-__all__ = ["ADAPTER_KINDS", "Adapter", "CenterLoss", "LossWeights", "ce_loss", "cosine_loss", "fsp_loss",
+__all__ = ["DistillConfig", "DistillResult", "distill", "layer_map", "parse_layer_map", "ADAPTER_KINDS", "Adapter", "CenterLoss", "LossWeights", "ce_loss", "cosine_loss", "fsp_loss",
            "fsp_matrix", "kd_loss", "make_adapters", "record", "total_loss"]

@@ -1,0 +1,328 @@
+"""``distill``: train a small student to match its teacher (SKT recovery).
+
+``lamina distill --teacher teacher/ --student small/ --out recovered/``:
+
+- **Teacher**: a ``lamina finetune`` folder (its task record gives the data,
+  the split and the test rows) or any classifier with ``--data``.
+- **Student**: a ``lamina prune`` output (depth or width), any classifier
+  folder, or ``--width 0.5|0.25``: an SKT-style narrow copy of the teacher
+  initialized from its most important channels. ``--scratch`` re-initializes
+  the student's weights (the "same small model trained from scratch" baseline).
+- **Layer map** (which teacher block each student block learns from): from
+  the student's ``plan.json`` (a kept block learns from its own original);
+  otherwise identity when the depths match, else evenly spaced (student block
+  j <- teacher block round((j+1) * N_t / N_s) - 1); ``--layer-map 0:1,1:3``
+  overrides it.
+- **Losses** (``lamina.distill.losses``; each weight a flag): task CE, KD on
+  temperature-softened logits, SKT cosine at every mapped block output (through
+  a learned adapter: identity-initialized linear / 1x1 conv), SKT FSP between
+  every pair of mapped taps, optional I2CL centre loss on the student's
+  mean-pooled last block output. Parts with weight 0 are not computed, and the
+  teacher is not run at all when no part needs it.
+- **Training**: ``lamina.train.fit`` (AdamW, warm-up/decay, checkpoints every
+  epoch, ``--resume``, early stopping on validation accuracy, torchrun).
+
+Writes OUT/model (a normal model: save_pretrained, or lamina's format) and
+OUT/distill.json (loss curves per epoch, validation accuracy per epoch, test
+accuracy of student and teacher, the map, the weights).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from ..errors import UsageError
+from ..models import LoadedModel, load_model, random_init, save_json
+from ..task import TaskSpec, batches, check_classes, evaluate, logits_of, num_classes, read_task
+from ..train import Loop, check_loop_args, fit, init_distributed, world
+from .losses import CenterLoss, LossWeights, make_adapters, total_loss
+from .taps import record
+
+log = logging.getLogger(__name__)
+_W = {f.name: dict(f.metadata) for f in fields(LossWeights)}
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Settings of ``lamina distill``."""
+
+    out: str = field(metadata={"help": "output folder: OUT/model, OUT/distill.json"})
+    teacher: str = field(metadata={"help": "the teacher: a `lamina finetune` folder or a classifier folder"})
+    student: str | None = field(default=None, metadata={
+        "help": "the student: a `lamina prune` output or a classifier folder (or use --width)"})
+    width: float | None = field(default=None, metadata={
+        "help": "instead of --student: a narrow copy of the teacher with this fraction of its channels "
+                "(e.g. 0.5, 0.25), initialized from the most important ones"})
+    scratch: bool = field(default=False, metadata={
+        "help": "re-initialize the student's weights (baseline: the small model trained from scratch)"})
+    data: str | None = field(default=None, metadata={
+        "help": "labelled data; default: the teacher's own (finetune.json), with its split"})
+    ce: float = field(default=1.0, metadata=_W.get("ce", {}))
+    kd: float = field(default=1.0, metadata=_W.get("kd", {}))
+    temperature: float = field(default=2.0, metadata=_W.get("temperature", {}))
+    cosine: float = field(default=0.5, metadata=_W.get("cosine", {}))
+    fsp: float = field(default=0.5, metadata=_W.get("fsp", {}))
+    center: float = field(default=0.0, metadata=_W.get("center", {}))
+    layer_map: str | None = field(default=None, metadata={
+        "help": "student block : teacher block pairs, e.g. '0:1,1:3,2:5' (default: from plan.json)"})
+    epochs: int = field(default=3, metadata={"help": "passes over the training rows"})
+    lr: float = field(default=1e-4, metadata={"help": "peak AdamW learning rate (linear warm-up and decay)"})
+    batch_size: int = field(default=32, metadata={"help": "rows per optimizer step (over all ranks)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases and norms)"})
+    patience: int | None = field(default=2, metadata={
+        "help": "stop after this many epochs without a validation gain; the best epoch is kept"})
+    train_limit: int | None = field(default=None, metadata={
+        "help": "train on at most this many of the training rows (stratified); validation and test stay whole"})
+    seed: int = field(default=0, metadata={"help": "seed of the order, the adapters and a re-initialized student"})
+    calibration_samples: int = field(default=256, metadata={
+        "help": "training rows whose activations rank the channels of a --width copy"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from OUT/checkpoint.pt"})
+    overwrite: bool = field(default=False, metadata={"help": "replace what OUT already holds"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar with the current losses"})
+
+    def __post_init__(self):
+        for name in ("out", "teacher"):
+            if not getattr(self, name):
+                raise UsageError(f"--{name} is required", value=getattr(self, name), allowed="a path",
+                                 fix=f"pass --{name} PATH")
+        if (self.student is None) == (self.width is None):
+            raise UsageError("give exactly one of --student and --width", value=(self.student, self.width),
+                             allowed="--student small/ (a pruned model) or --width 0.25 (a narrow copy)",
+                             fix="pass --student OUT_OF_PRUNE, or --width 0.5")
+        if self.width is not None and (isinstance(self.width, bool) or not 0 < self.width < 1):
+            raise UsageError("--width must be a fraction in (0, 1)", value=self.width, allowed="e.g. 0.5 or 0.25",
+                             fix="--width 0.25")
+        check_loop_args(self.epochs, self.lr, self.batch_size, self.patience)
+        self.weights()  # validates them
+        if self.layer_map is not None:
+            parse_layer_map(self.layer_map)
+
+    def weights(self) -> LossWeights:
+        return LossWeights(ce=self.ce, kd=self.kd, temperature=self.temperature, cosine=self.cosine, fsp=self.fsp,
+                           center=self.center)
+
+    def loop(self) -> Loop:
+        return Loop(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay,
+                    patience=self.patience, seed=self.seed, progress=self.progress)
+
+
+def parse_layer_map(text: str) -> dict[int, int]:
+    """'0:1,1:3' -> {0: 1, 1: 3} (student block -> teacher block)."""
+    out = {}
+    try:
+        for pair in text.split(","):
+            s, t = pair.split(":")
+            out[int(s)] = int(t)
+    except ValueError as e:
+        raise UsageError("--layer-map must be student:teacher pairs of block indices", value=text,
+                         allowed="e.g. '0:1,1:3,2:5'", fix="--layer-map 0:1,1:3,2:5") from e
+    return out
+
+
+def layer_map(n_teacher: int, n_student: int, student_dir: Path | None, custom: str | None) -> tuple[dict, str]:
+    """Student block -> teacher block, and where the map came from."""
+    if custom:
+        m = parse_layer_map(custom)
+        bad = {s: t for s, t in m.items() if not (0 <= s < n_student and 0 <= t < n_teacher)}
+        if bad:
+            raise UsageError("--layer-map names blocks that do not exist", value=bad,
+                             allowed=f"student 0..{n_student - 1}, teacher 0..{n_teacher - 1}",
+                             fix="check the block indices")
+        return m, "custom"
+    plan = student_dir / "plan.json" if student_dir is not None else None
+    if plan is not None and plan.exists():
+        rec = json.loads(plan.read_text())
+        removed = set((rec.get("depth") or {}).get("remove") or [])
+        kept = [i for i in range(n_teacher) if f"blocks.{i}" not in removed]
+        if len(kept) == n_student:
+            return {j: t for j, t in enumerate(kept)}, "plan"
+    if n_teacher == n_student:
+        return {j: j for j in range(n_student)}, "identity"
+    return {j: round((j + 1) * n_teacher / n_student) - 1 for j in range(n_student)}, "even"
+
+
+@dataclass
+class DistillResult:
+    """What ``distill`` wrote (``distill.json`` holds all of it)."""
+
+    out: str
+    model_path: str
+    test_accuracy: float
+    teacher_test_accuracy: float
+    accuracy_retained: float
+    record: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _student(config: DistillConfig, teacher: LoadedModel, ds, split, spec) -> tuple[LoadedModel, Path | None]:
+    if config.width is not None:
+        from .narrow import narrow_copy
+        calib = split["train"][: config.calibration_samples]
+        bats = [b for b, _ in batches(teacher, ds, calib, 32, spec)]
+        return narrow_copy(teacher, config.width, bats), None
+    path = Path(config.student)
+    return load_model(str(path)), path
+
+
+def distill(config: DistillConfig) -> DistillResult:
+    """Train the student of ``config`` against its teacher; see the module doc."""
+    from ..finetune import check_out, save_model
+    init_distributed()
+    rank, size = world()
+    t0 = time.perf_counter()
+    out = Path(config.out)
+    check_out(out, config.overwrite, config.resume)
+    spec = read_task(config.teacher)
+    if spec is None:
+        if not config.data:
+            raise UsageError("the teacher has no task record, so the data is unknown", value=config.teacher,
+                             allowed="a `lamina finetune` folder, or --data", fix="pass --data DATA")
+        spec = TaskSpec(data=config.data)
+    elif config.data and config.data != spec.data:
+        spec = TaskSpec(**{**spec.to_dict(), "data": config.data, "limit": None})
+    ds, split = spec.load()
+    teacher = load_model(config.teacher)
+    if num_classes(teacher) is None:
+        raise UsageError("the teacher is not a classifier lamina knows", value=config.teacher,
+                         allowed="a `lamina finetune` output or a *ForSequenceClassification/ImageClassification "
+                                 "folder", fix="fine-tune it first: lamina finetune --model M --data D --out T")
+    if spec.image_size is None and teacher.image_size:
+        spec = TaskSpec(**{**spec.to_dict(), "image_size": teacher.image_size})
+    student, student_dir = _student(config, teacher, ds, split, spec)
+    if config.scratch:
+        student = random_init(student, seed=config.seed)
+    if num_classes(student) != num_classes(teacher):
+        raise UsageError("the student predicts another number of classes than the teacher",
+                         value=num_classes(student), allowed=str(num_classes(teacher)),
+                         fix="prune the teacher itself (lamina prune TEACHER ...) to make the student")
+    check_classes(num_classes(teacher), ds)
+    train_rows = split["train"]
+    if config.train_limit and config.train_limit < len(train_rows):
+        from ..data import subsample
+        sub = subsample(ds.take(train_rows), config.train_limit, config.seed)
+        keep = set(sub.ids.tolist())
+        train_rows = [r for r in train_rows if ds.ids[r] in keep]
+    n_t, n_s = teacher.blocks.n_blocks, student.blocks.n_blocks
+    lmap, map_source = layer_map(n_t, n_s, student_dir, config.layer_map)
+    s_paths = [student.blocks.block_paths[j] for j in sorted(lmap)]
+    t_paths = [teacher.blocks.block_paths[lmap[j]] for j in sorted(lmap)]
+    w = config.weights()
+    notes = []
+    if w.fsp > 0 and len(s_paths) < 2:  # FSP relates pairs of taps; a one-block student has none
+        import dataclasses
+        w = dataclasses.replace(w, fsp=0.0)
+        notes.append("fsp weight set to 0: the student has a single mapped block, so no pair of taps")
+        log.warning(notes[-1])
+    need_feats = w.cosine > 0 or w.fsp > 0 or w.center > 0
+    need_teacher = w.kd > 0 or w.cosine > 0 or w.fsp > 0
+    teacher.module.eval()
+    for p in teacher.module.parameters():
+        p.requires_grad_(False)
+    labels_all = torch.tensor(ds.labels)
+
+    def run(rows):
+        b = student.batch(ds, rows, spec.max_length, spec.image_size)
+        mask = b.get("attention_mask")
+        t_logits, t_feats = None, None
+        if need_teacher:
+            with torch.no_grad(), record(teacher.module, t_paths) as tf:
+                t_logits = logits_of(teacher.forward(b)).float()
+                t_feats = [tf[p] for p in t_paths]
+        if need_feats:
+            with record(student.module, s_paths) as sf:
+                s_logits = logits_of(student.forward(b)).float()
+                s_feats = [sf[p] for p in s_paths]
+        else:
+            s_logits, s_feats = logits_of(student.forward(b)).float(), None
+        return s_logits, s_feats, t_logits, t_feats, mask
+
+    # adapters (student width -> teacher width) and centres, shaped from one real batch
+    torch.manual_seed(config.seed)
+    extra = torch.nn.ModuleDict()
+    if w.cosine > 0 or w.fsp > 0:
+        with torch.no_grad():
+            _, s_f, _, t_f, _ = run(split["train"][:2])
+        extra["adapters"] = make_adapters(s_f, t_f)
+    if w.center > 0:
+        with torch.no_grad():
+            _, s_f, _, _, _ = run(split["train"][:2])
+        extra["center"] = CenterLoss(len(ds.classes), s_f[-1].shape[1 if s_f[-1].dim() == 4 else -1])
+
+    def step(rows, gbs):
+        s_logits, s_feats, t_logits, t_feats, mask = run(rows)
+        cfeats = None
+        if w.center > 0:
+            last = s_feats[-1]
+            if last.dim() == 4:
+                cfeats = last.mean((2, 3))
+            elif mask is not None:
+                m = mask.unsqueeze(-1).to(last.dtype)
+                cfeats = (last * m).sum(1) / m.sum(1).clamp(min=1)
+            else:
+                cfeats = last.mean(1)
+        loss, parts = total_loss(w, student_logits=s_logits, teacher_logits=t_logits, labels=labels_all[rows],
+                                 student_feats=s_feats, teacher_feats=t_feats,
+                                 adapters=extra["adapters"] if "adapters" in extra else None, masks=mask,
+                                 center=extra["center"] if "center" in extra else None, center_feats=cfeats)
+        scale = len(rows) / gbs  # batch means -> this rank's share of the global mean
+        return loss * scale, {k: torch.tensor(v * scale) for k, v in parts.items() if k != "total"}
+
+    def validate(rows):
+        correct, n, loss = 0, 0, 0.0
+        with torch.no_grad():
+            for b, y in batches(student, ds, rows, 64, spec):
+                z = logits_of(student.forward(b)).float()
+                correct += int((z.argmax(-1) == y).sum())
+                loss += float(torch.nn.functional.cross_entropy(z, y, reduction="sum"))
+                n += len(y)
+        return correct, n, loss
+
+    params = [p for p in student.module.parameters()] + [p for p in extra.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    mods = {"student": student.module, **({"extra": extra} if len(extra) else {})}
+    hist = fit(mods, params, step, train_rows, split["val"], validate, config.loop(), out,
+               resume=config.resume, desc="distill")
+    test = evaluate(student, ds, split["test"], spec)
+    t_rec = _teacher_test(config.teacher, teacher, ds, split, spec)
+    rec = {"lamina_distill": 1, "teacher": str(config.teacher),
+           "student": str(config.student) if config.student else f"narrow copy, width {config.width}",
+           "scratch": config.scratch, "task": spec.to_dict(), "weights": asdict(w),
+           "layer_map": {str(k): v for k, v in lmap.items()}, "layer_map_source": map_source,
+           "taps": {"student": s_paths, "teacher": t_paths},
+           "parameters": {"teacher": sum(p.numel() for p in teacher.module.parameters()),
+                          "student": sum(p.numel() for p in student.module.parameters())},
+           "train_rows": len(train_rows), "notes": notes, "config": asdict(config), "history": hist, "test": test,
+           "teacher_test": t_rec, "accuracy_retained": test["accuracy"] / t_rec["accuracy"] if t_rec["accuracy"] else None,
+           "model_path": str(out / "model"), "seconds": None}
+    if rank == 0:
+        rec["format"] = save_model(student, out / "model", teacher)
+        rec["seconds"] = time.perf_counter() - t0
+        save_json(out / "distill.json", rec)
+        ck = out / "checkpoint.pt"
+        if ck.exists():
+            ck.unlink()
+    if size > 1:
+        torch.distributed.barrier()
+    return DistillResult(str(out), str(out / "model"), test["accuracy"], t_rec["accuracy"],
+                         rec["accuracy_retained"], rec)
+
+
+def _teacher_test(path, teacher, ds, split, spec) -> dict:
+    """The teacher's test accuracy: from finetune.json when it measured the same rows, else measured now."""
+    f = Path(str(path)) / "finetune.json"
+    if f.exists():
+        rec = json.loads(f.read_text())
+        if rec.get("task") == spec.to_dict() and rec.get("test"):
+            return rec["test"]
+    return evaluate(teacher, ds, split["test"], spec)
