@@ -209,6 +209,10 @@ def _match_depth_(module: nn.Module, spec: dict) -> None:
     saved, container = spec.get("block_signatures"), spec.get("blocks")
     if not saved or not container or spec["builder"].startswith("hf:"):
         return
+    if container not in dict(module.named_modules()):
+        raise LaminaError("the saved weights do not fit the rebuilt architecture: it has no block container "
+                          f"{container!r}", value=container, allowed=f"a model built by {spec['builder']}",
+                          fix="save the model again with save_lamina and the right builder")
     base = _signatures(module, container)
     if len(base) == len(saved):
         return  # no block removed (width pruning may have changed shapes: step 3 handles it)

@@ -299,3 +299,82 @@ def test_depth_on_a_plain_sequential_stack():
     assert res.plan["depth"]["kept"] == [0, 2]
     x = torch.randn(2, 4)
     torch.testing.assert_close(res.model(x), m.out(m.body[2](m.body[0](x))))
+
+
+# ---------------------------------------------------------------- depth chosen with the model: iterative, target
+
+def _lm(m: nn.Module):
+    from lamina.models import LoadedModel
+    return LoadedModel(m, "tiny", "testing", "text", find_blocks(m))
+
+
+def test_iterative_rescores_on_the_model_with_blocks_removed():
+    from lamina.analyze.importance import naive_skip_importance
+    from lamina.compress import choose_blocks, needs_model
+    m = _model("bert", layers=4)
+    fp = model_fingerprint(m)
+    x = _inputs("bert")
+    plan = make_plan(_scores(m), PlanConfig(drop_blocks=0.5, method="iterative"))
+    assert plan["depth"]["remove"] is None and plan["depth"]["n_removed"] == 2 and needs_model(plan)
+    assert not is_empty(plan)
+    chosen = choose_blocks(m, plan, batches=[x])
+    assert model_fingerprint(m) == fp and not chosen["applied"] and not needs_model(chosen)
+    r1, r2 = chosen["depth"]["rounds"]
+    # round 1: skip nMSE on the full model; round 2: on the model without round 1's block (naive reference)
+    ref1 = naive_skip_importance(_lm(m), [x], progress=False)
+    assert r1["scores"] == pytest.approx(ref1, rel=1e-5)
+    assert r1["removed"] == min(ref1, key=lambda k: (ref1[k], k))
+    first = int(r1["removed"].split(".")[1])
+    m1 = apply(m, make_plan(_scores(m, skip=[1.0 if i == first else 2.0 for i in range(4)]),
+                            PlanConfig(drop_blocks=0.25))).model
+    ref2 = naive_skip_importance(_lm(m1), [x], progress=False)
+    left = [i for i in range(4) if i != first]
+    assert r2["scores"] == pytest.approx({f"blocks.{i}": ref2[f"blocks.{j}"] for j, i in enumerate(left)}, rel=1e-5)
+    assert r2["removed"] == min(r2["scores"], key=lambda k: (r2["scores"][k], k))
+    assert chosen["depth"]["remove"] == sorted([r1["removed"], r2["removed"]])
+    # apply does the same choice itself when given the unresolved plan
+    res = apply(m, plan, batches=[x])
+    assert res.plan["depth"]["remove"] == chosen["depth"]["remove"] and res.plan["depth"]["rounds"] == [r1, r2]
+    with bypass(m, chosen["depth"]["remove"]):
+        torch.testing.assert_close(_out(res.model, x), _out(m, x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(UsageError, match="calibration"):
+        apply(m, plan)
+
+
+def _block_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.get_submodule(find_blocks(m).block_paths[0]).parameters())
+
+
+@pytest.mark.parametrize("method,want", [("skip_nmse", ["blocks.1", "blocks.2"]),
+                                         ("block_influence", ["blocks.2", "blocks.3"]),
+                                         ("even", ["blocks.1", "blocks.2"])])
+def test_target_params_removes_blocks_in_the_method_order_until_the_count_fits(method, want):
+    m = _model("bert", layers=4)
+    total, per = sum(p.numel() for p in m.parameters()), _block_params(m)
+    sc = _scores(m, skip=[0.5, 0.1, 0.3, 0.9], bi=[0.9, 0.8, 0.05, 0.2])
+    target = total - per - per // 2  # one block is not enough, two are
+    for value in (target, target / total):  # a count, or the same as a fraction of the parameters
+        plan = make_plan(sc, PlanConfig(target_params=value, method=method))
+        assert plan["depth"]["remove"] is None and plan["depth"]["target_params"] == value
+        res = apply(m, plan)
+        assert res.plan["depth"]["remove"] == want, value
+        assert res.parameters_after == total - 2 * per <= res.plan["depth"]["target_parameters"]
+        assert res.plan["depth"]["predicted_parameters"] == res.parameters_after
+
+
+def test_target_params_counts_width_pruning_and_refuses_the_impossible():
+    m = _model("bert", layers=3)
+    x = _inputs("bert")
+    total, per = sum(p.numel() for p in m.parameters()), _block_params(m)
+    floor = total - 2 * per  # every removable block gone (one must stay)
+    with pytest.raises(UsageError, match="cannot be reached"):
+        apply(m, make_plan(_scores(m), PlanConfig(target_params=floor - 1)))
+    # FFN width makes the same target reachable: the blocks are counted after width pruning
+    res = apply(m, make_plan(_scores(m), PlanConfig(target_params=floor - 1, ffn=0.5)), batches=[x])
+    assert res.parameters_after <= floor - 1 and res.plan["depth"]["n_removed"] == 2
+    assert apply(m, make_plan(_scores(m), PlanConfig(target_params=total, ffn=0.5)), batches=[x]).plan[
+        "depth"]["remove"] == []  # width alone meets it
+    for bad in (dict(target_params=0), dict(target_params=2.5), dict(target_params=-1), dict(target_params=True),
+                dict(target_params=100, drop_blocks=0.5)):
+        with pytest.raises(UsageError):
+            PlanConfig(**bad)

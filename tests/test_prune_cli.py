@@ -181,3 +181,22 @@ def test_a_factory_model_is_saved_in_lamina_format_and_reloads(tmp_path):
         want = cnn(x)
     with torch.no_grad():
         torch.testing.assert_close(back.module(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_target_params_and_its_refusals(bert_run, tiny_dirs, tmp_path, capsys):
+    model, scores = str(tiny_dirs["bert"]), str(bert_run / "scores.json")
+    total = json.loads((bert_run / "scores.json").read_text())["model"]["parameters"]
+    out = tmp_path / "t"
+    assert main(["prune", model, "--scores", scores, "--target-params", str(total - 1), "--out", str(out)]) == 0
+    capsys.readouterr()
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["depth"]["n_removed"] == 1 and plan["depth"]["target_parameters"] == total - 1
+    assert plan["result"]["parameters_after"] <= total - 1 and plan["result"]["format"] == "huggingface"
+    # unreachable (one block must stay), and already met: exit 2, nothing written
+    for value, msg in ((100, "cannot be reached"), (total + 5, "already meets")):
+        fresh = tmp_path / f"no-{value}"
+        assert main(["prune", model, "--scores", scores, "--target-params", str(value), "--out", str(fresh)]) == 2
+        assert msg in capsys.readouterr().err and not fresh.exists()
+    assert main(["prune", model, "--scores", scores, "--target-params", "0.5", "--drop-blocks", "0.5",
+                 "--out", str(tmp_path / "both")]) == 2
+    assert "one depth budget" in capsys.readouterr().err
