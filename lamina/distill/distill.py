@@ -69,6 +69,10 @@ class DistillConfig:
     cosine: float = field(default=0.5, metadata=_W.get("cosine", {}))
     fsp: float = field(default=0.5, metadata=_W.get("fsp", {}))
     center: float = field(default=0.0, metadata=_W.get("center", {}))
+    taps: str = field(default="all", metadata={
+        "help": "which mapped blocks feed the cosine / FSP losses: 'all', or 'stages' (the last block before each "
+                "change of width, and the last block: SKT's per-stage taps, fewer FSP pairs for CNNs)",
+        "choices": ("all", "stages")})
     layer_map: str | None = field(default=None, metadata={
         "help": "student block : teacher block pairs, e.g. '0:1,1:3,2:5' (default: from plan.json)"})
     epochs: int = field(default=3, metadata={"help": "passes over the training rows"})
@@ -102,6 +106,8 @@ class DistillConfig:
         self.weights()  # validates them
         if self.layer_map is not None:
             parse_layer_map(self.layer_map)
+        if self.taps not in ("all", "stages"):
+            raise UsageError("unknown --taps", value=self.taps, allowed="all, stages", fix="--taps stages")
 
     def weights(self) -> LossWeights:
         return LossWeights(ce=self.ce, kd=self.kd, temperature=self.temperature, cosine=self.cosine, fsp=self.fsp,
@@ -212,6 +218,8 @@ def distill(config: DistillConfig) -> DistillResult:
         train_rows = [r for r in train_rows if ds.ids[r] in keep]
     n_t, n_s = teacher.blocks.n_blocks, student.blocks.n_blocks
     lmap, map_source = layer_map(n_t, n_s, student_dir, config.layer_map)
+    if config.taps == "stages":
+        lmap = _stage_ends(student, lmap)
     s_paths = [student.blocks.block_paths[j] for j in sorted(lmap)]
     t_paths = [teacher.blocks.block_paths[lmap[j]] for j in sorted(lmap)]
     w = config.weights()
@@ -326,3 +334,24 @@ def _teacher_test(path, teacher, ds, split, spec) -> dict:
         if rec.get("task") == spec.to_dict() and rec.get("test"):
             return rec["test"]
     return evaluate(teacher, ds, split["test"], spec)
+
+
+def _stage_ends(student: LoadedModel, lmap: dict) -> dict:
+    """Keep the mapped student blocks whose output width differs from the next block's, and the last one."""
+    widths = {}
+    hooks = []
+    for j in lmap:
+        mod = student.module.get_submodule(student.blocks.block_paths[j])
+        hooks.append(mod.register_forward_hook(
+            lambda _m, _i, o, j=j: widths.__setitem__(j, (o[0] if isinstance(o, tuple) else o).shape[1])))
+    try:
+        x = {"pixels": torch.zeros(1, student.in_channels, student.image_size or 32, student.image_size or 32)} \
+            if student.modality != "text" else dict(student.tokenizer(["a"], return_tensors="pt"))
+        with torch.no_grad():
+            student.forward(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    js = sorted(lmap)
+    keep = [j for a, j in enumerate(js) if a == len(js) - 1 or widths.get(j) != widths.get(js[a + 1])]
+    return {j: lmap[j] for j in keep}
