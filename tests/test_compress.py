@@ -378,3 +378,31 @@ def test_target_params_counts_width_pruning_and_refuses_the_impossible():
                 dict(target_params=100, drop_blocks=0.5)):
         with pytest.raises(UsageError):
             PlanConfig(**bad)
+
+
+def test_per_layer_ffn_removes_the_zeroed_channels_of_each_layer_and_reloads(tmp_path):
+    from lamina.compress.width import ffn_keep_per_layer
+    from lamina.models import LoadedModel
+    from lamina.savefmt import config_describes, load_lamina, save_loaded
+    m = _model("bert", layers=2)
+    zeroed = {0: list(range(0, 64, 8)), 1: list(range(0, 64, 8)) + list(range(1, 64, 4))}  # 8 and 24 of 64
+    with torch.no_grad():
+        for j, chans in zeroed.items():
+            m.encoder.layer[j].intermediate.dense.weight[chans] = 0
+            m.encoder.layer[j].intermediate.dense.bias[chans] = 0
+    x = _inputs("bert")
+    res = apply(m, make_plan(_scores(m), PlanConfig(ffn=0.25, ffn_per_layer=True)), batches=[x])
+    assert res.plan["ffn"]["remove"] == {"blocks.0": zeroed[0], "blocks.1": sorted(zeroed[1])}
+    assert res.plan["ffn"]["intermediate_size_after"] == {"blocks.0": 56, "blocks.1": 40}
+    assert res.model.config.intermediate_size == 64 and not config_describes(res.model)
+    torch.testing.assert_close(_out(res.model, x), _out(m, x), rtol=1e-5, atol=1e-6)
+    save_loaded(LoadedModel(res.model, "t", "testing", "text", find_blocks(res.model), tokenizer=lt.tiny_tokenizer()),
+                tmp_path / "m")
+    back = load_lamina(tmp_path / "m").module
+    assert back.encoder.layer[1].output.dense.weight.shape == (32, 40)
+    assert torch.equal(_out(back, x), _out(res.model, x))
+    # every block keeps at least one channel, whatever the scores
+    keep = ffn_keep_per_layer([torch.ones(4), torch.arange(1.0, 5.0)], 0.75)  # normalized: 1,1,1,1 / .4,.8,1.2,1.6
+    assert [k.tolist() for k in keep] == [[0], [3]]  # the top two are block 1's; block 0 takes back its best
+    with pytest.raises(UsageError, match="--ffn-per-layer needs --ffn"):
+        PlanConfig(ffn_per_layer=True)

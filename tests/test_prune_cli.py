@@ -200,3 +200,17 @@ def test_cli_target_params_and_its_refusals(bert_run, tiny_dirs, tmp_path, capsy
     assert main(["prune", model, "--scores", scores, "--target-params", "0.5", "--drop-blocks", "0.5",
                  "--out", str(tmp_path / "both")]) == 2
     assert "one depth budget" in capsys.readouterr().err
+
+
+def test_cli_per_layer_ffn_is_saved_in_lamina_format(bert_run, tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "pl"
+    assert main(["prune", str(tiny_dirs["bert"]), "--scores", str(bert_run / "scores.json"), "--ffn", "0.5",
+                 "--ffn-per-layer", "--calibration-samples", "20", "--out", str(out)]) == 0
+    capsys.readouterr()
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["result"]["format"] == "lamina" and plan["ffn"]["per_layer"] is True
+    sizes = plan["ffn"]["intermediate_size_after"]
+    assert sum(sizes.values()) == 2 * 64 - 64  # half of all channels, split between the blocks by importance
+    lm = lamina.load_model(str(out))
+    assert lm.tokenizer is not None
+    assert [b.intermediate.dense.out_features for b in lm.module.encoder.layer] == list(sizes.values())

@@ -26,7 +26,7 @@ from .channels import channel_importance, prune_channels_
 from .heads import head_importance, heads_to_keep, prune_heads_
 from .plan import n_removed
 from .select import choose_depth
-from .width import ffn_importance, prune_ffn_
+from .width import ffn_importance, ffn_keep_per_layer, prune_ffn_
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,12 @@ def check_plan(module: nn.Module, plan: dict) -> None:
                          fix="make the plan from this model's scores.json, or apply it to the model it was made for")
 
 
+def _complement(size: int, keep: torch.Tensor) -> torch.Tensor:
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[keep] = False
+    return torch.nonzero(mask).flatten()
+
+
 def _needs_batches(batches, what: str) -> None:
     if batches is None:
         raise UsageError(f"the plan prunes {what}, which needs calibration batches", value=None,
@@ -86,19 +92,22 @@ def _apply_width_(module: nn.Module, plan: dict, done: dict, batches, blocks: st
     if ffn:
         _needs_batches(batches, "FFN channels")
         scores = ffn_importance(module, batches, blocks)
-        size = len(scores[0])
-        k = size - n_removed(ffn["fraction"], size)
-        if k < 1:
-            raise UsageError("the plan would remove every FFN channel", value=ffn["fraction"],
-                             allowed=f"a fraction that keeps at least 1 of {size}", fix="lower --ffn")
-        # Highest score first; stable sort so equal scores keep the lower index.
-        order = [torch.sort(-s, stable=True).indices for s in scores]
-        keep = [o[:k].sort().values for o in order]
-        res = prune_ffn_(module, keep, blocks)
+        if ffn.get("per_layer"):
+            keep = ffn_keep_per_layer(scores, ffn["fraction"])
+        else:
+            size = len(scores[0])
+            k = size - n_removed(ffn["fraction"], size)
+            if k < 1:
+                raise UsageError("the plan would remove every FFN channel", value=ffn["fraction"],
+                                 allowed=f"a fraction that keeps at least 1 of {size}", fix="lower --ffn")
+            # Highest score first; stable sort so equal scores keep the lower index.
+            keep = [torch.sort(-s, stable=True).indices[:k].sort().values for s in scores]
+        res = prune_ffn_(module, keep, blocks, uniform=not ffn.get("per_layer"))
         names = [f"blocks.{j}" for j in range(len(scores))]
+        gone = [_complement(len(s), kp) for s, kp in zip(scores, keep)]
         done["ffn"].update(res)
-        done["ffn"]["remove"] = {n: o[k:].sort().values.tolist() for n, o in zip(names, order)}
-        done["ffn"]["removed_scores"] = {n: s[o[k:].sort().values].tolist() for n, s, o in zip(names, scores, order)}
+        done["ffn"]["remove"] = {n: g.tolist() for n, g in zip(names, gone)}
+        done["ffn"]["removed_scores"] = {n: s[g].tolist() for n, s, g in zip(names, scores, gone)}
     heads = plan.get("heads")
     if heads:
         _needs_batches(batches, "attention heads")

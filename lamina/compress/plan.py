@@ -99,6 +99,9 @@ class PlanConfig:
     ffn: float | None = field(default=None, metadata={
         "help": "fraction of FFN channels to remove in every block, chosen by activation importance; None keeps "
                 "them all"})
+    ffn_per_layer: bool = field(default=False, metadata={
+        "help": "remove the --ffn fraction from all blocks ranked together (scores divided by their block's mean), "
+                "so blocks lose different numbers; saved in lamina's format (the config has one intermediate_size)"})
     heads: float | None = field(default=None, metadata={
         "help": "fraction of query heads to remove in every block (every KV group loses the same number), chosen "
                 "by activation importance; Llama/Qwen2/Mistral only; None keeps them all"})
@@ -114,6 +117,12 @@ class PlanConfig:
         _fraction("ffn", self.ffn, "--ffn")
         _fraction("heads", self.heads, "--heads")
         _fraction("channels", self.channels, "--channels")
+        if not isinstance(self.ffn_per_layer, bool):
+            raise UsageError("--ffn-per-layer must be true or false", value=self.ffn_per_layer, allowed="bool",
+                             fix="--ffn-per-layer")
+        if self.ffn_per_layer and not self.ffn:
+            raise UsageError("--ffn-per-layer needs --ffn (the fraction of all FFN channels to remove)",
+                             value=self.ffn, allowed="a fraction in (0, 1)", fix="e.g. --ffn 0.5 --ffn-per-layer")
         t = self.target_params
         if t is not None:
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0 \
@@ -208,7 +217,11 @@ def make_plan(scores: dict, config: PlanConfig = PlanConfig()) -> dict:
         plan["depth"] = _choose_blocks(scores, config)
     if config.ffn:
         plan["ffn"] = {"fraction": config.ffn, "importance": "ffn_activation",
-                       "definition": DEFINITIONS["ffn_activation"], "remove": None}
+                       "definition": DEFINITIONS["ffn_activation"], "per_layer": config.ffn_per_layer,
+                       "remove": None}
+        if config.ffn_per_layer:
+            plan["ffn"]["definition"] += ("; per layer: all blocks' channels ranked together by score / their "
+                                          "block's mean score, the fraction removed from the whole model")
     if config.heads:
         plan["heads"] = {"fraction": config.heads, "importance": "head_activation",
                          "definition": DEFINITIONS["head_activation"], "remove": None}

@@ -60,6 +60,7 @@ class PruneConfig:
     drop_blocks: float | None = field(default=None, metadata=_PLAN_HELP["drop_blocks"])
     method: str = field(default="skip_nmse", metadata={**_PLAN_HELP["method"], "choices": METHODS})
     ffn: float | None = field(default=None, metadata=_PLAN_HELP["ffn"])
+    ffn_per_layer: bool = field(default=False, metadata=_PLAN_HELP["ffn_per_layer"])
     heads: float | None = field(default=None, metadata=_PLAN_HELP["heads"])
     channels: float | None = field(default=None, metadata=_PLAN_HELP["channels"])
     target_params: float | None = field(default=None, metadata=_PLAN_HELP["target_params"])
@@ -81,7 +82,8 @@ class PruneConfig:
                                  fix=f"pass --{name} PATH")
 
     def plan_config(self) -> PlanConfig:
-        return PlanConfig(drop_blocks=self.drop_blocks, method=self.method, ffn=self.ffn, heads=self.heads,
+        return PlanConfig(drop_blocks=self.drop_blocks, method=self.method, ffn=self.ffn,
+                          ffn_per_layer=self.ffn_per_layer, heads=self.heads,
                           channels=self.channels, target_params=self.target_params)
 
 

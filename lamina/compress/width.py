@@ -10,9 +10,18 @@ FFN layouts (relative to one block), found structurally by attribute names:
 Importance (Nemotron Elastic): channel i of a block scores sum |x W1_i^T + b1_i|
 over every calibration token, padding excluded, W1 the *first* FFN linear: the
 one whose output goes through the activation (``gate_proj`` for gated MLPs).
-Every block keeps the same number of channels (its own best ones), so the
-Hugging Face config's ``intermediate_size`` (GPT-2: ``n_inner``) describes the
-pruned model and ``from_pretrained`` rebuilds it.
+By default every block keeps the same number of channels (its own best ones),
+so the Hugging Face config's ``intermediate_size`` (GPT-2: ``n_inner``)
+describes the pruned model and ``from_pretrained`` rebuilds it.
+
+Per layer (``PlanConfig(ffn_per_layer=True)``): the channels of all blocks are
+ranked together and the fraction is removed from the whole model, so a block
+whose channels matter less loses more. Raw sums are not comparable across
+blocks (activation scales differ), so each block's scores are divided by
+their mean first: a channel goes when it is weak *for its block*, relative to
+how weak the other blocks' channels are for theirs. Every block keeps at least
+one channel. The config cannot say this (one ``intermediate_size``), so such
+a model is saved in lamina's format (:mod:`lamina.savefmt`, "hf:" builder).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import torch.nn as nn
 from ..blocks import find_blocks
 from ..errors import UsageError
 from ._calib import channel_sums
+from .plan import n_removed
 
 # (first linears, last linear, config key) per layout; the first of `firsts` is the scored one.
 _LAYOUTS = (
@@ -95,19 +105,48 @@ def _replace(block: nn.Module, path: str, new: nn.Module) -> None:
     setattr(block.get_submodule(parent) if parent else block, attr, new)
 
 
-def prune_ffn_(module: nn.Module, keep: list[torch.Tensor], blocks: str | None = None) -> dict:
-    """Keep FFN channels ``keep[j]`` (sorted LongTensor (K,), same K for every block j), in place.
+def ffn_keep_per_layer(scores: list[torch.Tensor], fraction: float) -> list[torch.Tensor]:
+    """Per block, the sorted FFN channels kept when ``fraction`` of all channels go, ranked across blocks by
+    score / the block's mean score (module docstring); every block keeps at least one."""
+    norm = [s.double() / s.double().mean().clamp_min(1e-30) for s in scores]
+    owner = torch.cat([torch.full((len(s),), j) for j, s in enumerate(scores)])
+    local = torch.cat([torch.arange(len(s)) for s in scores])
+    total = len(owner)
+    k_total = total - n_removed(fraction, total)
+    if k_total < len(scores):
+        raise UsageError("the plan would remove every FFN channel of a block", value=fraction,
+                         allowed=f"a fraction that keeps at least one channel per block ({len(scores)} of {total})",
+                         fix="lower --ffn")
+    order = torch.sort(-torch.cat(norm), stable=True).indices.tolist()  # best first; ties: earlier block/channel
+    chosen, rest = order[:k_total], order[k_total:]
+    counts = torch.bincount(owner[chosen], minlength=len(scores)).tolist()
+    for j in [j for j, c in enumerate(counts) if c == 0]:  # a block left empty takes back its best channel
+        best = next(i for i in rest if int(owner[i]) == j)
+        drop = next(i for i in reversed(chosen) if counts[int(owner[i])] > 1)
+        chosen.remove(drop)
+        counts[int(owner[drop])] -= 1
+        chosen.append(best)
+        counts[j] += 1
+    chosen_t = torch.tensor(chosen)
+    return [local[chosen_t[owner[chosen_t] == j]].sort().values for j in range(len(scores))]
 
-    Returns ``{"intermediate_size_before", "intermediate_size_after", "config_key"}``.
+
+def prune_ffn_(module: nn.Module, keep: list[torch.Tensor], blocks: str | None = None, uniform: bool = True) -> dict:
+    """Keep FFN channels ``keep[j]`` (sorted LongTensor (K_j,)) in block j, in place.
+
+    ``uniform`` (default) requires the same K in every block and writes it to the
+    config; otherwise each block keeps its own K_j and the config is left as is
+    (it cannot describe the model: save it with :func:`lamina.savefmt.save_loaded`).
+    Returns ``{"intermediate_size_before", "intermediate_size_after" (an int, or
+    {"blocks.j": K_j}), "config_key"}``.
     """
     mods, (firsts, last, key) = ffn_layout(module, blocks)
-    sizes = {len(k) for k in keep}
-    if len(keep) != len(mods) or len(sizes) != 1:
+    sizes = [len(k) for k in keep]
+    if len(keep) != len(mods) or (uniform and len(set(sizes)) != 1):
         raise UsageError("FFN pruning needs the same number of kept channels in every block",
-                         value=sorted(sizes), allowed="one size", fix="prune uniformly")
+                         value=sorted(set(sizes)), allowed="one size", fix="prune uniformly, or pass uniform=False")
     before = _out_features(_get(mods[0], firsts[0]))
-    k = sizes.pop()
-    if k < 1:
+    if min(sizes) < 1:
         raise UsageError("the plan would remove every FFN channel", value=0, allowed=f"1..{before}",
                          fix="lower --ffn")
     for b, idx in zip(mods, keep):
@@ -117,8 +156,9 @@ def prune_ffn_(module: nn.Module, keep: list[torch.Tensor], blocks: str | None =
         _replace(b, last, _select(_get(b, last), idx, dim_out=False))
         mlp = _get(b, firsts[0].rpartition(".")[0]) if "." in firsts[0] else None
         if mlp is not None and isinstance(getattr(mlp, "intermediate_size", None), int):
-            mlp.intermediate_size = k  # Llama's MLP keeps a copy of the config value
+            mlp.intermediate_size = len(idx)  # Llama's MLP keeps a copy of the config value
     cfg = getattr(module, "config", None)
-    if cfg is not None:
-        setattr(cfg, key, k)
-    return {"intermediate_size_before": before, "intermediate_size_after": k, "config_key": key}
+    if uniform and cfg is not None:
+        setattr(cfg, key, sizes[0])
+    after = sizes[0] if uniform else {f"blocks.{j}": k for j, k in enumerate(sizes)}
+    return {"intermediate_size_before": before, "intermediate_size_after": after, "config_key": key}
