@@ -95,7 +95,8 @@ class PlanConfig:
         "help": "fraction of all blocks to remove (rounded to a whole number of blocks); None keeps every block"})
     method: str = field(default="skip_nmse", metadata={
         "help": "how blocks are chosen: 'skip_nmse' (lowest skip importance), 'block_influence' (lowest BI), "
-                "or 'even' (evenly spaced, the Unified Layer Skipping baseline)"})
+                "'iterative' (one at a time, skip importance re-scored on the calibration samples after each "
+                "removal), or 'even' (evenly spaced, the Unified Layer Skipping baseline)"})
     ffn: float | None = field(default=None, metadata={
         "help": "fraction of FFN channels to remove in every block, chosen by activation importance; None keeps "
                 "them all"})
