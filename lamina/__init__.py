@@ -8,6 +8,12 @@ smaller, faster model for your task, with measurements that prove it.
     store = lamina.FeatureStore.open("run/")
     lamina.analyze("run/", lamina.AnalyzeConfig())   # -> run/scores.json
     lamina.report("run/")                            # -> run/report.html
+    lamina.finetune("minilm", "rotten-tomatoes", lamina.FinetuneConfig(out="teacher/", full=True))
+    lamina.prune("teacher/", "run/scores.json", lamina.PruneConfig(out="small/", scores="run/scores.json",
+                                                                   drop_blocks=0.5))
+    lamina.distill(lamina.DistillConfig(out="recovered/", teacher="teacher/", student="small/"))
+    lamina.bench(["teacher/", "recovered/"])        # -> recovered/bench.json
+    model = lamina.load("small/")                    # any saved model, as an nn.Module
 """
 
 __version__ = "0.1.0"
@@ -22,8 +28,18 @@ from .data import Dataset, load_data  # noqa: E402
 from .errors import LaminaError, UsageError  # noqa: E402
 from .models import LoadedModel, load_model  # noqa: E402
 from .store import FeatureStore  # noqa: E402
+from .finetune import FinetuneConfig, FinetuneResult, finetune  # noqa: E402
+from .compress import PruneConfig, PruneResult, prune  # noqa: E402
+from .distill import DistillConfig, DistillResult, distill  # noqa: E402
+from .bench import BenchConfig, bench  # noqa: E402
+
+
+def load(path):
+    """The ``nn.Module`` saved in ``path`` (a Hugging Face folder, lamina's format, or a stage's OUT folder)."""
+    return load_model(path).module
 
 __all__ = ["capture", "CaptureConfig", "CaptureResult", "analyze", "AnalyzeConfig", "AnalyzeResult", "compare",
            "CompareConfig", "CompareResult", "report", "ReportConfig", "ReportResult", "FeatureStore", "find_blocks", "select_taps",
            "BlockMap", "Tap", "load_model", "LoadedModel", "load_data", "Dataset", "LaminaError",
-           "UsageError", "__version__"]
+           "UsageError", "__version__", "finetune", "FinetuneConfig", "FinetuneResult", "prune", "PruneConfig",
+           "PruneResult", "distill", "DistillConfig", "DistillResult", "bench", "BenchConfig", "load"]

@@ -37,14 +37,12 @@ from . import _catalog as cat
 from . import _context as ctx
 from . import _plots as plots
 from ._scores import parse_scores
+from ._stages import STAGE_FILES, section, stage_paths  # noqa: F401  (STAGE_FILES: re-exported)
 
 log = logging.getLogger(__name__)
 
 GENERATOR = "lamina report"
 PLOT_FORMATS = ("svg", "png")
-# Later stages' files: (file, section id, heading). Shown generically, in pipeline order.
-STAGE_FILES = (("plan.json", "plan", "Compression plan"), ("distill.json", "distill", "Distillation"),
-               ("bench.json", "bench", "Speed and accuracy"))
 
 
 @dataclass(frozen=True)
@@ -57,6 +55,9 @@ class ReportConfig:
         "help": "replace OUT even when it is not a report lamina wrote; an earlier lamina report is always "
                 "replaced, since it is derived from the run folder"})
     title: str | None = field(default=None, metadata={"help": "page title; unset means 'MODEL on DATA'"})
+    stages: tuple[str, ...] = field(default=(), metadata={
+        "help": "more folders (or files) whose finetune.json / plan.json / distill.json / bench.json get a section: "
+                "the OUT folders of `lamina finetune`, `prune`, `distill`, `bench`"})
     plots: str = field(default="svg", metadata={
         "help": "svg (inline vectors, sharp at any zoom) or png (inline base64 images, smaller for very "
                 "deep models)"})
@@ -165,15 +166,16 @@ def _figures(s, fmt: str) -> dict:
     return out
 
 
-def _stages(run: Path) -> list[dict]:
+def _stages(run: Path, extra, fmt: str) -> list[dict]:
     out = []
-    for name, sid, heading in STAGE_FILES:
-        data, problem = _read_optional(run / name)
+    for path, sid, heading in stage_paths(run, extra):
+        data, problem = _read_optional(path)
         if data is None and problem is None:
             continue
-        rows, tables = ctx.flatten(data) if isinstance(data, dict) else ([("value", ctx.fmt(data))], [])
-        out.append({"id": sid, "heading": heading, "file": name, "rows": rows, "tables": tables,
-                    "problem": problem})
+        body = section(sid.split("-")[0], data, fmt) if data is not None else {"rows": [], "tables": [],
+                                                                                "figure": None}
+        shown = path.name if path.parent == run else str(path)
+        out.append({"id": sid, "heading": heading, "file": shown, "problem": problem, **body})
     return out
 
 
@@ -199,7 +201,7 @@ def render_html(run: str | Path, config: ReportConfig = ReportConfig()) -> tuple
     config_bytes = (run / "config.json").read_bytes() if run_config is not None else None
 
     figures = _figures(s, config.plots)
-    stages = _stages(run)
+    stages = _stages(run, config.stages, config.plots)
     settings = []
     for stage, values in (run_config or {}).items():
         if stage != "versions" and isinstance(values, dict):
@@ -241,7 +243,8 @@ def report(run: str | Path, config: ReportConfig = ReportConfig()) -> ReportResu
     """Write one self-contained HTML page for the run folder ``run`` (default ``RUN/report.html``).
 
     Reads ``scores.json`` (required) and, when present, ``config.json``,
-    ``plan.json``, ``distill.json`` and ``bench.json``; never changes them.
+    ``finetune.json``, ``plan.json``, ``distill.json`` and ``bench.json`` (in
+    the run folder and in the ``config.stages`` folders); never changes them.
     ``run`` may also be the path of a ``scores.json``. Raises
     :class:`~lamina.errors.LaminaError` when ``scores.json`` is missing or
     malformed, :class:`~lamina.errors.UsageError` when the target is taken.
