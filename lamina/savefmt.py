@@ -410,7 +410,8 @@ def load_lamina(path, blocks: str | None = None):
     return LoadedModel(module, name, str(path), pre.get("modality", "array"),
                        find_blocks(module, blocks or spec.get("blocks")), tokenizer=tok,
                        image_size=pre.get("image_size"), image_mean=tuple(pre.get("image_mean") or (0.5,) * 3),
-                       image_std=tuple(pre.get("image_std") or (0.5,) * 3), in_channels=int(pre.get("in_channels") or 3),
+                       image_std=tuple(pre.get("image_std") or (0.5,) * 3),
+                       in_channels=int(pre.get("in_channels") or 3),
                        input_name=pre.get("input_name"))
 
 

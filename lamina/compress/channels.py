@@ -63,7 +63,8 @@ def _hidden(block: nn.Module) -> int:
 
 
 @torch.no_grad()
-def channel_importance(module: nn.Module, batches: Iterable[Mapping], blocks: str | None = None) -> dict[int, torch.Tensor]:
+def channel_importance(module: nn.Module, batches: Iterable[Mapping],
+                       blocks: str | None = None) -> dict[int, torch.Tensor]:
     """{block index: float64 (hidden,)} activation importance of every expanded channel (module docstring).
 
     ``batches`` are model input dicts ({'pixels': (B, C, H, W)}, as ``LoadedModel.batch`` gives).

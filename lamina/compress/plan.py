@@ -152,7 +152,7 @@ def _importance(scores: dict) -> dict:
 
 
 def even_pick(cands: list[int], m: int) -> list[int]:
-    """``m`` evenly spaced entries of ``cands`` (candidate ``(k+1) * C // (m+1)``): first and last stay while they can."""
+    """``m`` evenly spaced entries of ``cands`` (``cands[(k+1) * C // (m+1)]``): first and last stay while they can."""
     return sorted({cands[(k + 1) * len(cands) // (m + 1)] for k in range(m)})
 
 

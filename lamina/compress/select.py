@@ -97,7 +97,8 @@ def choose_depth(module: nn.Module, depth: dict, batches=None, blocks: str | Non
         if best > limit:
             raise UsageError("the parameter target cannot be reached by removing blocks", value=depth["target_params"],
                              allowed=f"a target of at least {best:,} parameters (every removable block gone; now "
-                                     f"{total:,}{' after width pruning' if params_before not in (None, total) else ''})",
+                                     f"{total:,}"
+                                     f"{' after width pruning' if params_before not in (None, total) else ''})",
                              fix="raise --target-params, or add width pruning (--ffn / --heads / --channels)")
         out["target_parameters"] = limit
         fits = lambda drop: total - sum(sizes[i] for i in drop) <= limit  # noqa: E731
