@@ -119,18 +119,24 @@ def num_classes(lm) -> int | None:
 
 
 @torch.no_grad()
+def counts(lm, ds, idx, spec: TaskSpec, batch_size: int = 64) -> tuple[int, int, float]:
+    """(correct, rows, summed cross-entropy) of ``lm`` on rows ``idx``, in its current mode."""
+    correct, loss, n = 0, 0.0, 0
+    for b, y in batches(lm, ds, idx, batch_size, spec):
+        z = logits_of(lm.forward(b)).float()
+        check_classes(z.shape[-1], ds)
+        correct += int((z.argmax(-1) == y).sum())
+        loss += float(torch.nn.functional.cross_entropy(z, y, reduction="sum"))
+        n += len(y)
+    return correct, n, loss
+
+
 def evaluate(lm, ds, idx, spec: TaskSpec, batch_size: int = 64) -> dict:
     """Accuracy and mean cross-entropy of ``lm`` on rows ``idx`` (eval mode)."""
     was = lm.module.training
     lm.module.eval()
-    correct, loss, n = 0, 0.0, 0
     try:
-        for b, y in batches(lm, ds, idx, batch_size, spec):
-            z = logits_of(lm.forward(b)).float()
-            check_classes(z.shape[-1], ds)
-            correct += int((z.argmax(-1) == y).sum())
-            loss += float(torch.nn.functional.cross_entropy(z, y, reduction="sum"))
-            n += len(y)
+        correct, n, loss = counts(lm, ds, idx, spec, batch_size)
     finally:
         lm.module.train(was)
     return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1), "n": n}

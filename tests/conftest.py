@@ -109,3 +109,19 @@ def nodrop_teacher(tmp_path_factory, sentences_csv):
              FinetuneConfig(out=str(root / "teacher"), full=True, epochs=5, lr=3e-3, batch_size=16, patience=None,
                             progress=False))
     return root / "teacher"
+
+
+def die_in_epoch(monkeypatch, epoch: int):
+    """Make the shared training loop raise KeyboardInterrupt at the end of ``epoch`` (before its checkpoint);
+    returns a function that restores the loop."""
+    import lamina.train
+    real, calls = lamina.train._validate, {"n": 0}
+
+    def validate(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == epoch:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(lamina.train, "_validate", validate)
+    return lambda: monkeypatch.setattr(lamina.train, "_validate", real)

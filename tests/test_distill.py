@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import lamina.train
 from lamina import UsageError
 from lamina.cli import main
 from lamina.compress import PruneConfig, prune
 from lamina.distill import DistillConfig, distill, layer_map
 from lamina.models import load_model, wrap_module
-from conftest import make_text_run
+from conftest import die_in_epoch, make_text_run
 
 
 def _cfg(out, teacher, student, **kw):
@@ -102,18 +101,10 @@ def test_two_ranks_follow_one_rank(tmp_path, nodrop_teacher, pruned_student):
 
 def test_resume_ends_where_an_uninterrupted_run_does(tmp_path, nodrop_teacher, pruned_student, monkeypatch):
     ref = distill(_cfg(tmp_path / "ref", nodrop_teacher, pruned_student, epochs=3))
-    real, calls = lamina.train._validate, {"n": 0}
-
-    def dies_in_epoch_2(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(lamina.train, "_validate", dies_in_epoch_2)
+    restore = die_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         distill(_cfg(tmp_path / "cut", nodrop_teacher, pruned_student, epochs=3))
-    monkeypatch.setattr(lamina.train, "_validate", real)
+    restore()
     res = distill(_cfg(tmp_path / "cut", nodrop_teacher, pruned_student, epochs=3, resume=True))
     a, b = load_model(ref.model_path).module.state_dict(), load_model(res.model_path).module.state_dict()
     for k in a:

@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-import lamina.train
 from lamina import UsageError
 from lamina import testing as lt
 from lamina.cli import main
 from lamina.finetune import FinetuneConfig, attach_head, finetune, head_parameters
 from lamina.models import load_model
 from lamina.task import read_task
+from conftest import die_in_epoch
 
 
 def _cfg(out, **kw):
@@ -64,19 +64,10 @@ def test_head_is_what_runs_after_the_last_block(tiny_dirs, arch, expect):
 
 def test_resume_ends_where_an_uninterrupted_run_does(tmp_path, tiny_dirs, sentences_csv, monkeypatch):
     ref = finetune(str(tiny_dirs["bert"]), str(sentences_csv), _cfg(tmp_path / "ref"))
-    real = lamina.train._validate
-    calls = {"n": 0}
-
-    def dies_in_epoch_2(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(lamina.train, "_validate", dies_in_epoch_2)
+    restore = die_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         finetune(str(tiny_dirs["bert"]), str(sentences_csv), _cfg(tmp_path / "cut"))
-    monkeypatch.setattr(lamina.train, "_validate", real)
+    restore()
     assert (tmp_path / "cut" / "checkpoint.pt").exists() and not (tmp_path / "cut" / "model").exists()
     res = finetune(str(tiny_dirs["bert"]), str(sentences_csv), _cfg(tmp_path / "cut", resume=True))
     assert res.record["history"]["resumed_from"] == 0

@@ -39,7 +39,7 @@ import torch
 
 from ..errors import UsageError
 from ..models import LoadedModel, load_model, random_init, save_json
-from ..task import TaskSpec, batches, check_classes, evaluate, logits_of, num_classes, read_task
+from ..task import TaskSpec, batches, check_classes, counts, evaluate, logits_of, num_classes, read_task
 from ..train import Loop, check_loop_args, fit, init_distributed, world
 from .losses import CenterLoss, LossWeights, make_adapters, total_loss
 from .taps import record
@@ -284,14 +284,7 @@ def distill(config: DistillConfig) -> DistillResult:
         return loss * scale, {k: torch.tensor(v * scale) for k, v in parts.items() if k != "total"}
 
     def validate(rows):
-        correct, n, loss = 0, 0, 0.0
-        with torch.no_grad():
-            for b, y in batches(student, ds, rows, 64, spec):
-                z = logits_of(student.forward(b)).float()
-                correct += int((z.argmax(-1) == y).sum())
-                loss += float(torch.nn.functional.cross_entropy(z, y, reduction="sum"))
-                n += len(y)
-        return correct, n, loss
+        return counts(student, ds, rows, spec)
 
     params = [p for p in student.module.parameters()] + [p for p in extra.parameters()]
     for p in params:

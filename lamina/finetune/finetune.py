@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..errors import UsageError
 from ..models import load_model, save_json
-from ..task import TASK_FILE, TaskSpec, batches, evaluate, logits_of
+from ..task import TASK_FILE, TaskSpec, counts, evaluate, logits_of
 from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, world
 from .heads import attach_head, head_parameters, save_model
 
@@ -155,14 +155,7 @@ def finetune(model, data: str, config: FinetuneConfig) -> FinetuneResult:
         return F.cross_entropy(z.float(), ds_labels[rows], reduction="sum") / gbs, {}
 
     def validate(rows):
-        correct, n, loss = 0, 0, 0.0
-        with torch.no_grad():
-            for b, y in batches(lm, ds, rows, 64, spec):
-                z = logits_of(lm.forward(b)).float()
-                correct += int((z.argmax(-1) == y).sum())
-                loss += float(F.cross_entropy(z, y, reduction="sum"))
-                n += len(y)
-        return correct, n, loss
+        return counts(lm, ds, rows, spec)
 
     hist = fit({"model": lm.module}, params, step, split["train"], split["val"], validate, config.loop(),
                out, resume=config.resume, desc="finetune")
