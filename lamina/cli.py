@@ -172,13 +172,17 @@ def _prune(ns):
     kept = res.blocks_after
     print(f"blocks      {kept} kept, {len(res.removed)} removed of {res.blocks_before}"
           + (f" ({', '.join(res.removed)})" if res.removed else ""))
-    for part in ("ffn", "heads"):
+    for part in ("ffn", "heads", "channels"):
         if res.plan.get(part):
-            print(f"{part:<11} {res.plan[part]['fraction']:.0%} removed in every block")
+            where = "of all FFN channels (per layer)" if part == "ffn" and res.plan[part].get("per_layer") \
+                else "removed in every block"
+            print(f"{part:<11} {res.plan[part]['fraction']:.0%} {where}")
     pct = 100 * (1 - res.parameters_after / res.parameters_before) if res.parameters_before else 0.0
     print(f"parameters  {res.parameters_before:,} -> {res.parameters_after:,} (-{pct:.1f}%)")
     print(f"plan:  {res.plan_path}")
-    print(f"model: {res.model_path}  (lamina.load_model or AutoModel.from_pretrained)")
+    how = "lamina.load; its config cannot express it" if res.format == "lamina" \
+        else "lamina.load or AutoModel.from_pretrained"
+    print(f"model: {res.model_path}  ({how})")
     return 0
 
 
