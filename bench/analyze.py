@@ -180,8 +180,13 @@ def _write_section(r: dict) -> None:
         lines.append(f"| {key} | {r[key]:.3f} | {r['targets'][key]} | {'yes' if r['targets_met'][key] else 'NO'} |")
     lines += ["", f"Probe: {r['probe']['n']} MiniLM-pooled Rotten Tomatoes sentences, {len(r['probe']['layers'])} "
               f"layers x 7 C values, both pinned to one thread: lamina {r['probe']['lamina_s']:.2f} s vs scikit-learn "
-              f"{r['probe']['sklearn_s']:.2f} s; with both at their default threads the ratio is "
-              f"{r['probe_speedup_vs_sklearn_default_threads']:.1f} (scikit-learn's threads stall on a busy machine). "
+              f"{r['probe']['sklearn_s']:.2f} s (CPU-time ratio {r['probe']['probe_speedup_cpu']:.1f}; load average "
+              f"{r['probe']['load_avg_before'][0]:.1f} before, {r['probe']['load_avg_after'][0]:.1f} after); with both "
+              f"at their default threads the ratio is {r['probe_speedup_vs_sklearn_default_threads']:.1f} (lamina "
+              f"{r['probe']['default_threads']['lamina_s']:.2f} s vs scikit-learn "
+              f"{r['probe']['default_threads']['sklearn_s']:.2f} s; threads stall on a busy machine). Where the "
+              "probe's time goes, and what was measured against the 10x target, is in the docstring of "
+              "`lamina/analyze/metrics/probe.py`. "
               f"Skip importance: {r['importance'].get('n_samples', '?')} sentences, 6 blocks. CKA: two stores of "
               f"7 x 384 features, N = {r['cka']['n']} and {4 * r['cka']['n']}, full `lamina.analyze.compare` "
               "including the permutation null; peak RSS is the process's own VmHWM, reset just before compare.", ""]
@@ -189,7 +194,7 @@ def _write_section(r: dict) -> None:
     if "## analyze" in text:
         head, _, rest = text.partition("## analyze")
         nxt = rest.find("\n## ")
-        text = head + section + (rest[nxt + 1:] if nxt >= 0 else "")
+        text = head + section + ("\n" + rest[nxt + 1:] if nxt >= 0 else "")
     else:
         text = text.rstrip() + "\n\n" + section
     path.write_text(text.rstrip() + "\n")

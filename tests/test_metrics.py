@@ -162,6 +162,25 @@ def test_float32_solver_lands_on_the_float64_optimum(n_classes):
     assert np.abs(logits32 - logits64).max() < 2e-3
 
 
+def test_rotated_multinomial_solve_lands_on_the_unrotated_optimum(monkeypatch):
+    """Multinomial probes rotate the design onto the Gram's eigenvectors (no basis products per CG
+    step); the weights come back to the original axes and the tolerance is checked there."""
+    import torch
+    from lamina.analyze.metrics import probe
+    layers, y = _layers(n=600, dims=(40,), n_classes=4, signal=(0.8,))
+    x = layers[0].astype(np.float64)
+    x = (x - x.mean(0)) / x.std(0)
+    args = (torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)), torch.from_numpy(1 / np.asarray(DEFAULT_CS)), 4)
+    w_rot, ok_rot = _fit(*args, tol=1e-10, max_iter=100)  # 2 * 7 C * 4 classes * 90 steps >= 600 rows: rotated
+    monkeypatch.setattr(probe, "_CG_STEPS_GUESS", (0, 0))  # never rotate
+    w_plain, ok_plain = _fit(*args, tol=1e-10, max_iter=100)
+    assert ok_rot and ok_plain
+    a = np.c_[x, np.ones(len(x))]
+    logits = [np.einsum("nd,pkd->pkn", a, w.numpy()) for w in (w_rot, w_plain)]
+    logits = [lg - lg.mean(1, keepdims=True) for lg in logits]  # defined up to a shared constant per sample
+    np.testing.assert_allclose(logits[0], logits[1], atol=1e-6)
+
+
 def test_probe_many_classes_converges_at_every_C():
     """Ten classes, the default C grid: the strongest C finishes its CG early while the weak ones go on
     (a float32 CG that kept iterating past its target once derailed C=1e-4 here)."""
