@@ -135,8 +135,10 @@ def main(argv=None) -> dict:
     p = Path(__file__).resolve().parent / "results" / "distill.json"
     old = json.loads(p.read_text()) if p.exists() else {}
     for k in ("minilm", "efficientnet"):
-        if k not in result and k in old:
-            result[k] = old[k]
+        if k in result:
+            result[k]["command"] = result["command"]
+        elif k in old:  # a partial re-run keeps the other part, with the command that measured it
+            result[k] = {"command": old.get("command"), **old[k]}
     result["seconds"] = time.time() - t0
     m, e = result.get("minilm"), result.get("efficientnet")
     result["accuracy_retained"] = {"minilm_d": m and m["accuracy_retained"],
@@ -153,12 +155,12 @@ def main(argv=None) -> dict:
 
 
 def _write(r: dict) -> None:
-    lines = [f"Command: `{r['command']}` (results: `bench/results/distill.json`; {r['machine']['cpus']} shared "
-             f"CPUs, torch {r['machine']['torch']}).", ""]
+    lines = [f"Results: `bench/results/distill.json` ({r['machine']['cpus']} shared CPUs, torch "
+             f"{r['machine']['torch']}); each part names the command that measured it.", ""]
     m = r.get("minilm")
     if m:
         s = m["summary"]
-        lines += [f"**MiniLM, 3 of 6 blocks** (removed {', '.join(m['student_removed'])}): teacher "
+        lines += [f"`{m['command']}`:", "", f"**MiniLM, 3 of 6 blocks** (removed {', '.join(m['student_removed'])}): teacher "
                   f"{m['teacher_test_accuracy']:.4f} on {m['test_rows']} held-out sentences; every variant "
                   f"{m['epochs']} epochs over {m['train_rows']} training sentences, lr {m['lr']}, seeds "
                   f"{', '.join(map(str, m['seeds']))}.", "",
@@ -175,7 +177,7 @@ def _write(r: dict) -> None:
                   + ", ".join(f"({k}) {'yes' if v else 'NO'}" for k, v in m["d_beats"].items()) + ".", ""]
     e = r.get("efficientnet")
     if e:
-        lines += [f"**EfficientNet-Lite0, SKT 1/4-width student** (Fashion-MNIST at {e['image_size']} px, "
+        lines += [f"`{e['command']}`:", "", f"**EfficientNet-Lite0, SKT 1/4-width student** (Fashion-MNIST at {e['image_size']} px, "
                   f"{e['epochs']} epochs, full recipe, taps at stage ends, seed {e['seed']}): teacher "
                   f"{e['teacher_test_accuracy']:.4f}, student {e['student_test_accuracy']:.4f} on {e['test_rows']} "
                   f"images (retained {e['accuracy_retained']:.3f}); parameter ratio {e['parameter_ratio']:.3f}, "

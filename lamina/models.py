@@ -294,6 +294,36 @@ def random_init(lm: LoadedModel, seed: int = 0) -> LoadedModel:
     return out
 
 
+def recalibrate_bn(lm: LoadedModel, batches) -> bool:
+    """Re-estimate every BatchNorm's running statistics on ``batches`` (model inputs); False when it has none.
+
+    Slicing channels (narrow copies) leaves running statistics measured on the
+    wider network, and EfficientNet's BN momentum (0.01) makes them follow
+    training slowly, so evaluation in eval mode lags what the weights compute.
+    This is the standard fix: a cumulative average over real batches, with only
+    the BN layers in train mode (dropout and drop-connect stay off), no gradients.
+    """
+    bns = [m for m in lm.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return False
+    was = lm.module.training
+    momenta = [m.momentum for m in bns]
+    lm.module.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch counts equally
+        m.train()
+    try:
+        with torch.no_grad():
+            for b in batches:
+                lm.forward(b)
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        lm.module.train(was)
+    return True
+
+
 def save_json(path, obj) -> None:
     """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
     path = Path(path)

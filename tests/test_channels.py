@@ -289,3 +289,29 @@ def test_real_efficientnet_depth_and_channels_from_a_lamina_folder(real, tmp_pat
     with torch.no_grad(), bypass(base.module, res.plan["depth"]["remove"]):
         ref = base.module(x["pixels"])
     assert ref.shape == back.module(x["pixels"]).shape
+
+
+def test_prune_recalibrate_bn_matches_the_calibration_statistics(mb_run, tmp_path):
+    """--recalibrate-bn: every BatchNorm's running mean is the mean of what it sees on the calibration rows."""
+    from lamina.cli import main
+    out = tmp_path / "rb"
+    assert main(["prune", FACTORY, "--scores", str(mb_run / "scores.json"), "--channels", "0.5",
+                 "--recalibrate-bn", "--out", str(out)]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["bn_recalibrated"] is True
+    back = lamina.load_model(str(out))
+    from lamina.compress.prune import _calibration_batches  # the same rows prune used
+    from lamina.compress import PruneConfig
+    batches = _calibration_batches(back, json.loads((mb_run / "features" / "manifest.json").read_text()),
+                                   json.loads((mb_run / "scores.json").read_text()),
+                                   PruneConfig(out=str(out), scores=str(mb_run / "scores.json"), channels=0.5),
+                                   mb_run / "scores.json")
+    bn = next(m for m in back.module.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    h = bn.register_forward_pre_hook(lambda m, i: seen.append(i[0].detach().double()) or None)
+    with torch.no_grad():
+        for b in batches:
+            back.forward(b)
+    h.remove()
+    x = torch.cat(seen)
+    torch.testing.assert_close(bn.running_mean.double(), x.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)

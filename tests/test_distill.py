@@ -143,7 +143,8 @@ def test_narrow_copy_keeps_the_most_important_channels(tmp_path):
     x = torch.randn(3, 3, 32, 32)
     calib = [{"pixels": torch.randn(8, 3, 32, 32)}]
     with torch.no_grad():
-        assert torch.equal(narrow_copy(lm, 1.0, calib).module(x), lm.module(x))  # keeping all changes nothing
+        # keeping every channel changes nothing
+        assert torch.equal(narrow_copy(lm, 1.0, calib, recalibrate=False).module(x), lm.module(x))
         q = narrow_copy(lm, 0.25, calib)
         assert q.module(x).shape == (3, 3)
     n_t = sum(p.numel() for p in lm.module.parameters())
@@ -162,6 +163,18 @@ def test_narrow_copy_keeps_the_most_important_channels(tmp_path):
     h.remove()
     want = torch.sort(torch.argsort(acts["stem"], descending=True)[:8]).values
     torch.testing.assert_close(q.module._bn0.weight, lm.module._bn0.weight[want])
+    # its BatchNorm statistics were re-estimated on the calibration batch: the stem's equal the batch's own
+    pre = {}
+    h = q.module._conv_stem.register_forward_hook(lambda m, i, o: pre.__setitem__("x", o.detach()) or None)
+    with torch.no_grad():
+        q.module(calib[0]["pixels"])
+    h.remove()
+    xs = pre["x"].double().numpy()
+    torch.testing.assert_close(q.module._bn0.running_mean.double(), torch.from_numpy(xs.mean((0, 2, 3))),
+                               rtol=1e-4, atol=1e-5)
+    n = xs.shape[0] * xs.shape[2] * xs.shape[3]
+    torch.testing.assert_close(q.module._bn0.running_var.double(),
+                               torch.from_numpy(xs.var((0, 2, 3)) * n / (n - 1)), rtol=1e-4, atol=1e-5)
     # saved in lamina's format, it loads back to the same outputs
     from lamina.finetune import save_model
     save_model(q, tmp_path / "narrow")

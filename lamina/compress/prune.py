@@ -67,6 +67,9 @@ class PruneConfig:
     calibration_samples: int = field(default=256, metadata={
         "help": "samples of the scores run's data whose activations rank FFN channels, heads and CNN channels, "
                 "and on which --method iterative re-scores blocks"})
+    recalibrate_bn: bool = field(default=False, metadata={
+        "help": "after pruning, re-estimate BatchNorm running statistics on the calibration samples (CNNs: "
+                "removed channels shift what later layers see; no weight changes, no labels)"})
     overwrite: bool = field(default=False, metadata={
         "help": "replace OUT/plan.json and OUT/model when OUT already holds files"})
 
@@ -250,7 +253,7 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
     if plan["channels"]:
         channel_layout(lm.module, container)  # likewise for CNN channels (EfficientNet MBConv blocks only)
     iterative = needs_model(plan) and plan["depth"]["method"] == "iterative"
-    calibrate = plan["ffn"] or plan["heads"] or plan["channels"] or iterative
+    calibrate = plan["ffn"] or plan["heads"] or plan["channels"] or iterative or config.recalibrate_bn
     batches = _calibration_batches(lm, man, data, config, scores_path) if calibrate else None
     if needs_model(plan):  # iterative rounds / parameter target: chosen now, so plan.json records the choice
         plan = choose_blocks(lm, plan, batches)
@@ -264,8 +267,11 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
     plan_path, model_path = out / "plan.json", out / "model"
     save_json(plan_path, plan)  # the plan first: it is what the user asked for, whatever happens next
     res = apply(lm, plan, batches=batches)
-    fmt = _save(res.model, lm, model_path)
     done = dict(res.plan)
+    if config.recalibrate_bn:
+        from ..models import recalibrate_bn
+        done["bn_recalibrated"] = recalibrate_bn(res.model, batches)
+    fmt = _save(res.model, lm, model_path)
     n_before = lm.blocks.n_blocks
     n_after = res.model.blocks.n_blocks
     removed = list((done.get("depth") or {}).get("remove") or [])

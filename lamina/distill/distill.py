@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from ..models import LoadedModel, load_model, random_init, save_json
+from ..models import LoadedModel, load_model, random_init, recalibrate_bn, save_json
 from ..task import TaskSpec, batches, check_classes, counts, evaluate, logits_of, num_classes, read_task
 from ..train import Loop, check_loop_args, fit, init_distributed, world
 from .losses import CenterLoss, LossWeights, make_adapters, total_loss
@@ -85,7 +85,8 @@ class DistillConfig:
         "help": "train on at most this many of the training rows (stratified); validation and test stay whole"})
     seed: int = field(default=0, metadata={"help": "seed of the order, the adapters and a re-initialized student"})
     calibration_samples: int = field(default=256, metadata={
-        "help": "training rows whose activations rank the channels of a --width copy"})
+        "help": "training rows whose activations rank the channels of a --width copy and re-estimate a "
+                "BatchNorm student's running statistics before each validation"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from OUT/checkpoint.pt"})
     overwrite: bool = field(default=False, metadata={"help": "replace what OUT already holds"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar with the current losses"})
@@ -283,7 +284,12 @@ def distill(config: DistillConfig) -> DistillResult:
         scale = len(rows) / gbs  # batch means -> this rank's share of the global mean
         return loss * scale, {k: torch.tensor(v * scale) for k, v in parts.items() if k != "total"}
 
+    calib = [b for b, _ in batches(student, ds, split["train"][: config.calibration_samples], 32, spec)] \
+        if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in student.module.modules()) else []
+
     def validate(rows):
+        # BN running statistics lag the weights (EfficientNet's momentum is 0.01): re-estimate them first
+        recalibrate_bn(student, calib)
         return counts(student, ds, rows, spec)
 
     params = [p for p in student.module.parameters()] + [p for p in extra.parameters()]

@@ -14,6 +14,8 @@ calibration batches, and starts from the teacher's weights for them:
   positions, summed over every tensor of its space (stem output, block
   outputs; the depthwise BN output for hidden channels; the head BN output),
   the activation-magnitude criterion of Nemotron Elastic's width pruning;
+- BatchNorm running statistics are re-estimated on the calibration batches
+  afterwards (the sliced ones describe the wide network's activations);
 - each conv / batch-norm / linear is sliced in place (same module classes, so
   the static "same" padding and the block's residual test are unchanged: a
   block keeps its original in/out filter counts in its arguments, which only
@@ -134,10 +136,11 @@ def narrow_(net: nn.Module, keep: dict) -> None:
     fc.in_features = len(keep["head"])
 
 
-def narrow_copy(teacher: LoadedModel, width: float, batches: list) -> LoadedModel:
+def narrow_copy(teacher: LoadedModel, width: float, batches: list, recalibrate: bool = True) -> LoadedModel:
     """A copy of ``teacher`` with ``width`` of the channels of every space, the most important ones.
 
-    ``batches``: model inputs (``teacher.batch(...)``) that rank the channels.
+    ``batches``: model inputs (``teacher.batch(...)``) that rank the channels and,
+    with ``recalibrate``, re-estimate the BatchNorm running statistics.
     """
     net = teacher.module
     if not _is_effnet(net):
@@ -156,6 +159,9 @@ def narrow_copy(teacher: LoadedModel, width: float, batches: list) -> LoadedMode
     narrow_(new, keep)
     new.eval()
     from ..blocks import find_blocks
+    from ..models import recalibrate_bn
     out = copy.copy(teacher)
     out.module, out.blocks = new, find_blocks(new, teacher.blocks.container or None)
+    if recalibrate:
+        recalibrate_bn(out, batches)  # the sliced running statistics describe the wide network
     return out
