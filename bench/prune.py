@@ -154,12 +154,12 @@ def _load_old() -> dict:
 
 
 def _write(r: dict) -> None:
-    lines = [f"Command: `{r['command']}` (results: `bench/results/prune.json`; {r['machine']['cpus']} shared CPUs, "
-             f"torch {r['machine']['torch']}, load average {r['machine']['load_average_start'][0]:.1f} at start). "
-             "No recovery training anywhere in this section.", ""]
+    lines = [f"Results: `bench/results/prune.json` ({r['machine']['cpus']} shared CPUs, torch "
+             f"{r['machine']['torch']}); each part names the command that measured it. No recovery training "
+             "anywhere in this section.", ""]
     m = r.get("minilm")
     if m:
-        lines += [f"**MiniLM on Rotten Tomatoes**: teacher test accuracy {m['teacher_test_accuracy']:.4f} on "
+        lines += [f"`{m.get('command', r['command'])}`:", "", f"**MiniLM on Rotten Tomatoes**: teacher test accuracy {m['teacher_test_accuracy']:.4f} on "
                   f"{m['test_rows']} held-out sentences. Accuracy kept by each depth method, no recovery:", "",
                   "| method | 4 of 6 blocks | retained | removed | 3 of 6 blocks | retained | removed |",
                   "|---|---|---|---|---|---|---|"]
@@ -172,7 +172,7 @@ def _write(r: dict) -> None:
         lines += _speed_table(m["speed"], "MiniLM")
     e = r.get("efficientnet")
     if e:
-        lines += [f"**EfficientNet-Lite0 on Fashion-MNIST** at {e['image_size']} px: teacher test accuracy "
+        lines += [f"`{e.get('command', r['command'])}`:", "", f"**EfficientNet-Lite0 on Fashion-MNIST** at {e['image_size']} px: teacher test accuracy "
                   f"{e['teacher_test_accuracy']:.4f} on {e['test_rows']} images. Expanded MBConv channels removed "
                   "in every block by activation importance, no recovery:", "",
                   "| channels removed | accuracy | retained | with BN statistics re-estimated (`--recalibrate-bn`) "
