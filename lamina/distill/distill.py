@@ -187,6 +187,7 @@ def distill(config: DistillConfig) -> DistillResult:
     t0 = time.perf_counter()
     out = Path(config.out)
     check_out(out, config.overwrite, config.resume)
+    teacher = load_model(config.teacher)  # a missing or unreadable teacher is named first
     spec = read_task(config.teacher)
     if spec is None:
         if not config.data:
@@ -196,7 +197,6 @@ def distill(config: DistillConfig) -> DistillResult:
     elif config.data and config.data != spec.data:
         spec = TaskSpec(**{**spec.to_dict(), "data": config.data, "limit": None})
     ds, split = spec.load()
-    teacher = load_model(config.teacher)
     if num_classes(teacher) is None:
         raise UsageError("the teacher is not a classifier lamina knows", value=config.teacher,
                          allowed="a `lamina finetune` output or a *ForSequenceClassification/ImageClassification "
