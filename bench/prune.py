@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, save_result, scores, teacher, write_section  # noqa: E402
@@ -184,7 +183,7 @@ def _write(r: dict) -> None:
         lines += [""] + _speed_table(e["speed"], "EfficientNet-Lite0")
     if "speedup_efficiency_bs32" in r:
         eff = r["speedup_efficiency_bs32"]
-        lines += [f"Target speedup_efficiency >= 0.9 at batch 32: "
+        lines += ["Target speedup_efficiency >= 0.9 at batch 32: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in eff.items())
                   + f" -> {'met' if r['target_met'] else 'NOT met'}.", ""]
     write_section("prune", lines)

@@ -358,6 +358,49 @@ def save_loaded(lm, path, extra: dict | None = None) -> Path:
                        tokenizer=lm.tokenizer)
 
 
+def save_format(lm) -> str:
+    """'huggingface' when ``save_pretrained`` can hold ``lm`` (and it did not come from a lamina folder), else
+    'lamina'; UsageError (before anything is written) when lamina cannot rebuild the architecture."""
+    src = Path(str(lm.source))
+    if hasattr(lm.module, "save_pretrained") and not (src.is_dir() and (src / SPEC).exists()):
+        return "huggingface"
+    builder_for(lm)  # raises when lamina cannot rebuild the architecture
+    return "lamina"
+
+
+def save(lm, dest, source=None) -> str:
+    """Save a LoadedModel to ``dest`` the standard way when its config still describes it (save_pretrained +
+    tokenizer + image preprocessor of ``source``), in lamina's format otherwise; written to a temp folder
+    and swapped in. ``source``: the model it was derived from (default ``lm``). Returns the format.
+
+    The one saver of every stage (finetune, prune, distill).
+    """
+    source = source or lm
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if save_format(source) == "huggingface" and config_describes(lm.module):
+        import transformers
+        transformers.utils.logging.disable_progress_bar()  # lamina prints its own summary
+        lm.module.save_pretrained(tmp)
+        tok = lm.tokenizer if lm.tokenizer is not None else source.tokenizer
+        if tok is not None and hasattr(tok, "save_pretrained"):
+            tok.save_pretrained(tmp)
+        src = Path(str(source.source))
+        pre = src / "preprocessor_config.json"
+        if src.is_dir() and pre.exists():
+            shutil.copy2(pre, tmp / pre.name)
+        fmt = "huggingface"
+    else:
+        save_loaded(lm, tmp)
+        fmt = "lamina"
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return fmt
+
+
 def read_spec(path) -> dict:
     """lamina.json of a lamina-format folder (UsageError when it is not one)."""
     path = Path(path)

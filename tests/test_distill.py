@@ -176,8 +176,8 @@ def test_narrow_copy_keeps_the_most_important_channels(tmp_path):
     torch.testing.assert_close(q.module._bn0.running_var.double(),
                                torch.from_numpy(xs.var((0, 2, 3)) * n / (n - 1)), rtol=1e-4, atol=1e-5)
     # saved in lamina's format, it loads back to the same outputs
-    from lamina.finetune import save_model
-    save_model(q, tmp_path / "narrow")
+    from lamina.savefmt import save
+    save(q, tmp_path / "narrow", lm)
     back = load_model(str(tmp_path / "narrow"))
     with torch.no_grad():
         torch.testing.assert_close(back.module(x), q.module(x))

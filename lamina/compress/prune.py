@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import UsageError
 from ..models import LoadedModel, load_model, save_json
+from ..savefmt import save, save_format
 from .apply import apply, check_plan, choose_blocks
 from .channels import channel_layout
 from .heads import _attn_blocks
@@ -177,42 +176,6 @@ def _calibration_batches(lm: LoadedModel, man: dict | None, scores: dict, config
             for s in range(0, n, bs)]
 
 
-def _save(res_model: LoadedModel, source: LoadedModel, dest: Path) -> str:
-    """Save into a temp folder, then swap it in; returns the format ('huggingface' or 'lamina')."""
-    from ..savefmt import config_describes, save_loaded
-    tmp = dest.with_name(dest.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    if _save_format(source) == "huggingface" and config_describes(res_model.module):
-        import transformers
-        transformers.utils.logging.disable_progress_bar()  # lamina prints its own summary
-        res_model.module.save_pretrained(tmp)
-        if source.tokenizer is not None and hasattr(source.tokenizer, "save_pretrained"):
-            source.tokenizer.save_pretrained(tmp)
-        src = Path(source.source)
-        pre = src / "preprocessor_config.json"
-        if src.is_dir() and pre.exists():
-            shutil.copy2(pre, tmp / pre.name)
-        fmt = "huggingface"
-    else:
-        save_loaded(res_model, tmp)
-        fmt = "lamina"
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
-    return fmt
-
-
-def _save_format(lm: LoadedModel) -> str:
-    """'huggingface' or 'lamina'; UsageError (before anything is written) when the model cannot be saved."""
-    from ..savefmt import SPEC, builder_for
-    src = Path(str(lm.source))
-    if hasattr(lm.module, "save_pretrained") and not (src.is_dir() and (src / SPEC).exists()):
-        return "huggingface"
-    builder_for(lm)  # raises when lamina cannot rebuild the architecture
-    return "lamina"
-
-
 def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
     """Plan from ``scores``, prune a copy of ``model``, save both under ``config.out``.
 
@@ -244,7 +207,7 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
     blocks = ((man or {}).get("config") or {}).get("blocks")
     lm = load_model(model, blocks=blocks)
     check_plan(lm.module, plan)  # another model's scores: refused before anything is written
-    _save_format(lm)  # a model lamina cannot save: refused before anything is written
+    save_format(lm)  # a model lamina cannot save: refused before anything is written
     container = lm.blocks.container or None
     if plan["ffn"]:
         ffn_layout(lm.module, container)  # a model whose FFN cannot be pruned: refused before writing
@@ -271,7 +234,7 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
     if config.recalibrate_bn:
         from ..models import recalibrate_bn
         done["bn_recalibrated"] = recalibrate_bn(res.model, batches)
-    fmt = _save(res.model, lm, model_path)
+    fmt = save(res.model, model_path, lm)
     n_before = lm.blocks.n_blocks
     n_after = res.model.blocks.n_blocks
     removed = list((done.get("depth") or {}).get("remove") or [])

@@ -181,7 +181,8 @@ def _student(config: DistillConfig, teacher: LoadedModel, ds, split, spec) -> tu
 
 def distill(config: DistillConfig) -> DistillResult:
     """Train the student of ``config`` against its teacher; see the module doc."""
-    from ..finetune import check_out, save_model
+    from ..finetune import check_out
+    from ..savefmt import save
     init_distributed()
     rank, size = world()
     t0 = time.perf_counter()
@@ -313,7 +314,7 @@ def distill(config: DistillConfig) -> DistillResult:
            "teacher_test": t_rec, "accuracy_retained": test["accuracy"] / t_rec["accuracy"] if t_rec["accuracy"] else None,
            "model_path": str(out / "model"), "seconds": None}
     if rank == 0:
-        rec["format"] = save_model(student, out / "model", teacher)
+        rec["format"] = save(student, out / "model", teacher)
         rec["seconds"] = time.perf_counter() - t0
         save_json(out / "distill.json", rec)
         ck = out / "checkpoint.pt"

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 
 from ..errors import UsageError
 from ..models import load_model, save_json
+from ..savefmt import save
 from ..task import TASK_FILE, TaskSpec, counts, evaluate, logits_of
 from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, world
-from .heads import attach_head, head_parameters, save_model
+from .heads import attach_head, head_parameters
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def finetune(model, data: str, config: FinetuneConfig) -> FinetuneResult:
            "history": hist, "test": test, "model_path": str(out / "model"),
            "seconds": time.perf_counter() - t0}
     if rank == 0:
-        fmt = save_model(lm, out / "model", base)
+        fmt = save(lm, out / "model", base)
         rec["format"] = fmt
         save_json(out / TASK_FILE, rec)
         ck = out / CHECKPOINT

@@ -1,4 +1,4 @@
-"""A classification head on a backbone, which parameters it owns, and saving the result.
+"""A classification head on a backbone, and which parameters it owns (saving: ``lamina.savefmt.save``).
 
 - Hugging Face backbones get the library's own ``*ForSequenceClassification``
   / ``*ForImageClassification`` class (built from the backbone's config, the
@@ -15,8 +15,6 @@
 from __future__ import annotations
 
 import copy
-import shutil
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -112,39 +110,3 @@ def head_parameters(lm: LoadedModel, batch: dict) -> list[str]:
             h.remove()
     head = {n for n, v in order.items() if v is not None}
     return [pn for pn, _ in lm.module.named_parameters() if pn.rsplit(".", 1)[0] in head]
-
-
-def save_model(lm: LoadedModel, dest: Path, source: LoadedModel | None = None) -> str:
-    """Save ``lm`` to ``dest`` (replaced atomically): save_pretrained for Hugging Face models
-    (with tokenizer / image preprocessor), lamina's format otherwise. Returns the format."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    if hasattr(lm.module, "save_pretrained"):
-        import transformers
-        transformers.utils.logging.disable_progress_bar()
-        lm.module.save_pretrained(tmp)
-        if lm.tokenizer is not None and hasattr(lm.tokenizer, "save_pretrained"):
-            lm.tokenizer.save_pretrained(tmp)
-        src = Path(str((source or lm).source))
-        pre = src / "preprocessor_config.json"
-        if src.is_dir() and pre.exists():
-            shutil.copy2(pre, tmp / pre.name)
-        fmt = "huggingface"
-    else:
-        from ..savefmt import save_lamina
-        builder = "efficientnet-lite0" if hasattr(lm.module, "_fc") else None
-        if builder is None:
-            raise UsageError("lamina can save only Hugging Face models and the bundled EfficientNet",
-                             value=type(lm.module).__name__, allowed="those models",
-                             fix="save the module yourself (torch.save(model.state_dict(), ...))")
-        save_lamina(lm.module, tmp, builder=builder,
-                    preprocess={"modality": lm.modality, "image_size": lm.image_size,
-                                "image_mean": list(lm.image_mean), "image_std": list(lm.image_std),
-                                "in_channels": lm.in_channels},
-                    extra={"num_classes": int(lm.module._fc.out_features)})
-        fmt = "lamina"
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
-    return fmt

@@ -37,7 +37,7 @@ from . import _catalog as cat
 from . import _context as ctx
 from . import _plots as plots
 from ._scores import parse_scores
-from ._stages import STAGE_FILES, section, stage_paths  # noqa: F401  (STAGE_FILES: re-exported)
+from ._stages import section, stage_paths
 
 log = logging.getLogger(__name__)
 
