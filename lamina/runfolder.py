@@ -1,4 +1,4 @@
-"""The run folder's ``config.json``: resolved settings of every stage that ran."""
+"""Output folders: refusing one that holds the user's files, and ``config.json`` (resolved settings of every stage)."""
 
 from __future__ import annotations
 
@@ -34,3 +34,23 @@ def update_run_config(run: str | Path, stage: str, settings: dict) -> dict:
     tmp.write_text(json.dumps(cfg, indent=2, default=str))
     os.replace(tmp, path)
     return cfg
+
+
+def check_out(out: str | Path, overwrite: bool, resume: bool = False, checkpoint: str | None = None) -> None:
+    """Refuse an OUT that is a file, or a folder that holds files, unless ``overwrite``; with ``resume``,
+    require OUT/``checkpoint`` instead. The one rule for every stage that writes an OUT folder."""
+    from .errors import UsageError
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError("--out is a file, not a folder", value=str(out), allowed="a new or empty folder",
+                         fix="pick another --out")
+    if resume:
+        if checkpoint is None or not (out / checkpoint).exists():
+            raise UsageError(f"nothing to resume: OUT has no {checkpoint}", value=str(out),
+                             allowed="the OUT folder of an interrupted run", fix="run without --resume")
+        return
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        hint = ", pass --resume to continue it," if checkpoint else ""
+        raise UsageError("the output folder already exists and is not empty", value=str(out),
+                         allowed="a new or empty folder",
+                         fix=f"pick another --out{hint} or pass --overwrite to replace what lamina writes there")

@@ -76,7 +76,7 @@ def channel_importance(module: nn.Module, batches: Iterable[Mapping],
     return dict(zip(found, sums))
 
 
-def _keep_conv_(conv: nn.Conv2d, out_idx: torch.Tensor | None = None, in_idx: torch.Tensor | None = None) -> None:
+def keep_conv_(conv: nn.Conv2d, out_idx: torch.Tensor | None = None, in_idx: torch.Tensor | None = None) -> None:
     """Shrink ``conv`` in place (its class, padding module and stride kept): output channels ``out_idx``,
     input channels ``in_idx``; a depthwise conv (groups = channels) keeps ``out_idx`` as its groups."""
     depthwise = 1 < conv.groups == conv.in_channels == conv.out_channels
@@ -95,7 +95,7 @@ def _keep_conv_(conv: nn.Conv2d, out_idx: torch.Tensor | None = None, in_idx: to
         conv.in_channels = w.shape[1] * conv.groups
 
 
-def _keep_bn_(bn: nn.modules.batchnorm._BatchNorm, idx: torch.Tensor) -> None:
+def keep_bn_(bn: nn.modules.batchnorm._BatchNorm, idx: torch.Tensor) -> None:
     for name in ("weight", "bias"):
         p = getattr(bn, name)
         if p is not None:
@@ -125,13 +125,13 @@ def prune_channels_(module: nn.Module, keep: Mapping[int, torch.Tensor], blocks:
         if len(idx) < 1 or int(idx.max()) >= c or len(idx.unique()) != len(idx):
             raise UsageError("kept channels out of range or empty", value=f"blocks.{j}: {len(idx)} of {c}",
                              allowed=f"1..{c} distinct indices below {c}", fix="lower --channels")
-        _keep_conv_(b._expand_conv, out_idx=idx)
-        _keep_bn_(b._bn0, idx)
-        _keep_conv_(b._depthwise_conv, out_idx=idx)
-        _keep_bn_(b._bn1, idx)
+        keep_conv_(b._expand_conv, out_idx=idx)
+        keep_bn_(b._bn0, idx)
+        keep_conv_(b._depthwise_conv, out_idx=idx)
+        keep_bn_(b._bn1, idx)
         if getattr(b, "has_se", False):
-            _keep_conv_(b._se_reduce, in_idx=idx)
-            _keep_conv_(b._se_expand, out_idx=idx)
-        _keep_conv_(b._project_conv, in_idx=idx)
+            keep_conv_(b._se_reduce, in_idx=idx)
+            keep_conv_(b._se_expand, out_idx=idx)
+        keep_conv_(b._project_conv, in_idx=idx)
         before[f"blocks.{j}"], after[f"blocks.{j}"] = c, len(idx)
     return {"hidden_before": before, "hidden_after": after}

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..models import LoadedModel, load_model, save_json
+from ..runfolder import check_out
 from ..savefmt import save, save_format
 from .apply import apply, check_plan, choose_blocks
 from .channels import channel_layout
@@ -120,16 +121,6 @@ class PruneResult:
         return asdict(self)
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UsageError("--out is a file, not a folder", value=str(out), allowed="a new or empty folder",
-                         fix="pick another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError("the output folder already exists and is not empty", value=str(out),
-                         allowed="a new or empty folder", fix="pick another --out, or pass --overwrite to replace "
-                                                              "OUT/plan.json and OUT/model")
-
-
 def _read_scores(scores, path: Path) -> dict:
     if isinstance(scores, dict):
         return scores
@@ -195,7 +186,7 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
                          fix="prune(model, None, PruneConfig(out='small', scores='run/scores.json', drop_blocks=0.25))")
     out = Path(config.out)
     scores_path = Path(config.scores) if scores is None or isinstance(scores, dict) else Path(scores)
-    _check_out(out, config.overwrite)
+    check_out(out, config.overwrite)
     data = _read_scores(scores, scores_path)
     plan = make_plan(data, config.plan_config())
     if is_empty(plan):

@@ -40,7 +40,8 @@ import torch
 from ..errors import UsageError
 from ..models import LoadedModel, load_model, random_init, recalibrate_bn, save_json
 from ..task import TaskSpec, batches, check_classes, counts, evaluate, logits_of, num_classes, read_task
-from ..train import Loop, check_loop_args, fit, init_distributed, world
+from ..runfolder import check_out
+from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, world
 from .losses import CenterLoss, LossWeights, make_adapters, total_loss
 from .taps import record
 
@@ -181,13 +182,12 @@ def _student(config: DistillConfig, teacher: LoadedModel, ds, split, spec) -> tu
 
 def distill(config: DistillConfig) -> DistillResult:
     """Train the student of ``config`` against its teacher; see the module doc."""
-    from ..finetune import check_out
     from ..savefmt import save
     init_distributed()
     rank, size = world()
     t0 = time.perf_counter()
     out = Path(config.out)
-    check_out(out, config.overwrite, config.resume)
+    check_out(out, config.overwrite, config.resume, CHECKPOINT)
     teacher = load_model(config.teacher)  # a missing or unreadable teacher is named first
     spec = read_task(config.teacher)
     if spec is None:
@@ -257,14 +257,13 @@ def distill(config: DistillConfig) -> DistillResult:
     # adapters (student width -> teacher width) and centres, shaped from one real batch
     torch.manual_seed(config.seed)
     extra = torch.nn.ModuleDict()
-    if w.cosine > 0 or w.fsp > 0:
+    if need_feats:
         with torch.no_grad():
             _, s_f, _, t_f, _ = run(split["train"][:2])
-        extra["adapters"] = make_adapters(s_f, t_f)
-    if w.center > 0:
-        with torch.no_grad():
-            _, s_f, _, _, _ = run(split["train"][:2])
-        extra["center"] = CenterLoss(len(ds.classes), s_f[-1].shape[1 if s_f[-1].dim() == 4 else -1])
+        if w.cosine > 0 or w.fsp > 0:
+            extra["adapters"] = make_adapters(s_f, t_f)
+        if w.center > 0:
+            extra["center"] = CenterLoss(len(ds.classes), s_f[-1].shape[1 if s_f[-1].dim() == 4 else -1])
 
     def step(rows, gbs):
         s_logits, s_feats, t_logits, t_feats, mask = run(rows)
@@ -317,7 +316,7 @@ def distill(config: DistillConfig) -> DistillResult:
         rec["format"] = save(student, out / "model", teacher)
         rec["seconds"] = time.perf_counter() - t0
         save_json(out / "distill.json", rec)
-        ck = out / "checkpoint.pt"
+        ck = out / CHECKPOINT
         if ck.exists():
             ck.unlink()
     if size > 1:

@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import UsageError
+from ..compress._calib import channel_sums
+from ..compress.channels import keep_bn_, keep_conv_
 from ..models import LoadedModel
 
 
@@ -66,71 +68,41 @@ def _spaces(net: nn.Module) -> dict:
 
 
 def _importance(net: nn.Module, sp: dict, batches: list) -> dict:
-    score = {k: torch.zeros(n, dtype=torch.float64) for k, n in sp["sizes"].items()}
-    hooks = []
-
-    def add(space):
-        def hook(_m, _i, out):
-            x = out[0] if isinstance(out, tuple) else out
-            score[space] += x.detach().abs().mean(dim=(0, 2, 3)).double()
-        return hook
-
-    hooks.append(net._bn0.register_forward_hook(add("stem")))
+    """Per space, the summed per-sample mean |activation| of every tensor in it (see the module doc)."""
+    per_sample = lambda x: x.abs().mean(dim=(2, 3))  # noqa: E731  (B, C, H, W) -> (B, C)
+    points, spaces = [(net._bn0, "output", per_sample, sp["sizes"]["stem"])], ["stem"]
     for b, (_inp, hidden, out) in zip(net._blocks, sp["blocks"]):
-        hooks.append(b.register_forward_hook(add(out)))
+        points.append((b, "output", per_sample, sp["sizes"][out]))
+        spaces.append(out)
         if hidden.startswith("hidden"):
-            hooks.append(b._bn1.register_forward_hook(add(hidden)))
-    hooks.append(net._bn1.register_forward_hook(add("head")))
-    try:
-        net.eval()
-        with torch.no_grad():
-            for batch in batches:
-                net(batch["pixels"])
-    finally:
-        for h in hooks:
-            h.remove()
+            points.append((b._bn1, "output", per_sample, sp["sizes"][hidden]))
+            spaces.append(hidden)
+    points.append((net._bn1, "output", per_sample, sp["sizes"]["head"]))
+    spaces.append("head")
+    score = {k: torch.zeros(n, dtype=torch.float64) for k, n in sp["sizes"].items()}
+    for space, sums in zip(spaces, channel_sums(net, batches, points, "a narrow copy")):
+        score[space] += sums
     return score
-
-
-def _conv_(conv: nn.Conv2d, out_idx, in_idx) -> None:
-    w = conv.weight.data
-    if conv.groups > 1:  # depthwise: one filter per channel
-        conv.weight = nn.Parameter(w[out_idx].clone())
-        conv.groups = len(out_idx)
-        conv.in_channels = conv.out_channels = len(out_idx)
-    else:
-        conv.weight = nn.Parameter(w[out_idx][:, in_idx].clone())
-        conv.out_channels, conv.in_channels = len(out_idx), len(in_idx)
-    if conv.bias is not None:
-        conv.bias = nn.Parameter(conv.bias.data[out_idx].clone())
-
-
-def _bn_(bn: nn.BatchNorm2d, idx) -> None:
-    bn.weight = nn.Parameter(bn.weight.data[idx].clone())
-    bn.bias = nn.Parameter(bn.bias.data[idx].clone())
-    bn.running_mean = bn.running_mean[idx].clone()
-    bn.running_var = bn.running_var[idx].clone()
-    bn.num_features = len(idx)
 
 
 def narrow_(net: nn.Module, keep: dict) -> None:
     """Slice ``net`` in place to the channels ``keep[space]`` (sorted index tensors)."""
     sp = _spaces(net)
-    _conv_(net._conv_stem, keep["stem"], torch.arange(net._conv_stem.in_channels))
-    _bn_(net._bn0, keep["stem"])
+    keep_conv_(net._conv_stem, out_idx=keep["stem"])
+    keep_bn_(net._bn0, keep["stem"])
     for b, (inp, hidden, out) in zip(net._blocks, sp["blocks"]):
-        if hidden != inp:
-            _conv_(b._expand_conv, keep[hidden], keep[inp])
-            _bn_(b._bn0, keep[hidden])
-        _conv_(b._depthwise_conv, keep[hidden], keep[hidden])
-        _bn_(b._bn1, keep[hidden])
         if getattr(b, "has_se", False):
             raise UsageError("narrow copies of EfficientNets with squeeze-excitation are not supported",
                              value="has_se", allowed="EfficientNet-Lite (no SE)", fix="use efficientnet-lite0")
-        _conv_(b._project_conv, keep[out], keep[hidden])
-        _bn_(b._bn2, keep[out])
-    _conv_(net._conv_head, keep["head"], keep[sp["last"]])
-    _bn_(net._bn1, keep["head"])
+        if hidden != inp:
+            keep_conv_(b._expand_conv, keep[hidden], keep[inp])
+            keep_bn_(b._bn0, keep[hidden])
+        keep_conv_(b._depthwise_conv, out_idx=keep[hidden])
+        keep_bn_(b._bn1, keep[hidden])
+        keep_conv_(b._project_conv, keep[out], keep[hidden])
+        keep_bn_(b._bn2, keep[out])
+    keep_conv_(net._conv_head, keep["head"], keep[sp["last"]])
+    keep_bn_(net._bn1, keep["head"])
     fc = net._fc
     fc.weight = nn.Parameter(fc.weight.data[:, keep["head"]].clone())
     fc.in_features = len(keep["head"])

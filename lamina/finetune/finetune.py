@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ..errors import UsageError
 from ..models import load_model, save_json
+from ..runfolder import check_out
 from ..savefmt import save
 from ..task import TASK_FILE, TaskSpec, counts, evaluate, logits_of
 from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, world
@@ -100,29 +101,13 @@ class FinetuneResult:
         return asdict(self)
 
 
-def check_out(out: Path, overwrite: bool, resume: bool) -> None:
-    """Refuse an OUT that holds files unless --overwrite or --resume (shared by training stages)."""
-    if out.exists() and not out.is_dir():
-        raise UsageError("--out is a file, not a folder", value=str(out), allowed="a new or empty folder",
-                         fix="pick another --out")
-    if resume:
-        if not (out / CHECKPOINT).exists():
-            raise UsageError("nothing to resume: OUT has no checkpoint.pt", value=str(out),
-                             allowed="the OUT folder of an interrupted run", fix="run without --resume")
-        return
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError("the output folder already exists and is not empty", value=str(out),
-                         allowed="a new or empty folder",
-                         fix="pick another --out, pass --resume to continue it, or --overwrite to replace it")
-
-
 def finetune(model, data: str, config: FinetuneConfig) -> FinetuneResult:
     """Train a classifier on ``data`` from ``model`` (anything ``load_model`` takes); see the module doc."""
     init_distributed()
     rank, size = world()
     t0 = time.perf_counter()
     out = Path(config.out)
-    check_out(out, config.overwrite, config.resume)
+    check_out(out, config.overwrite, config.resume, CHECKPOINT)
     spec = TaskSpec(data=str(data), limit=config.limit, seed=config.seed, val=config.val, test=config.test,
                     max_length=config.max_length, image_size=config.image_size, text_column=config.text_column,
                     label_column=config.label_column)
