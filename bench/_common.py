@@ -82,6 +82,19 @@ def write_section(name: str, lines: list[str]) -> None:
     path.write_text(text.rstrip() + "\n")
 
 
+def merge_previous(name: str, result: dict, parts=("minilm", "efficientnet")) -> dict:
+    """Each part records the command that measured it; a part this run skipped is kept from the last
+    results/NAME.json (with its own command), so a partial re-run never drops measurements."""
+    p = HERE / "results" / f"{name}.json"
+    old = json.loads(p.read_text()) if p.exists() else {}
+    for k in parts:
+        if k in result:
+            result[k]["command"] = result["command"]
+        elif k in old:
+            result[k] = {"command": old[k].get("command", old.get("command")), **old[k]}
+    return result
+
+
 def save_result(name: str, result: dict) -> Path:
     (HERE / "results").mkdir(exist_ok=True)
     path = HERE / "results" / f"{name}.json"

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save_result, scores, teacher, write_section  # noqa: E402
+from _common import machine, merge_previous, save_result, scores, teacher, write_section  # noqa: E402
 
 from lamina.bench import BenchConfig, bench  # noqa: E402
 from lamina.compress import PruneConfig, prune  # noqa: E402
@@ -132,13 +132,7 @@ def main(argv=None) -> dict:
         result["minilm"] = run_minilm(work, args)
     if not args.skip_efficientnet:
         result["efficientnet"] = run_efficientnet(work, args)
-    p = Path(__file__).resolve().parent / "results" / "distill.json"
-    old = json.loads(p.read_text()) if p.exists() else {}
-    for k in ("minilm", "efficientnet"):
-        if k in result:
-            result[k]["command"] = result["command"]
-        elif k in old:  # a partial re-run keeps the other part, with the command that measured it
-            result[k] = {"command": old.get("command"), **old[k]}
+    merge_previous("distill", result)
     result["seconds"] = time.time() - t0
     m, e = result.get("minilm"), result.get("efficientnet")
     result["accuracy_retained"] = {"minilm_d": m and m["accuracy_retained"],

@@ -24,7 +24,7 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, save_result, scores, teacher, write_section  # noqa: E402
+from _common import machine, merge_previous, save_result, scores, teacher, write_section  # noqa: E402
 
 from lamina.bench import BenchConfig, bench  # noqa: E402
 from lamina.compress import PruneConfig, prune  # noqa: E402
@@ -130,26 +130,15 @@ def main(argv=None) -> dict:
     if not args.skip_efficientnet:
         result["efficientnet"] = run_efficientnet(work, args)
     result["seconds"] = time.time() - t0
+    merge_previous("prune", result)
     m = result.get("minilm")
     if m:
         eff = {k: m["speed"][k]["speedup_efficiency"]["32"] for k in ("3 of 6 blocks", "half FFN")}
         result["speedup_efficiency_bs32"] = eff
         result["target_met"] = all(v >= 0.9 for v in eff.values())
-    old = _load_old()
-    for k in ("minilm", "efficientnet"):
-        if k in result:
-            result[k]["command"] = result["command"]
-        elif k in old:  # a partial re-run keeps the other part, with the command that measured it
-            result[k] = {"command": old.get("command"), **old[k]}
     save_result("prune", result)
     _write(result)
     return result
-
-
-def _load_old() -> dict:
-    import json
-    p = Path(__file__).resolve().parent / "results" / "prune.json"
-    return json.loads(p.read_text()) if p.exists() else {}
 
 
 def _write(r: dict) -> None:
