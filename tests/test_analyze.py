@@ -75,6 +75,8 @@ def test_config_validation():
         AnalyzeConfig(fractions=(0.5, 0.5, 0.5))
     with pytest.raises(UsageError):
         CompareConfig(batch_size=2)
+    with pytest.raises(UsageError, match="--probe-workers"):
+        AnalyzeConfig(probe_workers=-1)
 
 
 def test_compare_two_models_and_self(text_run, tiny_dirs, tmp_path):

@@ -16,7 +16,7 @@ from lamina.analyze.metrics import (DEFAULT_CS, MinibatchCKA, ProbeResult, cka_m
                                     components_for_variance, effective_rank, explained_variance, knn_accuracy,
                                     knn_predict, linear_cka, ncc_accuracy, probe_layers, separability,
                                     stratified_split, streaming_cka, wilson_interval)
-from lamina.analyze.metrics.probe import _fit
+from lamina.analyze.metrics.logreg import fit_logistic
 
 sklearn = pytest.importorskip("sklearn")
 from sklearn.linear_model import LogisticRegression  # noqa: E402
@@ -103,7 +103,7 @@ def test_solver_reaches_sklearns_optimum(n_classes):
     x = (x - x.mean(0)) / x.std(0)
     import torch
     cs = np.array([0.01, 1.0, 100.0])
-    w, converged = _fit(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)), torch.from_numpy(1 / cs),
+    w, converged = fit_logistic(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)), torch.from_numpy(1 / cs),
                         n_classes, tol=1e-10, max_iter=100)
     assert converged
     for q, c in enumerate(cs):
@@ -152,8 +152,8 @@ def test_float32_solver_lands_on_the_float64_optimum(n_classes):
     x = layers[0].astype(np.float64)
     x = (x - x.mean(0)) / x.std(0)
     lam, yt = torch.from_numpy(1 / np.asarray(DEFAULT_CS)), torch.from_numpy(y.astype(np.int64))
-    w64, ok64 = _fit(torch.from_numpy(x), yt, lam, n_classes, tol=1e-10, max_iter=100)
-    w32, ok32 = _fit(torch.from_numpy(x.astype(np.float32)), yt, lam, n_classes, tol=1e-5, max_iter=100)
+    w64, ok64 = fit_logistic(torch.from_numpy(x), yt, lam, n_classes, tol=1e-10, max_iter=100)
+    w32, ok32 = fit_logistic(torch.from_numpy(x.astype(np.float32)), yt, lam, n_classes, tol=1e-5, max_iter=100)
     assert ok64 and ok32
     a = np.c_[x, np.ones(len(x))]
     logits64, logits32 = (np.einsum("nd,pkd->pkn", a, w.numpy()) for w in (w64, w32))
@@ -166,14 +166,14 @@ def test_rotated_multinomial_solve_lands_on_the_unrotated_optimum(monkeypatch):
     """Multinomial probes rotate the design onto the Gram's eigenvectors (no basis products per CG
     step); the weights come back to the original axes and the tolerance is checked there."""
     import torch
-    from lamina.analyze.metrics import probe
+    from lamina.analyze.metrics import logreg
     layers, y = _layers(n=600, dims=(40,), n_classes=4, signal=(0.8,))
     x = layers[0].astype(np.float64)
     x = (x - x.mean(0)) / x.std(0)
     args = (torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)), torch.from_numpy(1 / np.asarray(DEFAULT_CS)), 4)
-    w_rot, ok_rot = _fit(*args, tol=1e-10, max_iter=100)  # 2 * 7 C * 4 classes * 90 steps >= 600 rows: rotated
-    monkeypatch.setattr(probe, "_CG_STEPS_GUESS", (0, 0))  # never rotate
-    w_plain, ok_plain = _fit(*args, tol=1e-10, max_iter=100)
+    w_rot, ok_rot = fit_logistic(*args, tol=1e-10, max_iter=100)  # 2 * 7 C * 4 classes * 90 steps >= 600 rows: rotated
+    monkeypatch.setattr(logreg, "CG_STEPS_GUESS", (0, 0))  # never rotate
+    w_plain, ok_plain = fit_logistic(*args, tol=1e-10, max_iter=100)
     assert ok_rot and ok_plain
     a = np.c_[x, np.ones(len(x))]
     logits = [np.einsum("nd,pkd->pkn", a, w.numpy()) for w in (w_rot, w_plain)]
@@ -200,19 +200,19 @@ def test_batched_cg_leaves_each_C_at_its_own_target():
     others iterate on (float32 CG run past its target derailed the strongest C of a 10-class probe):
     a C's Newton step does not depend on which other C values share the batch."""
     import torch
-    from lamina.analyze.metrics.probe import _gram_basis, _newton_direction
+    from lamina.analyze.metrics.logreg import gram_basis, newton_direction
     layers, y = _layers(n=600, dims=(40,), signal=(0.8,))
     z = torch.from_numpy(((layers[0] - layers[0].mean(0)) / layers[0].std(0)).astype(np.float32))
     a = torch.cat([z, torch.ones(len(z), 1)], 1)
-    basis, ev = _gram_basis(z)
+    basis, ev = gram_basis(z)
     lam = torch.tensor([1e2, 1e-2], dtype=torch.float64)
     # near the weak C's optimum (small gradient, tight target, many CG steps), far from the strong C's
-    w_weak, _ = _fit(z, torch.from_numpy(y.astype(np.int64)), lam[1:], 2, 1e-5, 100)
+    w_weak, _ = fit_logistic(z, torch.from_numpy(y.astype(np.int64)), lam[1:], 2, 1e-5, 100)
     w = w_weak[0].expand(2, 41) + torch.from_numpy(np.random.default_rng(0).normal(0, 1e-3, (2, 41)))
     prob = torch.sigmoid(w @ a.double().T).view(2, 1, -1)
     g = ((prob[:, 0] - torch.from_numpy(y).double()) @ a.double() + lam[:, None] * w * (torch.arange(41) < 40)).float()
-    both, image = _newton_direction(a, basis, ev, prob, g, lam, 0.0)
-    alone, _ = _newton_direction(a, basis, ev, prob[:1], g[:1], lam[:1], 0.0)
+    both, image = newton_direction(a, basis, ev, prob, g, lam, 0.0)
+    alone, _ = newton_direction(a, basis, ev, prob[:1], g[:1], lam[:1], 0.0)
     np.testing.assert_allclose(both[0].numpy(), alone[0].numpy(), rtol=1e-4, atol=1e-6 * float(alone.abs().max()))
     np.testing.assert_allclose(image.numpy(), (both @ a.T).numpy(), rtol=1e-3, atol=1e-4)  # A d, accumulated
 
@@ -269,6 +269,31 @@ def test_probe_layers_rejects_bad_input():
         probe_layers(layers, y, no_class_1)
     with pytest.raises(UsageError, match="one row per label"):
         probe_layers([layers[0][:-1]], y, split)
+
+
+def test_probe_workers_do_not_change_the_result_and_threads_come_back():
+    """Layers solved side by side give the very same numbers as one after another; torch's thread
+    setting is back afterwards, also when a layer fails inside a worker."""
+    import torch
+    layers, y = _layers(n=300, dims=(12, 20, 16, 12), n_classes=3, signal=(0.3, 0.6, 0.9, 1.2))
+    split = stratified_split(y, seed=3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        serial = probe_layers(layers, y, split, workers=1)
+        parallel = probe_layers(layers, y, split, workers=3)
+        assert serial == parallel
+        assert torch.get_num_threads() == 2
+        bad = layers[2].copy()
+        bad[split["val"][0], 0] = np.nan
+        with pytest.raises(UsageError, match=r"features\[2\]"):
+            probe_layers(layers[:2] + [bad] + layers[3:], y, split, workers=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    for value in (0, -1, 1.5, True):
+        with pytest.raises(UsageError, match="workers"):
+            probe_layers(layers, y, split, workers=value)
 
 
 # ---------------------------------------------------------------- k-NN

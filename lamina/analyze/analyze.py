@@ -37,8 +37,9 @@ from .metrics import (DEFAULT_CS, cka_matrix, effective_rank, knn_accuracy, ncc_
 log = logging.getLogger(__name__)
 
 DEFINITIONS = {
-    "probe_acc": "test accuracy of an L2 multinomial logistic-regression probe on standardized features; C chosen "
-                 "on the validation split from the grid in 'settings.Cs'; 95% Wilson interval in probe_ci_low/high",
+    "probe_acc": "test accuracy of an L2 logistic-regression probe (binary for two classes, multinomial for more; "
+                 "scikit-learn's objective) on standardized features; C chosen on the validation split from the "
+                 "grid in 'settings.Cs'; 95% Wilson interval in probe_ci_low/high",
     "knn_acc": "test accuracy of cosine k-nearest-neighbours (k in settings) fitted on the train split",
     "ncc_acc": "test accuracy of the nearest class centre (Euclidean) with centres from the train split",
     "effective_rank": "exp(entropy of the normalized singular values) of the centered features, all samples "
@@ -62,6 +63,9 @@ class AnalyzeConfig:
     knn_k: int = field(default=10, metadata={"help": "neighbours of the k-NN accuracy"})
     cs: tuple[float, ...] = field(default=DEFAULT_CS, metadata={
         "help": "inverse L2 strengths (sklearn's C) tried by the probe; the best on validation is used"})
+    probe_workers: int = field(default=0, metadata={
+        "help": "layers the probe solves side by side, one thread each (0: one per CPU this process may use); "
+                "the scores do not depend on it"})
     importance: bool = field(default=True, metadata={
         "help": "score every block (Block Influence, skip nMSE); needs the model"})
     importance_samples: int = field(default=512, metadata={
@@ -77,6 +81,9 @@ class AnalyzeConfig:
                              allowed="e.g. 0.6 0.2 0.2", fix="--fractions 0.6 0.2 0.2")
         if self.knn_k < 1:
             raise UsageError("--knn-k must be at least 1", value=self.knn_k, allowed=">= 1", fix="--knn-k 10")
+        if self.probe_workers < 0:
+            raise UsageError("--probe-workers must be >= 0", value=self.probe_workers,
+                             allowed="0 (one per CPU) or a positive count", fix="--probe-workers 1")
         if self.importance_samples < 0:
             raise UsageError("--importance-samples must be >= 0", value=self.importance_samples,
                              allowed="0 (all) or a positive count", fix="--importance-samples 512")
@@ -110,7 +117,7 @@ def _features(store: FeatureStore) -> list[np.ndarray]:
 
 def layer_metrics(feats: list[np.ndarray], labels: np.ndarray, split: dict, cfg: AnalyzeConfig) -> tuple[dict, list]:
     """Every per-layer metric of ``feats`` (L arrays (N, D)) and the (L, L) CKA matrix."""
-    probes = probe_layers(feats, labels, split, Cs=cfg.cs, seed=cfg.seed)
+    probes = probe_layers(feats, labels, split, Cs=cfg.cs, seed=cfg.seed, workers=cfg.probe_workers or None)
     tr, te = split["train"], split["test"]
     out: dict[str, list] = {k: [] for k in ("probe_acc", "probe_ci_low", "probe_ci_high", "probe_C", "knn_acc",
                                             "ncc_acc", "effective_rank", "within_between_ratio", "cdnv")}
