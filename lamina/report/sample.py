@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 DEFINITIONS = {
-    "probe_acc": "Test accuracy of a multinomial logistic-regression probe on the layer's pooled features; "
-                 "the regularization strength C is chosen on the validation split.",
+    "probe_acc": "Test accuracy of an L2 logistic-regression probe (binary for two classes, multinomial for "
+                 "more) on the layer's pooled features; the regularization strength C is chosen on the "
+                 "validation split.",
     "probe_ci_low": "Lower end of the 95% Wilson interval of the probe's test accuracy.",
     "probe_ci_high": "Upper end of the 95% Wilson interval of the probe's test accuracy.",
     "probe_C": "Inverse L2 regularization strength of the probe, chosen on the validation split.",
