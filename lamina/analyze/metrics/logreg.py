@@ -64,10 +64,11 @@ AMD EPYC (Zen 4, AVX-512) shared with other jobs, so +-5% between runs; line
 profile of 2026-11-29): ~30 ms per layer, of which the eigendecomposition
 7.5-8.2 ms, the Gram 3.9-4.2 ms, 12 CG steps (24 passes) 6-7.5 ms, 6 gradient
 passes 1.9-2.7 ms, gathers and standardization ~2.5 ms, and small torch ops
-the rest (~5 ms). scikit-learn takes ~183 ms per layer (49 lbfgs fits of
-2764 iterations in all, 1.28 s), so the 10x target of issue 3 needs 18.3 ms
-per layer, and these heavy kernels alone already add to ~21 ms with no Python
-at all: 10x at one thread is below the floor of this method on this CPU.
+the rest (~5 ms). scikit-learn takes 183-214 ms per layer (49 lbfgs fits of
+2764 iterations in all, 1.28-1.50 s between runs), so the 10x target of issue
+3 leaves 18-21 ms per layer, and the heavy kernels alone (Gram, eigh, the 30
+passes, gathers: 20.8-24 ms) take all of it before any bookkeeping. Every
+replacement for a kernel measured below pays its saving back elsewhere.
 Measured and not kept (CG steps counted over the 7 layers; 101 is the tol=1e-5
 baseline, 85 the tol=1e-4 one):
 
