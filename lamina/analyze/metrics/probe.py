@@ -245,17 +245,22 @@ def _usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+_controller = None  # threadpoolctl's view of the loaded BLAS/OpenMP libraries: scanning them costs ~3 ms
+
+
 @contextlib.contextmanager
 def _one_thread():
     """torch and every BLAS/OpenMP pool at one thread for the duration; the previous settings come back."""
+    global _controller
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        from threadpoolctl import threadpool_limits
+        if _controller is None:
+            from threadpoolctl import ThreadpoolController
+            _controller = ThreadpoolController()  # numpy's BLAS is loaded with numpy, before any probe
+        limits = _controller.limit(limits=1)
     except ImportError:  # numpy's BLAS keeps its threads; the solver's own matmuls are torch's
         limits = contextlib.nullcontext()
-    else:
-        limits = threadpool_limits(limits=1)
     try:
         with limits:
             yield
