@@ -217,8 +217,8 @@ def _write_section(r: dict) -> None:
               "this ratio says more about the machine than about either solver.",
               "Where the probe's time goes, and everything measured against the 10x target, is in the docstring of "
               "`lamina/analyze/metrics/logreg.py`: the Gram (3.9 ms), its eigendecomposition (7.5 ms) and the ~30 "
-              "passes over the data (8 ms) of each layer already add to more than a tenth of scikit-learn's 183 ms "
-              "per layer, before any Python.",
+              "passes over the data (8 ms) of each layer already add to more than a tenth of scikit-learn's "
+              f"{1000 * p['sklearn_s'] / len(p['layers']):.0f} ms per layer in this run, before any Python.",
               f"Skip importance ({r['importance']['command']}): {r['importance'].get('n_samples', '?')} sentences, "
               f"6 blocks. CKA ({r['cka']['command']}): two stores of 7 x 384 features, N = {r['cka']['n']} and "
               f"{4 * r['cka']['n']}, full `lamina.analyze.compare` including the permutation null; peak RSS is the "
