@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 PARTS = ("probe", "importance", "cka")
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+from _common import merge_previous, save_result, write_section  # noqa: E402
 
 
 def _minilm_features(n: int, work: Path):
@@ -142,8 +143,7 @@ def main(argv=None) -> dict:
     import torch
     n_probe, n_imp, n_cka, rep = (800, 96, 1000, 1) if args.quick else (4000, 500, 5000, 3)
     t0 = time.time()
-    name = "analyze-quick.json" if args.quick else "analyze.json"
-    previous = json.loads((HERE / "results" / name).read_text()) if (HERE / "results" / name).exists() else {}
+    name = "analyze-quick" if args.quick else "analyze"
     parts = {}
     if "probe" in args.parts:
         with tempfile.TemporaryDirectory() as tmp:
@@ -154,11 +154,7 @@ def main(argv=None) -> dict:
         parts["cka"] = cka_part(n_cka, rep)
     command = "python bench/analyze.py" + (" --quick" if args.quick else "") + (
         "" if set(args.parts) == set(PARTS) else " --parts " + " ".join(args.parts))
-    for key, part in parts.items():
-        part["command"] = command
-    for key in PARTS:  # a part this run skipped is kept from the last results, with its own command
-        if key not in parts and key in previous:
-            parts[key] = {"command": previous[key].get("command", previous.get("command")), **previous[key]}
+    parts = merge_previous(name, {"command": command, **parts}, PARTS)
     probe, imp, cka = parts["probe"], parts["importance"], parts["cka"]
     result = {
         "command": command,
@@ -180,8 +176,7 @@ def main(argv=None) -> dict:
         "skip_importance_cost_ratio": result["skip_importance_cost_ratio"] <= 0.65,
         "cka_rss_growth_4x": result["cka_rss_growth_4x"] <= 1.10,
     }
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / name).write_text(json.dumps(result, indent=2, default=float))
+    save_result(name, result)
     if not args.quick:
         _write_section(result)
     print(json.dumps({k: result[k] for k in ("probe_speedup_vs_sklearn", "probe_max_acc_gap",
@@ -191,10 +186,7 @@ def main(argv=None) -> dict:
 
 
 def _write_section(r: dict) -> None:
-    path = HERE.parent / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = ["## analyze", "",
-             f"Command: `{r['command']}` (results: `bench/results/analyze.json`; "
+    lines = [f"Command: `{r['command']}` (results: `bench/results/analyze.json`; "
              f"{r['machine']['cpus']} CPUs, torch {r['machine']['torch']}, medians).", "",
              "| measure | value | target | met |", "|---|---|---|---|"]
     for key in ("probe_speedup_vs_sklearn", "probe_max_acc_gap", "skip_importance_cost_ratio", "cka_rss_growth_4x"):
@@ -223,14 +215,7 @@ def _write_section(r: dict) -> None:
               f"6 blocks. CKA ({r['cka']['command']}): two stores of 7 x 384 features, N = {r['cka']['n']} and "
               f"{4 * r['cka']['n']}, full `lamina.analyze.compare` including the permutation null; peak RSS is the "
               "process's own VmHWM, reset just before compare.", ""]
-    section = "\n".join(lines)
-    if "## analyze" in text:
-        head, _, rest = text.partition("## analyze")
-        nxt = rest.find("\n## ")
-        text = head + section + ("\n" + rest[nxt + 1:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + section
-    path.write_text(text.rstrip() + "\n")
+    write_section("analyze", lines)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import torch
 from ..errors import UsageError
 from ..models import load_model, save_json
 from ..task import TaskSpec, evaluate, read_task
+from ..threads import limit_threads
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class BenchConfig:
     warmup: int = field(default=3, metadata={"help": "untimed calls per model and batch size"})
     repeats: int = field(default=15, metadata={"help": "timed rounds per batch size (median reported)"})
     threads: int | None = field(default=None, metadata={
-        "help": "torch intra-op threads while timing (default: torch's own setting)"})
+        "help": "torch intra-op (and BLAS/OpenMP) threads while timing (default: torch's own setting)"})
     accuracy: bool = field(default=True, metadata={"help": "measure test accuracy"})
     accuracy_limit: int | None = field(default=None, metadata={
         "help": "at most this many test rows for accuracy (default: all)"})
@@ -119,13 +120,10 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
     test = split["test"]
     need = max(config.batch_sizes)
     rows = np.resize(test, need)  # repeated when the test split is smaller than the largest batch
-    old_threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
     recs = [{"model": lab, "class": type(lm.module).__name__, "blocks": lm.blocks.n_blocks,
              "parameters": int(sum(p.numel() for p in lm.module.parameters())), "latency": {}} for lab, lm in
             zip(labels, lms)]
-    try:
+    with limit_threads(config.threads or None):
         for lm in lms:
             lm.module.eval()
         with torch.inference_mode():
@@ -155,8 +153,6 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
                                                "repeats": len(ts)}
             if bar is not None:
                 bar.close()
-    finally:
-        torch.set_num_threads(old_threads)
     if config.accuracy:
         acc_rows = test if not config.accuracy_limit else test[: config.accuracy_limit]
         for rec, lm in zip(recs, lms):

@@ -15,7 +15,8 @@ Design decisions:
   never standardized: the standardization is folded into the weights.
 - float32 for every pass over the data unless the features are float64 or
   ``tol`` is below ``_FLOAT32_TOL`` (then float64 throughout).
-- Threads: inside the probe torch and the BLAS run one thread each, and
+- Threads: inside the probe torch and the BLAS run one thread each
+  (``lamina.threads.limit_threads``), and
   ``workers`` layers are solved side by side (Python threads; the heavy kernels
   release the GIL). On two shared cores a second intra-op thread made the probe
   3x slower, while two layer workers make it 1.45x faster (MiniLM, 7 layers:
@@ -25,18 +26,18 @@ Design decisions:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from lamina.errors import UsageError
+from lamina.threads import limit_threads
 from lamina.analyze.metrics.logreg import solve_logistic
 from lamina.analyze.metrics.split import as_labels, as_matrix, check_split, stratified_split
 
@@ -149,9 +150,9 @@ def probe_layers(features, labels, split: dict | None = None, Cs=DEFAULT_CS, see
             raise UsageError(f"features[{i}] does not have one row per label", value=f"shape {np.shape(x)}",
                              allowed=f"({len(y)}, D)", fix="pass features and labels of the same samples")
     task = _Task(parts, {p: torch.from_numpy(codes[idx].astype(np.int64)) for p, idx in parts.items()},
-                 cs, len(classes), tol, max_iter)
+                 np.concatenate([parts["val"], parts["test"]]), cs, len(classes), tol, max_iter)
     n_workers = min(len(features), workers or _usable_cpus())
-    with _one_thread():
+    with limit_threads(1):
         if n_workers == 1:
             return [task.layer(i, x) for i, x in enumerate(features)]
         with ThreadPoolExecutor(n_workers, thread_name_prefix="lamina-probe") as pool:
@@ -160,24 +161,26 @@ def probe_layers(features, labels, split: dict | None = None, Cs=DEFAULT_CS, see
 
 @dataclass(frozen=True)
 class _Task:
-    """What every layer's probe shares: the split, the label codes per part, the grid and the solver settings."""
+    """What every layer's probe shares: the split, the label codes per part, the held-out rows (val then
+    test: one gather, one matmul), the grid, the solver settings, and each worker thread's buffers."""
 
     parts: dict
     ys: dict
+    held_out: np.ndarray
     cs: np.ndarray
     n_classes: int
     tol: float
     max_iter: int
+    local: threading.local = field(default_factory=threading.local)  # freed with the task, not kept per thread
 
     def layer(self, i: int, x) -> ProbeResult:
         """The probe of one layer x (N, D): standardize, solve every C, pick C on validation."""
-        parts, ys, cs = self.parts, self.ys, self.cs
+        parts, ys, cs, held_out = self.parts, self.ys, self.cs, self.held_out
         n_val, n_test, n_train = len(parts["val"]), len(parts["test"]), len(parts["train"])
-        held_out = np.concatenate([parts["val"], parts["test"]])  # one gather, one matmul
         # float64 features stay float64 (no overflow to inf), the rest is float32 unless tol asks for more
         dtype = np.float64 if self.tol < _FLOAT32_TOL or np.asarray(x[:0]).dtype == np.float64 else np.float32
         d = np.shape(x)[1]
-        design, xho = _buffers(n_train, len(held_out), d, dtype)
+        design, xho = self._buffers(d, dtype)
         z = design[:, :-1]
         _gather(x, parts["train"], z)
         _gather(x, held_out, xho)
@@ -220,22 +223,18 @@ class _Task:
                            n_train=n_train, Cs=tuple(float(c) for c in cs),
                            val_accuracy_by_C=tuple(float(v) for v in val), converged=converged)
 
+    def _buffers(self, d: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+        """This thread's design (N_train, d + 1), its last column 1 (the intercept), and held-out rows.
 
-_local = threading.local()  # per-thread buffers, reused while the width stays the same
-
-
-def _buffers(n_train: int, n_held: int, d: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """The design (n_train, d + 1), its last column 1 (the intercept), and the held-out rows (n_held, d).
-
-    Reused across the layers one thread solves: fresh memory costs page faults on every layer.
-    """
-    key = (n_train, n_held, d, np.dtype(dtype))
-    if getattr(_local, "key", None) != key:
-        _local.design = np.empty((n_train, d + 1), dtype=dtype)
-        _local.design[:, -1] = 1
-        _local.held = np.empty((n_held, d), dtype=dtype)
-        _local.key = key
-    return _local.design, _local.held
+        Reused across the layers one thread solves: fresh memory costs page faults on every layer.
+        """
+        loc = self.local
+        if getattr(loc, "key", None) != (d, np.dtype(dtype)):
+            loc.design = np.empty((len(self.parts["train"]), d + 1), dtype=dtype)
+            loc.design[:, -1] = 1
+            loc.held = np.empty((len(self.held_out), d), dtype=dtype)
+            loc.key = (d, np.dtype(dtype))
+        return loc.design, loc.held
 
 
 def _usable_cpus() -> int:
@@ -243,29 +242,6 @@ def _usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
-
-
-_controller = None  # threadpoolctl's view of the loaded BLAS/OpenMP libraries: scanning them costs ~3 ms
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """torch and every BLAS/OpenMP pool at one thread for the duration; the previous settings come back."""
-    global _controller
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        if _controller is None:
-            from threadpoolctl import ThreadpoolController
-            _controller = ThreadpoolController()  # numpy's BLAS is loaded with numpy, before any probe
-        limits = _controller.limit(limits=1)
-    except ImportError:  # numpy's BLAS keeps its threads; the solver's own matmuls are torch's
-        limits = contextlib.nullcontext()
-    try:
-        with limits:
-            yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _gather(x, idx: np.ndarray, out: np.ndarray) -> None:
