@@ -9,8 +9,9 @@ One loop, so both get the same guarantees:
   is seeded per rank). This is what DistributedDataParallel computes; doing it
   by hand keeps teacher, adapters and centres out of DDP's wrapper.
 - **Checkpoints every epoch, resume, early stopping.** After each epoch rank 0
-  writes OUT/checkpoint.pt atomically (modules, optimizer, schedule, history,
-  best state); ``resume`` continues after the last finished epoch. Validation
+  writes OUT/checkpoint.json + a safetensors file atomically (modules,
+  optimizer, schedule, history, best state; tensors and plain data only, see
+  ``lamina.checkpoint``); ``resume`` continues after the last finished epoch. Validation
   accuracy decides the best epoch; ``patience`` epochs without a gain stop the
   run, and the best epoch's weights are what the caller saves.
 - A progress bar per epoch shows the running losses (rank 0 only).
@@ -22,16 +23,17 @@ import copy
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 
+from .checkpoint import CHECKPOINT, load_checkpoint, remove_checkpoint, save_checkpoint
 from .errors import UsageError
 
-CHECKPOINT = "checkpoint.pt"
+__all__ = ["CHECKPOINT", "Loop", "check_loop_args", "fit", "init_distributed", "remove_checkpoint", "world"]
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,8 @@ def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: L
         train_idx, val_idx: training and validation row indices.
         validate: ``validate(rows) -> (correct, n, loss_sum)`` on the given
             validation rows (each rank gets its share).
-        out: folder for checkpoint.pt (None: no checkpoints).
-        resume: continue from out/checkpoint.pt.
+        out: folder for the checkpoint (None: no checkpoints).
+        resume: continue from the checkpoint in ``out``.
 
     Returns the history: per-epoch train losses, validation accuracy and
     loss, seconds; best_epoch; stopped_early; resumed_from.
@@ -129,13 +131,9 @@ def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: L
         if ckpt is None or not ckpt.exists():
             raise UsageError("nothing to resume: no checkpoint in the output folder", value=str(ckpt),
                              allowed="an OUT folder of an interrupted run", fix="run without --resume")
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        for k, m in modules.items():
-            m.load_state_dict(state["modules"][k])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        hist, best_state, start = state["history"], state["best_state"], state["epoch"] + 1
-        hist["resumed_from"] = state["epoch"]
+        hist, best_state, last = load_checkpoint(out, modules, opt, sched)
+        start = last + 1
+        hist["resumed_from"] = last
     val_rows = np.asarray(val_idx)[rank::size]
     for epoch in range(start, loop.epochs):
         if hist["stopped_early"]:
@@ -182,11 +180,8 @@ def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: L
         elif loop.patience is not None and epoch + 1 - hist["best_epoch"] > loop.patience:
             hist["stopped_early"] = True
         if ckpt is not None and rank == 0:
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"epoch": epoch, "modules": {k: m.state_dict() for k, m in modules.items()},
-                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": hist,
-                        "best_state": best_state}, tmp)
-            os.replace(tmp, ckpt)
+            save_checkpoint(out, epoch, modules, opt, sched, hist, best_state,
+                            {"loop": asdict(loop), "train_rows": len(train_idx), "val_rows": len(val_idx)})
         _barrier()
     if best_state is not None:
         for k, m in modules.items():

@@ -68,14 +68,14 @@ def test_resume_ends_where_an_uninterrupted_run_does(tmp_path, tiny_dirs, senten
     with pytest.raises(KeyboardInterrupt):
         finetune(str(tiny_dirs["bert"]), str(sentences_csv), _cfg(tmp_path / "cut"))
     restore()
-    assert (tmp_path / "cut" / "checkpoint.pt").exists() and not (tmp_path / "cut" / "model").exists()
+    assert (tmp_path / "cut" / "checkpoint.json").exists() and not (tmp_path / "cut" / "model").exists()
     res = finetune(str(tiny_dirs["bert"]), str(sentences_csv), _cfg(tmp_path / "cut", resume=True))
     assert res.record["history"]["resumed_from"] == 0
     a, b = load_model(ref.model_path).module.state_dict(), load_model(res.model_path).module.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     assert res.test_accuracy == ref.test_accuracy
-    assert not (tmp_path / "cut" / "checkpoint.pt").exists()
+    assert not list((tmp_path / "cut").glob("checkpoint*"))
 
 
 def test_bad_input_exits_2_and_overwrites_nothing(tmp_path, tiny_dirs, sentences_csv, capsys):

@@ -41,7 +41,7 @@ from ..errors import UsageError
 from ..models import LoadedModel, load_model, random_init, recalibrate_bn, save_json
 from ..task import TaskSpec, batches, check_classes, counts, evaluate, logits_of, num_classes, read_task
 from ..runfolder import check_out
-from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, world
+from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, remove_checkpoint, world
 from .losses import CenterLoss, LossWeights, make_adapters, total_loss
 from .taps import record
 
@@ -88,7 +88,7 @@ class DistillConfig:
     calibration_samples: int = field(default=256, metadata={
         "help": "training rows whose activations rank the channels of a --width copy and re-estimate a "
                 "BatchNorm student's running statistics before each validation"})
-    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from OUT/checkpoint.pt"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its checkpoint in OUT"})
     overwrite: bool = field(default=False, metadata={"help": "replace what OUT already holds"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar with the current losses"})
 
@@ -316,9 +316,7 @@ def distill(config: DistillConfig) -> DistillResult:
         rec["format"] = save(student, out / "model", teacher)
         rec["seconds"] = time.perf_counter() - t0
         save_json(out / "distill.json", rec)
-        ck = out / CHECKPOINT
-        if ck.exists():
-            ck.unlink()
+        remove_checkpoint(out)
     if size > 1:
         torch.distributed.barrier()
     return DistillResult(str(out), str(out / "model"), test["accuracy"], t_rec["accuracy"],

@@ -9,7 +9,7 @@ classification head on the backbone and trains it, the backbone frozen
     OUT/finetune.json    the task (data, split seed and fractions, sizes), the
                          history (train loss, validation accuracy per epoch) and
                          the held-out test accuracy
-    OUT/checkpoint.pt    the last finished epoch, for --resume (deleted when done)
+    OUT/checkpoint.*     the last finished epoch, for --resume (deleted when done)
 
 Later stages (``bench``, ``distill``) read the task back from finetune.json,
 so every accuracy in lamina is measured on the same test rows.
@@ -31,7 +31,7 @@ from ..models import load_model, save_json
 from ..runfolder import check_out
 from ..savefmt import save
 from ..task import TASK_FILE, TaskSpec, counts, evaluate, logits_of
-from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, world
+from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, remove_checkpoint, world
 from .heads import attach_head, head_parameters
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class FinetuneConfig:
         "help": "resize images to this side (default: the model's own, 224 for EfficientNet)"})
     text_column: str | None = field(default=None, metadata={"help": "text column of a table"})
     label_column: str | None = field(default=None, metadata={"help": "label column of a table"})
-    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from OUT/checkpoint.pt"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its checkpoint in OUT"})
     overwrite: bool = field(default=False, metadata={"help": "replace what OUT already holds"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
@@ -160,9 +160,7 @@ def finetune(model, data: str, config: FinetuneConfig) -> FinetuneResult:
         fmt = save(lm, out / "model", base)
         rec["format"] = fmt
         save_json(out / TASK_FILE, rec)
-        ck = out / CHECKPOINT
-        if ck.exists():
-            ck.unlink()
+        remove_checkpoint(out)
         log.info("finetune: test accuracy %.4f (best val %.4f at epoch %s)", test["accuracy"],
                  hist["best_val_accuracy"], hist["best_epoch"])
     if size > 1:
