@@ -34,9 +34,12 @@ from .distill import DistillConfig, DistillResult, distill  # noqa: E402
 from .bench import BenchConfig, bench  # noqa: E402
 
 
-def load(path):
-    """The ``nn.Module`` saved in ``path`` (a Hugging Face folder, lamina's format, or a stage's OUT folder)."""
-    return load_model(path).module
+def load(path, *, factory: str | None = None, trust_code: bool | None = None):
+    """The ``nn.Module`` saved in ``path`` (a Hugging Face folder, lamina's format, or a stage's OUT folder).
+
+    ``factory='module:fn'`` / ``trust_code=True``: allow rebuilding a folder whose lamina.json names that
+    factory (lamina never imports code because a file says so; see lamina.trust)."""
+    return load_model(path, factory=factory, trust_code=trust_code).module
 
 __all__ = ["capture", "CaptureConfig", "CaptureResult", "analyze", "AnalyzeConfig", "AnalyzeResult", "compare",
            "CompareConfig", "CompareResult", "report", "ReportConfig", "ReportResult", "FeatureStore", "find_blocks", "select_taps",

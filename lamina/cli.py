@@ -315,8 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (fn, help_) in _VERBS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         fn.add_args(p)
+        if name in _LOADS_MODELS:
+            p.add_argument("--trust-code", action="store_true",
+                           help="let saved model folders import the factory:module:function code their lamina.json "
+                                "names (off: only a factory you name, as --model module:function@FOLDER)")
         p.set_defaults(_fn=fn)
     return parser
+
+
+_LOADS_MODELS = ("capture", "finetune", "prune", "distill", "bench", "transfer")
 
 
 def main(argv=None) -> int:
@@ -326,8 +333,10 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING, format="%(message)s")
+    from .trust import trusting_code
     try:
-        return int(ns._fn(ns) or 0)
+        with trusting_code(getattr(ns, "trust_code", False)):
+            return int(ns._fn(ns) or 0)
     except LaminaError as e:
         print(f"lamina {ns.verb}: error: {e}", file=sys.stderr)
         return e.exit_code

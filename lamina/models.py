@@ -10,12 +10,13 @@ Sources:
                         or the OUT folder of `lamina finetune` / `prune` / `distill`
                         (its model/ subfolder is loaded)
     module:factory      any ``nn.Module`` returned by ``factory()``
+    module:factory@DIR  a lamina-format folder rebuilt with the factory you name
+                        (a folder never makes lamina import code: lamina.trust)
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 from dataclasses import dataclass
@@ -209,13 +210,16 @@ def _hf_dir(path: Path, blocks: str | None = None) -> LoadedModel:
 
 
 def _factory(spec: str, blocks: str | None) -> LoadedModel:
+    from .trust import import_named, name_factory
     mod_name, _, fn_name = spec.partition(":")
+    name_factory(spec)  # the user named it: a saved folder built by the same factory may use it too
     try:
-        mod = importlib.import_module(mod_name)
+        mod = import_named(mod_name)
     except ImportError as e:
         raise UsageError(f"could not import the module of {spec!r}: {e}", value=spec,
-                         allowed="module:factory with the module importable (on PYTHONPATH)",
-                         fix="check the module name, or run from the folder that holds it") from e
+                         allowed="module:factory with the module importable (installed, on PYTHONPATH, or a "
+                                 "module file in the current folder)",
+                         fix="check the module name, or run from the folder that holds your module") from e
     fn = getattr(mod, fn_name, None)
     if fn is None:
         names = [n for n in dir(mod) if not n.startswith("_")]
@@ -231,26 +235,41 @@ def wrap_module(module: nn.Module, name: str = "", source: str = "python", block
     return LoadedModel(module, name or type(module).__name__, source, modality, find_blocks(module, blocks), **kw)
 
 
-def load_model(spec, blocks: str | None = None) -> LoadedModel:
-    """Load ``spec``: a bundled name, a local HF folder, 'module:factory', an
-    ``nn.Module``, or a LoadedModel (returned as is). ``blocks`` overrides discovery."""
+def load_model(spec, blocks: str | None = None, *, factory: str | None = None,
+               trust_code: bool | None = None) -> LoadedModel:
+    """Load ``spec``: a bundled name, a local HF folder, 'module:factory', 'module:factory@folder', an
+    ``nn.Module``, or a LoadedModel (returned as is). ``blocks`` overrides discovery.
+
+    A lamina-format folder whose lamina.json names a ``factory:`` builder is
+    rebuilt only when you name the same factory (``factory='module:fn'``, or
+    'module:fn@folder') or pass ``trust_code=True`` (None: the CLI's
+    ``--trust-code``); lamina never imports code because a file says so.
+    """
     if isinstance(spec, LoadedModel):
         return spec
     if isinstance(spec, nn.Module):
         return wrap_module(spec, blocks=blocks)
     spec = str(spec)
+    named, at, folder = spec.partition("@")
+    if at and ":" in named and not Path(spec).exists() and Path(folder).is_dir():
+        from .trust import name_factory
+        name_factory(named)
+        return load_model(folder, blocks, factory=named, trust_code=trust_code)
     if spec == "minilm":
         lm = _minilm()
     elif spec == "efficientnet-lite0":
         lm = _efficientnet_lite0()
     elif Path(spec).is_dir():
+        from .trust import check_folder
         path = Path(spec)
         if not (path / "config.json").exists() and not (path / "lamina.json").exists() \
                 and (path / "model").is_dir():
+            check_folder(path, ["model"])
             path = path / "model"  # the OUT folder of `lamina finetune`, `prune` or `distill`
+        check_folder(path)  # no symlink in it may lead out of it
         if (path / "lamina.json").exists():  # lamina's own format: what a standard config cannot express
             from .savefmt import load_lamina
-            return load_lamina(path, blocks)
+            return load_lamina(path, blocks, factory=factory, trust_code=trust_code)
         if not (path / "config.json").exists():
             raise UsageError("the model folder has no config.json", value=spec,
                              allowed="a folder written by save_pretrained (config.json + weights)",

@@ -13,7 +13,8 @@ Signatures::
         builder     "efficientnet-lite0" (any efficientnet_lite_pytorch name:
                     "efficientnet-lite0".."-lite4", "efficientnet-b0"..)
                     | "hf:<ArchitectureClass>"  (e.g. "hf:BertModel"; config.json is saved too)
-                    | "factory:<module>:<function>"  (any importable function returning the base module)
+                    | "factory:<module>:<function>"  (any importable function returning the base module;
+                      loading imports it only when the user names it or trusts code: lamina.trust)
         preprocess  {"modality": "image" | "text" | "array", "image_size": int | None,
                      "image_mean": [3 floats], "image_std": [3 floats], "in_channels": int}
                     (optional "input_name": "pixel_values" for Hugging Face vision models)
@@ -22,8 +23,8 @@ Signatures::
         tokenizer   saved next to the weights (text models)
     save_loaded(lm: LoadedModel, path, extra=None) -> Path
         the same, with builder, preprocess and tokenizer taken from a LoadedModel
-    load_lamina(path, blocks: str | None = None) -> LoadedModel
-    load(path) -> nn.Module
+    load_lamina(path, blocks: str | None = None, *, factory=None, trust_code=None) -> LoadedModel
+    load(path, *, factory=None, trust_code=None) -> nn.Module
 
 Folder::
 
@@ -50,7 +51,6 @@ The write is atomic: a temp folder, renamed into place.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -80,24 +80,17 @@ def _check_builder(builder) -> None:
                          fix="e.g. builder='efficientnet-lite0' or builder='hf:BertModel'")
 
 
-def _build(spec: dict, path: Path) -> nn.Module:
+_IDENT = re.compile(r"^[A-Za-z_]\w*$")
+_MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def _build(spec: dict, path: Path, factory: str | None = None, trust_code: bool | None = None) -> nn.Module:
     builder = spec["builder"]
     _check_builder(builder)
     if builder.startswith("hf:"):
-        import transformers
-        cls = getattr(transformers, builder[3:], None)
-        if cls is None:
-            raise LaminaError("the saved model's class is not in this transformers", value=builder[3:],
-                              allowed="a class of the installed transformers", fix="upgrade transformers")
-        cfg = transformers.AutoConfig.from_pretrained(path)
-        return cls._from_config(cfg) if hasattr(cls, "_from_config") else cls(cfg)
+        return _build_hf(builder[3:], path)
     if builder.startswith("factory:"):
-        mod_name, _, fn_name = builder[len("factory:"):].rpartition(":")
-        try:
-            return getattr(importlib.import_module(mod_name), fn_name)()
-        except (ImportError, AttributeError) as e:
-            raise LaminaError(f"cannot rebuild the model: {e}", value=builder, allowed="an importable factory",
-                              fix="run from where that module imports (PYTHONPATH)") from e
+        return _build_factory(builder[len("factory:"):], path, factory, trust_code)
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:
@@ -107,6 +100,50 @@ def _build(spec: dict, path: Path) -> nn.Module:
     pre = spec.get("preprocess") or {}
     return EfficientNet.from_name(builder, in_channels=int(pre.get("in_channels") or 3),
                                   num_classes=int(spec.get("num_classes") or 1000))
+
+
+def _build_hf(name: str, path: Path) -> nn.Module:
+    """A transformers model class by its plain name (never a module path), from the folder's config.json."""
+    import transformers
+    cls = getattr(transformers, name, None) if _IDENT.match(name) else None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise LaminaError("the saved model's class is not a model class of the installed transformers",
+                          value=name, allowed="a class name such as 'BertModel' (an nn.Module in transformers)",
+                          fix="upgrade transformers, or check that the folder was written by lamina")
+    from .trust import inside
+    inside(path, "config.json", "the model folder's config.json")
+    try:  # never trust_remote_code: a config naming custom code is refused by transformers
+        cfg = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise LaminaError(f"the model folder's config.json cannot be read: {str(e)[:300]}", value=str(path),
+                          allowed=f"a config.json written by save_pretrained for {name}",
+                          fix="save the model again") from e
+    return cls._from_config(cfg) if hasattr(cls, "_from_config") else cls(cfg)
+
+
+def _build_factory(named: str, path: Path, factory: str | None, trust_code: bool | None) -> nn.Module:
+    """Import the factory a saved folder names only when the user allows it (see lamina.trust)."""
+    from .trust import factory_allowed
+    mod_name, _, fn_name = named.rpartition(":")
+    if not (_MODULE.match(mod_name) and _IDENT.match(fn_name)):
+        raise LaminaError("the saved model's factory is not a module:function name", value=named,
+                          allowed="'package.module:function'", fix="the folder was altered: do not use it")
+    if not factory_allowed(named, factory, trust_code):
+        other = f" (you named {factory!r})" if factory else ""
+        raise UsageError(f"this model folder is rebuilt by running code it names, factory {named!r}; lamina "
+                         f"imports code only when you name it{other}", value=str(path),
+                         allowed=f"name the same factory yourself: --model {named}@{path} (Python: "
+                                 f"load_model({str(path)!r}, factory={named!r})), or pass --trust-code "
+                                 "(trust_code=True) if you trust this folder's author",
+                         fix=f"if {mod_name!r} is your own code, pass --model {named}@{path}; do not run code "
+                             "that came with a downloaded folder")
+    from .trust import import_named
+    try:
+        fn = getattr(import_named(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise LaminaError(f"cannot rebuild the model: {e}", value=named, allowed="an importable factory",
+                          fix=f"install the package that provides {mod_name!r}") from e
+    return fn()
 
 
 def _efficientnet_name(module: nn.Module) -> str | None:
@@ -408,18 +445,29 @@ def read_spec(path) -> dict:
         raise UsageError("not a lamina model folder (no lamina.json)", value=str(path),
                          allowed="a folder written by save_lamina / `lamina prune`",
                          fix="for a Hugging Face folder use lamina.load_model or from_pretrained")
-    spec = json.loads((path / SPEC).read_text())
+    from .trust import inside
+    try:
+        spec = json.loads(inside(path, SPEC, "lamina.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LaminaError(f"lamina.json is not valid JSON ({e})", value=str(path / SPEC),
+                          allowed="a lamina.json written by save_lamina", fix="save the model again") from e
+    if not isinstance(spec, dict) or not isinstance(spec.get("builder"), str):
+        raise LaminaError("lamina.json is not a lamina model spec", value=str(path / SPEC),
+                          allowed="a JSON object with 'lamina_format' and 'builder'", fix="save the model again")
     if spec.get("lamina_format") != FORMAT:
         raise UsageError("unsupported lamina format version", value=spec.get("lamina_format"), allowed=FORMAT,
                          fix="save the model again with this lamina")
     return spec
 
 
-def load_lamina(path, blocks: str | None = None):
+def load_lamina(path, blocks: str | None = None, *, factory: str | None = None, trust_code: bool | None = None):
     """Rebuild a model saved by :func:`save_lamina`; returns a :class:`lamina.models.LoadedModel`.
 
     ``blocks`` overrides the saved block container. Outputs equal the saved
-    module's exactly (same tensors, same architecture).
+    module's exactly (same tensors, same architecture). A ``factory:`` builder
+    is imported only when ``factory`` names the same ``module:function``, the
+    user named it earlier in this process, or ``trust_code`` (None: the CLI's
+    ``--trust-code``) is true; see :mod:`lamina.trust`.
     """
     from safetensors import safe_open
     from safetensors.torch import load_model as st_load
@@ -428,7 +476,7 @@ def load_lamina(path, blocks: str | None = None):
     from .models import LoadedModel
     path = Path(path)
     spec = read_spec(path)
-    module = _build(spec, path)
+    module = _build(spec, path, factory, trust_code)
     _match_depth_(module, spec)
     with safe_open(str(path / WEIGHTS), framework="pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -458,13 +506,14 @@ def load_lamina(path, blocks: str | None = None):
                        input_name=pre.get("input_name"))
 
 
-def load(path) -> nn.Module:
+def load(path, *, factory: str | None = None, trust_code: bool | None = None) -> nn.Module:
     """The ``nn.Module`` of a saved model folder: lamina's format, a Hugging Face folder, or the OUT folder
-    of a lamina stage (``lamina prune`` / ``finetune``), in eval mode."""
+    of a lamina stage (``lamina prune`` / ``finetune``), in eval mode. ``factory`` / ``trust_code``: see
+    :func:`load_lamina`."""
     from .models import load_model
     p = Path(path)
     if not p.is_dir():
         raise UsageError("no model folder there", value=str(path),
                          allowed="a folder written by save_lamina, save_pretrained or a lamina stage",
                          fix="check the path")
-    return load_model(str(p)).module
+    return load_model(str(p), factory=factory, trust_code=trust_code).module

@@ -23,6 +23,9 @@ from pathlib import Path
 from .errors import LaminaError
 
 _TRUST_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("lamina_trust_code", default=False)
+_NAMED: set[str] = set()  # "module:function" factories the user asked this process to load
+# lamina's own tiny test models: importing them runs no code from the folder
+_OWN_FACTORIES = "lamina.testing"
 
 
 def inside(root, rel, what: str) -> Path:
@@ -50,6 +53,16 @@ def inside(root, rel, what: str) -> Path:
     return path
 
 
+def check_folder(root, names=None) -> None:
+    """Refuse ``root`` when any of ``names`` (default: every entry in it, not recursing) resolves outside it."""
+    root = Path(root)
+    base = root
+    if root.resolve().parent.name == "snapshots" and (root.resolve().parent.parent / "blobs").is_dir():
+        base = root.resolve().parent.parent  # a Hugging Face cache snapshot: its files link into ../../blobs
+    for name in names if names is not None else sorted(p.name for p in root.iterdir()):
+        inside(base, str((root / name).relative_to(base)) if base != root else name, f"{name!r} in {root}")
+
+
 def sha256_of(path, chunk: int = 1 << 22) -> str:
     """The sha256 hex digest of a file, read in chunks."""
     h = hashlib.sha256()
@@ -57,6 +70,39 @@ def sha256_of(path, chunk: int = 1 << 22) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
+
+
+def name_factory(spec: str) -> None:
+    """Record that the user named factory ``module:function`` (``--model module:function``): a saved folder
+    that names the same factory may then be rebuilt with it in this process."""
+    _NAMED.add(spec)
+
+
+def factory_allowed(spec: str, factory: str | None = None, trust_code: bool | None = None) -> bool:
+    """May a saved folder's ``factory:<spec>`` builder be imported? Only when the user named the same factory
+    (``factory`` here, or earlier in this process), trusts code (``trust_code``, or the CLI's ``--trust-code``),
+    or it is one of lamina's own test factories."""
+    if trust_code or (trust_code is None and code_trusted()):
+        return True
+    return spec == factory or spec in _NAMED or spec.partition(":")[0] == _OWN_FACTORIES
+
+
+def import_named(module: str):
+    """Import a module the user named (``--model module:function``), from the installed packages and
+    PYTHONPATH, else from the current folder (only for the module named: it is what the user asked for)."""
+    import importlib
+    import os
+    import sys
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module.partition(".")[0]:
+            raise
+    sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(os.getcwd())
 
 
 def code_trusted() -> bool:
