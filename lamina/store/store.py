@@ -17,6 +17,12 @@ the writer's memory stays flat whatever N is, and any layer opens alone with
 ``np.load(..., mmap_mode='r')``. A batch is listed in ``progress/`` only after
 its rows are written to every layer, so a killed capture resumes at the first
 missing batch and ends byte-identical to one that never stopped.
+
+A store may come from anyone, so opening one checks (cheaply, always) that
+every file named by the manifest lies inside the folder (no ``..``, no symlink
+out) and has the size its shape and dtype call for; reading a whole layer
+(``load``, ``read_rows``) verifies its sha256 against the manifest once per
+process (the hash runs over the bytes as they are read).
 """
 
 from __future__ import annotations
@@ -31,8 +37,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LaminaError, UsageError, suggest
+from ..trust import inside
 
 FORMAT_VERSION = 1
+_DTYPES = ("float32", "float16")
+_VERIFIED: set[tuple] = set()  # (path, size, mtime_ns, sha256) of layer files verified in this process
 
 
 def _safe(name: str) -> str:
@@ -81,46 +90,45 @@ class StoreWriter:
         (self.root / "layers").mkdir(parents=True, exist_ok=True)
         (self.root / "progress").mkdir(exist_ok=True)
         n = len(labels)
-        np.save(self.root / "labels.npy", np.asarray(labels, dtype=np.int64))
-        np.save(self.root / "ids.npy", np.asarray(ids).astype(str))
+        np.save(self._target("labels.npy"), np.asarray(labels, dtype=np.int64))
+        np.save(self._target("ids.npy"), np.asarray(ids).astype(str))
         layers = {}
         for name, shape in layer_shapes.items():
             fname = f"layers/{_safe(name)}.npy"
-            _alloc_npy(self.root / fname, (n, *shape), dtype)
+            _alloc_npy(self._target(fname), (n, *shape), dtype)
             layers[name] = {"file": fname, "shape": [n, *shape], "dtype": dtype}
         if lengths:
-            _alloc_npy(self.root / "lengths.npy", (n,), np.int64)
+            _alloc_npy(self._target("lengths.npy"), (n,), np.int64)
         manifest = dict(manifest, format=FORMAT_VERSION, n=n, dtype=dtype, layers=layers,
                         complete=False, has_lengths=lengths)
         _write_json(self.root / "manifest.json", manifest)
 
+    def _target(self, rel: str) -> Path:
+        """``root/rel`` to write, refused when a symlink there (or above) would lead the write out of the store."""
+        return inside(self.root, rel, f"the store's {rel}")
+
     def open(self) -> dict:
-        """Open the allocated files for writing; returns the manifest."""
+        """Open the allocated files for writing; returns the manifest (checked as :meth:`FeatureStore.open`
+        does: a manifest naming a file outside the folder is refused before anything is written)."""
         man = read_manifest(self.root)
+        files = check_store(self.root, man)
         for name, info in man["layers"].items():
-            path = self.root / info["file"]
-            with open(path, "rb") as f:
-                np.lib.format.read_magic(f)
-                np.lib.format.read_array_header_1_0(f)
-                off = f.tell()
+            path, off = files[info["file"]]
             row = int(np.prod(info["shape"][1:])) * np.dtype(info["dtype"]).itemsize
             self._files[name] = (open(path, "r+b"), off, row, np.dtype(info["dtype"]))
         if man.get("has_lengths"):
-            path = self.root / "lengths.npy"
-            with open(path, "rb") as f:
-                np.lib.format.read_magic(f)
-                np.lib.format.read_array_header_1_0(f)
-                off = f.tell()
+            path, off = files["lengths.npy"]
             self._files["__lengths__"] = (open(path, "r+b"), off, 8, np.dtype(np.int64))
-        (self.root / "progress").mkdir(exist_ok=True)
-        self._progress = open(self.root / "progress" / f"rank{self.rank}.txt", "a")
+        inside(self.root, "progress", "the store's progress/ folder").mkdir(exist_ok=True)
+        self._progress = open(inside(self.root, f"progress/rank{self.rank}.txt", "a progress file"), "a")
         return man
 
     def done_batches(self) -> set[int]:
         """Batches already written by any rank of any earlier attempt."""
         done: set[int] = set()
-        pdir = self.root / "progress"
+        pdir = inside(self.root, "progress", "the store's progress/ folder")
         for p in pdir.glob("rank*.txt") if pdir.exists() else []:
+            inside(self.root, f"progress/{p.name}", "a progress file")
             for line in p.read_text().splitlines():
                 if line.strip().isdigit():
                     done.add(int(line))
@@ -158,11 +166,8 @@ class StoreWriter:
             raise LaminaError(f"capture is incomplete: {len(missing)} batches missing (first {missing[:5]})",
                               fix="run the same command again with --resume")
         man = read_manifest(self.root)
-        sums = {"labels.npy": sha256_file(self.root / "labels.npy"), "ids.npy": sha256_file(self.root / "ids.npy")}
-        for info in man["layers"].values():
-            sums[info["file"]] = sha256_file(self.root / info["file"])
-        if man.get("has_lengths"):
-            sums["lengths.npy"] = sha256_file(self.root / "lengths.npy")
+        files = check_store(self.root, man)
+        sums = {rel: sha256_file(path) for rel, (path, _) in files.items()}
         man.update(checksums=sums, complete=True)
         _write_json(self.root / "manifest.json", man)
         shutil.rmtree(self.root / "progress", ignore_errors=True)
@@ -171,6 +176,7 @@ class StoreWriter:
 
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
+    tmp.unlink(missing_ok=True)  # a symlink left there must not lead the write elsewhere
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
 
@@ -181,7 +187,98 @@ def read_manifest(root: Path) -> dict:
         raise UsageError("no feature store here (manifest.json missing)", value=str(root),
                          allowed="a folder written by `lamina capture` (RUN/features or RUN)",
                          fix="run `lamina capture --out RUN` first, or point at the right run folder")
-    return json.loads(path.read_text())
+    try:
+        man = json.loads(inside(root, "manifest.json", "the store's manifest.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LaminaError(f"the store's manifest.json is not valid JSON ({e})", value=str(path),
+                          allowed="a manifest written by `lamina capture`", fix="capture again with --overwrite") from e
+    _check_manifest(man, path)
+    return man
+
+
+def _bad_manifest(path, what: str, value) -> LaminaError:
+    return LaminaError(f"the store's manifest.json is not a lamina manifest: {what}", value=value,
+                       allowed=f"a manifest written by `lamina capture` ({path})",
+                       fix="capture again with --overwrite")
+
+
+def _check_manifest(man, path) -> None:
+    """The structure every reader relies on: layers with a file name, an integer shape and a storage dtype."""
+    if not isinstance(man, dict) or not isinstance(man.get("layers"), dict):
+        raise _bad_manifest(path, "no 'layers' object", type(man).__name__)
+    n = man.get("n")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise _bad_manifest(path, "'n' is not a row count", n)
+    for name, info in man["layers"].items():
+        if not isinstance(info, dict) or not isinstance(info.get("file"), str):
+            raise _bad_manifest(path, f"layer {name!r} has no file name", info)
+        shape = info.get("shape")
+        if not (isinstance(shape, list) and shape and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                          for d in shape) and shape[0] == n):
+            raise _bad_manifest(path, f"layer {name!r} has no valid shape (n={n} rows first)", shape)
+        if info.get("dtype") not in _DTYPES:
+            raise _bad_manifest(path, f"layer {name!r} has an unknown dtype", info.get("dtype"))
+    if not isinstance(man.get("checksums", {}), dict):
+        raise _bad_manifest(path, "'checksums' is not an object", man.get("checksums"))
+
+
+def _npy_header(path: Path) -> tuple[tuple, np.dtype, bool, int]:
+    """(shape, dtype, fortran_order, data offset) of an .npy file, reading only its header."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+        return shape, dtype, fortran, f.tell()
+
+
+def check_store(root: Path, man: dict) -> dict[str, tuple[Path, int]]:
+    """Every file of the store, checked: inside ``root`` and of the size its shape and dtype call for.
+
+    Returns {relative name: (path, data offset)}. Raises LaminaError naming the
+    layer (or file) that is outside, missing, truncated or of another shape.
+    Costs one small header read per file, so every open does it.
+    """
+    n = int(man["n"])
+    # relative name -> (what it is, for messages; manifest key it came from; shape; dtype, or None: any but object)
+    want = {"labels.npy": ("the labels", "labels.npy", (n,), np.dtype(np.int64)),
+            "ids.npy": ("the sample ids", "ids.npy", (n,), None)}
+    if man.get("has_lengths"):
+        want["lengths.npy"] = ("the token counts", "lengths.npy", (n,), np.dtype(np.int64))
+    for name, info in man["layers"].items():
+        want[info["file"]] = (f"layer {name!r}", f"manifest.json layers[{name!r}].file", tuple(info["shape"]),
+                              np.dtype(info["dtype"]))
+    for rel in man.get("checksums", {}):
+        if rel not in want:
+            raise _bad_manifest(root / "manifest.json", "a checksum for a file that is not in the store", rel)
+    out = {}
+    for rel, (what, key, shape, dtype) in want.items():
+        path = inside(root, rel, key)
+        if not path.is_file():
+            raise LaminaError(f"{what} of the store is missing its file", value=str(root / rel),
+                              allowed="a complete store as capture wrote it",
+                              fix="capture again with --overwrite (or --resume when the capture was interrupted)")
+        try:
+            got_shape, got_dtype, fortran, off = _npy_header(path)
+        except (ValueError, OSError, SyntaxError) as e:
+            raise LaminaError(f"{what} of the store is not a readable .npy file ({e})", value=str(path),
+                              fix="capture again with --overwrite") from e
+        if tuple(got_shape) != shape or fortran or (dtype is not None and got_dtype != dtype) \
+                or got_dtype.hasobject:
+            raise LaminaError(f"{what} of the store has another shape or dtype than the manifest records",
+                              value=f"{path}: {got_dtype} {tuple(got_shape)}",
+                              allowed=f"{dtype or 'as captured'} {shape}", fix="capture again with --overwrite")
+        size, expect = path.stat().st_size, off + int(np.prod(shape, dtype=np.int64)) * got_dtype.itemsize
+        if size != expect:
+            raise LaminaError(f"{what} of the store is {'truncated' if size < expect else 'longer than recorded'}: "
+                              f"{size} bytes, {expect} expected", value=str(path),
+                              allowed="the file as capture wrote it",
+                              fix="capture again with --overwrite (`lamina info RUN --verify` checks every file)")
+        out[rel] = (path, off)
+    return out
 
 
 @dataclass
@@ -202,13 +299,77 @@ class FeatureStore:
     def open(cls, path, allow_incomplete: bool = False) -> FeatureStore:
         root = Path(path)
         if (root / "features" / "manifest.json").exists():
+            inside(root, "features", "the run's features/ folder")
             root = root / "features"
         man = read_manifest(root)
         if not man.get("complete") and not allow_incomplete:
             raise UsageError("the feature store is incomplete (the capture was interrupted)", value=str(root),
                              allowed="a completed capture",
                              fix="re-run the capture command with --resume to finish it")
-        return cls(root, man)
+        store = cls(root, man)
+        store._files = check_store(root, man)
+        return store
+
+    def _path(self, rel: str) -> Path:
+        files = getattr(self, "_files", None) or check_store(self.root, self.manifest)
+        self._files = files
+        return files[rel][0]
+
+    def _small(self, rel: str) -> np.ndarray:
+        """A small whole-file array (labels, ids, lengths), its checksum verified as it is read."""
+        path = self._path(rel)
+        digest = self.manifest.get("checksums", {}).get(rel)
+        if digest is None:
+            return np.load(path, allow_pickle=False)
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise self._mismatch(rel, rel)
+        import io
+        return np.load(io.BytesIO(data), allow_pickle=False)
+
+    def _mismatch(self, what: str, rel: str) -> LaminaError:
+        return LaminaError(f"{what} of the store does not match its checksum: the file was changed or damaged "
+                           "after capture", value=str(self.root / rel), allowed="the bytes capture wrote",
+                           fix="capture again with --overwrite (`lamina info RUN --verify` lists every damaged "
+                               "file)")
+
+    def verify_layer(self, layer: str) -> None:
+        """Check one layer's file against its recorded sha256 (once per process while the file is unchanged);
+        a store without checksums (an interrupted capture) has nothing to check."""
+        rel = self.manifest["layers"][layer]["file"]
+        digest = self.manifest.get("checksums", {}).get(rel)
+        if digest is None:
+            return
+        path = self._path(rel)
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns, digest)
+        if key in _VERIFIED:
+            return
+        if sha256_file(path) != digest:
+            raise self._mismatch(f"layer {layer!r}", rel)
+        _VERIFIED.add(key)
+
+    def _read_verified(self, layer: str) -> np.ndarray:
+        """The whole layer in memory, hashed in the same pass that reads it."""
+        info = self.manifest["layers"][layer]
+        rel = info["file"]
+        path, off = self._path(rel), self._files[rel][1]
+        out = np.empty(info["shape"], dtype=np.dtype(info["dtype"]))
+        buf = out.reshape(-1).view(np.uint8)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            h.update(f.read(off))
+            pos, chunk = 0, 1 << 22
+            while pos < len(buf):
+                got = f.readinto(memoryview(buf)[pos:pos + chunk])
+                if not got:
+                    raise self._mismatch(f"layer {layer!r}", rel)
+                h.update(memoryview(buf)[pos:pos + got])
+                pos += got
+        digest = self.manifest.get("checksums", {}).get(rel)
+        if digest is not None and h.hexdigest() != digest:
+            raise self._mismatch(f"layer {layer!r}", rel)
+        return out
 
     @property
     def layers(self) -> list[str]:
@@ -220,11 +381,11 @@ class FeatureStore:
 
     @property
     def labels(self) -> np.ndarray:
-        return np.load(self.root / "labels.npy")
+        return self._small("labels.npy")
 
     @property
     def ids(self) -> np.ndarray:
-        return np.load(self.root / "ids.npy")
+        return self._small("ids.npy")
 
     @property
     def classes(self) -> list[str]:
@@ -232,16 +393,22 @@ class FeatureStore:
 
     @property
     def lengths(self) -> np.ndarray | None:
-        p = self.root / "lengths.npy"
-        return np.load(p) if p.exists() else None
+        return self._small("lengths.npy") if self.manifest.get("has_lengths") else None
 
     def load(self, layer: str, mmap: bool = True) -> np.ndarray:
-        """One layer's array, (N, ...), without reading any other layer."""
+        """One layer's array, (N, ...), without reading any other layer; its checksum verified.
+
+        ``mmap=True``: a read-only memory map (the file is hashed once per
+        process first); ``mmap=False``: read into memory, hashed as it is read.
+        """
         info = self.manifest["layers"].get(layer)
         if info is None:
             raise UsageError("no such layer in the store", value=layer, allowed=", ".join(self.layers),
                              fix=suggest(layer, self.layers) or None)
-        return np.load(self.root / info["file"], mmap_mode="r" if mmap else None)
+        if not mmap:
+            return self._read_verified(layer)
+        self.verify_layer(layer)
+        return np.load(self._path(info["file"]), mmap_mode="r", allow_pickle=False)
 
     def read_rows(self, layer: str, rows) -> np.ndarray:
         """Rows ``rows`` (sorted ints) of one layer, read with plain file reads.
@@ -253,17 +420,16 @@ class FeatureStore:
         info = self.manifest["layers"].get(layer)
         if info is None:
             self.load(layer)  # raises the helpful error
+        self.verify_layer(layer)  # once per process: the rows of later calls come from verified bytes
         rows = np.asarray(rows, dtype=np.int64)
         dtype = np.dtype(info["dtype"])
         shape = info["shape"][1:]
         row_bytes = int(np.prod(shape)) * dtype.itemsize
-        path = self.root / info["file"]
+        path = self._path(info["file"])
         out = np.empty((len(rows), *shape), dtype=dtype)
         flat = out.reshape(len(rows), -1).view(np.uint8)
         with open(path, "rb") as f:
-            np.lib.format.read_magic(f)
-            np.lib.format.read_array_header_1_0(f)
-            offset = f.tell()
+            offset = self._files[info["file"]][1]
             fd = f.fileno()
             breaks = np.flatnonzero(np.diff(rows) != 1) + 1
             for start, run in zip(np.r_[0, breaks], np.split(rows, breaks)):
@@ -277,7 +443,7 @@ class FeatureStore:
         """Files whose checksum differs from the manifest (empty when intact)."""
         bad = []
         for rel, digest in self.manifest.get("checksums", {}).items():
-            if sha256_file(self.root / rel) != digest:
+            if sha256_file(inside(self.root, rel, "a checksummed file")) != digest:
                 bad.append(rel)
         return bad
 
@@ -286,4 +452,4 @@ class FeatureStore:
         return {"path": str(self.root), "n": m["n"], "dtype": m["dtype"], "pooling": m.get("pooling"),
                 "model": m.get("model", {}).get("name"), "data": m.get("data", {}).get("name"),
                 "layers": {k: v["shape"][1:] for k, v in m["layers"].items()},
-                "bytes": sum((self.root / v["file"]).stat().st_size for v in m["layers"].values())}
+                "bytes": sum(self._path(v["file"]).stat().st_size for v in m["layers"].values())}
