@@ -157,7 +157,7 @@ def record_tree(folder, stage: str, sub) -> None:
     """Record every file now under ``folder/sub`` (a folder lamina just wrote in a scratch place)."""
     folder = Path(folder)
     record(folder, stage, [p.relative_to(folder).as_posix() for p in sorted((folder / sub).rglob("*"))
-                           if p.is_file() or p.is_symlink()])
+                           if (p.is_file() or p.is_symlink()) and p.name not in _BOOKKEEPING])
 
 
 def _rel(p) -> str:
@@ -237,7 +237,10 @@ def remove_owned(folder, rel: str) -> None:
 
 
 def swap_in(tmp, dest, stage: str) -> None:
-    """Move the folder ``tmp`` (just written) to ``dest``, replacing only what lamina recorded there."""
+    """Move the folder ``tmp`` (just written) to ``dest``, replacing only what lamina recorded there.
+
+    The folder carries its own record (``dest/.lamina-files.json``), so a model folder saved anywhere
+    (``save_lamina`` from Python, OUT/model of a stage) can be replaced later without writing beside it."""
     tmp, dest = Path(tmp), Path(dest)
     folder = dest.parent
     unknown = unknown_files(folder, dest.name) if os.path.lexists(dest) else []
@@ -247,11 +250,9 @@ def swap_in(tmp, dest, stage: str) -> None:
         raise UsageError("refusing to replace a folder that holds files lamina did not write",
                          value=f"{dest}: {_listing(unknown)}", allowed="only files lamina recorded there",
                          fix="move those files elsewhere, or pick another path")
+    record_tree(tmp, stage, ".")  # inside the folder, before it moves: it arrives recorded
     if os.path.lexists(dest):
         remove_owned(folder, dest.name)
-    # record the new names before the rename: a crash after it must not leave lamina's files unrecorded
-    record(folder, stage, [(Path(dest.name) / p.relative_to(tmp)).as_posix() for p in sorted(tmp.rglob("*"))
-                           if p.is_file() or p.is_symlink()])
     os.replace(tmp, dest)
 
 

@@ -304,7 +304,8 @@ def save_lamina(module: nn.Module, path, builder: str, preprocess: dict, extra: 
     from .runfolder import SCRATCH, swap_in, unknown_files, write_json
     path = Path(path)
     if path.exists() and (not path.is_dir() or unknown_files(path.parent, path.name)):
-        raise UsageError("the folder exists and holds files lamina did not write, so it is not replaced",
+        raise UsageError("the folder exists and holds files lamina did not write (not a lamina model folder), so "
+                         "it is not replaced",
                          value=str(path), allowed="a new or empty folder, or one written by save_lamina",
                          fix="pick another path, or move those files away")
     extra = dict(extra or {})
