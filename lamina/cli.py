@@ -75,7 +75,8 @@ _info.add_args = _info_args
 def _print_store(store, ns) -> None:
     s = store.summary()
     if getattr(ns, "json", False):
-        print(json.dumps(s, indent=2))
+        from .runfolder import strict_json
+        print(json.dumps(strict_json(s), indent=2, allow_nan=False))
         return
     print(f"store    {s['path']}")
     print(f"model    {s['model']}    data {s['data']}    samples {s['n']}    pooling {s['pooling']}    "
@@ -299,7 +300,8 @@ def _demo(ns):
         print(f"[1/3] capture: minilm x {ns.limit} rotten-tomatoes sentences -> {ns.out}/features")
         res = capture("minilm", "rotten-tomatoes", ccfg)
         _print_store(FeatureStore.open(res.store), ns)
-        print("[2/3] analyze: probes, k-NN, geometry, CKA, importance" + (", random-init control" if ns.control else ""))
+        print("[2/3] analyze: probes, k-NN, geometry, CKA, importance"
+              + (", random-init control" if ns.control else ""))
         ares = analyze(ns.out, acfg)
         _print_scores(ares.scores_path)
         print("[3/3] report")

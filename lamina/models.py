@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path

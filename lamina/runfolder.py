@@ -147,7 +147,8 @@ def record(folder, stage: str, paths) -> None:
     """Add ``paths`` (relative to ``folder``) to its record as written by ``stage``; call it before writing."""
     folder = Path(folder)
     files = read_record(folder)
-    new = {_rel(p): stage for p in paths if not any(_ignored(part) for part in Path(p).parts)}  # scratch: lamina's by name
+    # scratch names are lamina's by name: never recorded
+    new = {_rel(p): stage for p in paths if not any(_ignored(part) for part in Path(p).parts)}
     if any(files.get(k) != v for k, v in new.items()):
         folder.mkdir(parents=True, exist_ok=True)
         _write_record(folder, {**files, **new})
@@ -286,8 +287,9 @@ def plan_writes(out, stage: str, writes, overwrite: bool, *, resume: bool = Fals
     if taken and not overwrite and not resume:
         raise UsageError(f"{stage} output already exists", value=f"{out}: {_listing(taken)}",
                          allowed="a folder without them",
-                         fix="pass --overwrite to replace what lamina wrote there, " +
-                             ("--resume to continue an interrupted run, " if resumable else "") + "or pick another --out")
+                         fix="pass --overwrite to replace what lamina wrote there, "
+                             + ("--resume to continue an interrupted run, " if resumable else "")
+                             + "or pick another --out")
 
 
 # ---------------------------------------------------------------- one writer at a time

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import re
 import shutil
 from pathlib import Path

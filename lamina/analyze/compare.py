@@ -98,8 +98,8 @@ def _compare(a: FeatureStore, b: FeatureStore, out: Path, config: CompareConfig,
               "model_a": a.manifest.get("model", {}).get("name"), "model_b": b.manifest.get("model", {}).get("name"),
               "n": a.n, "layers_a": a.layers, "layers_b": b.layers, "cka": cka.tolist(), "null": null,
               "definition": "unbiased minibatch linear CKA (Nguyen et al. 2021; HSIC_1 of Song et al. 2012) "
-                            "between layer i of A (rows) and layer j of B (columns); the null permutes B's rows; null where "
-                            "CKA is undefined (a layer without variance)",
+                            "between layer i of A (rows) and layer j of B (columns); the null permutes B's rows; "
+                            "null where CKA is undefined (a layer without variance)",
               "config": asdict(config), "versions": versions()}
     record(out.parent, "compare", [out.name])
     save_json(out, result, nulls=("cka", "null"))  # null: CKA undefined (a layer without variance)

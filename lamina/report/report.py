@@ -34,7 +34,7 @@ from markupsafe import Markup
 
 from .. import __version__
 from ..errors import LaminaError, UsageError
-from ..runfolder import claim, record, unknown_files
+from ..runfolder import claim, record, strict_json, unknown_files
 from . import _catalog as cat
 from . import _context as ctx
 from . import _plots as plots
@@ -137,7 +137,8 @@ def _target(run: Path, config: ReportConfig) -> Path:
 
 def _data_block(obj) -> Markup:
     """JSON for a ``<script type=application/json>`` block: ``<``, ``>``, ``&`` escaped so it cannot end it."""
-    text = json.dumps(obj, indent=1, default=str)
+    # strict JSON like every file lamina writes: a NaN read from a hand-edited file shows as null
+    text = json.dumps(strict_json(obj, nulls=tuple(obj) if isinstance(obj, dict) else ()), indent=1, allow_nan=False)
     return Markup(text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e"))
 
 
