@@ -248,6 +248,27 @@ def test_finetune_resume_with_other_settings_is_refused(tmp_path, tiny_dirs, sen
     assert rec["history"]["resumed_from"] == 0 and not (out / "checkpoint.pt").exists()
 
 
+def test_distill_resume_with_other_settings_is_refused(tmp_path, tiny_teacher, monkeypatch, capsys):
+    from lamina.distill import DistillConfig, distill
+    out = tmp_path / "d"
+    kw = dict(teacher=str(tiny_teacher), student=str(tiny_teacher / "model"), epochs=2, lr=1e-3, batch_size=32,
+              train_limit=64, progress=False)
+    restore = die_in_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        distill(DistillConfig(out=str(out), **kw))
+    restore()
+    before = _tree(out)
+    base = ["distill", "--teacher", str(tiny_teacher), "--student", str(tiny_teacher / "model"), "--out", str(out),
+            "--lr", "1e-3", "--batch-size", "32", "--no-progress", "--resume"]
+    assert main(base + ["--epochs", "3", "--train-limit", "64"]) == 2
+    assert "differs in: epochs" in capsys.readouterr().err
+    assert main(base + ["--epochs", "2", "--train-limit", "64", "--kd", "0.5"]) == 2
+    assert "differs in: kd" in capsys.readouterr().err
+    assert _tree(out) == before
+    assert main(base + ["--epochs", "2", "--train-limit", "64"]) == 0
+    assert json.loads((out / "distill.json").read_text())["history"]["resumed_from"] == 0
+
+
 def test_resume_record_is_compared_key_by_key(tmp_path):
     check_resume(tmp_path, "distill", {"teacher": "t", "lr": 1e-3, "out": "a", "progress": True}, resume=False)
     check_resume(tmp_path, "distill", {"teacher": "t", "lr": 1e-3, "out": "b", "progress": False}, resume=True)

@@ -239,7 +239,7 @@ def _analyze(store: FeatureStore, run_dir: Path, path: Path, config: AnalyzeConf
                                           "skip_nmse": _imp_def("skip_importance")})
         if config.control:
             scores["control"] = _control(lm, ds, few, store, run_dir, split, config, kw)
-    record(run_dir, "analyze", ["scores.json"])
+    record(run_dir, "analyze", ["scores.json", "scores.json.tmp"])
     save_json(path, scores, nulls=("metrics", "cka", "importance", "control"))  # null: not computable
     update_run_config(run_dir, "analyze", {"config": asdict(config), "scores": str(path)})
     return AnalyzeResult(str(path), store.layers, metrics["probe_acc"], time.perf_counter() - t0, config.control)
