@@ -483,6 +483,14 @@ def check_resume(out, stage: str, settings: dict, resume: bool, rank: int = 0) -
                          fix="resume with the original settings, or start over with --overwrite")
 
 
+def same_path(spec):
+    """A model or data spec as resume compares it: an existing path resolved (``./m`` and ``/abs/m`` are one
+    folder), a name as given, a Python object by its class."""
+    if spec is None or isinstance(spec, (str, Path)):
+        return str(Path(spec).resolve()) if spec is not None and Path(spec).exists() else spec
+    return type(spec).__name__
+
+
 def rows_hash(ds, split: dict) -> str:
     """A short hash of the sample ids in each split: the same data file, limit, seed and fractions give the
     same rows, and an edited data file does not."""

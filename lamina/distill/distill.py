@@ -40,7 +40,7 @@ import torch
 from ..errors import UsageError
 from ..models import LoadedModel, load_model, random_init, recalibrate_bn, save_json
 from ..task import TaskSpec, batches, check_classes, counts, evaluate, logits_of, num_classes, read_task
-from ..runfolder import RESUME, check_out, check_resume, claim, plan_writes, rows_hash
+from ..runfolder import RESUME, check_out, check_resume, claim, plan_writes, rows_hash, same_path
 from ..runfolder import record as record_files
 from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, world
 from .losses import CenterLoss, LossWeights, make_adapters, total_loss
@@ -310,7 +310,8 @@ def _distill(config: DistillConfig, out: Path, rank: int, size: int) -> DistillR
     params = [p for p in student.module.parameters()] + [p for p in extra.parameters()]
     for p in params:
         p.requires_grad_(True)
-    settings = {**asdict(config), "teacher_fingerprint": teacher.fingerprint(),
+    settings = {**asdict(config), **{k: same_path(getattr(config, k)) for k in ("teacher", "student", "data")},
+                "teacher_fingerprint": teacher.fingerprint(),
                 "student_fingerprint": student.fingerprint(), "rows": rows_hash(ds, {**split, "train": train_rows})}
     check_resume(out, "distill", settings, config.resume, rank)  # before training writes anything
     if rank == 0:
@@ -335,7 +336,7 @@ def _distill(config: DistillConfig, out: Path, rank: int, size: int) -> DistillR
         rec["seconds"] = time.perf_counter() - t0
         record_files(out, "distill", ["distill.json", "distill.json.tmp"])
         save_json(out / "distill.json", rec, nulls=("history",))  # null in the history: a loss that was not finite
-        for name in (CHECKPOINT, RESUME):
+        for name in (*checkpoint_files(), RESUME):
             if (out / name).exists():
                 (out / name).unlink()
     if size > 1:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..errors import UsageError
 from ..models import load_model, save_json
-from ..runfolder import RESUME, check_out, check_resume, claim, plan_writes, record, rows_hash
+from ..runfolder import RESUME, check_out, check_resume, claim, plan_writes, record, rows_hash, same_path
 from ..savefmt import save
 from ..task import TASK_FILE, TaskSpec, counts, evaluate, logits_of
 from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, world
@@ -148,8 +148,8 @@ def _finetune(model, data: str, config: FinetuneConfig, out: Path, rank: int, si
         if p.requires_grad:
             params.append(p)
     frozen = [lm.module.get_submodule(p) for p in lm.blocks.block_paths] if names is not None else []
-    settings = {**asdict(config), "model": str(model) if isinstance(model, (str, Path)) else type(model).__name__,
-                "model_fingerprint": base.fingerprint(), "data": str(data), "rows": rows_hash(ds, split)}
+    settings = {**asdict(config), "model": same_path(model), "model_fingerprint": base.fingerprint(),
+                "data": same_path(data), "rows": rows_hash(ds, split)}
     check_resume(out, "finetune", settings, config.resume, rank)  # before training writes anything
     if rank == 0:
         record(out, "finetune", checkpoint_files())
@@ -182,7 +182,7 @@ def _finetune(model, data: str, config: FinetuneConfig, out: Path, rank: int, si
         rec["format"] = fmt
         record(out, "finetune", [TASK_FILE, TASK_FILE + ".tmp"])
         save_json(out / TASK_FILE, rec, nulls=("history",))  # null in the history: a loss that was not finite
-        for name in (CHECKPOINT, RESUME):
+        for name in (*checkpoint_files(), RESUME):
             if (out / name).exists():
                 (out / name).unlink()
         log.info("finetune: test accuracy %.4f (best val %.4f at epoch %s)", test["accuracy"],
