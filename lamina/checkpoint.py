@@ -34,6 +34,7 @@ from .errors import LaminaError
 from .trust import inside, sha256_of
 
 CHECKPOINT = "checkpoint.json"  # the commit marker: a checkpoint exists when this file does
+CHECKPOINT_FILES = (CHECKPOINT, CHECKPOINT + ".tmp")  # fixed names; the tensor file's name carries the epoch
 _FORMAT = 1
 _TENSORS = re.compile(r"^checkpoint\.e\d{1,9}\.safetensors$")
 
@@ -71,6 +72,8 @@ def save_checkpoint(out, epoch: int, modules: dict, opt, sched, hist: dict, best
             scalars[str(pid)] = rest
     name = f"checkpoint.e{int(epoch)}.safetensors"
     tpath = out / name
+    from .runfolder import record
+    record(out, "checkpoint", [name, *CHECKPOINT_FILES])  # lamina's own, so --overwrite may remove them
     from safetensors.torch import save_file
     save_file(_unshared(tensors), str(tpath))
     _fsync(tpath)

@@ -75,7 +75,8 @@ _info.add_args = _info_args
 def _print_store(store, ns) -> None:
     s = store.summary()
     if getattr(ns, "json", False):
-        print(json.dumps(s, indent=2))
+        from .runfolder import strict_json
+        print(json.dumps(strict_json(s), indent=2, allow_nan=False))
         return
     print(f"store    {s['path']}")
     print(f"model    {s['model']}    data {s['data']}    samples {s['n']}    pooling {s['pooling']}    "
@@ -286,17 +287,25 @@ def _demo_args(p):
 @verb("demo", "the main job: bundled MiniLM on Rotten Tomatoes, capture -> analyze -> report")
 def _demo(ns):
     from .analyze import AnalyzeConfig, analyze
+    from .analyze.analyze import writes as analyze_writes
     from .capture import CaptureConfig, capture
     from .report import ReportConfig, report
+    from .runfolder import claim
     from .store import FeatureStore
-    print(f"[1/3] capture: minilm x {ns.limit} rotten-tomatoes sentences -> {ns.out}/features")
-    res = capture("minilm", "rotten-tomatoes", CaptureConfig(out=ns.out, limit=ns.limit, overwrite=ns.overwrite))
-    _print_store(FeatureStore.open(res.store), ns)
-    print("[2/3] analyze: probes, k-NN, geometry, CKA, importance" + (", random-init control" if ns.control else ""))
-    ares = analyze(ns.out, AnalyzeConfig(control=ns.control, overwrite=ns.overwrite))
-    _print_scores(ares.scores_path)
-    print("[3/3] report")
-    rep = report(ns.out, ReportConfig())
+    ccfg = CaptureConfig(out=ns.out, limit=ns.limit, overwrite=ns.overwrite)
+    acfg = AnalyzeConfig(control=ns.control, overwrite=ns.overwrite)
+    # all three stages' writes are decided before the first one starts, and the folder stays locked throughout
+    writes = ["features", "config.json", *analyze_writes(acfg), "report.html"]
+    with claim(ns.out, "demo", writes, ns.overwrite):
+        print(f"[1/3] capture: minilm x {ns.limit} rotten-tomatoes sentences -> {ns.out}/features")
+        res = capture("minilm", "rotten-tomatoes", ccfg)
+        _print_store(FeatureStore.open(res.store), ns)
+        print("[2/3] analyze: probes, k-NN, geometry, CKA, importance"
+              + (", random-init control" if ns.control else ""))
+        ares = analyze(ns.out, acfg)
+        _print_scores(ares.scores_path)
+        print("[3/3] report")
+        rep = report(ns.out, ReportConfig())
     print(f"report: {rep.path}  (open it in a browser; it works offline)")
     return 0
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,9 +344,9 @@ def recalibrate_bn(lm: LoadedModel, batches) -> bool:
     return True
 
 
-def save_json(path, obj) -> None:
-    """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, path)
+def save_json(path, obj, nulls: tuple[str, ...] = ()) -> None:
+    """Write strict JSON atomically (temp file + rename), so a crash never leaves half a file and no reader
+    meets a bare NaN: non-finite numbers become null under the keys in ``nulls``, elsewhere they are refused
+    (:func:`lamina.runfolder.write_json`)."""
+    from .runfolder import write_json
+    write_json(path, obj, nulls)

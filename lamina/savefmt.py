@@ -52,7 +52,6 @@ The write is atomic: a temp folder, renamed into place.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -338,10 +337,13 @@ def save_lamina(module: nn.Module, path, builder: str, preprocess: dict, extra: 
         raise UsageError("preprocess must be a dict with at least 'modality'", value=preprocess,
                          allowed="{'modality', 'image_size', 'image_mean', 'image_std', 'in_channels'}",
                          fix="use lamina.savefmt.preprocess_of(loaded_model)")
+    from .runfolder import SCRATCH, swap_in, unknown_files, write_json
     path = Path(path)
-    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / SPEC).exists())):
-        raise UsageError("the folder exists and is not a lamina model folder, so it is not replaced", value=str(path),
-                         allowed="a new or empty folder, or one written by save_lamina", fix="pick another path")
+    if path.exists() and (not path.is_dir() or unknown_files(path.parent, path.name)):
+        raise UsageError("the folder exists and holds files lamina did not write (not a lamina model folder), so "
+                         "it is not replaced",
+                         value=str(path), allowed="a new or empty folder, or one written by save_lamina",
+                         fix="pick another path, or move those files away")
     extra = dict(extra or {})
     container = extra.pop("blocks", None)
     if container is None:
@@ -354,7 +356,7 @@ def save_lamina(module: nn.Module, path, builder: str, preprocess: dict, extra: 
             "num_classes": extra.pop("num_classes", None) or _num_classes(module, builder),
             "preprocess": dict(preprocess), "blocks": container,
             "block_signatures": _signatures(module, container), **extra}
-    tmp = path.with_name(f".{path.name}.lamina-tmp")
+    tmp = path.with_name(f".{path.name}{SCRATCH}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -364,19 +366,11 @@ def save_lamina(module: nn.Module, path, builder: str, preprocess: dict, extra: 
             module.config.save_pretrained(tmp)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
-        (tmp / SPEC).write_text(json.dumps(spec, indent=2, default=str))
+        write_json(tmp / SPEC, spec)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
-        old = path.with_name(f".{path.name}.lamina-old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
+    swap_in(tmp, path, "save_lamina")  # replaces only what lamina recorded there
     return path
 
 
@@ -405,16 +399,19 @@ def save_format(lm) -> str:
     return "lamina"
 
 
-def save(lm, dest, source=None) -> str:
+def save(lm, dest, source=None, stage: str = "save") -> str:
     """Save a LoadedModel to ``dest`` the standard way when its config still describes it (save_pretrained +
     tokenizer + image preprocessor of ``source``), in lamina's format otherwise; written to a temp folder
     and swapped in. ``source``: the model it was derived from (default ``lm``). Returns the format.
 
-    The one saver of every stage (finetune, prune, distill).
+    The one saver of every stage (finetune, prune, distill). An existing ``dest`` is replaced only when
+    everything in it is recorded as lamina's (``.lamina-files.json`` of its parent, see
+    :mod:`lamina.runfolder`); ``stage`` is the name recorded there.
     """
+    from .runfolder import SCRATCH, swap_in
     source = source or lm
     dest = Path(dest)
-    tmp = dest.with_name(dest.name + ".tmp")
+    tmp = dest.with_name(f".{dest.name}{SCRATCH}")  # a lamina-reserved name: never a user's folder
     if tmp.exists():
         shutil.rmtree(tmp)
     if save_format(source) == "huggingface" and config_describes(lm.module):
@@ -432,9 +429,7 @@ def save(lm, dest, source=None) -> str:
     else:
         save_loaded(lm, tmp)
         fmt = "lamina"
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    swap_in(tmp, dest, stage)
     return fmt
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from .checkpoint import CHECKPOINT, load_checkpoint, remove_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT, CHECKPOINT_FILES, load_checkpoint, remove_checkpoint, save_checkpoint
 from .errors import UsageError
 
 __all__ = ["CHECKPOINT", "Loop", "check_loop_args", "fit", "init_distributed", "remove_checkpoint", "world"]

@@ -1,6 +1,7 @@
 """`lamina prune` end to end on a tiny bert run: plan.json first, a reloadable pruned model that equals the
 original with the removed block bypassed, and refusals (exit 2) that write or overwrite nothing."""
 
+import dataclasses
 import json
 
 import pytest
@@ -121,11 +122,17 @@ def test_overwrite_replaces_plan_and_model_only(bert_run, tiny_dirs, tmp_path):
     (out / "marker.txt").write_text("keep me")
     (out / "model").mkdir()
     (out / "model" / "stale.bin").write_text("old")
-    res = prune(str(tiny_dirs["bert"]), None, PruneConfig(out=str(out), scores=str(bert_run / "scores.json"),
-                                                          drop_blocks=0.5, method="even", overwrite=True))
+    cfg = PruneConfig(out=str(out), scores=str(bert_run / "scores.json"), drop_blocks=0.5, method="even",
+                      overwrite=True)
+    with pytest.raises(UsageError, match="lamina did not write") as e:  # model/ holds a file that is not lamina's
+        prune(str(tiny_dirs["bert"]), None, cfg)
+    assert "model/stale.bin" in str(e.value) and (out / "model" / "stale.bin").read_text() == "old"
+    assert not (out / "plan.json").exists()
+    (out / "model" / "stale.bin").unlink()
+    prune(str(tiny_dirs["bert"]), None, dataclasses.replace(cfg, method="skip_nmse"))
+    res = prune(str(tiny_dirs["bert"]), None, cfg)  # lamina's own earlier plan and model are replaced
     assert res.blocks_after == 1 and res.removed == ["blocks.1"]  # even keeps the first block
-    assert (out / "marker.txt").read_text() == "keep me"
-    assert not (out / "model" / "stale.bin").exists() and (out / "model" / "config.json").exists()
+    assert (out / "marker.txt").read_text() == "keep me" and (out / "model" / "config.json").exists()
     assert json.loads((out / "plan.json").read_text())["depth"]["method"] == "even"
 
 

@@ -192,11 +192,14 @@ def test_output_is_replaced_only_when_ours(tmp_path):
     assert report(str(run / "scores.json")).path == first.path  # a scores.json path works too; ours is replaced
     theirs = tmp_path / "notes.html"
     theirs.write_text("<p>my notes</p>")
-    with pytest.raises(UsageError, match="not a report lamina wrote") as e:
-        report(run, ReportConfig(out=str(theirs)))
-    assert "--overwrite" in str(e.value) and theirs.read_text() == "<p>my notes</p>"
-    report(run, ReportConfig(out=str(theirs), overwrite=True, title="Custom"))
-    assert "<h1>Custom</h1>" in theirs.read_text()
+    for overwrite in (False, True):  # --overwrite never replaces a file lamina did not write
+        with pytest.raises(UsageError, match="not a report lamina wrote") as e:
+            report(run, ReportConfig(out=str(theirs), overwrite=overwrite))
+        assert "move that file away" in str(e.value) and theirs.read_text() == "<p>my notes</p>"
+    mine = tmp_path / "mine.html"
+    report(run, ReportConfig(out=str(mine)))
+    report(run, ReportConfig(out=str(mine), title="Custom"))  # lamina's own report is replaced
+    assert "<h1>Custom</h1>" in mine.read_text()
     with pytest.raises(UsageError, match="is a folder"):
         report(run, ReportConfig(out=str(tmp_path)))
     nested = report(run, ReportConfig(out=str(tmp_path / "new" / "r.html")))

@@ -28,7 +28,7 @@ from ..capture import CaptureConfig, capture
 from ..data import Dataset, load_data, subsample
 from ..errors import UsageError
 from ..models import LoadedModel, load_model, random_init, save_json
-from ..runfolder import update_run_config, versions
+from ..runfolder import claim, record, update_run_config, versions
 from ..store import FeatureStore
 from .importance import block_importance
 from .metrics import (DEFAULT_CS, cka_matrix, effective_rank, knn_accuracy, ncc_accuracy, probe_layers,
@@ -199,6 +199,17 @@ def analyze(run, config: AnalyzeConfig = AnalyzeConfig(), *, model=None, data=No
     if path.exists() and not config.overwrite:
         raise UsageError("scores.json already exists in the run folder", value=str(path),
                          allowed="a run without scores.json", fix="pass --overwrite to recompute it")
+    with claim(run_dir, "analyze", writes(config), config.overwrite, merge=("config.json", "control")):
+        return _analyze(store, run_dir, path, config, model, data, t0)
+
+
+def writes(config: AnalyzeConfig) -> list[str]:
+    """What ``analyze`` writes in the run folder (the control's capture goes to RUN/control)."""
+    return ["scores.json", "config.json"] + (["control"] if config.control else [])
+
+
+def _analyze(store: FeatureStore, run_dir: Path, path: Path, config: AnalyzeConfig, model, data,
+             t0: float) -> AnalyzeResult:
     labels = store.labels
     split = stratified_split(labels, config.fractions, seed=config.seed)
     feats = _features(store)
@@ -228,7 +239,8 @@ def analyze(run, config: AnalyzeConfig = AnalyzeConfig(), *, model=None, data=No
                                           "skip_nmse": _imp_def("skip_importance")})
         if config.control:
             scores["control"] = _control(lm, ds, few, store, run_dir, split, config, kw)
-    save_json(path, scores)
+    record(run_dir, "analyze", ["scores.json", "scores.json.tmp"])
+    save_json(path, scores, nulls=("metrics", "cka", "importance", "control"))  # null: not computable
     update_run_config(run_dir, "analyze", {"config": asdict(config), "scores": str(path)})
     return AnalyzeResult(str(path), store.layers, metrics["probe_acc"], time.perf_counter() - t0, config.control)
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..models import save_json
-from ..runfolder import versions
+from ..runfolder import claim, record, versions
 from ..store import FeatureStore
 from .metrics import cka_permutation_null, streaming_cka
 
@@ -73,6 +73,11 @@ def compare(run_a, run_b, config: CompareConfig = CompareConfig()) -> CompareRes
         if bad:
             raise UsageError("compare needs pooled features", value=f"{s.root}: {bad[:3]}",
                              allowed="stores captured with --pooling mean, cls or last", fix="capture again pooled")
+    with claim(out.parent, "compare", [out.name], config.overwrite):
+        return _compare(a, b, out, config, t0)
+
+
+def _compare(a: FeatureStore, b: FeatureStore, out: Path, config: CompareConfig, t0: float) -> CompareResult:
     bs = min(config.batch_size, a.n)
     # read_rows, not the memory map: touched pages of a map stay resident, so
     # memory would grow with N (measured: x1.40 at 4N); file reads stay flat.
@@ -93,7 +98,9 @@ def compare(run_a, run_b, config: CompareConfig = CompareConfig()) -> CompareRes
               "model_a": a.manifest.get("model", {}).get("name"), "model_b": b.manifest.get("model", {}).get("name"),
               "n": a.n, "layers_a": a.layers, "layers_b": b.layers, "cka": cka.tolist(), "null": null,
               "definition": "unbiased minibatch linear CKA (Nguyen et al. 2021; HSIC_1 of Song et al. 2012) "
-                            "between layer i of A (rows) and layer j of B (columns); the null permutes B's rows",
+                            "between layer i of A (rows) and layer j of B (columns); the null permutes B's rows; "
+                            "null where CKA is undefined (a layer without variance)",
               "config": asdict(config), "versions": versions()}
-    save_json(out, result)
+    record(out.parent, "compare", [out.name, out.name + ".tmp"])
+    save_json(out, result, nulls=("cka", "null"))  # null: CKA undefined (a layer without variance)
     return CompareResult(str(out), a.layers, b.layers, cka.tolist(), time.perf_counter() - t0)

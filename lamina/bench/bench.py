@@ -30,6 +30,7 @@ import torch
 
 from ..errors import UsageError
 from ..models import load_model, save_json
+from ..runfolder import claim, plan_writes, record
 from ..task import TaskSpec, evaluate, read_task
 from ..threads import limit_threads
 
@@ -113,6 +114,7 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
     if dest.exists() and not config.overwrite:
         raise UsageError("bench.json already exists there", value=str(dest), allowed="a folder without bench.json",
                          fix="pass --overwrite to replace it, or --out another folder")
+    plan_writes(out, "bench", [dest.name], config.overwrite)  # decided before the work
     spec = _task_for(models, config.data)
     ds, split = spec.load()
     lms = [load_model(m) for m in models]
@@ -170,8 +172,9 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
                                   else None)}
     result = {"lamina_bench": 1, "task": spec.to_dict(), "test_rows": int(len(test)),
               "settings": asdict(config), "machine": _machine(config), "models": recs}
-    out.mkdir(parents=True, exist_ok=True)
-    save_json(dest, result)
+    with claim(out, "bench", [dest.name], config.overwrite):  # the folder's lock, the check again, the write
+        record(out, "bench", [dest.name, dest.name + ".tmp"])
+        save_json(dest, result)
     result["path"] = str(dest)
     return result
 

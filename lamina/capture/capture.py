@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,8 +29,9 @@ from ..blocks import select_taps
 from ..data import Dataset, check_labels, load_data, subsample
 from ..errors import LaminaError, UsageError
 from ..models import LoadedModel, load_model
-from ..runfolder import update_run_config
+from ..runfolder import claim, record, remove_owned, update_run_config
 from ..store import FeatureStore, StoreWriter, read_manifest
+from ..store.store import _safe
 from .dist import Dist
 from .hooks import POOLINGS, recording
 
@@ -135,9 +135,16 @@ def _prepare_folder(root: Path, cfg: CaptureConfig, key: dict, dist: Dist) -> st
                              value=str(root), allowed=f"the same settings (differs in: {', '.join(diff)})",
                              fix="use the original settings with --resume, or --overwrite to start over")
         return "done" if man.get("complete") else "resume"
-    if exists and cfg.overwrite and dist.rank == 0:
-        shutil.rmtree(root)
+    if root.exists() and cfg.overwrite and dist.rank == 0:
+        remove_owned(root.parent, root.name)  # only what lamina recorded; anything else there is refused
     return "fresh"
+
+
+def _store_files(taps, world: int, lengths: bool) -> list[str]:
+    """Every file a capture may write in OUT/features (see lamina/store/store.py), recorded before writing."""
+    names = ["manifest.json", "manifest.json.tmp", "labels.npy", "ids.npy",
+             *(f"layers/{_safe(t.name)}.npy" for t in taps), *(f"progress/rank{r}.txt" for r in range(world))]
+    return [f"features/{n}" for n in names + (["lengths.npy"] if lengths else [])]
 
 
 def _to_numpy(t: torch.Tensor, dtype: str, name: str, ids) -> np.ndarray:
@@ -187,8 +194,11 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
     n_batches = (n + bs - 1) // bs
     unpooled_text = config.pooling == "none" and lm.modality == "text"
 
-    with Dist() as dist:
+    with Dist() as dist, claim(config.out, "capture", ["features", "config.json"], config.overwrite,
+                               resume=config.resume, rank=dist.rank, resumable=True):
         state = _prepare_folder(root, config, key, dist)
+        if dist.rank == 0:
+            record(config.out, "capture", _store_files(taps, dist.world, unpooled_text))
         dist.barrier()
         with torch.inference_mode(), recording(lm.module, taps, config.pooling) as rec:
             def run_batch(b: int) -> dict[str, np.ndarray]:

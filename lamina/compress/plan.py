@@ -141,6 +141,37 @@ class PlanConfig:
                              fix=suggest(self.method, METHODS) or "--method skip_nmse")
 
 
+def _nonfinite(obj, where: str = ""):
+    """The path of the first number in ``obj`` that is not finite (NaN, inf), else None."""
+    if isinstance(obj, dict):
+        return next((p for k, v in obj.items() if (p := _nonfinite(v, f"{where}.{k}" if where else str(k)))), None)
+    if isinstance(obj, list):
+        return next((p for i, v in enumerate(obj) if (p := _nonfinite(v, f"{where}[{i}]"))), None)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return where
+    return None
+
+
+def check_scores(scores: dict) -> None:
+    """Refuse scores holding a non-finite number (a bare NaN is not JSON, and it would reorder the plan),
+    naming the key and, for block importance, the block."""
+    imp = scores.get("importance") if isinstance(scores.get("importance"), dict) else {}
+    names = imp.get("blocks") or []
+    for key in ("skip_nmse", "block_influence"):
+        for i, v in enumerate(imp.get(key) or []):
+            bad = isinstance(v, bool) or (v is not None and not isinstance(v, (int, float))) or \
+                (isinstance(v, float) and not math.isfinite(v))
+            if bad:
+                block = names[i] if i < len(names) else f"#{i}"
+                raise UsageError(f"the scores hold an invalid {key} for block {block}", value=f"{key}[{i}] = {v!r}",
+                                 allowed="a finite number, or null where analyze could not compute it",
+                                 fix="analyze the run again (lamina analyze RUN --overwrite); never edit scores.json")
+    where = _nonfinite(scores)
+    if where:
+        raise UsageError("the scores hold a non-finite number", value=where, allowed="finite numbers or null",
+                         fix="analyze the run again (lamina analyze RUN --overwrite); never edit scores.json")
+
+
 def _importance(scores: dict) -> dict:
     imp = scores.get("importance")
     if not imp or not imp.get("blocks"):
@@ -209,6 +240,7 @@ def make_plan(scores: dict, config: PlanConfig = PlanConfig()) -> dict:
     if not isinstance(scores, dict):
         raise UsageError("make_plan needs the scores as a dict (json.load of scores.json)",
                          value=type(scores).__name__, allowed="dict", fix="scores = json.load(open('RUN/scores.json'))")
+    check_scores(scores)
     model = scores.get("model") or {}
     plan = {"lamina_plan": PLAN_VERSION, "config": asdict(config),
             "model": {"fingerprint": model.get("fingerprint"), "name": model.get("name"),

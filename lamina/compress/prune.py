@@ -37,13 +37,15 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..models import LoadedModel, load_model, save_json
-from ..runfolder import check_out
+from ..runfolder import check_out, claim, plan_writes, record
 from ..savefmt import save, save_format
 from .apply import apply, check_plan, choose_blocks
 from .channels import channel_layout
 from .heads import _attn_blocks
 from .plan import METHODS, PlanConfig, is_empty, make_plan, needs_model
 from .width import ffn_layout
+
+WRITES = ["plan.json", "model"]  # what prune writes in OUT
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +188,7 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
                          fix="prune(model, None, PruneConfig(out='small', scores='run/scores.json', drop_blocks=0.25))")
     out = Path(config.out)
     scores_path = Path(config.scores) if scores is None or isinstance(scores, dict) else Path(scores)
+    plan_writes(out, "prune", WRITES, config.overwrite)  # refused before the work
     check_out(out, config.overwrite)
     data = _read_scores(scores, scores_path)
     plan = make_plan(data, config.plan_config())
@@ -217,23 +220,24 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
                              allowed=f"a target below {plan['depth'].get('predicted_parameters'):,} parameters",
                              fix="lower --target-params, or add width pruning")
 
-    out.mkdir(parents=True, exist_ok=True)
     plan_path, model_path = out / "plan.json", out / "model"
-    save_json(plan_path, plan)  # the plan first: it is what the user asked for, whatever happens next
-    res = apply(lm, plan, batches=batches)
-    done = dict(res.plan)
-    if config.recalibrate_bn:
-        from ..models import recalibrate_bn
-        done["bn_recalibrated"] = recalibrate_bn(res.model, batches)
-    fmt = save(res.model, model_path, lm)
-    n_before = lm.blocks.n_blocks
-    n_after = res.model.blocks.n_blocks
-    removed = list((done.get("depth") or {}).get("remove") or [])
-    done["result"] = {"model_path": str(model_path), "blocks_before": n_before, "blocks_after": n_after,
-                      "parameters_before": res.parameters_before, "parameters_after": res.parameters_after,
-                      "blocks_container": res.model.blocks.container or None, "source": lm.source,
-                      "format": fmt}
-    save_json(plan_path, done)
+    with claim(out, "prune", WRITES, config.overwrite):
+        record(out, "prune", ["plan.json", "plan.json.tmp"])
+        save_json(plan_path, plan)  # the plan first: it is what the user asked for, whatever happens next
+        res = apply(lm, plan, batches=batches)
+        done = dict(res.plan)
+        if config.recalibrate_bn:
+            from ..models import recalibrate_bn
+            done["bn_recalibrated"] = recalibrate_bn(res.model, batches)
+        fmt = save(res.model, model_path, lm, stage="prune")
+        n_before = lm.blocks.n_blocks
+        n_after = res.model.blocks.n_blocks
+        removed = list((done.get("depth") or {}).get("remove") or [])
+        done["result"] = {"model_path": str(model_path), "blocks_before": n_before, "blocks_after": n_after,
+                          "parameters_before": res.parameters_before, "parameters_after": res.parameters_after,
+                          "blocks_container": res.model.blocks.container or None, "source": lm.source,
+                          "format": fmt}
+        save_json(plan_path, done)
     log.info("prune: %d -> %d blocks, %d -> %d parameters", n_before, n_after, res.parameters_before,
              res.parameters_after)
     return PruneResult(str(out), str(plan_path), str(model_path), done, n_before, n_after, removed,

@@ -40,7 +40,8 @@ import torch
 from ..errors import UsageError
 from ..models import LoadedModel, load_model, random_init, recalibrate_bn, save_json
 from ..task import TaskSpec, batches, check_classes, counts, evaluate, logits_of, num_classes, read_task
-from ..runfolder import check_out
+from ..runfolder import RESUME, check_out, check_resume, claim, plan_writes, rows_hash, same_path
+from ..runfolder import record as record_files
 from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, remove_checkpoint, world
 from .losses import CenterLoss, LossWeights, make_adapters, total_loss
 from .taps import record
@@ -182,12 +183,26 @@ def _student(config: DistillConfig, teacher: LoadedModel, ds, split, spec) -> tu
 
 def distill(config: DistillConfig) -> DistillResult:
     """Train the student of ``config`` against its teacher; see the module doc."""
-    from ..savefmt import save
     init_distributed()
     rank, size = world()
-    t0 = time.perf_counter()
     out = Path(config.out)
+    plan_writes(out, "distill", writes(), config.overwrite, resume=config.resume, resumable=True)
     check_out(out, config.overwrite, config.resume, CHECKPOINT)
+    with claim(out, "distill", writes(), config.overwrite, resume=config.resume,
+               resumable=True, rank=rank):
+        return _distill(config, out, rank, size)
+
+
+def writes() -> list[str]:
+    """What ``distill`` writes in OUT."""
+    from ..finetune.finetune import checkpoint_files
+    return ["model", "distill.json", *checkpoint_files(), RESUME]
+
+
+def _distill(config: DistillConfig, out: Path, rank: int, size: int) -> DistillResult:
+    from ..finetune.finetune import checkpoint_files
+    from ..savefmt import save
+    t0 = time.perf_counter()
     teacher = load_model(config.teacher)  # a missing or unreadable teacher is named first
     spec = read_task(config.teacher)
     if spec is None:
@@ -295,8 +310,12 @@ def distill(config: DistillConfig) -> DistillResult:
     params = [p for p in student.module.parameters()] + [p for p in extra.parameters()]
     for p in params:
         p.requires_grad_(True)
+    settings = {**asdict(config), **{k: same_path(getattr(config, k)) for k in ("teacher", "student", "data")},
+                "teacher_fingerprint": teacher.fingerprint(),
+                "student_fingerprint": student.fingerprint(), "rows": rows_hash(ds, {**split, "train": train_rows})}
+    check_resume(out, "distill", settings, config.resume, rank)  # before training writes anything
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        record_files(out, "distill", checkpoint_files())
     mods = {"student": student.module, **({"extra": extra} if len(extra) else {})}
     hist = fit(mods, params, step, train_rows, split["val"], validate, config.loop(), out,
                resume=config.resume, desc="distill")
@@ -313,10 +332,12 @@ def distill(config: DistillConfig) -> DistillResult:
            "teacher_test": t_rec, "accuracy_retained": test["accuracy"] / t_rec["accuracy"] if t_rec["accuracy"] else None,
            "model_path": str(out / "model"), "seconds": None}
     if rank == 0:
-        rec["format"] = save(student, out / "model", teacher)
+        rec["format"] = save(student, out / "model", teacher, stage="distill")
         rec["seconds"] = time.perf_counter() - t0
-        save_json(out / "distill.json", rec)
+        record_files(out, "distill", ["distill.json", "distill.json.tmp"])
+        save_json(out / "distill.json", rec, nulls=("history",))  # null in the history: a loss that was not finite
         remove_checkpoint(out)
+        (out / RESUME).unlink(missing_ok=True)
     if size > 1:
         torch.distributed.barrier()
     return DistillResult(str(out), str(out / "model"), test["accuracy"], t_rec["accuracy"],

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..errors import UsageError
 from ..models import load_model, save_json
-from ..runfolder import check_out
+from ..runfolder import RESUME, check_out, check_resume, claim, plan_writes, record, rows_hash, same_path
 from ..savefmt import save
 from ..task import TASK_FILE, TaskSpec, counts, evaluate, logits_of
 from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, remove_checkpoint, world
@@ -105,9 +105,27 @@ def finetune(model, data: str, config: FinetuneConfig) -> FinetuneResult:
     """Train a classifier on ``data`` from ``model`` (anything ``load_model`` takes); see the module doc."""
     init_distributed()
     rank, size = world()
-    t0 = time.perf_counter()
     out = Path(config.out)
+    plan_writes(out, "finetune", writes(), config.overwrite, resume=config.resume, resumable=True)
     check_out(out, config.overwrite, config.resume, CHECKPOINT)
+    with claim(out, "finetune", writes(), config.overwrite, resume=config.resume,
+               resumable=True, rank=rank):
+        return _finetune(model, data, config, out, rank, size)
+
+
+def writes() -> list[str]:
+    """What ``finetune`` (and ``distill``, with distill.json) writes in OUT."""
+    return ["model", TASK_FILE, *checkpoint_files(), RESUME]
+
+
+def checkpoint_files() -> list[str]:
+    """The files of the training checkpoint (lamina.train), recorded as lamina's before training writes them."""
+    from .. import train
+    return list(getattr(train, "CHECKPOINT_FILES", (CHECKPOINT, str(Path(CHECKPOINT).with_suffix(".tmp")))))
+
+
+def _finetune(model, data: str, config: FinetuneConfig, out: Path, rank: int, size: int) -> FinetuneResult:
+    t0 = time.perf_counter()
     spec = TaskSpec(data=str(data), limit=config.limit, seed=config.seed, val=config.val, test=config.test,
                     max_length=config.max_length, image_size=config.image_size, text_column=config.text_column,
                     label_column=config.label_column)
@@ -130,8 +148,11 @@ def finetune(model, data: str, config: FinetuneConfig) -> FinetuneResult:
         if p.requires_grad:
             params.append(p)
     frozen = [lm.module.get_submodule(p) for p in lm.blocks.block_paths] if names is not None else []
+    settings = {**asdict(config), "model": same_path(model), "model_fingerprint": base.fingerprint(),
+                "data": same_path(data), "rows": rows_hash(ds, split)}
+    check_resume(out, "finetune", settings, config.resume, rank)  # before training writes anything
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        record(out, "finetune", checkpoint_files())
     ds_labels = torch.tensor(ds.labels)
 
     def step(rows, gbs):
@@ -157,10 +178,12 @@ def finetune(model, data: str, config: FinetuneConfig) -> FinetuneResult:
            "history": hist, "test": test, "model_path": str(out / "model"),
            "seconds": time.perf_counter() - t0}
     if rank == 0:
-        fmt = save(lm, out / "model", base)
+        fmt = save(lm, out / "model", base, stage="finetune")
         rec["format"] = fmt
-        save_json(out / TASK_FILE, rec)
+        record(out, "finetune", [TASK_FILE, TASK_FILE + ".tmp"])
+        save_json(out / TASK_FILE, rec, nulls=("history",))  # null in the history: a loss that was not finite
         remove_checkpoint(out)
+        (out / RESUME).unlink(missing_ok=True)
         log.info("finetune: test accuracy %.4f (best val %.4f at epoch %s)", test["accuracy"],
                  hist["best_val_accuracy"], hist["best_epoch"])
     if size > 1:

@@ -10,9 +10,10 @@ Design decisions:
   is inline, there is no script to run, and a Content-Security-Policy forbids
   the browser from fetching anything, so a stray external reference fails
   loudly in the Chromium test instead of quietly needing the network.
-- Re-running replaces an earlier report lamina wrote (it is derived data and
-  carries a generator tag); any other file at the target is kept unless
-  ``overwrite`` is given, as everywhere in lamina.
+- Re-running replaces an earlier report lamina wrote (it is derived data,
+  recorded in the folder's ``.lamina-files.json`` and carrying a generator
+  tag); any other file at the target is never replaced, even with
+  ``overwrite``, as everywhere in lamina (lamina/runfolder.py).
 - Rendering is deterministic: the same run folder gives the same bytes.
 - It does not write ``config.json``: a report is a view, and recording it
   there would change the settings the next report shows.
@@ -33,6 +34,7 @@ from markupsafe import Markup
 
 from .. import __version__
 from ..errors import LaminaError, UsageError
+from ..runfolder import claim, record, strict_json, unknown_files
 from . import _catalog as cat
 from . import _context as ctx
 from . import _plots as plots
@@ -52,8 +54,8 @@ class ReportConfig:
     out: str | None = field(default=None, metadata={
         "help": "where to write the page; unset means RUN/report.html"})
     overwrite: bool = field(default=False, metadata={
-        "help": "replace OUT even when it is not a report lamina wrote; an earlier lamina report is always "
-                "replaced, since it is derived from the run folder"})
+        "help": "accepted for symmetry with the other stages: an earlier lamina report is always replaced "
+                "(it is derived from the run folder), and a file lamina did not write never is"})
     title: str | None = field(default=None, metadata={"help": "page title; unset means 'MODEL on DATA'"})
     stages: tuple[str, ...] = field(default=(), metadata={
         "help": "more folders (or files) whose finetune.json / plan.json / distill.json / bench.json get a section: "
@@ -125,16 +127,18 @@ def _target(run: Path, config: ReportConfig) -> Path:
     if out.is_dir():
         raise UsageError("--out is a folder", value=str(out), allowed="a file path",
                          fix=f"--out {out / 'report.html'}")
-    if out.exists() and not config.overwrite and not _is_lamina_report(out):
-        raise UsageError("the output file exists and is not a report lamina wrote", value=str(out),
-                         allowed="a new path, or an earlier lamina report",
-                         fix="pass --overwrite to replace it, or choose another --out")
+    if os.path.lexists(out) and unknown_files(out.parent, out.name) and not _is_lamina_report(out):
+        raise UsageError("the output file exists and is not a report lamina wrote, so it is not replaced",
+                         value=str(out), allowed="a new path, or an earlier lamina report",
+                         fix="choose another --out, or move that file away (--overwrite never replaces files "
+                             "lamina did not write)")
     return out
 
 
 def _data_block(obj) -> Markup:
     """JSON for a ``<script type=application/json>`` block: ``<``, ``>``, ``&`` escaped so it cannot end it."""
-    text = json.dumps(obj, indent=1, default=str)
+    # strict JSON like every file lamina writes: a NaN read from a hand-edited file shows as null
+    text = json.dumps(strict_json(obj, nulls=tuple(obj) if isinstance(obj, dict) else ()), indent=1, allow_nan=False)
     return Markup(text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e"))
 
 
@@ -258,10 +262,14 @@ def report(run: str | Path, config: ReportConfig = ReportConfig()) -> ReportResu
     run_dir = _run_dir(run)
     out = _target(run_dir, config)  # before the work: a taken target fails fast
     html, summary = render_html(run_dir, config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(html, encoding="utf-8")
-    os.replace(tmp, out)  # atomic: a reader never sees half a page
+    # the target's ownership was settled by _target (an earlier lamina report is always replaced): the claim
+    # adds the folder's lock and the record
+    with claim(out.parent, "report", [], config.overwrite):
+        _target(run_dir, config)  # again under the lock
+        tmp = out.with_name(out.name + ".tmp")
+        record(out.parent, "report", [out.name, tmp.name])
+        tmp.write_text(html, encoding="utf-8")
+        os.replace(tmp, out)  # atomic: a reader never sees half a page
     log.info("report: wrote %s (%d plots, %.0f kB)", out, summary["plots"], len(html.encode()) / 1e3)
     return ReportResult(path=str(out), bytes=out.stat().st_size, plots=summary["plots"],
                         sections=summary["sections"], seconds=time.perf_counter() - t0)

@@ -175,10 +175,8 @@ class StoreWriter:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.unlink(missing_ok=True)  # a symlink left there must not lead the write elsewhere
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    from ..runfolder import write_json
+    write_json(path, obj)  # strict JSON, atomic: lamina's one JSON writer
 
 
 def read_manifest(root: Path) -> dict:
