@@ -182,7 +182,7 @@ def _student(config: DistillConfig, teacher: LoadedModel, ds, split, spec) -> tu
 
 def distill(config: DistillConfig) -> DistillResult:
     """Train the student of ``config`` against its teacher; see the module doc."""
-    from ..savefmt import save
+    from ..verify import save_checked
     init_distributed()
     rank, size = world()
     t0 = time.perf_counter()
@@ -313,7 +313,9 @@ def distill(config: DistillConfig) -> DistillResult:
            "teacher_test": t_rec, "accuracy_retained": test["accuracy"] / t_rec["accuracy"] if t_rec["accuracy"] else None,
            "model_path": str(out / "model"), "seconds": None}
     if rank == 0:
-        rec["format"] = save(student, out / "model", teacher)
+        check = student.batch(ds, (list(split["test"]) or list(split["train"]))[:8], spec.max_length,
+                              spec.image_size)
+        rec["format"], rec["reload_check"] = save_checked(student, out / "model", teacher, check)
         rec["seconds"] = time.perf_counter() - t0
         save_json(out / "distill.json", rec)
         ck = out / CHECKPOINT

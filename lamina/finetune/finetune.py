@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..errors import UsageError
 from ..models import load_model, save_json
 from ..runfolder import check_out
-from ..savefmt import save
+from ..verify import save_checked
 from ..task import TASK_FILE, TaskSpec, counts, evaluate, logits_of
 from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, world
 from .heads import attach_head, head_parameters
@@ -157,7 +157,8 @@ def finetune(model, data: str, config: FinetuneConfig) -> FinetuneResult:
            "history": hist, "test": test, "model_path": str(out / "model"),
            "seconds": time.perf_counter() - t0}
     if rank == 0:
-        fmt = save(lm, out / "model", base)
+        check = lm.batch(ds, (list(split["test"]) or list(split["train"]))[:8], spec.max_length, spec.image_size)
+        fmt, rec["reload_check"] = save_checked(lm, out / "model", base, check)
         rec["format"] = fmt
         save_json(out / TASK_FILE, rec)
         ck = out / CHECKPOINT

@@ -1,0 +1,147 @@
+"""Reload a saved model the way a user will, and check it computes what was saved.
+
+Every stage that writes a model (prune, finetune, distill, and later transfer,
+elastic, quantize) ends with :func:`save_checked`: save, reload through the
+user's path, compare outputs on a calibration batch, and only then report
+success. A model that a config cannot express (a stage silently re-initialized
+by ``from_pretrained``, a Swin block whose window shift depends on its position,
+a block that owned a bias others reuse) is caught here instead of shipping.
+
+The user's path:
+    format 'huggingface'  ``<the model's class>.from_pretrained(path)``, with
+                          transformers' loading report: a missing, unexpected or
+                          resized tensor is a failure on its own (transformers
+                          would fill it with random values and only log it);
+    format 'lamina'       :func:`lamina.savefmt.load_lamina` (what ``lamina.load``
+                          and ``lamina.load_model`` call).
+
+Comparison: the model's main output (logits, else last hidden state, else its
+first tensor), ``max |reloaded - saved| <= atol + rtol * max |saved|``. Both
+run the same float32 kernels on the same weights, so the difference is
+normally 0; the tolerance only absorbs kernel-order noise.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import LaminaError
+
+log = logging.getLogger(__name__)
+
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def _main_output(out) -> torch.Tensor:
+    for key in ("logits", "last_hidden_state"):
+        v = getattr(out, key, None)
+        if isinstance(v, torch.Tensor):
+            return v
+    from .blocks import block_output
+    x = block_output(out)
+    if x is None:
+        raise LaminaError("cannot find a tensor in the model output to compare after reloading",
+                          value=type(out).__name__, allowed="a tensor or an output with .logits / .last_hidden_state",
+                          fix="wrap the model so its forward returns a tensor")
+    return x
+
+
+def _run(lm, batch) -> torch.Tensor:
+    was = lm.module.training
+    lm.module.eval()
+    try:
+        with torch.inference_mode():
+            return _main_output(lm.forward(batch)).detach().float().clone()
+    finally:
+        lm.module.train(was)
+
+
+def _reload(lm, path: Path, fmt: str):
+    """(a LoadedModel around the reloaded module, how it was reloaded)."""
+    if fmt == "huggingface":
+        cls = type(lm.module)
+        how = f"{cls.__name__}.from_pretrained"
+        try:
+            module, info = cls.from_pretrained(path, output_loading_info=True)
+        except Exception as e:  # noqa: BLE001 - any failure to reload is the finding, reported with its cause
+            raise LaminaError(f"the saved model does not reload with {how}: {type(e).__name__}: {str(e)[:300]}",
+                              value=str(path), allowed="a folder that from_pretrained rebuilds",
+                              fix="report this architecture to lamina; the plan cannot be saved faithfully") from e
+        bad = {k: sorted(v)[:5] for k, v in (info or {}).items()
+               if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if bad:
+            raise LaminaError(f"{how} does not rebuild the saved model: its config describes another architecture "
+                              f"({'; '.join(f'{k}: {v}' for k, v in bad.items())})", value=str(path),
+                              allowed="every saved tensor loaded, none missing or resized",
+                              fix="this architecture cannot lose what the plan removes; prune other blocks or "
+                                  "prune width instead")
+        out = copy.copy(lm)
+        out.module = module.eval()
+        return out, how
+    from .savefmt import load_lamina
+    try:
+        return load_lamina(path), "lamina.load"
+    except LaminaError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise LaminaError(f"the saved model does not reload with lamina.load: {type(e).__name__}: {str(e)[:300]}",
+                          value=str(path), allowed="a folder lamina.load rebuilds",
+                          fix="report this architecture to lamina") from e
+
+
+def check_saved(lm, path, batch: dict, fmt: str, *, rtol: float = RTOL, atol: float = ATOL) -> dict:
+    """Reload the model saved at ``path`` in format ``fmt`` and compare it with ``lm`` on ``batch``.
+
+    Args:
+        lm: the in-memory LoadedModel that was saved.
+        path: the saved folder.
+        batch: one model input dict (``lm.batch(...)``), e.g. calibration rows.
+        fmt: 'huggingface' or 'lamina' (what :func:`lamina.savefmt.save` returned).
+    Returns the record for the stage's JSON: ``{"reloaded_with", "max_abs_diff", "max_abs_output",
+    "tolerance", "ok": True, "batch_size"}``. Raises LaminaError (exit 1) saying what failed.
+    """
+    path = Path(path)
+    ref = _run(lm, batch)
+    new, how = _reload(lm, path, fmt)
+    got = _run(new, batch)
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    tol = atol + rtol * scale
+    if got.shape != ref.shape:
+        raise LaminaError(f"the model reloaded with {how} gives outputs of another shape", value=tuple(got.shape),
+                          allowed=str(tuple(ref.shape)), fix="this architecture cannot be saved faithfully")
+    diff = float((got - ref).abs().max()) if ref.numel() else 0.0
+    if not diff <= tol:  # also catches NaN
+        raise LaminaError(f"the model reloaded with {how} does not reproduce the saved one on a calibration batch "
+                          f"(max abs difference {diff:.3g}, allowed {tol:.3g})", value=str(path),
+                          allowed="the same outputs as the in-memory model",
+                          fix="the saved config cannot express this model (e.g. a block's behaviour depends on its "
+                              "position); prune other blocks or prune width instead")
+    rows = next((int(v.shape[0]) for v in batch.values() if isinstance(v, torch.Tensor)), 0)
+    return {"reloaded_with": how, "max_abs_diff": diff, "max_abs_output": scale, "tolerance": tol, "ok": True,
+            "batch_size": rows}
+
+
+def save_checked(lm, dest, source, batch: dict | None) -> tuple[str, dict]:
+    """:func:`lamina.savefmt.save` ``lm`` to ``dest``, then :func:`check_saved` it on ``batch``.
+
+    On a failed check the saved folder is removed (a model that looks good must
+    not stay behind) and the LaminaError propagates. ``batch`` None: nothing to
+    feed (a model of plain arrays without calibration data); the record says so.
+    Returns (format, check record).
+    """
+    from .savefmt import save
+    dest = Path(dest)
+    fmt = save(lm, dest, source)
+    if batch is None:
+        log.warning("no calibration batch: the saved model at %s was not reloaded and compared", dest)
+        return fmt, {"ok": None, "reloaded_with": None, "note": "no calibration batch to compare on"}
+    try:
+        return fmt, check_saved(lm, dest, batch, fmt)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
