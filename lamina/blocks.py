@@ -173,9 +173,60 @@ def _find_head(model: nn.Module) -> str | None:
     return None
 
 
+def _is_glob(s: str) -> bool:
+    return any(ch in s for ch in "*?[")
+
+
+def _children(mods: dict, path: str) -> list[str]:
+    return [f"{path}.{n}" if path else n for n, _ in mods[path].named_children()]
+
+
+def stage_containers(model: nn.Module, spec: str) -> list[str]:
+    """The containers a stage glob names (``'encoder.stages.*.layers'``), in module order."""
+    return [p for p in dict(model.named_modules()) if p and fnmatch.fnmatchcase(p, spec)
+            and p.count(".") == spec.count(".")]
+
+
+def _stages(model: nn.Module, container: str) -> str | None:
+    """``'C.*.REL'`` when the stack ``C`` is a list of *stages*, each holding its blocks at ``C.i.REL``
+    (ResNet, ConvNeXt, Swin: ``config.depths`` says how many per stage), else None.
+
+    Hierarchical models put their repeated residual units inside stages that
+    also downsample; the units, not the stages, are what importance ranks and
+    pruning removes. The config's ``depths`` must agree with what is found, so a
+    model that merely nests lists is not mistaken for one.
+    """
+    depths = getattr(getattr(model, "config", None), "depths", None)
+    mods = dict(model.named_modules())
+    stages = _children(mods, container)
+    if not isinstance(depths, (list, tuple)) or len(depths) != len(stages):
+        return None
+    rels = []
+    for stage, depth in zip(stages, depths):
+        inner = sorted(((sum(q.numel() for q in m.parameters()), p) for p, m in mods[stage].named_modules()
+                        if p and isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) == depth >= 1
+                        and len({type(c) for c in m}) == 1), reverse=True)
+        if not inner:
+            return None
+        rels.append(inner[0][1])  # the largest such list in the stage (a block's own sub-lists are smaller)
+    kinds = {type(mods[c]) for s, r in zip(stages, rels) for c in _children(mods, f"{s}.{r}")}
+    if len(set(rels)) != 1 or len(kinds) != 1:
+        return None
+    return f"{container}.*.{rels[0]}"
+
+
 def _paths_from_spec(model: nn.Module, spec: str) -> tuple[list[str], str]:
     mods = dict(model.named_modules())
-    if any(ch in spec for ch in "*?["):
+    if _is_glob(spec) and not _is_glob(spec.rsplit(".", 1)[-1]):
+        # A glob whose last part is a plain name names block *containers*, one per stage
+        # ('encoder.stages.*.layers'): the blocks are their children, stage after stage.
+        conts = stage_containers(model, spec)
+        if not conts:
+            raise UsageError("the stage glob matched no module", value=spec,
+                             allowed="a glob over containers, e.g. 'encoder.stages.*.layers'",
+                             fix="some containers in this model: " + "; ".join(_all_containers(model)[:5]))
+        return [c for p in conts for c in _children(mods, p)], spec
+    if _is_glob(spec):
         paths = [p for p in mods if p and fnmatch.fnmatchcase(p, spec)]
         # Keep only the outermost matches so 'layer*.*' does not also take sub-modules.
         paths = [p for p in paths if not any(p != q and p.startswith(q + ".") for q in paths)]
@@ -223,7 +274,9 @@ def find_blocks(model: nn.Module, blocks: str | None = None) -> BlockMap:
                 fix="name them with --blocks PATH or --blocks 'GLOB' (Python: blocks=...). "
                     + ("Candidates seen: " + "; ".join(seen[:5]) if seen else "No module containers seen."))
         _, container, _, _ = cands[0]
-        paths = [f"{container}.{n}" if container else n for n, _ in dict(model.named_modules())[container].named_children()]
+        container = _stages(model, container) or container
+        paths, container = _paths_from_spec(model, container) if _is_glob(container) else \
+            (_children(dict(model.named_modules()), container), container)
     taps = [Tap("embed", paths[0], "input")]
     taps += [Tap(f"blocks.{i}", p, "output") for i, p in enumerate(paths)]
     final = _find_final(model, container, arch)

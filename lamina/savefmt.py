@@ -182,7 +182,8 @@ def _signature(block: nn.Module) -> dict:
 def _signatures(module: nn.Module, container: str | None) -> list[dict] | None:
     if not container:
         return None
-    return [_signature(b) for b in module.get_submodule(container).children()]
+    from .blocks import find_blocks  # a container path, or a stage glob ('encoder.stages.*.layers')
+    return [_signature(module.get_submodule(p)) for p in find_blocks(module, container).block_paths]
 
 
 def _coarse(sig: dict) -> dict:
@@ -205,14 +206,22 @@ def _subsequence(base: list, saved: list) -> list[int] | None:
 
 
 def _match_depth_(module: nn.Module, spec: dict) -> None:
-    """Keep the base blocks that the saved signatures name, in order (a depth-pruned model)."""
+    """Keep the base blocks that the saved signatures name, in order (a depth-pruned model).
+
+    Also for ``hf:`` builders: a config that states its depth (``num_hidden_layers``,
+    ``depths``) already rebuilt the right number of blocks, but one that does not
+    (MobileNetV2's blocks come from a fixed table) rebuilds them all.
+    """
     saved, container = spec.get("block_signatures"), spec.get("blocks")
-    if not saved or not container or spec["builder"].startswith("hf:"):
+    if not saved or not container:
         return
-    if container not in dict(module.named_modules()):
+    from .blocks import find_blocks
+    try:
+        find_blocks(module, container)
+    except UsageError:
         raise LaminaError("the saved weights do not fit the rebuilt architecture: it has no block container "
                           f"{container!r}", value=container, allowed=f"a model built by {spec['builder']}",
-                          fix="save the model again with save_lamina and the right builder")
+                          fix="save the model again with save_lamina and the right builder") from None
     base = _signatures(module, container)
     if len(base) == len(saved):
         return  # no block removed (width pruning may have changed shapes: step 3 handles it)

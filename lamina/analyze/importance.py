@@ -386,15 +386,42 @@ def block_importance(model: LoadedModel, data, *, batch_size: int = 32, max_leng
                 num[j] += _sq_sums(full, _target(out_j, lm.blocks.head is not None)[1], mask)
             del cache, out, f64
     scores = []
+    unfaithful = _not_removable(lm, [j for j in sel if same_shape[j]])
     for j in sel:
         ok = same_shape[j]
+        why = unfaithful.get(j)
+        skip = ok and why is None
+        note = None if ok else "input and output shapes differ: not skippable, no Block Influence"
         scores.append(BlockScore(
             f"blocks.{j}", paths[j],
             block_influence=float(1.0 - cos_sum[j] / cos_n[j]) if ok and cos_n[j] else None,
-            skippable=ok, skip_importance=float(num[j] / den) if ok and den > 0 else (float("nan") if ok else None),
-            note=None if ok else "input and output shapes differ: not skippable, no Block Influence"))
+            skippable=skip, skip_importance=float(num[j] / den) if skip and den > 0 else (
+                float("nan") if skip else None),
+            note=note if why is None else f"not skippable: the pruned model would differ from the bypassed one "
+                                          f"({why})"))
     return ImportanceResult(lm.name, lm.blocks.arch, n_samples, target or TARGETS[0], tuple(scores),
                             batch_size, max_length, image_size)
+
+
+def _not_removable(lm: LoadedModel, sel: list[int]) -> dict[int, str]:
+    """{j: why} for blocks that prune could not remove alone without changing what the kept blocks compute.
+
+    Skip importance bypasses block j in the full model; prune saves a model
+    rebuilt from its config. They agree unless a kept block would be rebuilt
+    differently at its new position (T5's first block owns the relative-position
+    bias every later block reuses; a Swin block's window shift alternates with
+    its position). Such blocks are scored as not skippable, so no plan picks
+    them (:func:`lamina.compress.depth.config_mismatch`).
+    """
+    if not lm.blocks.container:
+        return {}
+    from ..compress.depth import base_for_checks, config_mismatch
+    out, base = {}, base_for_checks(lm.module)
+    for j in sel:
+        why = config_mismatch(lm.module, [j], lm.blocks.container, _base=base)
+        if why:
+            out[j] = why
+    return out
 
 
 def _returning(value):
