@@ -43,6 +43,8 @@ def _set_layer_idx(block: nn.Module, new: int) -> None:
 
 def _groups(module: nn.Module, bmap) -> list[tuple[str, int]]:
     """(container path, number of blocks) of each container the blocks live in, in forward order."""
+    if bmap.shared:  # one module, called once per block: the config's call count is the depth
+        return [(bmap.container, bmap.n_blocks)]
     if not _is_glob(bmap.container):
         return [(bmap.container, len(module.get_submodule(bmap.container)))]
     return [(c, len(module.get_submodule(c))) for c in stage_containers(module, bmap.container)]
@@ -123,6 +125,11 @@ def config_mismatch(module: nn.Module, remove: list[int], blocks: str | None = N
     cfg = getattr(module, "config", None)
     if cfg is None or not hasattr(module, "save_pretrained"):
         return None
+    if bmap.shared and (getattr(cfg, "num_hidden_groups", 1) != 1 or cfg.num_hidden_layers != bmap.n_blocks):
+        # ALBERT: call i runs group i * G // N, so fewer calls re-assign groups (G > 1); with the layers of a
+        # group named one by one, a layer cannot be dropped from some calls only.
+        return ("its blocks are calls of shared layers, and the config can only lower the number of calls of "
+                "one shared layer group (num_hidden_groups == 1, blocks = the group's calls)")
     if len(groups) == 1 and getattr(cfg, "num_hidden_layers", None) != bmap.n_blocks:
         return None  # depth not in the config: lamina's format rebuilds it from the saved blocks
     if len(groups) > 1 and list(getattr(cfg, "depths", None) or []) != [k for _, k in groups]:
@@ -195,7 +202,7 @@ def drop_blocks_(module: nn.Module, remove: list[int], blocks: str | None = None
                          fix="remove other blocks (their scores.json entry says skippable: false when removing "
                              "them alone is not faithful), or prune width instead")
     start, index = 0, []
-    for path, k in groups:
+    for path, k in ([] if bmap.shared else groups):  # shared blocks: only the config's call count changes
         cont = module.get_submodule(path)
         children = list(cont)
         keep_here = [children[i - start] for i in kept if start <= i < start + k]
