@@ -18,7 +18,8 @@ The user's path:
 Comparison: the model's main output (logits, else last hidden state, else its
 first tensor), ``max |reloaded - saved| <= atol + rtol * max |saved|``. Both
 run the same float32 kernels on the same weights, so the difference is
-normally 0; the tolerance only absorbs kernel-order noise.
+normally 0; the tolerance only absorbs kernel-order noise, and scales with the
+output (a random-init CNN's outputs can be 1e-20).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .errors import LaminaError
 
 log = logging.getLogger(__name__)
 
-RTOL, ATOL = 1e-4, 1e-5
+RTOL, ATOL = 1e-4, 1e-30  # relative to the largest output; the atol only keeps an all-zero output comparable
 
 
 def _main_output(out) -> torch.Tensor:

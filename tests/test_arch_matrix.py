@@ -77,7 +77,9 @@ CASES = {
                                                                depths=[1, 2, 2], layer_type="bottleneck")),
     "convnext": (T.ConvNextModel, lambda: T.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[2, 2],
                                                             image_size=32)),
-    "mobilenetv2": (T.MobileNetV2Model, lambda: T.MobileNetV2Config(image_size=32, depth_multiplier=0.25)),
+    # initializer_range 0.5: with the default 0.02 sixteen random blocks shrink every output to ~1e-26
+    "mobilenetv2": (T.MobileNetV2Model, lambda: T.MobileNetV2Config(image_size=32, depth_multiplier=0.25,
+                                                                      initializer_range=0.5)),
 }
 VISION = {"deit", "swin", "resnet", "resnet-3-stages", "convnext", "mobilenetv2"}
 SIZE = 32
@@ -190,11 +192,13 @@ def test_prune_reload_equals_bypassed(name, folders, tmp_path):
         dest = tmp_path / f"drop{j}"
         fmt, check = save_checked(small, dest, lm, batch)
         assert check["ok"] and check["max_abs_diff"] <= check["tolerance"]
+        assert check["max_abs_output"] > 1e-3, f"{name}: outputs too small for the comparison to mean anything"
         again = load_model(str(dest))
         assert again.blocks.n_blocks == lm.blocks.n_blocks - 1
         if fmt == "huggingface":
             assert type(again.module) is type(lm.module)
-        torch.testing.assert_close(_out(again, batch), want, atol=1e-5, rtol=1e-4, msg=f"{name} drop {j}")
+        torch.testing.assert_close(_out(again, batch), want, atol=1e-5 * float(want.abs().max()), rtol=1e-4,
+                                   msg=f"{name} drop {j}")
         if hasattr(again.module, "generate"):
             ids = batch["input_ids"][:1, :4]
             kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)

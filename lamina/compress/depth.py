@@ -211,6 +211,10 @@ def drop_blocks_(module: nn.Module, remove: list[int], blocks: str | None = None
         setattr(module.get_submodule(parent_path) if parent_path else module, attr, new)
         index.extend(new)
         start += k
+    # Which blocks of the unpruned architecture remain, for lamina's format when the config cannot say it
+    # (MobileNetV2: blocks of equal shapes but other strides cannot be told apart by their tensors).
+    prev = getattr(module, "lamina_base_blocks", None)
+    module.lamina_base_blocks = [prev[i] for i in kept] if isinstance(prev, list) and len(prev) == n else kept
     if cfg is not None:
         for pos, block in enumerate(index):
             _set_layer_idx(block, pos)
