@@ -15,8 +15,14 @@ Discovery is structural, not a table of class names: the block stack is the
 container (``ModuleList``/``Sequential``) of at least two modules of one class
 holding the most parameters. That finds ``encoder.layer`` (BERT family, ViT),
 ``h`` (GPT-2), ``model.layers`` (Llama/Qwen2/Mistral) and ``_blocks``
-(EfficientNet) alike. For anything else the user names the blocks: a dotted
-path to a container, or a glob over module paths (``layer*.*``).
+(EfficientNet) alike. When that stack is a list of *stages* whose config
+lists ``depths`` (ResNet, ConvNeXt, Swin), the blocks are the units inside the
+stages, named by a stage glob (``encoder.stages.*.layers``). A module that one
+forward calls k times (ALBERT's shared layer group; the config's
+``num_hidden_groups``) is k blocks, in call order (``Tap.call``). For anything
+else the user names the blocks: a dotted path to a container, a stage glob (a
+glob whose last part is a plain name: containers, whose children are the
+blocks), or a glob over module paths (``layer*.*``).
 
 Block *selection* (None = all, n = last n, negative indices, names, globs) is
 defined once here, in :func:`select_taps`, so capture, analysis and pruning

@@ -22,7 +22,13 @@ Definitions (both per block j of ``model.blocks``):
         outputs are excluded. M_-j is the output with block j bypassed through its
         residual: its output replaced by its input. A block whose output shape
         differs from its input shape cannot be bypassed: it is reported
-        ``skippable=False`` with s_j None, never scored.
+        ``skippable=False`` with s_j None, never scored. Nor is a block that
+        prune could not remove faithfully (a kept block would be rebuilt
+        differently at its new position: T5's first block owns the
+        relative-position bias; see ``compress.depth.config_mismatch``), so the
+        scores describe only models prune can save.
+    Shared blocks: a module that is several blocks (ALBERT's layer group, called
+    once per block) is scored per call: call j bypassed, the other calls run.
 
 Design decisions:
 - Cost. Per batch, one full forward caches every block's input and output
