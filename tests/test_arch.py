@@ -181,3 +181,13 @@ def test_t5_encoder_block_0_is_not_skippable_and_not_removable():
     assert "relative_attention_bias" in scores.blocks[0].note
     with pytest.raises(lamina.UsageError, match="relative_attention_bias"):
         drop_blocks_(m, [0])
+
+
+def test_save_checked_without_data_uses_a_stand_in_batch_or_the_weights(tmp_path):
+    from lamina.verify import save_checked
+    text = load_model(str(lt.save_tiny_text_model(tmp_path / "bert", "bert")))
+    fmt, rec = save_checked(text, tmp_path / "t", text, None)
+    assert fmt == "huggingface" and rec["ok"] and rec["batch"].startswith("synthetic")
+    cnn = load_model("lamina.testing:tiny_cnn")  # plain arrays: lamina cannot know the input shape
+    fmt, rec = save_checked(cnn, tmp_path / "c", cnn, None)
+    assert fmt == "lamina" and rec["ok"] and rec["compared"].startswith("weights")
