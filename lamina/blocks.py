@@ -15,8 +15,14 @@ Discovery is structural, not a table of class names: the block stack is the
 container (``ModuleList``/``Sequential``) of at least two modules of one class
 holding the most parameters. That finds ``encoder.layer`` (BERT family, ViT),
 ``h`` (GPT-2), ``model.layers`` (Llama/Qwen2/Mistral) and ``_blocks``
-(EfficientNet) alike. For anything else the user names the blocks: a dotted
-path to a container, or a glob over module paths (``layer*.*``).
+(EfficientNet) alike. When that stack is a list of *stages* whose config
+lists ``depths`` (ResNet, ConvNeXt, Swin), the blocks are the units inside the
+stages, named by a stage glob (``encoder.stages.*.layers``). A module that one
+forward calls k times (ALBERT's shared layer group; the config's
+``num_hidden_groups``) is k blocks, in call order (``Tap.call``). For anything
+else the user names the blocks: a dotted path to a container, a stage glob (a
+glob whose last part is a plain name: containers, whose children are the
+blocks), or a glob over module paths (``layer*.*``).
 
 Block *selection* (None = all, n = last n, negative indices, names, globs) is
 defined once here, in :func:`select_taps`, so capture, analysis and pruning
@@ -59,12 +65,14 @@ class Tap:
     """One recorded point: ``name`` (canonical), ``path`` (module), ``side``.
 
     ``side`` is ``"output"`` (forward hook) or ``"input"`` (forward pre-hook,
-    first positional argument).
+    first positional argument). ``call`` picks one call of a module that one
+    forward runs several times (ALBERT's shared layer: blocks.i is its i-th call).
     """
 
     name: str
     path: str
     side: str = "output"
+    call: int | None = None  # k: the k-th call of a module run several times per forward (ALBERT), else None
 
 
 @dataclass(frozen=True)
@@ -105,7 +113,13 @@ class BlockMap:
     def to_dict(self) -> dict:
         return {"arch": self.arch, "container": self.container, "head": self.head,
                 "block_paths": list(self.block_paths),
-                "taps": [{"name": t.name, "path": t.path, "side": t.side} for t in self.taps]}
+                "taps": [{"name": t.name, "path": t.path, "side": t.side,
+                          **({"call": t.call} if t.call is not None else {})} for t in self.taps]}
+
+    @property
+    def shared(self) -> bool:
+        """True when one module is several blocks (called several times per forward)."""
+        return len(set(self.block_paths)) < len(self.block_paths)
 
 
 def _arch_name(model: nn.Module) -> str:
@@ -173,9 +187,60 @@ def _find_head(model: nn.Module) -> str | None:
     return None
 
 
+def _is_glob(s: str) -> bool:
+    return any(ch in s for ch in "*?[")
+
+
+def _children(mods: dict, path: str) -> list[str]:
+    return [f"{path}.{n}" if path else n for n, _ in mods[path].named_children()]
+
+
+def stage_containers(model: nn.Module, spec: str) -> list[str]:
+    """The containers a stage glob names (``'encoder.stages.*.layers'``), in module order."""
+    return [p for p in dict(model.named_modules()) if p and fnmatch.fnmatchcase(p, spec)
+            and p.count(".") == spec.count(".")]
+
+
+def _stages(model: nn.Module, container: str) -> str | None:
+    """``'C.*.REL'`` when the stack ``C`` is a list of *stages*, each holding its blocks at ``C.i.REL``
+    (ResNet, ConvNeXt, Swin: ``config.depths`` says how many per stage), else None.
+
+    Hierarchical models put their repeated residual units inside stages that
+    also downsample; the units, not the stages, are what importance ranks and
+    pruning removes. The config's ``depths`` must agree with what is found, so a
+    model that merely nests lists is not mistaken for one.
+    """
+    depths = getattr(getattr(model, "config", None), "depths", None)
+    mods = dict(model.named_modules())
+    stages = _children(mods, container)
+    if not isinstance(depths, (list, tuple)) or len(depths) != len(stages):
+        return None
+    rels = []
+    for stage, depth in zip(stages, depths):
+        inner = sorted(((sum(q.numel() for q in m.parameters()), p) for p, m in mods[stage].named_modules()
+                        if p and isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) == depth >= 1
+                        and len({type(c) for c in m}) == 1), reverse=True)
+        if not inner:
+            return None
+        rels.append(inner[0][1])  # the largest such list in the stage (a block's own sub-lists are smaller)
+    kinds = {type(mods[c]) for s, r in zip(stages, rels) for c in _children(mods, f"{s}.{r}")}
+    if len(set(rels)) != 1 or len(kinds) != 1:
+        return None
+    return f"{container}.*.{rels[0]}"
+
+
 def _paths_from_spec(model: nn.Module, spec: str) -> tuple[list[str], str]:
     mods = dict(model.named_modules())
-    if any(ch in spec for ch in "*?["):
+    if _is_glob(spec) and not _is_glob(spec.rsplit(".", 1)[-1]):
+        # A glob whose last part is a plain name names block *containers*, one per stage
+        # ('encoder.stages.*.layers'): the blocks are their children, stage after stage.
+        conts = stage_containers(model, spec)
+        if not conts:
+            raise UsageError("the stage glob matched no module", value=spec,
+                             allowed="a glob over containers, e.g. 'encoder.stages.*.layers'",
+                             fix="some containers in this model: " + "; ".join(_all_containers(model)[:5]))
+        return [c for p in conts for c in _children(mods, p)], spec
+    if _is_glob(spec):
         paths = [p for p in mods if p and fnmatch.fnmatchcase(p, spec)]
         # Keep only the outermost matches so 'layer*.*' does not also take sub-modules.
         paths = [p for p in paths if not any(p != q and p.startswith(q + ".") for q in paths)]
@@ -198,6 +263,47 @@ def _paths_from_spec(model: nn.Module, spec: str) -> tuple[list[str], str]:
     return children, spec
 
 
+def _groups_of(cfg) -> tuple[int, int, int] | None:
+    """(layers N, groups G, layers per group I) of a config whose forward reuses layer groups (ALBERT:
+    call i of N runs group ``i * G // N``), else None."""
+    n, g = getattr(cfg, "num_hidden_layers", None), getattr(cfg, "num_hidden_groups", None)
+    if not isinstance(n, int) or not isinstance(g, int) or g < 1:
+        return None
+    return n, g, int(getattr(cfg, "inner_group_num", 1) or 1)
+
+
+def _shared_calls(model: nn.Module, container: str, paths: list[str]) -> tuple[list[str], list]:
+    """Blocks as calls: ``(path of each block, its call index or None)``.
+
+    A block module called k times per forward is k blocks, in call order
+    (ALBERT: one layer group called ``num_hidden_layers`` times). Only what
+    the config declares is expanded: the list of groups, or the layers of the
+    only group.
+    """
+    plain = (paths, [None] * len(paths))
+    groups = _groups_of(getattr(model, "config", None))
+    if groups is None or not container or _is_glob(container):
+        return plain
+    n, g, inner = groups
+    if len(paths) == g and n > g and n % g == 0:
+        per = n // g
+        return [paths[i * g // n] for i in range(n)], [i % per for i in range(n)]
+    if g == 1 and len(paths) == inner and n > 1 and _inside_one_group(model, container):
+        return [p for _ in range(n) for p in paths], [c for c in range(n) for _ in paths]
+    return plain
+
+
+def _inside_one_group(model: nn.Module, container: str) -> bool:
+    """True when ``container`` lies inside a one-element ModuleList (the only layer group)."""
+    mods = dict(model.named_modules())
+    anc = _parent(container)
+    while anc:
+        if isinstance(mods.get(anc), nn.ModuleList) and len(mods[anc]) == 1:
+            return True
+        anc = _parent(anc)
+    return False
+
+
 def find_blocks(model: nn.Module, blocks: str | None = None) -> BlockMap:
     """Find the block stack of ``model`` (or use ``blocks``, a path or glob).
 
@@ -210,9 +316,9 @@ def find_blocks(model: nn.Module, blocks: str | None = None) -> BlockMap:
     else:
         cands = _stack_candidates(model)
         cfg = getattr(model, "config", None)
-        if not cands and getattr(cfg, "num_hidden_layers", None) == 1:
-            # A model pruned to one block: its config vouches that a one-element
-            # ModuleList is the stack (a lone Sequential could be anything).
+        if not cands and (getattr(cfg, "num_hidden_layers", None) == 1 or _groups_of(cfg)):
+            # A model pruned to one block, or one whose layers are shared (ALBERT): its config
+            # vouches that a one-element ModuleList is the stack (a lone Sequential could be anything).
             cands = _stack_candidates(model, min_len=1)
         if not cands:
             seen = _all_containers(model)
@@ -223,9 +329,12 @@ def find_blocks(model: nn.Module, blocks: str | None = None) -> BlockMap:
                 fix="name them with --blocks PATH or --blocks 'GLOB' (Python: blocks=...). "
                     + ("Candidates seen: " + "; ".join(seen[:5]) if seen else "No module containers seen."))
         _, container, _, _ = cands[0]
-        paths = [f"{container}.{n}" if container else n for n, _ in dict(model.named_modules())[container].named_children()]
-    taps = [Tap("embed", paths[0], "input")]
-    taps += [Tap(f"blocks.{i}", p, "output") for i, p in enumerate(paths)]
+        container = _stages(model, container) or container
+        paths, container = _paths_from_spec(model, container) if _is_glob(container) else \
+            (_children(dict(model.named_modules()), container), container)
+    paths, calls = _shared_calls(model, container, paths)
+    taps = [Tap("embed", paths[0], "input", calls[0])]
+    taps += [Tap(f"blocks.{i}", p, "output", c) for i, (p, c) in enumerate(zip(paths, calls))]
     final = _find_final(model, container, arch)
     if final is not None:
         taps.append(final)
@@ -366,13 +475,49 @@ def bypass(module: nn.Module, which, blocks: BlockMap | str | None = None, *,
     if bad:
         raise UsageError("only blocks can be bypassed", value=bad, allowed="block names such as 'blocks.3'",
                          fix="drop 'embed' / 'final_norm' / 'head_conv' from the selection")
-    stubs = {}
+    stubs, shared = {}, {}
     for t in taps:
         mod = module.get_submodule(t.path)
+        if t.call is not None:  # one call of a shared block: the other calls still run
+            shared.setdefault(t.path, (mod, set()))[1].add(t.call)
+            continue
         stubs[mod] = _identity(mod.forward, t.path) if t.path not in (like or {}) \
             else _identity(lambda *_a, _out=like[t.path], **_k: _out, t.path)
-    with patched_forwards(stubs):
-        yield [t.path for t in taps]
+    for path, (mod, calls) in shared.items():
+        n_calls = sum(1 for p in bmap.block_paths if p == path)
+        stubs[mod] = PerCall(mod.forward, [_identity(mod.forward, path) if c in calls else None
+                                           for c in range(n_calls)])
+    # a shared block counts its calls per model forward: restart the count at each one
+    hook = module.register_forward_pre_hook(lambda *_: PerCall.restart(stubs.values())) if shared else None
+    try:
+        with patched_forwards(stubs):
+            yield [t.path for t in taps]
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+class PerCall:
+    """The forward of a module run several times per model forward (ALBERT's shared layer group).
+
+    Its k-th call goes to ``handlers[k]``, or to the module's own forward when
+    that is None (or k is past the list). ``restart`` the count before each
+    model forward (a root forward pre-hook), or make a new one per forward.
+    """
+
+    def __init__(self, orig, handlers: list):
+        self.orig, self.handlers, self.count = orig, handlers, 0
+
+    def __call__(self, *args, **kwargs):
+        k, self.count = self.count, self.count + 1
+        fn = self.handlers[k] if k < len(self.handlers) else None
+        return (fn or self.orig)(*args, **kwargs)
+
+    @staticmethod
+    def restart(stubs) -> None:
+        for s in stubs:
+            if isinstance(s, PerCall):
+                s.count = 0
 
 
 def _identity(orig, path: str):

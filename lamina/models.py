@@ -192,22 +192,40 @@ def _hf_dir(path: Path, blocks: str | None = None) -> LoadedModel:
         if tok.pad_token is None:  # decoders (GPT-2, Llama) ship without one
             tok.pad_token = tok.eos_token
         return LoadedModel(module, path.name, str(path), "text", find_blocks(module, blocks), tokenizer=tok)
-    size = getattr(cfg, "image_size", None)
-    if size is None:
-        raise UsageError("the model folder has no tokenizer and no image size, so lamina cannot feed it",
-                         value=str(path), allowed="a Hugging Face text model with tokenizer files, or a vision "
-                                                  "model whose config has image_size",
-                         fix="save the tokenizer next to the model (tokenizer.save_pretrained(path))")
-    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    mean, std, proc_size = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), None
     try:
         from transformers import AutoImageProcessor
         proc = AutoImageProcessor.from_pretrained(path)
         mean, std = tuple(proc.image_mean), tuple(proc.image_std)
+        proc_size = _processor_size(getattr(proc, "crop_size", None)) or _processor_size(getattr(proc, "size", None))
     except (OSError, ValueError, TypeError, AttributeError):
         pass
+    size = getattr(cfg, "image_size", None) or proc_size
+    if isinstance(size, (list, tuple)):
+        size = int(size[0])
+    vision = getattr(cfg, "num_channels", None) is not None and getattr(cfg, "vocab_size", None) is None
+    if size is None and vision:
+        # CNN configs (ResNet, ConvNeXt, RegNet) do not state an input size: they take any. 224 is what
+        # their ImageNet checkpoints were trained at; --image-size overrides it at capture time.
+        size = 224
+    if size is None:
+        raise UsageError("the model folder has no tokenizer and is not a vision model, so lamina cannot feed it",
+                         value=str(path), allowed="a Hugging Face text model with tokenizer files, or a vision "
+                                                  "model (config with num_channels or image_size)",
+                         fix="save the tokenizer next to the model (tokenizer.save_pretrained(path))")
     return LoadedModel(module, path.name, str(path), "image", find_blocks(module, blocks), image_size=size,
                        image_mean=mean, image_std=std, in_channels=getattr(cfg, "num_channels", 3),
                        input_name="pixel_values")
+
+
+def _processor_size(size) -> int | None:
+    """The square side an image processor resizes to: ``{'height', 'width'}``, ``{'shortest_edge'}`` or an int."""
+    if isinstance(size, int):
+        return size
+    if isinstance(size, dict):
+        v = size.get("height") or size.get("shortest_edge")
+        return int(v) if v else None
+    return None
 
 
 def _factory(spec: str, blocks: str | None) -> LoadedModel:

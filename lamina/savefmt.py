@@ -32,14 +32,16 @@ Folder::
                         shared by several names, such as tied embeddings, is stored once)
     lamina.json         {"lamina_format": 1, "builder", "num_classes", "preprocess",
                          "blocks": the block container path or null,
-                         "block_signatures": one per block, ...extra}
+                         "block_signatures": one per block,
+                         "base_blocks": positions of the kept blocks in the builder's
+                                        architecture (depth-pruned models) or null, ...extra}
     config.json         "hf:" builders only
     tokenizer files     text models
 
 Loading (generic, whatever pruning produced the model):
 1. build the base architecture from the builder (random init, no weights read);
 2. depth: when the saved block signatures differ from the base's, keep the
-   base blocks they match, in order (EfficientNet: each block's ``_block_args``,
+   base blocks at ``base_blocks`` (recorded by pruning), else those they match, in order (EfficientNet: each block's ``_block_args``,
    i.e. kernel, stride, filters; other blocks: class and parameter shapes).
    Hugging Face configs already say their depth;
 3. width: every Conv2d / Linear / BatchNorm / LayerNorm (and GPT-2 Conv1D,
@@ -63,7 +65,7 @@ from .errors import LaminaError, UsageError
 
 FORMAT = 1
 WEIGHTS, SPEC = "model.safetensors", "lamina.json"
-_RESERVED = ("lamina_format", "builder", "num_classes", "preprocess", "blocks", "block_signatures")
+_RESERVED = ("lamina_format", "builder", "num_classes", "preprocess", "blocks", "block_signatures", "base_blocks")
 _EFFICIENTNET = re.compile(r"^efficientnet-(lite[0-4]|b[0-8]|l2)$")
 
 
@@ -218,7 +220,8 @@ def _signature(block: nn.Module) -> dict:
 def _signatures(module: nn.Module, container: str | None) -> list[dict] | None:
     if not container:
         return None
-    return [_signature(b) for b in module.get_submodule(container).children()]
+    from .blocks import find_blocks  # a container path, or a stage glob ('encoder.stages.*.layers')
+    return [_signature(module.get_submodule(p)) for p in find_blocks(module, container).block_paths]
 
 
 def _coarse(sig: dict) -> dict:
@@ -240,19 +243,40 @@ def _subsequence(base: list, saved: list) -> list[int] | None:
     return keep
 
 
+def _base_blocks(spec: dict, base: list, saved: list) -> list[int] | None:
+    """The kept positions recorded at pruning (``base_blocks``) when they fit the base, else None."""
+    keep = spec.get("base_blocks")
+    if not isinstance(keep, list) or len(keep) != len(saved) or not all(isinstance(i, int) for i in keep) \
+            or keep != sorted(set(keep)) or not all(0 <= i < len(base) for i in keep):
+        return None
+    if any(_coarse(base[i]) != _coarse(s) for i, s in zip(keep, saved)):
+        return None
+    return keep
+
+
 def _match_depth_(module: nn.Module, spec: dict) -> None:
-    """Keep the base blocks that the saved signatures name, in order (a depth-pruned model)."""
+    """Keep the base blocks that the saved signatures name, in order (a depth-pruned model).
+
+    Also for ``hf:`` builders: a config that states its depth (``num_hidden_layers``,
+    ``depths``) already rebuilt the right number of blocks, but one that does not
+    (MobileNetV2's blocks come from a fixed table) rebuilds them all.
+    """
     saved, container = spec.get("block_signatures"), spec.get("blocks")
-    if not saved or not container or spec["builder"].startswith("hf:"):
+    if not saved or not container:
         return
-    if container not in dict(module.named_modules()):
+    from .blocks import find_blocks
+    try:
+        find_blocks(module, container)
+    except UsageError:
         raise LaminaError("the saved weights do not fit the rebuilt architecture: it has no block container "
                           f"{container!r}", value=container, allowed=f"a model built by {spec['builder']}",
-                          fix="save the model again with save_lamina and the right builder")
+                          fix="save the model again with save_lamina and the right builder") from None
     base = _signatures(module, container)
     if len(base) == len(saved):
         return  # no block removed (width pruning may have changed shapes: step 3 handles it)
-    keep = _subsequence(base, saved)
+    keep = _base_blocks(spec, base, saved)
+    if keep is None:
+        keep = _subsequence(base, saved)
     if keep is None:  # blocks pruned in width too: match by class and parameter names only
         keep = _subsequence([_coarse(b) for b in base], [_coarse(b) for b in saved])
     if keep is None:
@@ -355,7 +379,8 @@ def save_lamina(module: nn.Module, path, builder: str, preprocess: dict, extra: 
     spec = {"lamina_format": FORMAT, "builder": builder,
             "num_classes": extra.pop("num_classes", None) or _num_classes(module, builder),
             "preprocess": dict(preprocess), "blocks": container,
-            "block_signatures": _signatures(module, container), **extra}
+            "block_signatures": _signatures(module, container),
+            "base_blocks": getattr(module, "lamina_base_blocks", None), **extra}
     tmp = path.with_name(f".{path.name}{SCRATCH}")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -22,7 +22,13 @@ Definitions (both per block j of ``model.blocks``):
         outputs are excluded. M_-j is the output with block j bypassed through its
         residual: its output replaced by its input. A block whose output shape
         differs from its input shape cannot be bypassed: it is reported
-        ``skippable=False`` with s_j None, never scored.
+        ``skippable=False`` with s_j None, never scored. Nor is a block that
+        prune could not remove faithfully (a kept block would be rebuilt
+        differently at its new position: T5's first block owns the
+        relative-position bias; see ``compress.depth.config_mismatch``), so the
+        scores describe only models prune can save.
+    Shared blocks: a module that is several blocks (ALBERT's layer group, called
+    once per block) is scored per call: call j bypassed, the other calls run.
 
 Design decisions:
 - Cost. Per batch, one full forward caches every block's input and output
@@ -57,7 +63,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..blocks import block_input, block_output, bypass, patched_forwards, select_taps, with_output
+from ..blocks import PerCall, block_input, block_output, bypass, patched_forwards, select_taps, with_output
 from ..data import Dataset, load_data
 from ..errors import LaminaError, UsageError
 from ..models import LoadedModel, load_model
@@ -161,16 +167,26 @@ def _caching(mods: list[nn.Module], keep: bool) -> Iterator[_Cache]:
     """Record every block's input and output (cloned when ``keep``); hooks removed on exit."""
     cache = _Cache(len(mods))
     handles = []
+    # A module that is several blocks (ALBERT's shared layer, run once per block) maps its k-th call to
+    # its k-th block; calls past those are counted on its last block, so _check_calls reports them.
+    index: dict[nn.Module, list[int]] = {}
+    for i, mod in enumerate(mods):
+        index.setdefault(mod, []).append(i)
+    seen = {mod: 0 for mod in index}
+    current = {}
     try:
-        for i, mod in enumerate(mods):
-            def pre(_m, args, kwargs, _i=i):
+        for mod, idx in index.items():
+            def pre(_m, args, kwargs, _idx=idx):
+                k = seen[_m]
+                seen[_m] += 1
+                i = current[_m] = _idx[min(k, len(_idx) - 1)]
                 x = block_input(args, kwargs)
-                cache.inputs[_i] = cache.clone(x) if keep and x is not None else x
-                cache.calls[_i] += 1
+                cache.inputs[i] = cache.clone(x) if keep and x is not None else x
+                cache.calls[i] += 1
 
-            def post(_m, _args, out, _i=i):
+            def post(_m, _args, out):
                 y = block_output(out)
-                cache.outputs[_i] = with_output(out, cache.clone(y)) if keep and y is not None else out
+                cache.outputs[current[_m]] = with_output(out, cache.clone(y)) if keep and y is not None else out
 
             handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(mod.register_forward_hook(post))
@@ -379,22 +395,65 @@ def block_importance(model: LoadedModel, data, *, batch_size: int = 32, max_leng
             for j in sel:
                 if not same_shape[j]:
                     continue
-                stubs = {mods[i]: _returning(cache.outputs[i]) for i in range(j)}
-                stubs[mods[j]] = _identity_from_cache(cache.outputs[j], cache.inputs[j])
-                with patched_forwards(stubs):
+                with patched_forwards(_skip_stubs(mods, j, cache)):
                     out_j = lm.forward(batch)
                 num[j] += _sq_sums(full, _target(out_j, lm.blocks.head is not None)[1], mask)
             del cache, out, f64
     scores = []
+    unfaithful = _not_removable(lm, [j for j in sel if same_shape[j]])
     for j in sel:
         ok = same_shape[j]
+        why = unfaithful.get(j)
+        skip = ok and why is None
+        note = None if ok else "input and output shapes differ: not skippable, no Block Influence"
         scores.append(BlockScore(
             f"blocks.{j}", paths[j],
             block_influence=float(1.0 - cos_sum[j] / cos_n[j]) if ok and cos_n[j] else None,
-            skippable=ok, skip_importance=float(num[j] / den) if ok and den > 0 else (float("nan") if ok else None),
-            note=None if ok else "input and output shapes differ: not skippable, no Block Influence"))
+            skippable=skip, skip_importance=float(num[j] / den) if skip and den > 0 else (
+                float("nan") if skip else None),
+            note=note if why is None else f"not skippable: the pruned model would differ from the bypassed one "
+                                          f"({why})"))
     return ImportanceResult(lm.name, lm.blocks.arch, n_samples, target or TARGETS[0], tuple(scores),
                             batch_size, max_length, image_size)
+
+
+def _not_removable(lm: LoadedModel, sel: list[int]) -> dict[int, str]:
+    """{j: why} for blocks that prune could not remove alone without changing what the kept blocks compute.
+
+    Skip importance bypasses block j in the full model; prune saves a model
+    rebuilt from its config. They agree unless a kept block would be rebuilt
+    differently at its new position (T5's first block owns the relative-position
+    bias every later block reuses; a Swin block's window shift alternates with
+    its position). Such blocks are scored as not skippable, so no plan picks
+    them (:func:`lamina.compress.depth.config_mismatch`).
+    """
+    if not lm.blocks.container:
+        return {}
+    from ..compress.depth import base_for_checks, config_mismatch
+    out, base = {}, base_for_checks(lm.module)
+    for j in sel:
+        why = config_mismatch(lm.module, [j], lm.blocks.container, _base=base)
+        if why:
+            out[j] = why
+    return out
+
+
+def _skip_stubs(mods: list[nn.Module], j: int, cache: _Cache) -> dict:
+    """Forwards that make one model forward compute "block j skipped": blocks before j return their cached
+    outputs, block j its cached input, later blocks run. A module that is several blocks (ALBERT) gets one
+    :class:`~lamina.blocks.PerCall` forward, one handler per call."""
+    per_mod: dict[nn.Module, list] = {}
+    for i, m in enumerate(mods):
+        fn = _returning(cache.outputs[i]) if i < j else (
+            _identity_from_cache(cache.outputs[j], cache.inputs[j]) if i == j else None)
+        per_mod.setdefault(m, []).append(fn)
+    stubs = {}
+    for m, fns in per_mod.items():
+        if len(fns) > 1:
+            stubs[m] = PerCall(m.forward, fns)  # a fresh count: one forward per set of stubs
+        elif fns[0] is not None:
+            stubs[m] = fns[0]
+    return stubs
 
 
 def _returning(value):
@@ -440,7 +499,9 @@ def naive_skip_importance(model: LoadedModel, data, *, batch_size: int = 32, max
                     skippable[j] = False
                     continue
                 # like=: block j does not run; its input comes back in its output's structure
-                with bypass(lm.module, [j], lm.blocks, like={paths[j]: cache.outputs[j]}):
+                # (a shared block's other calls still run, so it runs too)
+                like = {} if lm.blocks.shared else {paths[j]: cache.outputs[j]}
+                with bypass(lm.module, [j], lm.blocks, like=like):
                     out_j = lm.forward(batch)
                 num[j] += _sq_sums(full, _target(out_j, lm.blocks.head is not None)[1], mask)
     return {f"blocks.{j}": (num[j] / den if den > 0 else float("nan")) if skippable[j] else None for j in sel}

@@ -96,16 +96,34 @@ def recording(model: nn.Module, taps: list[Tap], pooling: str = "mean") -> Itera
     rec = Recorder(pooling)
     modules = dict(model.named_modules())
     handles = []
+    # Taps on one module and side share one hook. A module run k times per forward (ALBERT's shared layer)
+    # is k taps told apart by ``call``: the hook counts its calls, restarted by a pre-hook on the model.
+    groups: dict[tuple[str, str], dict] = {}
+    for tap in taps:
+        groups.setdefault((tap.path, tap.side), {})[tap.call] = tap.name
+    counts = {key: 0 for key in groups}
+
+    def names(key) -> list[str]:
+        by_call = groups[key]
+        if None in by_call:
+            return [by_call[None]]
+        k, counts[key] = counts[key], counts[key] + 1
+        return [by_call[k]] if k in by_call else []
+
     try:
-        for tap in taps:
-            mod = modules[tap.path]
-            if tap.side == "input":
-                def pre(_m, args, kwargs, _n=tap.name):
-                    rec._store(_n, _block_input(args, kwargs, _n))
+        if any(None not in g for g in groups.values()):
+            handles.append(model.register_forward_pre_hook(lambda *_: counts.update({k: 0 for k in counts})))
+        for key in groups:
+            mod = modules[key[0]]
+            if key[1] == "input":
+                def pre(_m, args, kwargs, _key=key):
+                    for n in names(_key):
+                        rec._store(n, _block_input(args, kwargs, n))
                 handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
             else:
-                def post(_m, _args, out, _n=tap.name):
-                    rec._store(_n, _first_tensor(out))
+                def post(_m, _args, out, _key=key):
+                    for n in names(_key):
+                        rec._store(n, _first_tensor(out))
                 handles.append(mod.register_forward_hook(post))
         yield rec
     finally:

@@ -13,8 +13,10 @@ Order (every refusal happens before anything is written):
 3. make the depth choices that need the model (iterative rounds, a parameter
    target: :func:`lamina.compress.choose_blocks`), so plan.json records them;
    refused here when a target cannot be reached;
-4. write ``OUT/plan.json``, apply it on a copy, save the copy to ``OUT/model``,
-   then rewrite plan.json with what was done (indices, parameter counts).
+4. apply it on a copy, save the copy to ``OUT/model``, reload it the way a user
+   will and compare it with the copy on a calibration batch
+   (:func:`lamina.verify.save_checked`; a failure removes the model and exits 1),
+   then write plan.json with what was done (indices, parameter counts, the check).
 
 Saving: Hugging Face models whose config still describes them go through
 ``save_pretrained`` (+ tokenizer), so standard tools load them; everything else
@@ -38,7 +40,8 @@ from pathlib import Path
 from ..errors import UsageError
 from ..models import LoadedModel, load_model, save_json
 from ..runfolder import check_out, claim, plan_writes, record
-from ..savefmt import save, save_format
+from ..savefmt import save_format
+from ..verify import save_checked
 from .apply import apply, check_plan, choose_blocks
 from .channels import channel_layout
 from .heads import _attn_blocks
@@ -151,7 +154,7 @@ def _manifest(scores_path: Path) -> dict | None:
 
 
 def _calibration_batches(lm: LoadedModel, man: dict | None, scores: dict, config: PruneConfig,
-                         scores_path: Path) -> list:
+                         scores_path: Path, n_rows: int | None = None) -> list:
     from ..data import load_data, subsample
     if man is None or not man.get("data_spec"):
         why = "has no features/manifest.json next to it" if man is None else "was captured from in-memory data"
@@ -162,11 +165,19 @@ def _calibration_batches(lm: LoadedModel, man: dict | None, scores: dict, config
     cap = man.get("config", {})
     ds = subsample(load_data(man["data_spec"], cap.get("text_column"), cap.get("label_column")), cap.get("limit"),
                    cap.get("seed", 0))
-    if config.calibration_samples < len(ds):
-        ds = subsample(ds, config.calibration_samples, scores.get("seed", 0) or 0)
+    n_rows = n_rows or config.calibration_samples
+    if n_rows < len(ds):
+        ds = subsample(ds, n_rows, scores.get("seed", 0) or 0)
     bs, n = cap.get("batch_size", 32), len(ds)
     return [lm.batch(ds, range(s, min(n, s + bs)), cap.get("max_length", 128), cap.get("image_size"))
             for s in range(0, n, bs)]
+
+
+def _check_batch(lm: LoadedModel, man: dict | None, scores: dict, config: PruneConfig, scores_path: Path):
+    """A few rows of the scores run's data to compare the saved model on (None without such data)."""
+    if man is None or not man.get("data_spec"):
+        return None
+    return _calibration_batches(lm, man, scores, config, scores_path, n_rows=min(8, config.calibration_samples))[0]
 
 
 def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
@@ -220,16 +231,16 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
                              allowed=f"a target below {plan['depth'].get('predicted_parameters'):,} parameters",
                              fix="lower --target-params, or add width pruning")
 
+    check_batch = batches[0] if batches else _check_batch(lm, man, data, config, scores_path)
     plan_path, model_path = out / "plan.json", out / "model"
     with claim(out, "prune", WRITES, config.overwrite):
-        record(out, "prune", ["plan.json", "plan.json.tmp"])
-        save_json(plan_path, plan)  # the plan first: it is what the user asked for, whatever happens next
         res = apply(lm, plan, batches=batches)
         done = dict(res.plan)
         if config.recalibrate_bn:
             from ..models import recalibrate_bn
             done["bn_recalibrated"] = recalibrate_bn(res.model, batches)
-        fmt = save(res.model, model_path, lm, stage="prune")
+        # Saved, reloaded the user's way and compared before plan.json says it was done (a failure leaves neither).
+        fmt, done["reload_check"] = save_checked(res.model, model_path, lm, check_batch, stage="prune")
         n_before = lm.blocks.n_blocks
         n_after = res.model.blocks.n_blocks
         removed = list((done.get("depth") or {}).get("remove") or [])
@@ -237,6 +248,7 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
                           "parameters_before": res.parameters_before, "parameters_after": res.parameters_after,
                           "blocks_container": res.model.blocks.container or None, "source": lm.source,
                           "format": fmt}
+        record(out, "prune", ["plan.json", "plan.json.tmp"])
         save_json(plan_path, done)
     log.info("prune: %d -> %d blocks, %d -> %d parameters", n_before, n_after, res.parameters_before,
              res.parameters_after)

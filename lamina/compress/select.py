@@ -87,7 +87,8 @@ def choose_depth(module: nn.Module, depth: dict, batches=None, blocks: str | Non
         raise UsageError("the plan was made for a model with another number of blocks", value=n,
                          allowed=depth["n_blocks"], fix="make the plan for this model")
     cands = [int(c.split(".")[1]) for c in depth["candidates"]]
-    sizes = [_n_params(module.get_submodule(p)) for p in bmap.block_paths]
+    # a block that is one call of a shared layer (ALBERT) frees no parameters when it goes
+    sizes = [0 if bmap.shared else _n_params(module.get_submodule(p)) for p in bmap.block_paths]
     total = _n_params(module)
     max_drop = min(len(cands), n - 1)
     fits, limit = None, None

@@ -42,6 +42,7 @@ from ..models import LoadedModel, load_model, random_init, recalibrate_bn, save_
 from ..task import TaskSpec, batches, check_classes, counts, evaluate, logits_of, num_classes, read_task
 from ..runfolder import RESUME, check_out, check_resume, claim, plan_writes, rows_hash, same_path
 from ..runfolder import record as record_files
+from ..verify import save_checked
 from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, remove_checkpoint, world
 from .losses import CenterLoss, LossWeights, make_adapters, total_loss
 from .taps import record
@@ -332,7 +333,9 @@ def _distill(config: DistillConfig, out: Path, rank: int, size: int) -> DistillR
            "teacher_test": t_rec, "accuracy_retained": test["accuracy"] / t_rec["accuracy"] if t_rec["accuracy"] else None,
            "model_path": str(out / "model"), "seconds": None}
     if rank == 0:
-        rec["format"] = save(student, out / "model", teacher, stage="distill")
+        check = student.batch(ds, (list(split["test"]) or list(split["train"]))[:8], spec.max_length,
+                              spec.image_size)
+        rec["format"], rec["reload_check"] = save_checked(student, out / "model", teacher, check, stage="distill")
         rec["seconds"] = time.perf_counter() - t0
         record_files(out, "distill", ["distill.json", "distill.json.tmp"])
         save_json(out / "distill.json", rec, nulls=("history",))  # null in the history: a loss that was not finite

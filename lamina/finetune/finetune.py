@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..errors import UsageError
 from ..models import load_model, save_json
 from ..runfolder import RESUME, check_out, check_resume, claim, plan_writes, record, rows_hash, same_path
-from ..savefmt import save
+from ..verify import save_checked
 from ..task import TASK_FILE, TaskSpec, counts, evaluate, logits_of
 from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, remove_checkpoint, world
 from .heads import attach_head, head_parameters
@@ -178,7 +178,8 @@ def _finetune(model, data: str, config: FinetuneConfig, out: Path, rank: int, si
            "history": hist, "test": test, "model_path": str(out / "model"),
            "seconds": time.perf_counter() - t0}
     if rank == 0:
-        fmt = save(lm, out / "model", base, stage="finetune")
+        check = lm.batch(ds, (list(split["test"]) or list(split["train"]))[:8], spec.max_length, spec.image_size)
+        fmt, rec["reload_check"] = save_checked(lm, out / "model", base, check, stage="finetune")
         rec["format"] = fmt
         record(out, "finetune", [TASK_FILE, TASK_FILE + ".tmp"])
         save_json(out / TASK_FILE, rec, nulls=("history",))  # null in the history: a loss that was not finite
