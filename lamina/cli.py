@@ -331,6 +331,13 @@ def main(argv=None) -> int:
     except LaminaError as e:
         print(f"lamina {ns.verb}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a read-only folder, a full disk: the OS's refusal, said as a message
+        from .files import os_error
+        err = os_error(e, resumable=hasattr(ns, "resume"))
+        if err is None:
+            raise
+        print(f"lamina {ns.verb}: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print(f"lamina {ns.verb}: interrupted; run the same command with --resume to continue",
               file=sys.stderr)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .blocks import BlockMap, find_blocks
 from .errors import UsageError, suggest
+from .files import check_model_folder, reading_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
 
@@ -248,14 +249,17 @@ def load_model(spec, blocks: str | None = None) -> LoadedModel:
         if not (path / "config.json").exists() and not (path / "lamina.json").exists() \
                 and (path / "model").is_dir():
             path = path / "model"  # the OUT folder of `lamina finetune`, `prune` or `distill`
+        check_model_folder(path)  # a damaged file is named before any library trips on it
         if (path / "lamina.json").exists():  # lamina's own format: what a standard config cannot express
             from .savefmt import load_lamina
-            return load_lamina(path, blocks)
+            with reading_model(path):
+                return load_lamina(path, blocks)
         if not (path / "config.json").exists():
             raise UsageError("the model folder has no config.json", value=spec,
                              allowed="a folder written by save_pretrained (config.json + weights)",
                              fix="point --model at the folder that holds config.json")
-        return _hf_dir(path, blocks)
+        with reading_model(path):
+            return _hf_dir(path, blocks)
     elif ":" in spec and not Path(spec).exists():
         return _factory(spec, blocks)
     else:

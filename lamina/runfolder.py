@@ -27,7 +27,9 @@ def update_run_config(run: str | Path, stage: str, settings: dict) -> dict:
     """Merge ``settings`` under ``stage`` in RUN/config.json (atomic write)."""
     path = Path(run) / "config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    cfg = json.loads(path.read_text()) if path.exists() else {}
+    from .files import read_json
+    cfg = read_json(path, "the run's settings", fix=f"move {path} aside (lamina writes a new one), "
+                    "or restore it from a copy") if path.exists() else {}
     cfg[stage] = dict(settings, finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     cfg["versions"] = versions()
     tmp = path.with_suffix(".json.tmp")

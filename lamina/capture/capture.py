@@ -140,6 +140,30 @@ def _prepare_folder(root: Path, cfg: CaptureConfig, key: dict, dist: Dist) -> st
     return "fresh"
 
 
+def _check_out(cfg: CaptureConfig) -> None:
+    """OUT must be a folder (or not exist yet); --resume needs a store to continue."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError("--out is a file, not a folder", value=str(out), allowed="a new folder or a run folder",
+                         fix="pick another --out (capture writes OUT/features and OUT/config.json)")
+    if cfg.resume and not (out / "features" / "manifest.json").exists():
+        raise UsageError("nothing to resume: OUT has no features/manifest.json", value=str(out),
+                         allowed="the OUT folder of an interrupted capture", fix="run without --resume")
+
+
+def _disk_full(e: OSError, root: Path, written: int, total: int) -> LaminaError | None:
+    """A full disk mid-capture: say how far it got; the batches on disk stay, so --resume continues."""
+    import errno
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    from ..files import os_error
+    err = os_error(e)
+    return LaminaError(f"the disk filled up during capture: {written} of {total} batches are written to {root}",
+                       value=err.value, allowed="enough free space for the whole store",
+                       fix="free space on that disk, then run the same command with --resume to continue "
+                           f"({err.what})")
+
+
 def _to_numpy(t: torch.Tensor, dtype: str, name: str, ids) -> np.ndarray:
     # One reduction screens the whole batch; the element-wise check runs only if
     # it fails (a finite sum can overflow, so that path re-checks properly).
@@ -171,6 +195,7 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
         CaptureResult; the store itself is in ``config.out/features``.
     """
     t0 = time.perf_counter()
+    _check_out(config)
     lm = load_model(model, blocks=config.blocks)
     if config.blocks and lm.blocks.container != config.blocks and isinstance(model, LoadedModel):
         from ..blocks import find_blocks
@@ -233,11 +258,15 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
             if config.progress and dist.rank == 0:
                 from tqdm.auto import tqdm
                 bar = tqdm(total=n_batches, initial=len(done), desc=f"capture {lm.name}", unit="batch")
+            written = len(done)
             try:
                 for b in todo:
                     writer.write_batch(b, b * bs, run_batch(b))
+                    written += 1
                     if bar is not None:
                         bar.update(dist.world if dist.world > 1 else 1)
+            except OSError as e:
+                raise _disk_full(e, root, written, n_batches) or e
             finally:
                 writer.close()
                 if bar is not None:

@@ -1,0 +1,149 @@
+"""Reading the files a user hands lamina, and failing with a message instead of a traceback.
+
+Three kinds of file trouble share this module because they share one rule
+(what, value, allowed, fix; never a library's traceback):
+- JSON files of a run or model folder that are not JSON (:func:`read_json`);
+- model folders whose files cannot be read: a truncated ``model.safetensors``,
+  a ``config.json`` that is not JSON, no weights at all
+  (:func:`check_model_folder` before loading, :func:`reading_model` around it);
+- the operating system refusing a write: a read-only folder, a full disk
+  (:func:`os_error`, used by the CLI at the stage boundary).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import shutil
+from pathlib import Path
+
+from .errors import LaminaError
+
+# Files a folder may hold the weights in; any one of them is enough.
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def read_json(path, what: str | None = None, fix: str | None = None):
+    """The parsed JSON of ``path``; a LaminaError naming the file, line and column when it is not JSON.
+
+    ``what`` says what the file is ('the run's settings'); ``fix`` how to get a good one.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f"line {e.lineno}, column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) \
+            else "not UTF-8 text"
+        raise LaminaError(f"{path.name} is not valid JSON" + (f" ({what})" if what else ""),
+                          value=f"{path}: {where}", allowed="a JSON file as lamina writes it",
+                          fix=fix or f"restore {path.name} from a copy, or re-run the stage that wrote it") from e
+
+
+def _damaged(path: Path, file: Path, why: str, fix: str | None = None) -> LaminaError:
+    return LaminaError(f"the model folder cannot be loaded: {file.name} {why}", value=str(file),
+                       allowed="a complete folder as save_pretrained / lamina writes it",
+                       fix=fix or f"copy or save the model to {path} again (the file is damaged or was not "
+                                  "written to the end)")
+
+
+def check_model_folder(path) -> None:
+    """Refuse a model folder whose JSON files are not JSON or whose .safetensors files are damaged.
+
+    Cheap: JSON files are parsed, .safetensors files only have their header
+    read (safetensors checks that the header covers the file exactly, which is
+    what a truncated or appended-to file fails).
+    """
+    from safetensors import SafetensorError, safe_open
+    path = Path(path)
+    for f in sorted(path.glob("*.json")):
+        try:
+            json.loads(f.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise _damaged(path, f, f"is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})",
+                           fix=f"restore {f.name} from the original model, or save the model again") from e
+        except UnicodeDecodeError as e:
+            raise _damaged(path, f, "is not text (not UTF-8)",
+                           fix=f"restore {f.name} from the original model, or save the model again") from e
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError, ValueError) as e:
+            size = f.stat().st_size
+            raise _damaged(path, f, f"is not a readable safetensors file ({size:,} bytes; {e})") from e
+
+
+def _no_weights(path: Path) -> LaminaError:
+    have = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
+    return LaminaError("the model folder holds no weights", value=f"{path} (holds: {have})",
+                       allowed=" or ".join(_WEIGHTS),
+                       fix="save the model with model.save_pretrained(path) (it writes model.safetensors), "
+                           "or point --model at the folder that holds the weights")
+
+
+@contextlib.contextmanager
+def reading_model(path):
+    """Turn any failure to read a model folder's files into a LaminaError naming the folder and file.
+
+    Errors lamina already explains pass through; so do ones that are not about
+    files (a bug should still show its traceback).
+    """
+    from safetensors import SafetensorError
+    path = Path(path)
+    try:
+        yield
+    except LaminaError:
+        raise
+    except (OSError, ValueError, RuntimeError, SafetensorError, EOFError) as e:
+        if isinstance(e, OSError) and e.errno in _OS_MESSAGES:
+            raise  # permissions and the like: the CLI's own message names the path
+        if not any((path / w).exists() for w in _WEIGHTS) and not any(path.glob("*.safetensors")):
+            raise _no_weights(path) from e
+        raise LaminaError(f"the model folder cannot be loaded: {type(e).__name__}: {str(e)[:300]}",
+                          value=str(path), allowed="a complete folder as save_pretrained / lamina writes it",
+                          fix="check that every file of the model was copied whole; save the model again") from e
+
+
+# errno -> (what went wrong, what to do); the path is added from the error.
+_OS_MESSAGES = {
+    errno.EACCES: ("permission denied", "check the permissions of that path (chmod u+rw), or pick another --out"),
+    errno.EPERM: ("operation not permitted", "check the permissions of that path (chmod u+rw), or pick another "
+                                             "--out"),
+    errno.EROFS: ("the file system is read-only", "pick an --out on a writable disk"),
+    errno.ENOSPC: ("no space left on the device", "free space on that disk, or pick an --out on another disk"),
+    errno.EDQUOT: ("disk quota exceeded", "free space within your quota, or pick an --out on another disk"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "pick an --out whose parents are folders"),
+    errno.EISDIR: ("a folder is where a file was expected", "remove or rename that folder, or pick another --out"),
+    errno.ENAMETOOLONG: ("the file name is too long", "pick a shorter --out"),
+}
+
+
+def _free(path) -> str:
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return f"; {shutil.disk_usage(p).free / 1e6:,.1f} MB free there"
+    except OSError:
+        return ""
+
+
+def os_error(e: OSError, resumable: bool = False) -> LaminaError | None:
+    """A LaminaError for an OSError a user can act on (permissions, read-only, full disk), else None.
+
+    ``resumable``: the stage has ``--resume``, so a full disk can be continued.
+    """
+    if e.errno not in _OS_MESSAGES:
+        return None
+    what, fix = _OS_MESSAGES[e.errno]
+    where = e.filename if e.filename is not None else "(the path was not reported)"
+    extra = ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        extra = _free(e.filename) if e.filename else ""
+        if resumable:
+            fix += "; then run the same command with --resume to continue where it stopped"
+    return LaminaError(f"{what}: {where}{extra}", value=str(where),
+                       allowed="a folder lamina can write to" if e.errno != errno.ENOTDIR else "a folder path",
+                       fix=fix)
