@@ -33,6 +33,7 @@ class TaskSpec:
         max_length: tokens per text (text models).
         image_size: side images are resized to (None: the model's default).
         text_column, label_column: columns of a table.
+        skip_bad_files: leave out image files that cannot be decoded.
     """
 
     data: str
@@ -44,6 +45,7 @@ class TaskSpec:
     image_size: int | None = None
     text_column: str | None = None
     label_column: str | None = None
+    skip_bad_files: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,7 +54,8 @@ class TaskSpec:
         """(dataset, {'train','val','test'} -> int64 row indices)."""
         from .analyze.metrics.split import stratified_split
         from .data import check_labels, load_data, subsample
-        ds = subsample(load_data(self.data, self.text_column, self.label_column), self.limit, self.seed)
+        ds = subsample(load_data(self.data, self.text_column, self.label_column, self.skip_bad_files), self.limit,
+                       self.seed, min_per_class=3)
         check_labels(ds, min_per_class=3)
         return ds, stratified_split(ds.labels, (1 - self.val - self.test, self.val, self.test), self.seed)
 

@@ -57,12 +57,16 @@ class CaptureConfig:
     image_size: int | None = field(default=None, metadata={
         "help": "images: resize to this side (default: the model's own, 224 for efficientnet-lite0)"})
     limit: int | None = field(default=None, metadata={
-        "help": "use at most this many samples, stratified by label (deterministic given --seed)"})
+        "help": "use at most this many samples, stratified by label (deterministic given --seed); 0 or "
+                "unset: all rows"})
     seed: int = field(default=0, metadata={"help": "seed of the subsample"})
     dtype: str = field(default="float32", metadata={"choices": ("float32", "float16"),
                                                     "help": "storage dtype: float32 or float16"})
     text_column: str | None = field(default=None, metadata={"help": "text column of a CSV/JSONL/Parquet file"})
     label_column: str | None = field(default=None, metadata={"help": "label column of a CSV/JSONL/Parquet file"})
+    skip_bad_files: bool = field(default=False, metadata={
+        "help": "image folders: leave out files that cannot be decoded (each image is decoded once up front; "
+                "the count is shown and recorded) instead of refusing the folder"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted capture in OUT"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing store in OUT"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -200,7 +204,8 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
     if config.blocks and lm.blocks.container != config.blocks and isinstance(model, LoadedModel):
         from ..blocks import find_blocks
         lm = replace(lm, blocks=find_blocks(lm.module, config.blocks))  # never touch the caller's object
-    ds = subsample(load_data(data, config.text_column, config.label_column), config.limit, config.seed)
+    ds = subsample(load_data(data, config.text_column, config.label_column, config.skip_bad_files), config.limit,
+                   config.seed)
     check_labels(ds)
     if len(ds) < 2:
         raise UsageError("the dataset is too small to capture", value=len(ds), allowed=">= 2 samples",

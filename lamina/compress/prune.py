@@ -158,10 +158,10 @@ def _calibration_batches(lm: LoadedModel, man: dict | None, scores: dict, config
                          allowed="scores.json inside a run folder captured from a data path or bundled name",
                          fix="pass the scores.json of such a run, or prune blocks by their scores (--drop-blocks)")
     cap = man.get("config", {})
-    ds = subsample(load_data(man["data_spec"], cap.get("text_column"), cap.get("label_column")), cap.get("limit"),
-                   cap.get("seed", 0))
+    ds = subsample(load_data(man["data_spec"], cap.get("text_column"), cap.get("label_column"),
+                             cap.get("skip_bad_files", False)), cap.get("limit"), cap.get("seed", 0))
     if config.calibration_samples < len(ds):
-        ds = subsample(ds, config.calibration_samples, scores.get("seed", 0) or 0)
+        ds = subsample(ds, config.calibration_samples, scores.get("seed", 0) or 0, min_per_class=0)
     bs, n = cap.get("batch_size", 32), len(ds)
     return [lm.batch(ds, range(s, min(n, s + bs)), cap.get("max_length", 128), cap.get("image_size"))
             for s in range(0, n, bs)]

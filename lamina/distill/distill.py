@@ -215,7 +215,7 @@ def distill(config: DistillConfig) -> DistillResult:
     train_rows = split["train"]
     if config.train_limit and config.train_limit < len(train_rows):
         from ..data import subsample
-        sub = subsample(ds.take(train_rows), config.train_limit, config.seed)
+        sub = subsample(ds.take(train_rows), config.train_limit, config.seed, flag="--train-limit")
         keep = set(sub.ids.tolist())
         train_rows = [r for r in train_rows if ds.ids[r] in keep]
     n_t, n_s = teacher.blocks.n_blocks, student.blocks.n_blocks
