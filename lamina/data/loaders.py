@@ -176,13 +176,25 @@ def _count_phrase(dropped: dict) -> str:
 
 
 def load_npz(path: Path) -> Dataset:
-    z = np.load(path, allow_pickle=False)
-    missing = [k for k in ("x", "y") if k not in z.files]
-    if missing:
-        raise UsageError(f"the .npz file lacks the arrays {missing}", value=f"{path} has {z.files}",
-                         allowed="arrays named 'x' (inputs, N first) and 'y' (labels, N)",
-                         fix="np.savez(path, x=inputs, y=labels)")
-    x, y = z["x"], z["y"]
+    import zipfile
+    allowed = "an .npz of numeric arrays named 'x' (inputs, N first) and 'y' (labels, N), no Python objects"
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not hasattr(z, "files"):  # a plain .npy renamed .npz
+            raise ValueError("it holds one array, not named arrays")
+        missing = [k for k in ("x", "y") if k not in z.files]
+        if missing:
+            raise UsageError(f"the .npz file lacks the arrays {missing}", value=f"{path} has {z.files}",
+                             allowed=allowed, fix="np.savez(path, x=inputs, y=labels)")
+        x, y = z["x"], z["y"]
+    except (ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        # Object arrays would need unpickling, which lamina never does for a file it is handed.
+        raise UsageError(f"cannot read the .npz file: {e}", value=str(path), allowed=allowed,
+                         fix="np.savez(path, x=inputs, y=labels) with numeric arrays") from e
+    if x.ndim == 0 or y.ndim != 1 or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise UsageError("the .npz arrays have the wrong shape or type",
+                         value=f"x {x.shape} {x.dtype}, y {y.shape} {y.dtype}", allowed=allowed,
+                         fix="x: (N, ...) numbers, y: (N,) labels")
     if len(x) != len(y):
         raise UsageError("x and y in the .npz file differ in length", value=f"{len(x)} vs {len(y)}",
                          allowed="one label per sample", fix="save matching arrays")
