@@ -9,7 +9,6 @@ rows from that record instead of storing indices.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError
+from .files import read_json
 
 TASK_FILE = "finetune.json"
 
@@ -72,13 +72,13 @@ def read_task(model_dir, _depth: int = 0) -> TaskSpec | None:
         return None
     for cand in (p / TASK_FILE, p.parent / TASK_FILE):  # OUT, or the OUT of an OUT/model path
         if cand.exists():
-            rec = json.loads(cand.read_text()).get("task")
+            rec = read_json(cand, "the task record of a fine-tuned model").get("task")
             if rec:
                 return TaskSpec(**rec)
     for fname, key in (("plan.json", ("result", "source")), ("distill.json", ("task",))):
         f = p / fname
         if f.exists():
-            rec = json.loads(f.read_text())
+            rec = read_json(f)
             for k in key:
                 rec = (rec or {}).get(k) if isinstance(rec, dict) else None
             if isinstance(rec, dict):

@@ -383,3 +383,25 @@ def test_bad_data_files(name, make, needle, bert, tmp_path, capsys):
     path = tmp_path / name
     make(path)
     refused(["capture", "--model", bert, "--data", path, "--out", tmp_path / "o"], capsys, 2, needle)
+
+
+# ------------------------------------------------------ run folders' JSON ----
+def test_store_manifest_that_is_not_json(scored_run, tmp_path, capsys):
+    run_dir = shutil.copytree(scored_run, tmp_path / "run")
+    (run_dir / "features" / "manifest.json").write_text('{"complete": tru')
+    refused(["info", run_dir], capsys, 1, "manifest.json is not valid JSON", "line 1")
+
+
+def test_task_record_that_is_not_json(bert, csv, tmp_path, capsys):
+    out = tmp_path / "teacher"
+    shutil.copytree(bert, out / "model")
+    (out / "finetune.json").write_text("[1, 2")
+    refused(["bench", out, "--data", csv, "--out", tmp_path / "b"], capsys, 1, "finetune.json is not valid JSON")
+
+
+def test_plan_that_is_not_json(tmp_path, capsys):
+    from lamina.compress.plan import load_plan
+    from lamina.errors import LaminaError
+    (tmp_path / "plan.json").write_text("\x00\x01")
+    with pytest.raises(LaminaError, match="plan.json is not valid JSON"):
+        load_plan(tmp_path)

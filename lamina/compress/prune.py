@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import UsageError
+from ..files import read_json
 from ..models import LoadedModel, load_model, save_json
 from ..runfolder import check_out
 from ..savefmt import save, save_format
@@ -145,7 +146,7 @@ def _manifest(scores_path: Path) -> dict | None:
     path = run / "features" / "manifest.json"
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    return read_json(path, "the scores run's feature store manifest", fix="capture the run again with --overwrite")
 
 
 def _calibration_batches(lm: LoadedModel, man: dict | None, scores: dict, config: PruneConfig,

@@ -166,7 +166,7 @@ def load_table(path: Path, text_column: str | None, label_column: str | None) ->
     labels, classes = _encode(df[lcol].to_numpy())
     return Dataset(path.stem, "text", df[tcol].astype(str).tolist(), labels, classes,
                    df.index.to_numpy().astype(str), source=str(path),
-                   meta={"text_column": tcol, "label_column": lcol, "dropped": dropped})
+                   meta={"text_column": tcol, "label_column": lcol} | ({"dropped": dropped} if dropped else {}))
 
 
 def _count_phrase(dropped: dict) -> str:

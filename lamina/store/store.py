@@ -181,7 +181,8 @@ def read_manifest(root: Path) -> dict:
         raise UsageError("no feature store here (manifest.json missing)", value=str(root),
                          allowed="a folder written by `lamina capture` (RUN/features or RUN)",
                          fix="run `lamina capture --out RUN` first, or point at the right run folder")
-    return json.loads(path.read_text())
+    from ..files import read_json
+    return read_json(path, "the feature store's manifest", fix="capture again with --overwrite")
 
 
 @dataclass
