@@ -59,13 +59,16 @@ def check_model_folder(path) -> None:
     path = Path(path)
     for f in sorted(path.glob("*.json")):
         try:
-            json.loads(f.read_text(encoding="utf-8"))
+            obj = json.loads(f.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise _damaged(path, f, f"is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})",
                            fix=f"restore {f.name} from the original model, or save the model again") from e
         except UnicodeDecodeError as e:
             raise _damaged(path, f, "is not text (not UTF-8)",
                            fix=f"restore {f.name} from the original model, or save the model again") from e
+        if f.name in ("config.json", "lamina.json") and not isinstance(obj, dict):
+            raise _damaged(path, f, f"holds a JSON {type(obj).__name__}, not an object of settings",
+                           fix=f"restore {f.name} from the original model, or save the model again")
     for f in sorted(path.glob("*.safetensors")):
         try:
             with safe_open(str(f), framework="pt"):
@@ -101,9 +104,25 @@ def reading_model(path):
             raise  # permissions and the like: the CLI's own message names the path
         if not any((path / w).exists() for w in _WEIGHTS) and not any(path.glob("*.safetensors")):
             raise _no_weights(path) from e
+        kind = _unknown_type(path, e)
+        if kind is not None:
+            raise kind from e
         raise LaminaError(f"the model folder cannot be loaded: {type(e).__name__}: {str(e)[:300]}",
                           value=str(path), allowed="a complete folder as save_pretrained / lamina writes it",
                           fix="check that every file of the model was copied whole; save the model again") from e
+
+
+def _unknown_type(path: Path, e: Exception) -> LaminaError | None:
+    """The installed transformers does not know the folder's model_type (a newer model, or a typo)."""
+    msg = str(e)
+    if not isinstance(e, ValueError) or not ("Unrecognized" in msg or "does not recognize" in msg):
+        return None
+    import transformers
+    cfg = path / "config.json"
+    mtype = json.loads(cfg.read_text(encoding="utf-8")).get("model_type") if cfg.exists() else None
+    return LaminaError(f"transformers {transformers.__version__} does not know this model's type",
+                       value=f"model_type {mtype!r} in {cfg}", allowed="a model_type this transformers knows",
+                       fix="check model_type in config.json, or upgrade transformers if the model is newer")
 
 
 # errno -> (what went wrong, what to do); the path is added from the error.

@@ -262,6 +262,10 @@ def load_model(spec, blocks: str | None = None) -> LoadedModel:
             return _hf_dir(path, blocks)
     elif ":" in spec and not Path(spec).exists():
         return _factory(spec, blocks)
+    elif Path(spec).is_file():
+        raise UsageError("the model is a file; lamina loads model folders", value=spec,
+                         allowed="a folder with config.json (or lamina.json) and the weights",
+                         fix=f"pass the folder that holds it: --model {Path(spec).parent}")
     else:
         raise UsageError("the model is neither a bundled name nor an existing folder", value=spec,
                          allowed="bundled: " + ", ".join(BUNDLED_MODELS) + "; a Hugging Face model folder; "

@@ -405,3 +405,31 @@ def test_plan_that_is_not_json(tmp_path, capsys):
     (tmp_path / "plan.json").write_text("\x00\x01")
     with pytest.raises(LaminaError, match="plan.json is not valid JSON"):
         load_plan(tmp_path)
+
+
+def test_unknown_model_type_and_odd_config(broken, csv, tmp_path, capsys):
+    cfg = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps(cfg | {"model_type": "nosuchmodel", "architectures": ["NoSuch"]}))
+    refused(["capture", "--model", broken, "--data", csv, "--out", tmp_path / "o"], capsys, 1,
+            "does not know this model's type", "nosuchmodel")
+    (broken / "config.json").write_text("[1, 2]")
+    refused(["capture", "--model", broken, "--data", csv, "--out", tmp_path / "o"], capsys, 1,
+            "config.json holds a JSON list")
+
+
+def test_model_given_as_a_file_points_at_its_folder(bert, csv, tmp_path, capsys):
+    refused(["capture", "--model", bert / "model.safetensors", "--data", csv, "--out", tmp_path / "o"], capsys, 2,
+            "is a file", f"--model {bert}")
+
+
+def test_finetune_skip_bad_files_records_the_count(tiny_vit_dir, tmp_path, capsys):
+    folder = image_folder(tmp_path / "img", n=12)
+    (folder / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    refused(["finetune", "--model", tiny_vit_dir, "--data", folder, "--out", tmp_path / "f"], capsys, 2,
+            "broken.png", "--skip-bad-files")
+    code, out, err = run(["finetune", "--model", tiny_vit_dir, "--data", folder, "--out", tmp_path / "f",
+                          "--epochs", "1", "--no-progress", "--skip-bad-files"], capsys)
+    assert code == 0, err
+    rec = json.loads((tmp_path / "f" / "finetune.json").read_text())
+    assert rec["data"]["dropped"] == {"unreadable image": 1} and rec["task"]["skip_bad_files"] is True
+    assert rec["data"]["n"] == 24
