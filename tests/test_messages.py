@@ -373,7 +373,7 @@ def _npz_pickled(p):
 @pytest.mark.parametrize("name,make,needle", [
     ("bin.csv", _binary_csv, "bin.csv"),
     ("a.npz", _npz_without_xy, "lacks the arrays"),
-    ("bad.jsonl", _jsonl_bad_line, "bad.jsonl"),
+    ("bad.jsonl", _jsonl_bad_line, "line 2 is not valid JSON"),
     ("empty.csv", _empty_csv, "empty.csv"),
     ("head.csv", _header_only_csv, "head.csv"),
     ("obj.npz", _npz_pickled, "obj.npz"),

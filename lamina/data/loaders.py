@@ -144,8 +144,9 @@ def load_table(path: Path, text_column: str | None, label_column: str | None) ->
         raise UsageError("reading Parquet needs pyarrow", value=str(path), allowed="pip install pyarrow",
                          fix="pip install 'lamina[parquet]'") from e
     except ValueError as e:
-        raise UsageError(f"could not read the table: {e}", value=str(path), allowed=", ".join(_TABLE_EXT),
-                         fix="check the file format and extension") from e
+        where = _bad_json_line(path) if suf == ".jsonl" else None
+        raise UsageError(f"could not read the table: {where or e}", value=str(path), allowed=", ".join(_TABLE_EXT),
+                         fix="fix or remove that line" if where else "check the file format and extension") from e
     cols = [str(c) for c in df.columns]
     df.columns = cols  # numeric headers (a CSV without one) are matched by their text
     tcol = _pick_column(cols, text_column, _GUESS_TEXT, "text", "--text-column", path)
@@ -167,6 +168,25 @@ def load_table(path: Path, text_column: str | None, label_column: str | None) ->
     return Dataset(path.stem, "text", df[tcol].astype(str).tolist(), labels, classes,
                    df.index.to_numpy().astype(str), source=str(path),
                    meta={"text_column": tcol, "label_column": lcol} | ({"dropped": dropped} if dropped else {}))
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """'line N is not a JSON object: ...' for the first bad line of a JSONL file (pandas does not say which)."""
+    import json
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"line {i} is not valid JSON ({e.msg}, column {e.colno}): {line.strip()[:60]!r}"
+                if not isinstance(obj, dict):
+                    return f"line {i} is not a JSON object: {line.strip()[:60]!r}"
+    except UnicodeDecodeError:
+        return "the file is not UTF-8 text"
+    return None
 
 
 def _count_phrase(dropped: dict) -> str:
