@@ -331,9 +331,9 @@ def main(argv=None) -> int:
     except LaminaError as e:
         print(f"lamina {ns.verb}: error: {e}", file=sys.stderr)
         return e.exit_code
-    except OSError as e:  # a read-only folder, a full disk: the OS's refusal, said as a message
+    except Exception as e:  # a read-only folder, a full disk: the OS's refusal (also inside a library's error)
         from .files import os_error
-        err = os_error(e, resumable=hasattr(ns, "resume"))
+        err = os_error(e, resumable=hasattr(ns, "resume"), out=getattr(ns, "out", None))
         if err is None:
             raise
         print(f"lamina {ns.verb}: error: {err}", file=sys.stderr)

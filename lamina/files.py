@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -149,20 +150,31 @@ def _free(path) -> str:
         return ""
 
 
-def os_error(e: OSError, resumable: bool = False) -> LaminaError | None:
-    """A LaminaError for an OSError a user can act on (permissions, read-only, full disk), else None.
+def _errno_of(e: BaseException) -> tuple[int | None, str | None]:
+    """(errno, path) of an OSError, or of a library error that carries one in its text: safetensors
+    writes from Rust and reports 'I/O error: ... (os error 28) at path "..."' as a SafetensorError."""
+    if isinstance(e, OSError):
+        return e.errno, e.filename
+    m = re.search(r"\(os error (\d+)\)(?: at path \"([^\"]+)\")?", str(e))
+    return (int(m.group(1)), m.group(2)) if m else (None, None)
+
+
+def os_error(e: BaseException, resumable: bool = False, out=None) -> LaminaError | None:
+    """A LaminaError for an OS refusal a user can act on (permissions, read-only, full disk), else None.
 
     ``resumable``: the stage has ``--resume``, so a full disk can be continued.
+    ``out``: the stage's output folder, named when the error does not say the path.
     """
-    if e.errno not in _OS_MESSAGES:
+    code, filename = _errno_of(e)
+    if code not in _OS_MESSAGES:
         return None
-    what, fix = _OS_MESSAGES[e.errno]
-    where = e.filename if e.filename is not None else "(the path was not reported)"
+    what, fix = _OS_MESSAGES[code]
+    where = filename or (f"somewhere in {out}" if out else "(the path was not reported)")
     extra = ""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        extra = _free(e.filename) if e.filename else ""
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        extra = _free(filename or out) if (filename or out) else ""
         if resumable:
             fix += "; then run the same command with --resume to continue where it stopped"
     return LaminaError(f"{what}: {where}{extra}", value=str(where),
-                       allowed="a folder lamina can write to" if e.errno != errno.ENOTDIR else "a folder path",
+                       allowed="a folder lamina can write to" if code != errno.ENOTDIR else "a folder path",
                        fix=fix)

@@ -433,3 +433,20 @@ def test_finetune_skip_bad_files_records_the_count(tiny_vit_dir, tmp_path, capsy
     rec = json.loads((tmp_path / "f" / "finetune.json").read_text())
     assert rec["data"]["dropped"] == {"unreadable image": 1} and rec["task"]["skip_bad_files"] is True
     assert rec["data"]["n"] == 24
+
+
+def test_full_disk_inside_a_library_error_is_a_message(scored_run, bert, tmp_path, capsys, monkeypatch):
+    """safetensors writes from Rust: a full disk arrives as a SafetensorError carrying 'os error 28'."""
+    import importlib
+
+    from safetensors import SafetensorError
+    prune_mod = importlib.import_module("lamina.compress.prune")  # the module, not the verb of the same name
+
+    def save(lm, dest, source=None):
+        raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at path '
+                              f'"{dest}/model.safetensors"')
+
+    monkeypatch.setattr(prune_mod, "save", save)
+    out = tmp_path / "p"
+    refused(["prune", bert, "--scores", scored_run / "scores.json", "--drop-blocks", "0.5", "--out", out], capsys,
+            1, "no space left", f"{out}/model/model.safetensors", "MB free")
