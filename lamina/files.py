@@ -113,6 +113,27 @@ def reading_model(path):
                           fix="check that every file of the model was copied whole; save the model again") from e
 
 
+def check_loaded_weights(path, module, info: dict) -> None:
+    """Refuse a Hugging Face model whose weights file did not cover it (``output_loading_info`` of from_pretrained).
+
+    transformers initializes what the checkpoint lacks at random and only logs
+    it; every number lamina then reports would describe random weights.
+    Extra tensors in the file (a task head the loaded class does not have) are fine.
+    """
+    path = Path(path)
+    missing = list(info.get("missing_keys") or [])
+    bad = [str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get("mismatched_keys") or []]
+    if not missing and not bad:
+        return
+    total = len(module.state_dict())
+    names = (missing + bad)[:4]
+    raise LaminaError(f"the weights in {path.name} do not fit its config: {len(missing)} of {total} tensors are "
+                      f"missing" + (f" and {len(bad)} have another shape" if bad else ""),
+                      value=f"{path} (e.g. {', '.join(names)})",
+                      allowed="weights saved together with this config.json (save_pretrained writes both)",
+                      fix="the weights file belongs to another model or is incomplete: copy or save the model again")
+
+
 def _unknown_type(path: Path, e: Exception) -> LaminaError | None:
     """The installed transformers does not know the folder's model_type (a newer model, or a typo)."""
     msg = str(e)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .blocks import BlockMap, find_blocks
 from .errors import UsageError, suggest
-from .files import check_model_folder, reading_model
+from .files import check_loaded_weights, check_model_folder, reading_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
 
@@ -179,7 +179,8 @@ def _hf_dir(path: Path, blocks: str | None = None) -> LoadedModel:
         if hasattr(transformers, arch):  # keep the task head when the checkpoint has one
             cls = getattr(transformers, arch)
             break
-    module = cls.from_pretrained(path)
+    module, info = cls.from_pretrained(path, output_loading_info=True)
+    check_loaded_weights(path, module, info)  # transformers only warns, and fills the gaps with random weights
     module.eval()
     tok = None
     try:

@@ -450,3 +450,12 @@ def test_full_disk_inside_a_library_error_is_a_message(scored_run, bert, tmp_pat
     out = tmp_path / "p"
     refused(["prune", bert, "--scores", scored_run / "scores.json", "--drop-blocks", "0.5", "--out", out], capsys,
             1, "no space left", f"{out}/model/model.safetensors", "MB free")
+
+
+def test_weights_of_another_model_are_refused_not_random_initialized(broken, csv, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+    save_file({"foo": torch.zeros(2)}, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    refused(["capture", "--model", broken, "--data", csv, "--out", tmp_path / "o"], capsys, 1,
+            "do not fit its config", "tensors are missing")
+    assert not (tmp_path / "o" / "features").exists()
