@@ -155,6 +155,8 @@ _OS_MESSAGES = {
     errno.EROFS: ("the file system is read-only", "pick an --out on a writable disk"),
     errno.ENOSPC: ("no space left on the device", "free space on that disk, or pick an --out on another disk"),
     errno.EDQUOT: ("disk quota exceeded", "free space within your quota, or pick an --out on another disk"),
+    errno.EEXIST: ("something already exists where a folder was to be made (a file?)",
+                   "pick another --out, or move that file aside"),
     errno.ENOTDIR: ("a part of the path is a file, not a folder", "pick an --out whose parents are folders"),
     errno.EISDIR: ("a folder is where a file was expected", "remove or rename that folder, or pick another --out"),
     errno.ENAMETOOLONG: ("the file name is too long", "pick a shorter --out"),
@@ -197,5 +199,6 @@ def os_error(e: BaseException, resumable: bool = False, out=None) -> LaminaError
         if resumable:
             fix += "; then run the same command with --resume to continue where it stopped"
     return LaminaError(f"{what}: {where}{extra}", value=str(where),
-                       allowed="a folder lamina can write to" if code != errno.ENOTDIR else "a folder path",
+                       allowed="a folder path" if code in (errno.ENOTDIR, errno.EEXIST)
+                       else "a folder lamina can write to",
                        fix=fix)

@@ -459,3 +459,20 @@ def test_weights_of_another_model_are_refused_not_random_initialized(broken, csv
     refused(["capture", "--model", broken, "--data", csv, "--out", tmp_path / "o"], capsys, 1,
             "do not fit its config", "tensors are missing")
     assert not (tmp_path / "o" / "features").exists()
+
+
+def test_out_below_a_file_is_a_message(csv, bert, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    refused(["capture", "--model", bert, "--data", csv, "--out", tmp_path / "notes.txt" / "run", "--no-progress"],
+            capsys, 1, "is a file, not a folder", "notes.txt")
+
+
+@pytest.mark.parametrize("code,needle", [(errno.EACCES, "permission denied"), (errno.EROFS, "read-only"),
+                                         (errno.ENOSPC, "no space left"), (errno.EEXIST, "already exists"),
+                                         (errno.ENOTDIR, "not a folder")])
+def test_os_errors_map_to_messages(code, needle, tmp_path):
+    from lamina.files import os_error
+    err = os_error(OSError(code, os.strerror(code), str(tmp_path / "x")), resumable=True)
+    assert needle in err.what and str(tmp_path / "x") in err.what and err.exit_code == 1
+    assert ("--resume" in err.fix) == (code == errno.ENOSPC)
+    assert os_error(OSError(errno.ENOENT, "gone", "y")) is None and os_error(ValueError("no")) is None
