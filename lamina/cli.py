@@ -276,7 +276,7 @@ _distill.add_args = _distill_args
 # ------------------------------------------------------------------- demo ----
 def _demo_args(p):
     p.add_argument("--out", default="demo-run", help="run folder (default: demo-run)")
-    p.add_argument("--limit", type=int, default=2000, help="sentences to use (default: 2000)")
+    p.add_argument("--limit", type=int, default=2000, help="sentences to use; 0: all (default: 2000)")
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
                    help="include the random-init control (default: true)")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True,

@@ -108,9 +108,14 @@ def reading_model(path):
         kind = _unknown_type(path, e)
         if kind is not None:
             raise kind from e
+        # The library rarely says which file it choked on: name the weights it was reading.
+        weights = [f for f in sorted(path.iterdir()) if f.name in _WEIGHTS or f.suffix in (".safetensors", ".bin")]
+        held = ", ".join(f"{f.name} ({f.stat().st_size:,} bytes)" for f in weights[:4])
         raise LaminaError(f"the model folder cannot be loaded: {type(e).__name__}: {str(e)[:300]}",
-                          value=str(path), allowed="a complete folder as save_pretrained / lamina writes it",
-                          fix="check that every file of the model was copied whole; save the model again") from e
+                          value=f"{path} (weights: {held})",
+                          allowed="a complete folder as save_pretrained / lamina writes it",
+                          fix=f"check that {weights[0].name if len(weights) == 1 else 'every file'} was copied "
+                              "whole (a truncated or damaged file fails like this); save the model again") from e
 
 
 def check_loaded_weights(path, module, info: dict) -> None:

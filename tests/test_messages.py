@@ -476,3 +476,22 @@ def test_os_errors_map_to_messages(code, needle, tmp_path):
     assert needle in err.what and str(tmp_path / "x") in err.what and err.exit_code == 1
     assert ("--resume" in err.fix) == (code == errno.ENOSPC)
     assert os_error(OSError(errno.ENOENT, "gone", "y")) is None and os_error(ValueError("no")) is None
+
+
+def test_truncated_pytorch_model_bin_is_named(broken, csv, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+    torch.save(load_file(str(broken / "model.safetensors")), broken / "pytorch_model.bin")
+    (broken / "model.safetensors").unlink()
+    b = (broken / "pytorch_model.bin").read_bytes()
+    (broken / "pytorch_model.bin").write_bytes(b[: len(b) // 2])
+    refused(["capture", "--model", broken, "--data", csv, "--out", tmp_path / "o"], capsys, 1,
+            "cannot be loaded", "pytorch_model.bin", broken)
+
+
+def test_data_folder_holding_a_table_points_at_the_file(csv, bert, tmp_path, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    shutil.copy(csv, folder / "s.csv")
+    refused(["capture", "--model", bert, "--data", folder, "--out", tmp_path / "o"], capsys, 2,
+            f"--data {folder / 's.csv'}")

@@ -261,6 +261,12 @@ def load_image_folder(path: Path, skip_bad_files: bool = False) -> Dataset:
             if f.suffix.lower() in _IMAGE_EXT:
                 files.append(str(f))
                 labels.append(ci)
+    tables = [f.name for f in sorted(path.iterdir()) if f.suffix.lower() in _TABLE_EXT + (".npz",)]
+    if not files and tables:
+        raise UsageError("the data folder holds no images but a data file",
+                         value=f"{path} (holds {', '.join(tables[:3])})",
+                         allowed="an image folder (FOLDER/CLASS_NAME/IMAGE.png), or the data file itself",
+                         fix=f"pass the file: --data {path / tables[0]}")
     if not files:
         raise UsageError("no images found in the folder", value=str(path),
                          allowed=f"one sub-folder per class holding {', '.join(_IMAGE_EXT)} files",
