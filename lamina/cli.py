@@ -277,7 +277,7 @@ _distill.add_args = _distill_args
 # ------------------------------------------------------------------- demo ----
 def _demo_args(p):
     p.add_argument("--out", default="demo-run", help="run folder (default: demo-run)")
-    p.add_argument("--limit", type=int, default=2000, help="sentences to use (default: 2000)")
+    p.add_argument("--limit", type=int, default=2000, help="sentences to use; 0: all (default: 2000)")
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
                    help="include the random-init control (default: true)")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=True,
@@ -349,6 +349,13 @@ def main(argv=None) -> int:
     except LaminaError as e:
         print(f"lamina {ns.verb}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:  # a read-only folder, a full disk: the OS's refusal (also inside a library's error)
+        from .files import os_error
+        err = os_error(e, resumable=hasattr(ns, "resume"), out=getattr(ns, "out", None))
+        if err is None:
+            raise
+        print(f"lamina {ns.verb}: error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print(f"lamina {ns.verb}: interrupted; run the same command with --resume to continue",
               file=sys.stderr)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .blocks import BlockMap, find_blocks
 from .errors import UsageError, suggest
+from .files import check_loaded_weights, check_model_folder, reading_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
 
@@ -180,7 +181,8 @@ def _hf_dir(path: Path, blocks: str | None = None) -> LoadedModel:
         if hasattr(transformers, arch):  # keep the task head when the checkpoint has one
             cls = getattr(transformers, arch)
             break
-    module = cls.from_pretrained(path)
+    module, info = cls.from_pretrained(path, output_loading_info=True)
+    check_loaded_weights(path, module, info)  # transformers only warns, and fills the gaps with random weights
     module.eval()
     tok = None
     try:
@@ -286,16 +288,23 @@ def load_model(spec, blocks: str | None = None, *, factory: str | None = None,
             check_folder(path, ["model"])
             path = path / "model"  # the OUT folder of `lamina finetune`, `prune` or `distill`
         check_folder(path)  # no symlink in it may lead out of it
+        check_model_folder(path)  # a damaged file is named before any library trips on it
         if (path / "lamina.json").exists():  # lamina's own format: what a standard config cannot express
             from .savefmt import load_lamina
-            return load_lamina(path, blocks, factory=factory, trust_code=trust_code)
+            with reading_model(path):
+                return load_lamina(path, blocks, factory=factory, trust_code=trust_code)
         if not (path / "config.json").exists():
             raise UsageError("the model folder has no config.json", value=spec,
                              allowed="a folder written by save_pretrained (config.json + weights)",
                              fix="point --model at the folder that holds config.json")
-        return _hf_dir(path, blocks)
+        with reading_model(path):
+            return _hf_dir(path, blocks)
     elif ":" in spec and not Path(spec).exists():
         return _factory(spec, blocks)
+    elif Path(spec).is_file():
+        raise UsageError("the model is a file; lamina loads model folders", value=spec,
+                         allowed="a folder with config.json (or lamina.json) and the weights",
+                         fix=f"pass the folder that holds it: --model {Path(spec).parent}")
     else:
         raise UsageError("the model is neither a bundled name nor an existing folder", value=spec,
                          allowed="bundled: " + ", ".join(BUNDLED_MODELS) + "; a Hugging Face model folder; "

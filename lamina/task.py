@@ -9,7 +9,6 @@ rows from that record instead of storing indices.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError
+from .files import read_json
 
 TASK_FILE = "finetune.json"
 
@@ -33,6 +33,7 @@ class TaskSpec:
         max_length: tokens per text (text models).
         image_size: side images are resized to (None: the model's default).
         text_column, label_column: columns of a table.
+        skip_bad_files: leave out image files that cannot be decoded.
     """
 
     data: str
@@ -44,6 +45,7 @@ class TaskSpec:
     image_size: int | None = None
     text_column: str | None = None
     label_column: str | None = None
+    skip_bad_files: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,7 +54,8 @@ class TaskSpec:
         """(dataset, {'train','val','test'} -> int64 row indices)."""
         from .analyze.metrics.split import stratified_split
         from .data import check_labels, load_data, subsample
-        ds = subsample(load_data(self.data, self.text_column, self.label_column), self.limit, self.seed)
+        ds = subsample(load_data(self.data, self.text_column, self.label_column, self.skip_bad_files), self.limit,
+                       self.seed, min_per_class=3)
         check_labels(ds, min_per_class=3)
         return ds, stratified_split(ds.labels, (1 - self.val - self.test, self.val, self.test), self.seed)
 
@@ -69,13 +72,13 @@ def read_task(model_dir, _depth: int = 0) -> TaskSpec | None:
         return None
     for cand in (p / TASK_FILE, p.parent / TASK_FILE):  # OUT, or the OUT of an OUT/model path
         if cand.exists():
-            rec = json.loads(cand.read_text()).get("task")
+            rec = read_json(cand, "the task record of a fine-tuned model").get("task")
             if rec:
                 return TaskSpec(**rec)
     for fname, key in (("plan.json", ("result", "source")), ("distill.json", ("task",))):
         f = p / fname
         if f.exists():
-            rec = json.loads(f.read_text())
+            rec = read_json(f)
             for k in key:
                 rec = (rec or {}).get(k) if isinstance(rec, dict) else None
             if isinstance(rec, dict):

@@ -173,8 +173,8 @@ def _reload(store: FeatureStore, model, data) -> tuple[LoadedModel, Dataset]:
                              value=man.get("data", {}).get("name"), allowed="data=... passed to analyze()",
                              fix="pass the dataset to lamina.analyze(..., data=...), or --no-importance --no-control")
         data = man["data_spec"]
-    ds = subsample(load_data(data, cap.get("text_column"), cap.get("label_column")), cap.get("limit"),
-                   cap.get("seed", 0))
+    ds = subsample(load_data(data, cap.get("text_column"), cap.get("label_column"), cap.get("skip_bad_files", False)),
+                   cap.get("limit"), cap.get("seed", 0))
     if list(ds.ids) != list(store.ids):
         raise UsageError("the reloaded data are not the samples in the store", value=ds.name,
                          allowed="the dataset (and --limit/--seed) used for the capture",
@@ -231,7 +231,7 @@ def _analyze(store: FeatureStore, run_dir: Path, path: Path, config: AnalyzeConf
         kw = dict(batch_size=cap.get("batch_size", 32), max_length=cap.get("max_length", 128),
                   image_size=cap.get("image_size"), progress=config.progress)
         few = ds if not config.importance_samples or config.importance_samples >= len(ds) else \
-            subsample(ds, config.importance_samples, config.seed)
+            subsample(ds, config.importance_samples, config.seed, min_per_class=0)
         if config.importance:
             imp = block_importance(lm, few, **kw)
             scores["importance"] = _importance_dict(imp)

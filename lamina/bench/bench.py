@@ -115,9 +115,9 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
         raise UsageError("bench.json already exists there", value=str(dest), allowed="a folder without bench.json",
                          fix="pass --overwrite to replace it, or --out another folder")
     plan_writes(out, "bench", [dest.name], config.overwrite)  # decided before the work
+    lms = [load_model(m) for m in models]  # first, so a missing model folder is named before anything else
     spec = _task_for(models, config.data)
     ds, split = spec.load()
-    lms = [load_model(m) for m in models]
     labels = [str(m) if isinstance(m, (str, Path)) else lm.name for m, lm in zip(models, lms)]
     test = split["test"]
     need = max(config.batch_sizes)

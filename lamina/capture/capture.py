@@ -57,12 +57,16 @@ class CaptureConfig:
     image_size: int | None = field(default=None, metadata={
         "help": "images: resize to this side (default: the model's own, 224 for efficientnet-lite0)"})
     limit: int | None = field(default=None, metadata={
-        "help": "use at most this many samples, stratified by label (deterministic given --seed)"})
+        "help": "use at most this many samples, stratified by label (deterministic given --seed); 0 or "
+                "unset: all rows"})
     seed: int = field(default=0, metadata={"help": "seed of the subsample"})
     dtype: str = field(default="float32", metadata={"choices": ("float32", "float16"),
                                                     "help": "storage dtype: float32 or float16"})
     text_column: str | None = field(default=None, metadata={"help": "text column of a CSV/JSONL/Parquet file"})
     label_column: str | None = field(default=None, metadata={"help": "label column of a CSV/JSONL/Parquet file"})
+    skip_bad_files: bool = field(default=False, metadata={
+        "help": "image folders: leave out files that cannot be decoded (each image is decoded once up front; "
+                "the count is shown and recorded) instead of refusing the folder"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted capture in OUT"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing store in OUT"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -147,6 +151,30 @@ def _store_files(taps, world: int, lengths: bool) -> list[str]:
     return [f"features/{n}" for n in names + (["lengths.npy"] if lengths else [])]
 
 
+def _check_out(cfg: CaptureConfig) -> None:
+    """OUT must be a folder (or not exist yet); --resume needs a store to continue."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError("--out is a file, not a folder", value=str(out), allowed="a new folder or a run folder",
+                         fix="pick another --out (capture writes OUT/features and OUT/config.json)")
+    if cfg.resume and not (out / "features" / "manifest.json").exists():
+        raise UsageError("nothing to resume: OUT has no features/manifest.json", value=str(out),
+                         allowed="the OUT folder of an interrupted capture", fix="run without --resume")
+
+
+def _disk_full(e: OSError, root: Path, written: int, total: int) -> LaminaError | None:
+    """A full disk mid-capture: say how far it got; the batches on disk stay, so --resume continues."""
+    import errno
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    from ..files import os_error
+    err = os_error(e)
+    return LaminaError(f"the disk filled up during capture: {written} of {total} batches are written to {root}",
+                       value=err.value, allowed="enough free space for the whole store",
+                       fix="free space on that disk, then run the same command with --resume to continue "
+                           f"({err.what})")
+
+
 def _to_numpy(t: torch.Tensor, dtype: str, name: str, ids) -> np.ndarray:
     # One reduction screens the whole batch; the element-wise check runs only if
     # it fails (a finite sum can overflow, so that path re-checks properly).
@@ -178,11 +206,13 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
         CaptureResult; the store itself is in ``config.out/features``.
     """
     t0 = time.perf_counter()
+    _check_out(config)
     lm = load_model(model, blocks=config.blocks)
     if config.blocks and lm.blocks.container != config.blocks and isinstance(model, LoadedModel):
         from ..blocks import find_blocks
         lm = replace(lm, blocks=find_blocks(lm.module, config.blocks))  # never touch the caller's object
-    ds = subsample(load_data(data, config.text_column, config.label_column), config.limit, config.seed)
+    ds = subsample(load_data(data, config.text_column, config.label_column, config.skip_bad_files), config.limit,
+                   config.seed)
     check_labels(ds)
     if len(ds) < 2:
         raise UsageError("the dataset is too small to capture", value=len(ds), allowed=">= 2 samples",
@@ -243,11 +273,15 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
             if config.progress and dist.rank == 0:
                 from tqdm.auto import tqdm
                 bar = tqdm(total=n_batches, initial=len(done), desc=f"capture {lm.name}", unit="batch")
+            written = len(done)
             try:
                 for b in todo:
                     writer.write_batch(b, b * bs, run_batch(b))
+                    written += 1
                     if bar is not None:
                         bar.update(dist.world if dist.world > 1 else 1)
+            except OSError as e:
+                raise _disk_full(e, root, written, n_batches) or e
             finally:
                 writer.close()
                 if bar is not None:

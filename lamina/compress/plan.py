@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError, suggest
+from ..files import read_json
 
 PLAN_VERSION = 1
 METHODS = ("skip_nmse", "block_influence", "iterative", "even")
@@ -295,7 +296,7 @@ def load_plan(path) -> dict:
     if not path.exists():
         raise UsageError("no plan file there", value=str(path), allowed="a plan.json written by make_plan/save_plan",
                          fix="make one with `lamina prune RUN --drop-blocks 0.25`")
-    plan = json.loads(path.read_text())
+    plan = read_json(path, "a pruning plan", fix="make the plan again with `lamina prune`")
     if not isinstance(plan, dict) or "lamina_plan" not in plan:
         raise UsageError("the file is not a lamina plan", value=str(path), allowed="a plan.json from save_plan",
                          fix="point at the plan.json of a run")

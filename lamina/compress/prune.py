@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import UsageError
+from ..files import read_json
 from ..models import LoadedModel, load_model, save_json
 from ..runfolder import check_out, claim, plan_writes, record
 from ..savefmt import save_format
@@ -150,7 +151,7 @@ def _manifest(scores_path: Path) -> dict | None:
     path = run / "features" / "manifest.json"
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    return read_json(path, "the scores run's feature store manifest", fix="capture the run again with --overwrite")
 
 
 def _calibration_batches(lm: LoadedModel, man: dict | None, scores: dict, config: PruneConfig,
@@ -163,11 +164,11 @@ def _calibration_batches(lm: LoadedModel, man: dict | None, scores: dict, config
                          allowed="scores.json inside a run folder captured from a data path or bundled name",
                          fix="pass the scores.json of such a run, or prune blocks by their scores (--drop-blocks)")
     cap = man.get("config", {})
-    ds = subsample(load_data(man["data_spec"], cap.get("text_column"), cap.get("label_column")), cap.get("limit"),
-                   cap.get("seed", 0))
+    ds = subsample(load_data(man["data_spec"], cap.get("text_column"), cap.get("label_column"),
+                             cap.get("skip_bad_files", False)), cap.get("limit"), cap.get("seed", 0))
     n_rows = n_rows or config.calibration_samples
     if n_rows < len(ds):
-        ds = subsample(ds, n_rows, scores.get("seed", 0) or 0)
+        ds = subsample(ds, n_rows, scores.get("seed", 0) or 0, min_per_class=0)
     bs, n = cap.get("batch_size", 32), len(ds)
     return [lm.batch(ds, range(s, min(n, s + bs)), cap.get("max_length", 128), cap.get("image_size"))
             for s in range(0, n, bs)]

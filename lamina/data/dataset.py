@@ -57,8 +57,15 @@ class Dataset:
         if isinstance(self.inputs, np.ndarray):
             arr = self.inputs[np.asarray(idx)]
         else:
-            from PIL import Image
-            arr = np.stack([np.asarray(Image.open(self.inputs[i]).convert("RGB")) for i in idx])
+            imgs = [read_image(self.inputs[i]) for i in idx]
+            if len({im.shape for im in imgs}) > 1:
+                # A folder of mixed sizes: bring the batch to its first image's size so it
+                # stacks; the model's own resize (LoadedModel.batch) follows.
+                from PIL import Image
+                h, w = imgs[0].shape[:2]
+                imgs = [im if im.shape[:2] == (h, w)
+                        else np.asarray(Image.fromarray(im).resize((w, h), Image.BILINEAR)) for im in imgs]
+            arr = np.stack(imgs)
         arr = np.asarray(arr)
         scale = 255.0 if arr.dtype == np.uint8 or arr.max(initial=0) > 1.5 else 1.0
         arr = arr.astype(np.float32) / scale
@@ -70,8 +77,31 @@ class Dataset:
 
     def describe(self) -> dict:
         counts = np.bincount(self.labels, minlength=len(self.classes))
-        return {"name": self.name, "kind": self.kind, "source": self.source, "n": len(self),
-                "classes": list(self.classes), "class_counts": counts.tolist()}
+        out = {"name": self.name, "kind": self.kind, "source": self.source, "n": len(self),
+               "classes": list(self.classes), "class_counts": counts.tolist()}
+        if self.meta.get("dropped"):  # rows the loader left out, by reason: part of what was measured
+            out["dropped"] = dict(self.meta["dropped"])
+            if self.meta.get("dropped_files"):
+                out["dropped_files"] = list(self.meta["dropped_files"])
+        return out
+
+
+# What PIL raises for a file it cannot decode: not an image (UnidentifiedImageError is an
+# OSError), truncated data (OSError), broken chunks (SyntaxError, ValueError), a short read (EOFError).
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+
+
+def read_image(path) -> np.ndarray:
+    """One image file as uint8 (H, W, 3); a UsageError naming the file when it cannot be decoded."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (*IMAGE_ERRORS, Image.DecompressionBombError) as e:
+        raise UsageError(f"cannot read the image {path}: {e}", value=str(path),
+                         allowed="image files PIL can decode (PNG, JPEG, BMP, GIF, WebP, TIFF)",
+                         fix="replace or remove the file, or pass --skip-bad-files to leave unreadable images out "
+                             "(they are counted on screen and in the run's record)") from e
 
 
 def check_labels(ds: Dataset, min_per_class: int = 1) -> None:
@@ -95,35 +125,63 @@ def check_labels(ds: Dataset, min_per_class: int = 1) -> None:
                          fix="use more data, a larger --limit, or drop the rare classes")
 
 
-def subsample(ds: Dataset, limit: int | None, seed: int = 0) -> Dataset:
-    """At most ``limit`` rows, stratified by label, chosen by ``seed``.
-
-    Each class keeps its share (largest-remainder rounding, at least one per
-    class when ``limit`` allows); chosen rows keep their original order, so the
-    result depends only on (data, limit, seed).
-    """
-    if limit is None or limit == 0:
-        return ds
-    if limit < 0:
-        raise UsageError("--limit must be positive", value=limit, allowed="an integer >= 2 or 0 for all",
-                         fix="drop --limit to use every sample")
-    if limit > len(ds):
-        raise UsageError(f"--limit is larger than the dataset {ds.name!r}", value=limit,
-                         allowed=f"at most {len(ds)} (the number of samples)",
-                         fix=f"use --limit {len(ds)} or less, or drop --limit")
-    if limit == len(ds):
-        return ds
-    rng = np.random.default_rng(seed)
-    classes, counts = np.unique(ds.labels, return_counts=True)
+def _take(counts: np.ndarray, limit: int) -> np.ndarray:
+    """Rows per class of a stratified ``limit`` (largest remainder, at least one each when ``limit`` allows)."""
     share = counts / counts.sum() * limit
     take = np.floor(share).astype(int)
-    if limit >= len(classes):
+    if limit >= len(counts):
         take = np.maximum(take, 1)
     while take.sum() < limit:  # largest remainder first, ties by class index
         rem = np.where(take < counts, share - take, -np.inf)
         take[int(np.argmax(rem))] += 1
     while take.sum() > limit:
         take[int(np.argmax(take))] -= 1
+    return take
+
+
+def _min_limit(counts: np.ndarray, per_class: int) -> int:
+    """The smallest limit whose stratified subsample keeps ``per_class`` rows of every class."""
+    # below this even the largest remainder cannot lift the smallest class to per_class
+    lo = max(per_class * len(counts), int((per_class - 1) * counts.sum() / counts.min()) - len(counts))
+    for limit in range(max(lo, 2), int(counts.sum()) + 1):
+        if (_take(counts, limit) >= per_class).all():
+            return limit
+    return int(counts.sum())
+
+
+def subsample(ds: Dataset, limit: int | None, seed: int = 0, min_per_class: int = 1,
+              flag: str = "--limit") -> Dataset:
+    """At most ``limit`` rows, stratified by label, chosen by ``seed``.
+
+    Each class keeps its share (largest-remainder rounding, at least one per
+    class when ``limit`` allows); chosen rows keep their original order, so the
+    result depends only on (data, limit, seed). A limit that would leave a class
+    with fewer than ``min_per_class`` rows (or fewer than 2 rows in all) is
+    refused with the smallest limit that works; ``flag`` names the option in
+    that message.
+    """
+    if limit is None or limit == 0:
+        return ds
+    if limit < 0:
+        raise UsageError(f"{flag} must be positive", value=limit, allowed="an integer >= 2, or 0 for all rows",
+                         fix=f"drop {flag} to use every sample")
+    if limit > len(ds):
+        raise UsageError(f"{flag} is larger than the dataset {ds.name!r}", value=limit,
+                         allowed=f"at most {len(ds)} (the number of samples)",
+                         fix=f"use {flag} {len(ds)} or less, or drop {flag}")
+    if limit == len(ds):
+        return ds
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(ds.labels, return_counts=True)
+    take = _take(counts, limit)
+    # Only a limit can be blamed here: classes too small in the full data are check_labels' message.
+    if min_per_class > 0 and len(classes) >= 2 and counts.min() >= min_per_class \
+            and (limit < 2 or (take < min_per_class).any()):
+        need = _min_limit(counts, min_per_class)
+        raise UsageError(f"{flag} {limit} is too small for {ds.name!r}: {len(classes)} classes need at least "
+                         f"{min_per_class} row{'s' if min_per_class > 1 else ''} each in the subsample",
+                         value=limit, allowed=f">= {need} (or 0 for all {len(ds)} rows)",
+                         fix=f"use {flag} {need} or more, or drop {flag}")
     chosen = []
     for c, k in zip(classes, take):
         rows = np.flatnonzero(ds.labels == c)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import logging
 import os
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import numpy as np
 
 from ..errors import UsageError, suggest
 from .dataset import Dataset
+
+log = logging.getLogger(__name__)
 
 BUNDLED = ("rotten-tomatoes", "mnist-5k", "digits", "fashion-mnist")
 _TABLE_EXT = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".pq")
@@ -141,26 +144,77 @@ def load_table(path: Path, text_column: str | None, label_column: str | None) ->
         raise UsageError("reading Parquet needs pyarrow", value=str(path), allowed="pip install pyarrow",
                          fix="pip install 'lamina[parquet]'") from e
     except ValueError as e:
-        raise UsageError(f"could not read the table: {e}", value=str(path), allowed=", ".join(_TABLE_EXT),
-                         fix="check the file format and extension") from e
+        where = _bad_json_line(path) if suf == ".jsonl" else None
+        raise UsageError(f"could not read the table: {where or e}", value=str(path), allowed=", ".join(_TABLE_EXT),
+                         fix="fix or remove that line" if where else "check the file format and extension") from e
     cols = [str(c) for c in df.columns]
+    df.columns = cols  # numeric headers (a CSV without one) are matched by their text
     tcol = _pick_column(cols, text_column, _GUESS_TEXT, "text", "--text-column", path)
     lcol = _pick_column(cols, label_column, _GUESS_LABEL, "label", "--label-column", path)
-    df = df[df[lcol].notna() & df[tcol].notna()]
+    no_label = df[lcol].isna()
+    empty = ~no_label & (df[tcol].isna() | (df[tcol].astype(str).str.strip() == ""))
+    dropped = {k: int(v.sum()) for k, v in (("missing label", no_label), ("empty text", empty)) if v.any()}
+    if dropped and int(no_label.sum() + empty.sum()) == len(df):
+        raise UsageError(f"every row of {path.name} lacks a label or a text, so no row is left",
+                         value=f"{len(df)} rows: " + _count_phrase(dropped) + f" (text column {tcol!r}, "
+                                                                                f"label column {lcol!r})",
+                         allowed="rows with a non-empty text and a label",
+                         fix="choose the right columns with --text-column / --label-column, or fill them in")
+    df = df[~(no_label | empty)]
+    if dropped:
+        log.warning("%s: left out %d of %d rows: %s", path.name, sum(dropped.values()), len(no_label),
+                    _count_phrase(dropped))
     labels, classes = _encode(df[lcol].to_numpy())
     return Dataset(path.stem, "text", df[tcol].astype(str).tolist(), labels, classes,
                    df.index.to_numpy().astype(str), source=str(path),
-                   meta={"text_column": tcol, "label_column": lcol})
+                   meta={"text_column": tcol, "label_column": lcol} | ({"dropped": dropped} if dropped else {}))
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """'line N is not a JSON object: ...' for the first bad line of a JSONL file (pandas does not say which)."""
+    import json
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"line {i} is not valid JSON ({e.msg}, column {e.colno}): {line.strip()[:60]!r}"
+                if not isinstance(obj, dict):
+                    return f"line {i} is not a JSON object: {line.strip()[:60]!r}"
+    except UnicodeDecodeError:
+        return "the file is not UTF-8 text"
+    return None
+
+
+def _count_phrase(dropped: dict) -> str:
+    words = {"missing label": "with no label", "empty text": "with an empty text",
+             "unreadable image": "unreadable image files"}
+    return ", ".join(f"{n} {words.get(k, k)}" for k, n in dropped.items())
 
 
 def load_npz(path: Path) -> Dataset:
-    z = np.load(path, allow_pickle=False)
-    missing = [k for k in ("x", "y") if k not in z.files]
-    if missing:
-        raise UsageError(f"the .npz file lacks the arrays {missing}", value=f"{path} has {z.files}",
-                         allowed="arrays named 'x' (inputs, N first) and 'y' (labels, N)",
-                         fix="np.savez(path, x=inputs, y=labels)")
-    x, y = z["x"], z["y"]
+    import zipfile
+    allowed = "an .npz of numeric arrays named 'x' (inputs, N first) and 'y' (labels, N), no Python objects"
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not hasattr(z, "files"):  # a plain .npy renamed .npz
+            raise ValueError("it holds one array, not named arrays")
+        missing = [k for k in ("x", "y") if k not in z.files]
+        if missing:
+            raise UsageError(f"the .npz file lacks the arrays {missing}", value=f"{path} has {z.files}",
+                             allowed=allowed, fix="np.savez(path, x=inputs, y=labels)")
+        x, y = z["x"], z["y"]
+    except (ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        # Object arrays would need unpickling, which lamina never does for a file it is handed.
+        raise UsageError(f"cannot read the .npz file: {e}", value=str(path), allowed=allowed,
+                         fix="np.savez(path, x=inputs, y=labels) with numeric arrays") from e
+    if x.ndim == 0 or y.ndim != 1 or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise UsageError("the .npz arrays have the wrong shape or type",
+                         value=f"x {x.shape} {x.dtype}, y {y.shape} {y.dtype}", allowed=allowed,
+                         fix="x: (N, ...) numbers, y: (N,) labels")
     if len(x) != len(y):
         raise UsageError("x and y in the .npz file differ in length", value=f"{len(x)} vs {len(y)}",
                          allowed="one label per sample", fix="save matching arrays")
@@ -171,7 +225,35 @@ def load_npz(path: Path) -> Dataset:
                    np.arange(len(y)).astype(str), source=str(path))
 
 
-def load_image_folder(path: Path) -> Dataset:
+def _bad_image(path: str, decode: bool) -> str | None:
+    """Why ``path`` is not a readable image, or None. Without ``decode`` only PIL's
+    ``verify()`` runs (header and chunk checksums, no pixel decoding: cheap)."""
+    from PIL import Image
+
+    from .dataset import IMAGE_ERRORS
+    try:
+        with Image.open(path) as im:
+            if decode:
+                im.convert("RGB")
+            else:
+                im.verify()
+    except (*IMAGE_ERRORS, Image.DecompressionBombError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def load_image_folder(path: Path, skip_bad_files: bool = False) -> Dataset:
+    """FOLDER/CLASS/IMAGE files; every file is checked before any stage reads it.
+
+    ``skip_bad_files`` decodes every image up front and leaves out those that
+    fail (counted in ``meta['dropped']``); otherwise the first bad file found
+    by a cheap header check is refused by name, and a file that passes it but
+    fails to decode later is named when it is read.
+    """
+    if not any(d.is_dir() for d in path.iterdir()) and any(f.suffix.lower() in _IMAGE_EXT for f in path.iterdir()):
+        raise UsageError("the image folder holds images but no class sub-folders", value=str(path),
+                         allowed="one sub-folder per class: FOLDER/CLASS_NAME/IMAGE.png",
+                         fix="move each image into a sub-folder named after its class")
     classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
     files, labels = [], []
     for ci, c in enumerate(classes):
@@ -179,16 +261,48 @@ def load_image_folder(path: Path) -> Dataset:
             if f.suffix.lower() in _IMAGE_EXT:
                 files.append(str(f))
                 labels.append(ci)
+    tables = [f.name for f in sorted(path.iterdir()) if f.suffix.lower() in _TABLE_EXT + (".npz",)]
+    if not files and tables:
+        raise UsageError("the data folder holds no images but a data file",
+                         value=f"{path} (holds {', '.join(tables[:3])})",
+                         allowed="an image folder (FOLDER/CLASS_NAME/IMAGE.png), or the data file itself",
+                         fix=f"pass the file: --data {path / tables[0]}")
     if not files:
         raise UsageError("no images found in the folder", value=str(path),
                          allowed=f"one sub-folder per class holding {', '.join(_IMAGE_EXT)} files",
                          fix="arrange images as FOLDER/CLASS_NAME/IMAGE.png")
+    dropped = {}
+    bad = [(f, why) for f in files if (why := _bad_image(f, decode=skip_bad_files))]
+    if bad and not skip_bad_files:
+        f, why = bad[0]
+        more = f" (and {len(bad) - 1} more: {', '.join(os.path.relpath(b, path) for b, _ in bad[1:4])}" \
+               f"{'...' if len(bad) > 4 else ''})" if len(bad) > 1 else ""
+        raise UsageError(f"cannot read the image {f}{more}", value=why,
+                         allowed="image files PIL can decode (PNG, JPEG, BMP, GIF, WebP, TIFF)",
+                         fix="replace or remove the file, or pass --skip-bad-files to leave unreadable images out "
+                             "(they are counted on screen and in the run's record)")
+    if bad:
+        gone = {b for b, _ in bad}
+        keep = [i for i, f in enumerate(files) if f not in gone]
+        dropped = {"unreadable image": len(bad)}
+        log.warning("%s: left out %d unreadable image files of %d (--skip-bad-files): %s%s", path.name, len(bad),
+                    len(files), ", ".join(os.path.relpath(b, path) for b, _ in bad[:5]), "..." if len(bad) > 5 else "")
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+        if not files:
+            raise UsageError("no image in the folder can be read", value=f"{path}: {bad[0][1]}",
+                             allowed="image files PIL can decode", fix="check the files")
     ids = [os.path.relpath(f, path) for f in files]
-    return Dataset(path.name, "image", files, np.array(labels), classes, np.array(ids), source=str(path))
+    return Dataset(path.name, "image", files, np.array(labels), classes, np.array(ids), source=str(path),
+                   meta={"dropped": dropped, "dropped_files": [os.path.relpath(b, path) for b, _ in bad[:20]]}
+                   if dropped else {})
 
 
-def load_data(spec, text_column: str | None = None, label_column: str | None = None) -> Dataset:
-    """A Dataset from a bundled name, a table, an image folder, a .npz, or a Dataset."""
+def load_data(spec, text_column: str | None = None, label_column: str | None = None,
+              skip_bad_files: bool = False) -> Dataset:
+    """A Dataset from a bundled name, a table, an image folder, a .npz, or a Dataset.
+
+    ``skip_bad_files``: leave out image files that cannot be decoded (counted in
+    ``meta['dropped']``) instead of refusing the folder."""
     if isinstance(spec, Dataset):
         return spec
     spec = str(spec)
@@ -213,7 +327,7 @@ def load_data(spec, text_column: str | None = None, label_column: str | None = N
                                  "an image folder, a .npz with x and y",
                          fix=suggest(spec, BUNDLED) or "check the path")
     if path.is_dir():
-        return load_image_folder(path)
+        return load_image_folder(path, skip_bad_files)
     suf = path.suffix.lower()
     if suf in _TABLE_EXT:
         return load_table(path, text_column, label_column)

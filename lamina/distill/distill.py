@@ -29,7 +29,6 @@ accuracy of student and teacher, the map, the weights).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from ..files import read_json
 from ..models import LoadedModel, load_model, random_init, recalibrate_bn, save_json
 from ..task import TaskSpec, batches, check_classes, counts, evaluate, logits_of, num_classes, read_task
 from ..runfolder import RESUME, check_out, check_resume, claim, plan_writes, rows_hash, same_path
@@ -147,7 +147,7 @@ def layer_map(n_teacher: int, n_student: int, student_dir: Path | None, custom: 
         return m, "custom"
     plan = student_dir / "plan.json" if student_dir is not None else None
     if plan is not None and plan.exists():
-        rec = json.loads(plan.read_text())
+        rec = read_json(plan, "the plan that made the student")
         removed = set((rec.get("depth") or {}).get("remove") or [])
         kept = [i for i in range(n_teacher) if f"blocks.{i}" not in removed]
         if len(kept) == n_student:
@@ -231,7 +231,7 @@ def _distill(config: DistillConfig, out: Path, rank: int, size: int) -> DistillR
     train_rows = split["train"]
     if config.train_limit and config.train_limit < len(train_rows):
         from ..data import subsample
-        sub = subsample(ds.take(train_rows), config.train_limit, config.seed)
+        sub = subsample(ds.take(train_rows), config.train_limit, config.seed, flag="--train-limit")
         keep = set(sub.ids.tolist())
         train_rows = [r for r in train_rows if ds.ids[r] in keep]
     n_t, n_s = teacher.blocks.n_blocks, student.blocks.n_blocks
@@ -351,7 +351,7 @@ def _teacher_test(path, teacher, ds, split, spec) -> dict:
     """The teacher's test accuracy: from finetune.json when it measured the same rows, else measured now."""
     f = Path(str(path)) / "finetune.json"
     if f.exists():
-        rec = json.loads(f.read_text())
+        rec = read_json(f, "the teacher's task record")
         if rec.get("task") == spec.to_dict() and rec.get("test"):
             return rec["test"]
     return evaluate(teacher, ds, split["test"], spec)

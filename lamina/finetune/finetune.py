@@ -51,7 +51,8 @@ class FinetuneConfig:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases and norms)"})
     patience: int | None = field(default=2, metadata={
         "help": "stop after this many epochs without a validation gain; the best epoch is kept"})
-    limit: int | None = field(default=None, metadata={"help": "use a stratified subsample of this many rows"})
+    limit: int | None = field(default=None, metadata={
+        "help": "use a stratified subsample of this many rows; 0 or unset: all rows"})
     seed: int = field(default=0, metadata={"help": "seed of the subsample, the split, the head and the order"})
     val: float = field(default=0.1, metadata={"help": "fraction of rows held out for validation (early stopping)"})
     test: float = field(default=0.2, metadata={"help": "fraction of rows held out for the test accuracy"})
@@ -60,6 +61,9 @@ class FinetuneConfig:
         "help": "resize images to this side (default: the model's own, 224 for EfficientNet)"})
     text_column: str | None = field(default=None, metadata={"help": "text column of a table"})
     label_column: str | None = field(default=None, metadata={"help": "label column of a table"})
+    skip_bad_files: bool = field(default=False, metadata={
+        "help": "image folders: leave out files that cannot be decoded (each image is decoded once up front; "
+                "the count is shown and recorded) instead of refusing the folder"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its checkpoint in OUT"})
     overwrite: bool = field(default=False, metadata={"help": "replace what OUT already holds"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -128,7 +132,7 @@ def _finetune(model, data: str, config: FinetuneConfig, out: Path, rank: int, si
     t0 = time.perf_counter()
     spec = TaskSpec(data=str(data), limit=config.limit, seed=config.seed, val=config.val, test=config.test,
                     max_length=config.max_length, image_size=config.image_size, text_column=config.text_column,
-                    label_column=config.label_column)
+                    label_column=config.label_column, skip_bad_files=config.skip_bad_files)
     ds, split = spec.load()
     base = load_model(model)
     lm = attach_head(base, list(ds.classes))
@@ -171,7 +175,7 @@ def _finetune(model, data: str, config: FinetuneConfig, out: Path, rank: int, si
     test = evaluate(lm, ds, split["test"], spec)
     n_params = sum(p.numel() for p in lm.module.parameters())
     rec = {"lamina_finetune": 1, "model": base.describe() | {"source": base.source}, "task": spec.to_dict(),
-           "classes": list(ds.classes),
+           "classes": list(ds.classes), "data": ds.describe(),
            "split_sizes": {k: int(len(v)) for k, v in split.items()},
            "config": asdict(config), "mode": "full" if config.full else "head",
            "parameters": n_params, "trainable_parameters": sum(p.numel() for p in params),
