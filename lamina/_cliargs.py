@@ -2,7 +2,9 @@
 
 Every field becomes ``--field-name``; its help is the field's ``help``
 metadata plus its default, so ``--help`` is complete by construction and the
-CLI cannot drift from the Python API.
+CLI cannot drift from the Python API. A help text that already says what the
+default is ("default: ...", "default ...") is shown as it is, so a default is
+never given twice.
 """
 
 from __future__ import annotations
@@ -22,6 +24,13 @@ def _base_type(tp):
     return tp, False
 
 
+def _with_default(help_: str, shown: str) -> str:
+    """``help_`` plus "(shown)", unless the help already states its default (or there is none to show)."""
+    if "default" in help_.lower() and shown.startswith("default"):
+        return help_
+    return f"{help_} ({shown})"
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -> None:
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(f"{cls.__name__} settings")
@@ -34,12 +43,12 @@ def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -> N
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if tp is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                               help=f"{help_} (default: {f.default})")
+                               help=_with_default(help_, f"default: {f.default}"))
             continue
         if tp in (tuple, list) or typing.get_origin(tp) in (tuple, list):
             inner = (typing.get_args(tp) or (str,))[0]
             group.add_argument(flag, type=inner, nargs="+", default=None if required else f.default,
-                               required=required, help=f"{help_} (default: {f.default})")
+                               required=required, help=_with_default(help_, f"default: {f.default}"))
             continue
         default = None if required else f.default
         shown = "required" if required else f"default: {default}"
@@ -48,7 +57,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple = ()) -> N
         choices = f.metadata.get("choices")
         metavar = "{" + ",".join(choices) + "}" if choices else f.name.upper()
         group.add_argument(flag, type=tp if tp in (int, float, str) else str, default=default,
-                           required=required, metavar=metavar, help=f"{help_} ({shown})")
+                           required=required, metavar=metavar, help=_with_default(help_, shown))
 
 
 def config_from_args(cls, ns: argparse.Namespace, **extra):

@@ -43,6 +43,7 @@ def _capture(ns):
     res = capture(ns.model, ns.data, config_from_args(CaptureConfig, ns))
     if res.rank == 0:
         _print_store(FeatureStore.open(res.store), ns)
+        _next(f"lamina analyze {ns.out}")
     return 0
 
 
@@ -96,6 +97,7 @@ def _analyze(ns):
     from .analyze import AnalyzeConfig, analyze
     res = analyze(ns.run, config_from_args(AnalyzeConfig, ns))
     _print_scores(res.scores_path)
+    _next(f"lamina report {ns.run}")
     return 0
 
 
@@ -151,7 +153,10 @@ def _report_args(p):
 def _report(ns):
     from .report import ReportConfig, report
     res = report(ns.run, config_from_args(ReportConfig, ns))
-    print(f"report: {res.path} ({res.plots} plots)")
+    print(f"report: {res.path} ({res.plots} plots; open it in a browser, it works offline)")
+    if not ns.stages:
+        _next(f"lamina finetune --model MODEL --data DATA --out teacher/  (then prune, distill, bench; "
+              f"`lamina report {ns.run} --stages teacher/ small/ recovered/`)")
     return 0
 
 
@@ -169,6 +174,10 @@ def _prune_args(p):
 def _prune(ns):
     from .compress import PruneConfig, prune
     res = prune(ns.model, None, config_from_args(PruneConfig, ns))
+    if res.plan["result"].get("scores_computed_by") == "prune":
+        rows = json.loads(open(res.plan["result"]["scores"]).read())["rows"]
+        print(f"scores      no --scores given: block importance measured on {rows['n']} training rows of "
+              f"{rows['task']['data']} (the model's own task) -> {res.plan['result']['scores']}")
     kept = res.blocks_after
     print(f"blocks      {kept} kept, {len(res.removed)} removed of {res.blocks_before}"
           + (f" ({', '.join(res.removed)})" if res.removed else ""))
@@ -183,7 +192,17 @@ def _prune(ns):
     how = "lamina.load; its config cannot express it" if res.format == "lamina" \
         else "lamina.load or AutoModel.from_pretrained"
     print(f"model: {res.model_path}  ({how})")
+    from .task import read_task
+    if read_task(ns.model) is not None:
+        _next(f"lamina distill --teacher {ns.model} --student {res.out} --out recovered/")
+    else:
+        _next(f"lamina bench {ns.model} {res.out}")
     return 0
+
+
+def _next(cmd: str) -> None:
+    """The command a user would run next (the CLI's last line; the API returns results instead)."""
+    print(f"next: {cmd}")
 
 
 _prune.add_args = _prune_args
@@ -213,6 +232,9 @@ def _finetune(ns):
           f"(best val {res.best_val_accuracy:.4f}, epoch {res.record['history']['best_epoch']})")
     print(f"model: {res.model_path}  ({'AutoModelFor*Classification.from_pretrained' if res.record.get('format') == 'huggingface' else 'lamina.load'})")
     print(f"record: {res.out}/finetune.json")
+    for w in res.record.get("warnings", []):
+        print(f"warning: {w}")
+    _next(f"lamina prune {res.out} --drop-blocks 0.5 --out small/")
     return 0
 
 
@@ -241,6 +263,7 @@ def _bench(ns):
         print(f"{str(r['model'])[-28:]:<28} {r['parameters']:>11,} {r['flops_per_sample'] / 1e6:9.1f} {acc:>6} {lat}"
               f"  {v['speedup'][bss[-1]]:.2f}x ({ideal})")
     print(f"bench: {res['path']}")
+    _next("lamina report RUN --stages " + " ".join(ns.models) + "  (RUN: a `lamina analyze` run folder)")
     return 0
 
 
@@ -267,6 +290,8 @@ def _distill(ns):
           f"{res.accuracy_retained:.1%})")
     print(f"model: {res.model_path}")
     print(f"record: {res.out}/distill.json")
+    _next(f"lamina bench {ns.teacher} {ns.student or res.out} {res.out}" if ns.student
+          else f"lamina bench {ns.teacher} {res.out}")
     return 0
 
 
