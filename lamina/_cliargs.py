@@ -70,3 +70,30 @@ def config_from_args(cls, ns: argparse.Namespace, **extra):
             values[f.name] = v
     values.update(extra)
     return cls(**values)
+
+
+def as_config(cls, value, verb: str):
+    """``value`` as a ``cls`` config: an instance as it is, a dict as ``cls(**value)``; anything else is a
+    TypeError naming the config class. Every public verb calls this, so the API takes what the CLI builds.
+
+    Unknown keys are refused with the fields the class has (a UsageError, like any bad setting).
+    """
+    from .errors import UsageError, suggest
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in value if k not in names]
+        if unknown:
+            raise UsageError(f"{cls.__name__} has no setting {unknown[0]!r}", value=unknown,
+                             allowed=", ".join(names), fix=suggest(str(unknown[0]), names) or
+                             f"see help({cls.__name__})")
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in value
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise UsageError(f"{verb} needs {', '.join(missing)} in its {cls.__name__}", value=value,
+                             allowed=f"{cls.__name__}({', '.join(f'{m}=...' for m in missing)}, ...)",
+                             fix=f"add {missing[0]!r} to the dict")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+    raise TypeError(f"{verb}() takes its settings as a {cls.__name__} (or a dict of its fields), "
+                    f"not {type(value).__name__}")

@@ -81,6 +81,8 @@ def _print_store(store, ns) -> None:
     print(f"store    {s['path']}")
     print(f"model    {s['model']}    data {s['data']}    samples {s['n']}    pooling {s['pooling']}    "
           f"dtype {s['dtype']}    {s['bytes'] / 1e6:.1f} MB")
+    if s.get("classes"):
+        print(f"classes  {len(s['classes'])}: " + ", ".join(f"{c} ({k})" for c, k in s["classes"].items()))
     for name, shape in s["layers"].items():
         print(f"  {name:<12} {tuple(shape)}")
 
@@ -132,6 +134,7 @@ def _compare(ns):
     from .analyze import CompareConfig, compare
     res = compare(ns.run_a, ns.run_b, config_from_args(CompareConfig, ns))
     width = max(len(n) for n in res.layers_a)
+    print(f"linear CKA: rows: layers of {ns.run_a}; columns: layers of {ns.run_b}")
     print(" " * width + " " + " ".join(f"{n[-8:]:>8}" for n in res.layers_b))
     for name, row in zip(res.layers_a, res.cka):
         print(f"{name:<{width}} " + " ".join(f"{v:8.3f}" for v in row))
@@ -354,7 +357,7 @@ def main(argv=None) -> int:
     try:
         return int(ns._fn(ns) or 0)
     except LaminaError as e:
-        print(f"lamina {ns.verb}: error: {e}", file=sys.stderr)
+        print(f"lamina {ns.verb}: error: {e.cli_text()}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"lamina {ns.verb}: interrupted; run the same command with --resume to continue",

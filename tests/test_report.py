@@ -194,7 +194,7 @@ def test_output_is_replaced_only_when_ours(tmp_path):
     theirs.write_text("<p>my notes</p>")
     with pytest.raises(UsageError, match="not a report lamina wrote") as e:
         report(run, ReportConfig(out=str(theirs)))
-    assert "--overwrite" in str(e.value) and theirs.read_text() == "<p>my notes</p>"
+    assert "overwrite=True" in str(e.value) and theirs.read_text() == "<p>my notes</p>"
     report(run, ReportConfig(out=str(theirs), overwrite=True, title="Custom"))
     assert "<h1>Custom</h1>" in theirs.read_text()
     with pytest.raises(UsageError, match="is a folder"):
@@ -206,7 +206,7 @@ def test_output_is_replaced_only_when_ours(tmp_path):
 def test_config_is_validated_and_documented():
     with pytest.raises(UsageError, match="unknown plot format"):
         ReportConfig(plots="jpg")
-    with pytest.raises(UsageError, match="--out is empty"):
+    with pytest.raises(UsageError, match="out is empty"):
         ReportConfig(out=" ")
     assert all(f.metadata.get("help") for f in dataclasses.fields(ReportConfig))
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -43,6 +43,7 @@ import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .._cliargs import as_config
 from ..errors import UsageError
 from ..models import LoadedModel, load_model, save_json
 from ..runfolder import check_out
@@ -227,6 +228,7 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
     if config is None:
         raise UsageError("prune needs a PruneConfig", value=None, allowed="PruneConfig(out=..., scores=..., ...)",
                          fix="prune(model, None, PruneConfig(out='small', scores='run/scores.json', drop_blocks=0.25))")
+    config = as_config(PruneConfig, config, "prune")
     out = Path(config.out)
     check_out(out, config.overwrite)
     own = scores is None and not config.scores  # no scores given: score the model on its own task rows

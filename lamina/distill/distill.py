@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from .._cliargs import as_config
 from ..errors import UsageError
 from ..models import LoadedModel, load_model, random_init, recalibrate_bn, save_json
 from ..task import TaskSpec, batches, check_classes, counts, evaluate, logits_of, num_classes, read_task
@@ -182,6 +183,7 @@ def _student(config: DistillConfig, teacher: LoadedModel, ds, split, spec) -> tu
 
 def distill(config: DistillConfig) -> DistillResult:
     """Train the student of ``config`` against its teacher; see the module doc."""
+    config = as_config(DistillConfig, config, "distill")
     from ..savefmt import save
     init_distributed()
     rank, size = world()

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .._cliargs import as_config
 from ..errors import UsageError
 from ..models import load_model, save_json
 from ..runfolder import check_out
@@ -103,6 +104,7 @@ class FinetuneResult:
 
 def finetune(model, data: str, config: FinetuneConfig) -> FinetuneResult:
     """Train a classifier on ``data`` from ``model`` (anything ``load_model`` takes); see the module doc."""
+    config = as_config(FinetuneConfig, config, "finetune")
     init_distributed()
     rank, size = world()
     t0 = time.perf_counter()

@@ -32,6 +32,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 
 from .. import __version__
+from .._cliargs import as_config
 from ..errors import LaminaError, UsageError
 from . import _catalog as cat
 from . import _context as ctx
@@ -297,6 +298,7 @@ def report(run: str | Path, config: ReportConfig = ReportConfig()) -> ReportResu
         >>> res.path, res.plots                        # doctest: +SKIP
         ('run/report.html', 10)
     """
+    config = as_config(ReportConfig, config, "report")
     t0 = time.perf_counter()
     run_dir = _run_dir(run)
     out = _target(run_dir, config)  # before the work: a taken target fails fast
