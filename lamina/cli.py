@@ -237,6 +237,9 @@ def _finetune(ns):
     print(f"record: {res.out}/finetune.json")
     for w in res.record.get("warnings", []):
         print(f"warning: {w}")
+    probe = res.record.get("probe_comparison") or {}
+    if not probe.get("compared"):
+        print(f"probe       not compared with a frozen probe: {probe.get('why')}")
     _next(f"lamina prune {res.out} --drop-blocks 0.5 --out small/")
     return 0
 

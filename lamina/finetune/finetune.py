@@ -61,6 +61,9 @@ class FinetuneConfig:
         "help": "resize images to this side (default: the model's own, 224 for EfficientNet)"})
     text_column: str | None = field(default=None, metadata={"help": "text column of a table"})
     label_column: str | None = field(default=None, metadata={"help": "label column of a table"})
+    probe_scores: str | None = field(default=None, metadata={
+        "help": "scores.json of `lamina analyze` on the base model and the same data (--limit, --seed): warn when "
+                "the fine-tuned test accuracy is below its best frozen linear probe"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from OUT/checkpoint.pt"})
     overwrite: bool = field(default=False, metadata={"help": "replace what OUT already holds"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -151,12 +154,16 @@ def finetune(model, data: str, config: FinetuneConfig) -> FinetuneResult:
         p.requires_grad_(True)
     test = evaluate(lm, ds, split["test"], spec)
     n_params = sum(p.numel() for p in lm.module.parameters())
+    warnings, probe = _warnings(hist, test, base, ds, config.probe_scores)
+    for w in warnings:
+        log.warning("finetune: %s", w)
     rec = {"lamina_finetune": 1, "model": base.describe() | {"source": base.source}, "task": spec.to_dict(),
            "classes": list(ds.classes),
            "split_sizes": {k: int(len(v)) for k, v in split.items()},
            "config": asdict(config), "mode": "full" if config.full else "head",
            "parameters": n_params, "trainable_parameters": sum(p.numel() for p in params),
-           "history": hist, "test": test, "model_path": str(out / "model"),
+           "history": hist, "test": test, "model_path": str(out / "model"), "warnings": warnings,
+           "probe_comparison": probe,
            "seconds": time.perf_counter() - t0}
     if rank == 0:
         fmt = save(lm, out / "model", base)
@@ -173,3 +180,47 @@ def finetune(model, data: str, config: FinetuneConfig) -> FinetuneResult:
     return FinetuneResult(str(out), str(out / "model"), test["accuracy"],
                           best if best is not None and not math.isnan(best) else float("nan"),
                           n_params, rec["trainable_parameters"], rec["seconds"], rec)
+
+
+def _warnings(hist: dict, test: dict, base, ds, probe_scores) -> tuple[list[str], dict]:
+    """What a user should know about the result: still improving at the end, or worse than a frozen probe."""
+    out = []
+    ep = hist.get("epochs") or []
+    if len(ep) >= 2 and not hist.get("stopped_early") and hist.get("best_epoch") == ep[-1]["epoch"] \
+            and ep[-1]["val_accuracy"] > max(e["val_accuracy"] for e in ep[:-1]):
+        out.append(f"validation accuracy was still rising at the last epoch ({ep[-2]['val_accuracy']:.4f} -> "
+                   f"{ep[-1]['val_accuracy']:.4f}): more --epochs (or a higher --lr) may give a better model")
+    probe = _probe(test, base, ds, probe_scores)
+    if probe.get("below"):
+        out.append(f"the test accuracy {test['accuracy']:.4f} is below the best frozen linear probe "
+                   f"({probe['best_probe']:.4f} at {probe['layer']}) on the same data: train longer, raise --lr, "
+                   f"or put the head on {probe['layer']}")
+    return out, probe
+
+
+def _probe(test: dict, base, ds, path) -> dict:
+    """The comparison with the base model's best frozen probe, or why it was skipped."""
+    import json
+    if not path:
+        return {"compared": False, "why": "no scores.json given (--probe-scores RUN/scores.json compares)"}
+    p = Path(path)
+    p = p / "scores.json" if p.is_dir() else p
+    try:
+        s = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError("--probe-scores is not a readable scores.json", value=str(p),
+                         allowed="RUN/scores.json from `lamina analyze`", fix="point at RUN/scores.json") from e
+    same_model = (s.get("model") or {}).get("fingerprint") == base.fingerprint()
+    d = s.get("data") or {}
+    same_rows = d.get("name") == ds.name and d.get("n") == len(ds)
+    if not (same_model and same_rows):
+        return {"compared": False, "why": "the scores are of another model or other rows "
+                                          f"(model {'same' if same_model else 'differs'}, "
+                                          f"rows {'same' if same_rows else 'differ'})"}
+    accs = (s.get("metrics") or {}).get("probe_acc") or []
+    vals = [(v, i) for i, v in enumerate(accs) if isinstance(v, (int, float))]
+    if not vals:
+        return {"compared": False, "why": "the scores have no probe accuracy"}
+    best, i = max(vals)
+    return {"compared": True, "best_probe": best, "layer": s["layers"][i], "below": test["accuracy"] < best,
+            "note": "the probe's test split is the analysis split of the same rows, not the fine-tuning split"}
