@@ -91,3 +91,47 @@ def test_pareto_renders_in_chromium_with_a_point_per_model(flow, tmp_path, capsy
     png.unlink(missing_ok=True)
     shot = _headless(exe, tmp_path / "profile", f"--screenshot={png}", "--window-size=1400,2600", out.resolve().as_uri())
     assert shot.returncode == 0 and png.is_file()
+
+
+def _overlaps(fig) -> list:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg(fig).draw()
+    r = fig.canvas.get_renderer()
+    bad = []
+    for ax in fig.axes:
+        boxes = [(t.get_text(), t.get_window_extent(r)) for t in ax.get_xticklabels() if t.get_text()]
+        for (a, ba), (b, bb) in zip(boxes, boxes[1:]):
+            if ba.overlaps(bb):
+                bad.append((a, b))
+    return bad
+
+
+def test_layer_tick_labels_never_collide():
+    """EfficientNet's layers end '... 14, 15, head_conv': once ran together as '15head_conv'."""
+    from lamina.report import _plots as plots
+    from lamina.report._scores import Importance
+    layers = ["embed"] + [f"blocks.{i}" for i in range(16)] + ["head_conv"]
+    vals = [0.5 + 0.01 * i for i in range(len(layers))]
+    fig = plots.accuracy_figure(layers, {"probe_acc": vals}, None, None)
+    assert _overlaps(fig) == []
+    fig = plots.metric_figure("effective_rank", layers, vals)
+    assert _overlaps(fig) == []
+    blocks = layers[1:]
+    imp = Importance(blocks=blocks, block_influence=vals[1:], skip_nmse=vals[1:], skippable=[True] * len(blocks),
+                     target="logits")
+    assert _overlaps(plots.importance_figure(imp)) == []
+
+
+def test_compare_json_is_shown_with_rows_and_columns_named(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "scores.json").write_text(json.dumps(sample_scores(4, control=False)))
+    (run / "compare.json").write_text(json.dumps({
+        "run_a": "run", "run_b": "other", "model_a": "teacher", "model_b": "minilm", "n": 50,
+        "layers_a": ["embed", "blocks.0", "blocks.1"], "layers_b": ["embed", "blocks.0"],
+        "cka": [[0.9, 0.2], [0.3, 0.81], [0.1, 0.55]], "definition": "linear CKA, rows A, columns B"}))
+    html, info = render_html(run, ReportConfig())
+    assert "compare" in info["sections"]
+    sec = html.split('<section id="compare">')[1].split("</section>")[0]
+    assert "<strong>teacher</strong> (rows" in sec and "<strong>minilm</strong> (columns" in sec
+    assert "0.810" in sec and "<svg" in sec

@@ -89,10 +89,10 @@ def ticks(layers: list[str], most: int) -> list[int]:
 
 def label_axis(ax, labels: list[str], pos: list[int] | None = None) -> None:
     """x tick labels that never run together: when any is longer than 3 characters (EfficientNet's
-    'head_conv' next to '15'), all are turned 45 degrees and anchored at their tick."""
+    'head_conv' next to '15'), all stand upright (90 degrees), each one line-height wide."""
     pos = list(range(len(labels))) if pos is None else pos
     if max((len(t) for t in labels), default=0) > 3:
-        ax.set_xticks(pos, labels, rotation=45, ha="right", rotation_mode="anchor")
+        ax.set_xticks(pos, labels, rotation=90)
     else:
         ax.set_xticks(pos, labels)
 
