@@ -115,3 +115,13 @@ def test_info_shows_classes_and_compare_names_rows_and_columns(run, tiny_dirs, t
     assert main(["compare", str(run), str(run), "--n-perm", "0", "--out", str(tmp_path / "c.json")]) == 0
     out = capsys.readouterr().out
     assert "rows:" in out and "columns:" in out
+
+
+def test_a_fine_tuned_model_is_named_after_its_folder(tiny_teacher, tmp_path):
+    lm = lamina.load_model(str(tiny_teacher / "model"))
+    assert lm.name == tiny_teacher.name != "model"
+    assert lamina.load_model(str(tiny_teacher)).name == tiny_teacher.name
+    run = tmp_path / "run"
+    from lamina.task import read_task
+    capture(str(tiny_teacher), read_task(tiny_teacher).data, CaptureConfig(out=str(run), limit=30, progress=False))
+    assert FeatureStore.open(run).manifest["model"]["name"] == tiny_teacher.name
