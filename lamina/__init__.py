@@ -9,11 +9,10 @@ smaller, faster model for your task, with measurements that prove it.
     lamina.analyze("run/", lamina.AnalyzeConfig())   # -> run/scores.json
     lamina.report("run/")                            # -> run/report.html
     lamina.finetune("minilm", "rotten-tomatoes", lamina.FinetuneConfig(out="teacher/", full=True))
-    lamina.prune("teacher/", "run/scores.json", lamina.PruneConfig(out="small/", scores="run/scores.json",
-                                                                   drop_blocks=0.5))
+    lamina.prune("teacher/", None, lamina.PruneConfig(out="small/", drop_blocks=0.5))  # scored on its own rows
     lamina.distill(lamina.DistillConfig(out="recovered/", teacher="teacher/", student="small/"))
     lamina.bench(["teacher/", "recovered/"])        # -> recovered/bench.json
-    model = lamina.load("small/")                    # any saved model, as an nn.Module
+    model = lamina.load("small/")                    # any saved model, as an nn.Module (load_model: advanced)
 """
 
 __version__ = "0.1.0"

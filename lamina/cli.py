@@ -43,6 +43,7 @@ def _capture(ns):
     res = capture(ns.model, ns.data, config_from_args(CaptureConfig, ns))
     if res.rank == 0:
         _print_store(FeatureStore.open(res.store), ns)
+        _next(f"lamina analyze {ns.out}")
     return 0
 
 
@@ -81,6 +82,8 @@ def _print_store(store, ns) -> None:
     print(f"store    {s['path']}")
     print(f"model    {s['model']}    data {s['data']}    samples {s['n']}    pooling {s['pooling']}    "
           f"dtype {s['dtype']}    {s['bytes'] / 1e6:.1f} MB")
+    if s.get("classes"):
+        print(f"classes  {len(s['classes'])}: " + ", ".join(f"{c} ({k})" for c, k in s["classes"].items()))
     for name, shape in s["layers"].items():
         print(f"  {name:<12} {tuple(shape)}")
 
@@ -97,6 +100,7 @@ def _analyze(ns):
     from .analyze import AnalyzeConfig, analyze
     res = analyze(ns.run, config_from_args(AnalyzeConfig, ns))
     _print_scores(res.scores_path)
+    _next(f"lamina report {ns.run}")
     return 0
 
 
@@ -131,6 +135,7 @@ def _compare(ns):
     from .analyze import CompareConfig, compare
     res = compare(ns.run_a, ns.run_b, config_from_args(CompareConfig, ns))
     width = max(len(n) for n in res.layers_a)
+    print(f"linear CKA: rows: layers of {ns.run_a}; columns: layers of {ns.run_b}")
     print(" " * width + " " + " ".join(f"{n[-8:]:>8}" for n in res.layers_b))
     for name, row in zip(res.layers_a, res.cka):
         print(f"{name:<{width}} " + " ".join(f"{v:8.3f}" for v in row))
@@ -152,7 +157,10 @@ def _report_args(p):
 def _report(ns):
     from .report import ReportConfig, report
     res = report(ns.run, config_from_args(ReportConfig, ns))
-    print(f"report: {res.path} ({res.plots} plots)")
+    print(f"report: {res.path} ({res.plots} plots; open it in a browser, it works offline)")
+    if not ns.stages:
+        _next(f"lamina finetune --model MODEL --data DATA --out teacher/  (then prune, distill, bench; "
+              f"`lamina report {ns.run} --stages teacher/ small/ recovered/`)")
     return 0
 
 
@@ -170,6 +178,10 @@ def _prune_args(p):
 def _prune(ns):
     from .compress import PruneConfig, prune
     res = prune(ns.model, None, config_from_args(PruneConfig, ns))
+    if res.plan["result"].get("scores_computed_by") == "prune":
+        rows = json.loads(open(res.plan["result"]["scores"]).read())["rows"]
+        print(f"scores      no --scores given: block importance measured on {rows['n']} training rows of "
+              f"{rows['task']['data']} (the model's own task) -> {res.plan['result']['scores']}")
     kept = res.blocks_after
     print(f"blocks      {kept} kept, {len(res.removed)} removed of {res.blocks_before}"
           + (f" ({', '.join(res.removed)})" if res.removed else ""))
@@ -184,7 +196,17 @@ def _prune(ns):
     how = "lamina.load; its config cannot express it" if res.format == "lamina" \
         else "lamina.load or AutoModel.from_pretrained"
     print(f"model: {res.model_path}  ({how})")
+    from .task import read_task
+    if read_task(ns.model) is not None:
+        _next(f"lamina distill --teacher {ns.model} --student {res.out} --out recovered/")
+    else:
+        _next(f"lamina bench {ns.model} {res.out}")
     return 0
+
+
+def _next(cmd: str) -> None:
+    """The command a user would run next (the CLI's last line; the API returns results instead)."""
+    print(f"next: {cmd}")
 
 
 _prune.add_args = _prune_args
@@ -214,6 +236,12 @@ def _finetune(ns):
           f"(best val {res.best_val_accuracy:.4f}, epoch {res.record['history']['best_epoch']})")
     print(f"model: {res.model_path}  ({'AutoModelFor*Classification.from_pretrained' if res.record.get('format') == 'huggingface' else 'lamina.load'})")
     print(f"record: {res.out}/finetune.json")
+    for w in res.record.get("warnings", []):
+        print(f"warning: {w}")
+    probe = res.record.get("probe_comparison") or {}
+    if not probe.get("compared"):
+        print(f"probe       not compared with a frozen probe: {probe.get('why')}")
+    _next(f"lamina prune {res.out} --drop-blocks 0.5 --out small/")
     return 0
 
 
@@ -242,6 +270,7 @@ def _bench(ns):
         print(f"{str(r['model'])[-28:]:<28} {r['parameters']:>11,} {r['flops_per_sample'] / 1e6:9.1f} {acc:>6} {lat}"
               f"  {v['speedup'][bss[-1]]:.2f}x ({ideal})")
     print(f"bench: {res['path']}")
+    _next("lamina report RUN --stages " + " ".join(ns.models) + "  (RUN: a `lamina analyze` run folder)")
     return 0
 
 
@@ -268,6 +297,8 @@ def _distill(ns):
           f"{res.accuracy_retained:.1%})")
     print(f"model: {res.model_path}")
     print(f"record: {res.out}/distill.json")
+    _next(f"lamina bench {ns.teacher} {ns.student or res.out} {res.out}" if ns.student
+          else f"lamina bench {ns.teacher} {res.out}")
     return 0
 
 
@@ -347,7 +378,7 @@ def main(argv=None) -> int:
         with trusting_code(getattr(ns, "trust_code", False)):
             return int(ns._fn(ns) or 0)
     except LaminaError as e:
-        print(f"lamina {ns.verb}: error: {e}", file=sys.stderr)
+        print(f"lamina {ns.verb}: error: {e.cli_text()}", file=sys.stderr)
         return e.exit_code
     except Exception as e:  # a read-only folder, a full disk: the OS's refusal (also inside a library's error)
         from .files import os_error

@@ -4,11 +4,16 @@ Every error lamina raises for bad input says four things: what was wrong, the
 value that was given, what is allowed, and how to fix it. The CLI prints the
 message (never a traceback) and exits 2 for usage errors, 1 for failures at
 run time. Library code raises; only the CLI prints.
+
+Messages are written once, with CLI flags (``--epochs``); raised into Python
+code, ``str(error)`` names the argument instead (``epochs``, ``overwrite=True``),
+and the CLI prints :meth:`LaminaError.cli_text`.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Iterable
 
 
@@ -34,6 +39,44 @@ class LaminaError(Exception):
         if self.fix:
             lines.append(f"  fix:     {self.fix}")
         return "\n".join(lines)
+
+
+    def __str__(self) -> str:
+        return api_text(self._format())  # raised to Python code: name arguments, not flags
+
+    def cli_text(self) -> str:
+        """The message as the ``lamina`` command prints it: CLI flags (``--epochs``) as written."""
+        return self._format()
+
+
+# Flags that take no value: "pass --overwrite" reads "pass overwrite=True" in the API.
+_SWITCHES = {"overwrite", "resume", "full", "progress", "control", "importance", "ffn-per-layer", "recalibrate-bn",
+             "scratch", "verify", "accuracy", "json"}
+_FLAG = re.compile(r"(?<![\w-])--(no-)?([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?: (-?[0-9][^\s,;)]*|[A-Z][A-Z_]*\b|"
+                   r"\S*/\S*|'[^']*'))?")
+_KEEP = re.compile(r"`[^`]*`|\blamina [a-z]+ [^`\n]*")  # commands stay as a user types them
+
+
+def _api_flag(m: re.Match) -> str:
+    neg, name, value = m.group(1), m.group(2), m.group(3)
+    arg = name.replace("-", "_")
+    if neg:
+        return f"{arg}=False"
+    if value is not None:
+        return f"{arg}={value}"
+    return f"{arg}=True" if name in _SWITCHES else arg
+
+
+def api_text(text: str) -> str:
+    """``text`` with CLI flags turned into argument names (``--epochs 3`` -> ``epochs=3``,
+    ``--overwrite`` -> ``overwrite=True``); commands (``lamina VERB ...`` and anything in backticks) are kept."""
+    out, pos = [], 0
+    for k in _KEEP.finditer(text):
+        out.append(_FLAG.sub(_api_flag, text[pos:k.start()]))
+        out.append(k.group(0))
+        pos = k.end()
+    out.append(_FLAG.sub(_api_flag, text[pos:]))
+    return "".join(out)
 
 
 class UsageError(LaminaError):

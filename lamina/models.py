@@ -256,6 +256,14 @@ def wrap_module(module: nn.Module, name: str = "", source: str = "python", block
     return LoadedModel(module, name or type(module).__name__, source, modality, find_blocks(module, blocks), **kw)
 
 
+def _stage_name(lm: LoadedModel, path: Path) -> LoadedModel:
+    """``teacher/model`` of a lamina stage is called 'teacher' (its folder), not 'model'."""
+    if path.name == "model" and any((path.parent / f).exists() for f in ("finetune.json", "plan.json",
+                                                                            "distill.json")):
+        lm.name = path.parent.name
+    return lm
+
+
 def load_model(spec, blocks: str | None = None, *, factory: str | None = None,
                trust_code: bool | None = None) -> LoadedModel:
     """Load ``spec``: a bundled name, a local HF folder, 'module:factory', 'module:factory@folder', an
@@ -292,13 +300,13 @@ def load_model(spec, blocks: str | None = None, *, factory: str | None = None,
         if (path / "lamina.json").exists():  # lamina's own format: what a standard config cannot express
             from .savefmt import load_lamina
             with reading_model(path):
-                return load_lamina(path, blocks, factory=factory, trust_code=trust_code)
+                return _stage_name(load_lamina(path, blocks, factory=factory, trust_code=trust_code), path)
         if not (path / "config.json").exists():
             raise UsageError("the model folder has no config.json", value=spec,
                              allowed="a folder written by save_pretrained (config.json + weights)",
                              fix="point --model at the folder that holds config.json")
         with reading_model(path):
-            return _hf_dir(path, blocks)
+            return _stage_name(_hf_dir(path, blocks), path)
     elif ":" in spec and not Path(spec).exists():
         return _factory(spec, blocks)
     elif Path(spec).is_file():

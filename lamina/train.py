@@ -11,9 +11,10 @@ One loop, so both get the same guarantees:
 - **Checkpoints every epoch, resume, early stopping.** After each epoch rank 0
   writes OUT/checkpoint.json + a safetensors file atomically (modules,
   optimizer, schedule, history, best state; tensors and plain data only, see
-  ``lamina.checkpoint``); ``resume`` continues after the last finished epoch. Validation
-  accuracy decides the best epoch; ``patience`` epochs without a gain stop the
-  run, and the best epoch's weights are what the caller saves.
+  ``lamina.checkpoint``); ``resume`` continues after the last finished epoch.
+  Validation accuracy decides the best epoch; ``patience`` epochs in a row
+  without a gain stop the run (``stopped_early`` is true only when requested
+  epochs were skipped), and the best epoch's weights are what the caller saves.
 - A progress bar per epoch shows the running losses (rank 0 only).
 """
 
@@ -66,6 +67,15 @@ def check_loop_args(epochs, lr, batch_size, patience) -> None:
         raise UsageError("--patience must be a non-negative integer", value=patience,
                          allowed="an integer >= 0 (epochs without a validation gain before stopping)",
                          fix="e.g. --patience 2")
+
+
+def stop_now(epoch: int, best_epoch: int, patience: int | None, epochs: int) -> bool:
+    """True when training stops after (1-based) ``epoch``: ``patience`` epochs in a row without a gain.
+
+    ``patience=2`` with the best epoch at 3 runs epochs 4 and 5 and stops, so 6 never runs.
+    Nothing is "stopped early" at the last requested epoch: no epoch was skipped.
+    """
+    return patience is not None and epoch < epochs and epoch - best_epoch >= patience
 
 
 def world() -> tuple[int, int]:
@@ -177,7 +187,7 @@ def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: L
         if hist["best_val_accuracy"] is None or val[0] > hist["best_val_accuracy"]:
             hist["best_val_accuracy"], hist["best_epoch"] = val[0], epoch + 1
             best_state = {k: copy.deepcopy(m.state_dict()) for k, m in modules.items()}
-        elif loop.patience is not None and epoch + 1 - hist["best_epoch"] > loop.patience:
+        elif stop_now(epoch + 1, hist["best_epoch"], loop.patience, loop.epochs):
             hist["stopped_early"] = True
         if ckpt is not None and rank == 0:
             save_checkpoint(out, epoch, modules, opt, sched, hist, best_state,

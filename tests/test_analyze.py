@@ -75,7 +75,7 @@ def test_config_validation():
         AnalyzeConfig(fractions=(0.5, 0.5, 0.5))
     with pytest.raises(UsageError):
         CompareConfig(batch_size=2)
-    with pytest.raises(UsageError, match="--probe-workers"):
+    with pytest.raises(UsageError, match="probe_workers"):
         AnalyzeConfig(probe_workers=-1)
 
 

@@ -43,7 +43,8 @@ def test_discovery_failure_lists_candidates():
     with pytest.raises(UsageError) as e:
         find_blocks(lt.no_stack())
     msg = str(e.value)
-    assert "--blocks" in msg and "body (2 x Linear/ReLU" in msg
+    assert "--blocks" in e.value.cli_text() and "body (2 x Linear/ReLU" in msg
+    assert "--blocks" not in msg and "blocks" in msg  # the API names the argument, not the flag
 
 
 def test_bad_block_names():

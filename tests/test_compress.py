@@ -404,5 +404,5 @@ def test_per_layer_ffn_removes_the_zeroed_channels_of_each_layer_and_reloads(tmp
     # every block keeps at least one channel, whatever the scores
     keep = ffn_keep_per_layer([torch.ones(4), torch.arange(1.0, 5.0)], 0.75)  # normalized: 1,1,1,1 / .4,.8,1.2,1.6
     assert [k.tolist() for k in keep] == [[0], [3]]  # the top two are block 1's; block 0 takes back its best
-    with pytest.raises(UsageError, match="--ffn-per-layer needs --ffn"):
+    with pytest.raises(UsageError, match="ffn_per_layer=True needs ffn"):
         PlanConfig(ffn_per_layer=True)

@@ -209,7 +209,7 @@ def test_output_is_replaced_only_when_ours(tmp_path):
 def test_config_is_validated_and_documented():
     with pytest.raises(UsageError, match="unknown plot format"):
         ReportConfig(plots="jpg")
-    with pytest.raises(UsageError, match="--out is empty"):
+    with pytest.raises(UsageError, match="out is empty"):
         ReportConfig(out=" ")
     assert all(f.metadata.get("help") for f in dataclasses.fields(ReportConfig))
     with pytest.raises(dataclasses.FrozenInstanceError):

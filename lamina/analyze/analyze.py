@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._cliargs import as_config
 from ..capture import CaptureConfig, capture
 from ..data import Dataset, load_data, subsample
 from ..errors import UsageError
@@ -192,6 +193,7 @@ def analyze(run, config: AnalyzeConfig = AnalyzeConfig(), *, model=None, data=No
             objects (a module or an in-memory Dataset) and importance or the
             control is on.
     """
+    config = as_config(AnalyzeConfig, config, "analyze")
     t0 = time.perf_counter()
     store = run if isinstance(run, FeatureStore) else FeatureStore.open(run)
     run_dir = store.root.parent

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._cliargs import as_config
 from ..errors import UsageError
 from ..models import save_json
 from ..runfolder import claim, record, versions
@@ -58,6 +59,7 @@ class CompareResult:
 
 def compare(run_a, run_b, config: CompareConfig = CompareConfig()) -> CompareResult:
     """Cross-model CKA (L_A x L_B) of two stores captured on the same samples."""
+    config = as_config(CompareConfig, config, "compare")
     t0 = time.perf_counter()
     a, b = FeatureStore.open(run_a), FeatureStore.open(run_b)
     if a.n != b.n or not np.array_equal(a.ids, b.ids):

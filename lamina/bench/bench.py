@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._cliargs import as_config
 from ..errors import UsageError
 from ..models import load_model, save_json
 from ..runfolder import claim, plan_writes, record
@@ -103,6 +104,7 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
 
     Returns the bench.json record (also written to OUT/bench.json).
     """
+    config = as_config(BenchConfig, config, "bench")
     models = list(models)
     if not models:
         raise UsageError("bench needs at least one model", value=models, allowed="one or more model folders",

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from .._cliargs import as_config
 from ..blocks import select_taps
 from ..data import Dataset, check_labels, load_data, subsample
 from ..errors import LaminaError, UsageError
@@ -205,6 +206,7 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
     Returns:
         CaptureResult; the store itself is in ``config.out/features``.
     """
+    config = as_config(CaptureConfig, config, "capture")
     t0 = time.perf_counter()
     _check_out(config)
     lm = load_model(model, blocks=config.blocks)

@@ -1,6 +1,14 @@
 """``prune``: scores.json + a budget -> OUT/plan.json and a smaller model in OUT/model.
 
-The stage behind ``lamina prune MODEL --scores RUN/scores.json --drop-blocks 0.5 --out small/``.
+The stage behind ``lamina prune teacher/ --drop-blocks 0.5 --out small/`` (and
+``lamina prune MODEL --scores RUN/scores.json ...`` for scores made by ``analyze``).
+
+Without ``--scores``, a fine-tuned model (``lamina finetune``'s OUT, whose
+finetune.json records its task) is scored on its own training rows
+(:mod:`lamina.compress._selfscore`): ``calibration_samples`` of them, the same
+block importance ``lamina analyze`` computes. The scores go to OUT/scores.json
+(with ``computed_by: prune``), so the report shows the importance of the model
+that was actually pruned. A model with no task record needs ``--scores``.
 
 Order (every refusal happens before anything is written):
 1. check OUT (refused when it exists and is not empty, unless ``overwrite``),
@@ -37,6 +45,7 @@ import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .._cliargs import as_config
 from ..errors import UsageError
 from ..files import read_json
 from ..models import LoadedModel, load_model, save_json
@@ -46,6 +55,7 @@ from ..verify import save_checked
 from .apply import apply, check_plan, choose_blocks
 from .channels import channel_layout
 from .heads import _attn_blocks
+from ._selfscore import no_task_error, self_scores, task_of
 from .plan import METHODS, PlanConfig, is_empty, make_plan, needs_model
 from .width import ffn_layout
 
@@ -62,7 +72,9 @@ class PruneConfig:
 
     out: str = field(metadata={"help": "output folder: OUT/plan.json and OUT/model (a save_pretrained folder, or "
                                        "lamina's format for what a standard config cannot express)"})
-    scores: str = field(metadata={"help": "scores.json written by `lamina analyze` for this model"})
+    scores: str | None = field(default=None, metadata={
+        "help": "scores.json written by `lamina analyze` for this very model; without it, a fine-tuned model "
+                "(a `lamina finetune` OUT) is scored on --calibration-samples of its own training rows"})
     drop_blocks: float | None = field(default=None, metadata=_PLAN_HELP["drop_blocks"])
     method: str = field(default="skip_nmse", metadata={**_PLAN_HELP["method"], "choices": METHODS})
     ffn: float | None = field(default=None, metadata=_PLAN_HELP["ffn"])
@@ -71,8 +83,9 @@ class PruneConfig:
     channels: float | None = field(default=None, metadata=_PLAN_HELP["channels"])
     target_params: float | None = field(default=None, metadata=_PLAN_HELP["target_params"])
     calibration_samples: int = field(default=256, metadata={
-        "help": "samples of the scores run's data whose activations rank FFN channels, heads and CNN channels, "
-                "and on which --method iterative re-scores blocks"})
+        "help": "samples whose activations rank FFN channels, heads and CNN channels, on which --method "
+                "iterative re-scores blocks, and (without --scores) on which blocks are scored: the scores run's "
+                "data, or the fine-tuned model's training rows"})
     recalibrate_bn: bool = field(default=False, metadata={
         "help": "after pruning, re-estimate BatchNorm running statistics on the calibration samples (CNNs: "
                 "removed channels shift what later layers see; no weight changes, no labels)"})
@@ -85,10 +98,8 @@ class PruneConfig:
                 or self.calibration_samples < 1:
             raise UsageError("--calibration-samples must be a positive integer", value=self.calibration_samples,
                              allowed="an integer >= 1", fix="e.g. --calibration-samples 256")
-        for name in ("out", "scores"):
-            if not getattr(self, name):
-                raise UsageError(f"--{name} is required", value=getattr(self, name), allowed="a path",
-                                 fix=f"pass --{name} PATH")
+        if not self.out:
+            raise UsageError("--out is required", value=self.out, allowed="a path", fix="pass --out PATH")
 
     def plan_config(self) -> PlanConfig:
         return PlanConfig(drop_blocks=self.drop_blocks, method=self.method, ffn=self.ffn,
@@ -181,13 +192,46 @@ def _check_batch(lm: LoadedModel, man: dict | None, scores: dict, config: PruneC
     return _calibration_batches(lm, man, scores, config, scores_path, n_rows=min(8, config.calibration_samples))[0]
 
 
+def _budget_flags(config: PruneConfig) -> str:
+    """The budget part of the user's command, to repeat it in a fix."""
+    flags = []
+    for f in fields(PlanConfig):
+        v = getattr(config, f.name)
+        if v is None or v is False or (f.name == "method" and v == "skip_nmse"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        flags.append(flag if v is True else f"{flag} {v}")
+    return " ".join(flags)
+
+
+def _check_same_model(lm: LoadedModel, plan: dict, model, config: PruneConfig) -> None:
+    """Scores of another model (the base model's, for a fine-tuned teacher): refused with the command that works."""
+    want = (plan.get("model") or {}).get("fingerprint")
+    if want is None or plan.get("applied"):
+        return  # check_plan explains these
+    got = lm.fingerprint()
+    if got == want:
+        return
+    of = (plan.get("model") or {}).get("name")
+    if task_of(model) is not None:
+        fix = (f"drop --scores: `lamina prune {model} {_budget_flags(config)} --out {config.out}` scores this model "
+               f"on its own training rows")
+    else:
+        fix = (f"score this model first: `lamina capture --model {model} --data DATA --out run && lamina analyze "
+               f"run`, then `lamina prune {model} --scores run/scores.json {_budget_flags(config)} --out {config.out}`")
+    raise UsageError(f"the scores were made for another model ({of}), not for {lm.name} (fingerprints differ)",
+                     value=str(config.scores), allowed=f"scores of the model being pruned (fingerprint {got})",
+                     fix=fix)
+
+
 def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
     """Plan from ``scores``, prune a copy of ``model``, save both under ``config.out``.
 
     Args:
         model: anything :func:`lamina.load_model` accepts (bundled name, Hugging
             Face folder, LoadedModel); it is never modified.
-        scores: a loaded scores.json (dict) or its path; None reads ``config.scores``.
+        scores: a loaded scores.json (dict) or its path; None reads ``config.scores``; when that is
+            None too, a fine-tuned ``model`` is scored on its own training rows (module doc).
         config: a :class:`PruneConfig`.
 
     Raises UsageError, before anything is written, when OUT is not empty (and
@@ -198,21 +242,34 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
     if config is None:
         raise UsageError("prune needs a PruneConfig", value=None, allowed="PruneConfig(out=..., scores=..., ...)",
                          fix="prune(model, None, PruneConfig(out='small', scores='run/scores.json', drop_blocks=0.25))")
+    config = as_config(PruneConfig, config, "prune")
     out = Path(config.out)
-    scores_path = Path(config.scores) if scores is None or isinstance(scores, dict) else Path(scores)
-    plan_writes(out, "prune", WRITES, config.overwrite)  # refused before the work
+    own = scores is None and not config.scores  # no scores given: score the model on its own task rows
+    writes = WRITES + (["scores.json"] if own else [])
+    plan_writes(out, "prune", writes, config.overwrite)  # refused before the work
     check_out(out, config.overwrite)
-    data = _read_scores(scores, scores_path)
+    task = task_of(model) if own else None
+    if own and task is None:
+        raise no_task_error(model, config.out, _budget_flags(config))
+    if own:
+        lm = load_model(model)
+        data, own_batches = self_scores(lm, task, config.calibration_samples)
+        scores_path, man = out / "scores.json", None
+    else:
+        scores_path = Path(config.scores) if scores is None or isinstance(scores, dict) else Path(scores)
+        data = _read_scores(scores, scores_path)
     plan = make_plan(data, config.plan_config())
     if is_empty(plan):
         raise UsageError("the budget removes nothing", value=asdict(config.plan_config()),
                          allowed="--drop-blocks large enough to remove a whole block, --target-params, or "
                                  "--ffn / --heads / --channels",
                          fix="raise --drop-blocks (it is rounded to whole blocks), or add --ffn / --heads / --channels")
-    man = _manifest(scores_path)
-    blocks = ((man or {}).get("config") or {}).get("blocks")
-    lm = load_model(model, blocks=blocks)
-    check_plan(lm.module, plan)  # another model's scores: refused before anything is written
+    if not own:
+        man = _manifest(scores_path)
+        blocks = ((man or {}).get("config") or {}).get("blocks")
+        lm = load_model(model, blocks=blocks)
+        _check_same_model(lm, plan, model, config)  # another model's scores: refused before anything is written
+    check_plan(lm.module, plan)
     save_format(lm)  # a model lamina cannot save: refused before anything is written
     container = lm.blocks.container or None
     if plan["ffn"]:
@@ -223,7 +280,10 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
         channel_layout(lm.module, container)  # likewise for CNN channels (EfficientNet MBConv blocks only)
     iterative = needs_model(plan) and plan["depth"]["method"] == "iterative"
     calibrate = plan["ffn"] or plan["heads"] or plan["channels"] or iterative or config.recalibrate_bn
-    batches = _calibration_batches(lm, man, data, config, scores_path) if calibrate else None
+    if own:
+        batches = own_batches if calibrate else None
+    else:
+        batches = _calibration_batches(lm, man, data, config, scores_path) if calibrate else None
     if needs_model(plan):  # iterative rounds / parameter target: chosen now, so plan.json records the choice
         plan = choose_blocks(lm, plan, batches)
         if is_empty(plan):
@@ -232,9 +292,13 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
                              allowed=f"a target below {plan['depth'].get('predicted_parameters'):,} parameters",
                              fix="lower --target-params, or add width pruning")
 
-    check_batch = batches[0] if batches else _check_batch(lm, man, data, config, scores_path)
+    check_batch = batches[0] if batches else (own_batches[0] if own and own_batches
+                                              else _check_batch(lm, man, data, config, scores_path))
     plan_path, model_path = out / "plan.json", out / "model"
-    with claim(out, "prune", WRITES, config.overwrite):
+    with claim(out, "prune", writes, config.overwrite):
+        if own:
+            record(out, "prune", ["scores.json", "scores.json.tmp"])
+            save_json(scores_path, data)  # what decided the plan, for the report and for a later look
         res = apply(lm, plan, batches=batches)
         done = dict(res.plan)
         if config.recalibrate_bn:
@@ -248,7 +312,8 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
         done["result"] = {"model_path": str(model_path), "blocks_before": n_before, "blocks_after": n_after,
                           "parameters_before": res.parameters_before, "parameters_after": res.parameters_after,
                           "blocks_container": res.model.blocks.container or None, "source": lm.source,
-                          "format": fmt}
+                          "format": fmt, "scores": str(scores_path) if own or not isinstance(scores, dict) else None,
+                          "scores_computed_by": "prune" if own else "analyze"}
         record(out, "prune", ["plan.json", "plan.json.tmp"])
         save_json(plan_path, done)
     log.info("prune: %d -> %d blocks, %d -> %d parameters", n_before, n_after, res.parameters_before,

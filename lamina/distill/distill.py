@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from .._cliargs import as_config
 from ..errors import UsageError
 from ..files import read_json
 from ..models import LoadedModel, load_model, random_init, recalibrate_bn, save_json
@@ -184,6 +185,7 @@ def _student(config: DistillConfig, teacher: LoadedModel, ds, split, spec) -> tu
 
 def distill(config: DistillConfig) -> DistillResult:
     """Train the student of ``config`` against its teacher; see the module doc."""
+    config = as_config(DistillConfig, config, "distill")
     init_distributed()
     rank, size = world()
     out = Path(config.out)

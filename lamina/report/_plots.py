@@ -87,9 +87,19 @@ def ticks(layers: list[str], most: int) -> list[int]:
     return out
 
 
+def label_axis(ax, labels: list[str], pos: list[int] | None = None) -> None:
+    """x tick labels that never run together: when any is longer than 3 characters (EfficientNet's
+    'head_conv' next to '15'), all stand upright (90 degrees), each one line-height wide."""
+    pos = list(range(len(labels))) if pos is None else pos
+    if max((len(t) for t in labels), default=0) > 3:
+        ax.set_xticks(pos, labels, rotation=90)
+    else:
+        ax.set_xticks(pos, labels)
+
+
 def _layer_axis(ax, layers: list[str], most: int = 24) -> None:
     pos = ticks(layers, most)
-    ax.set_xticks(pos, [cat.short_layer(layers[i]) for i in pos])
+    label_axis(ax, [cat.short_layer(layers[i]) for i in pos], pos)
     ax.set_xlim(-0.4, len(layers) - 0.6)
     ax.set_xlabel("layer (emb = embedding output, then block index)")
     ax.grid(axis="x", visible=False)
@@ -172,7 +182,7 @@ def cka_figure(layers, cka, control_cka=None) -> Figure:
             a = _values([x for row in m for x in row]).reshape(n, n)
             im = ax.imshow(np.ma.masked_invalid(a), cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
             ax.set_title(title)
-            ax.set_xticks(pos, labels)
+            label_axis(ax, labels, pos)
             ax.set_yticks(pos, labels)
             ax.grid(False)
             for s in ax.spines.values():
@@ -185,6 +195,25 @@ def cka_figure(layers, cka, control_cka=None) -> Figure:
                             ax.text(j, i, f"{a[i, j]:.2f}", ha="center", va="center", fontsize=8 if n <= 7 else 6.5,
                                     color="white" if a[i, j] < 0.6 else INK)
         fig.colorbar(im, ax=list(axes), shrink=0.85, label="linear CKA")
+        return fig
+
+
+def compare_figure(layers_a, layers_b, cka, name_a: str, name_b: str) -> Figure:
+    """Cross-model CKA heatmap: rows (y) are run A's layers, columns (x) run B's, both named on the axes."""
+    a = _values([x for row in cka for x in row]).reshape(len(layers_a), len(layers_b))
+    with _style():
+        fig = Figure(figsize=(min(8.0, 0.4 * len(layers_b) + 2.6), min(6.0, 0.34 * len(layers_a) + 1.8)),
+                     layout="constrained")
+        ax = fig.subplots()
+        im = ax.imshow(np.ma.masked_invalid(a), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest",
+                       aspect="auto")
+        pb, pa = ticks(layers_b, 16), ticks(layers_a, 16)
+        label_axis(ax, [cat.short_layer(layers_b[i]) for i in pb], pb)
+        ax.set_yticks(pa, [cat.short_layer(layers_a[i]) for i in pa])
+        ax.set_xlabel(f"columns: {name_b}")
+        ax.set_ylabel(f"rows: {name_a}")
+        ax.grid(False)
+        fig.colorbar(im, ax=ax, shrink=0.85, label="linear CKA")
         return fig
 
 
@@ -228,7 +257,7 @@ def importance_figure(main: Importance, control: Importance | None = None) -> Fi
             ax.text(1.0, 1.02, cat.hint(key), transform=ax.transAxes, ha="right", va="bottom", fontsize=7.5,
                     color=MUTED)
             pos = ticks(main.blocks, 16)
-            ax.set_xticks(pos, [cat.short_layer(main.blocks[i]) for i in pos])
+            label_axis(ax, [cat.short_layer(main.blocks[i]) for i in pos], pos)
             ax.set_xlim(-0.6, n - 0.4)
             ax.set_xlabel("block")
             ax.grid(axis="x", visible=False)

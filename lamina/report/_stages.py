@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from . import _catalog as cat
 from . import _context as ctx
 from . import _plots as plots
 
@@ -48,6 +49,8 @@ def section(kind: str, data: dict, fmt: str) -> dict:
         return _bench(data, fmt)
     if kind in ("distill", "finetune") and isinstance(data, dict) and "history" in data:
         return _training(kind, data, fmt)
+    if kind == "plan" and isinstance(data, dict) and "lamina_plan" in data:
+        return _plan(data, fmt)
     rows, tables = ctx.flatten(data) if isinstance(data, dict) else ([("value", ctx.fmt(data))], [])
     return {"rows": rows, "tables": tables, "figure": None}
 
@@ -95,7 +98,7 @@ def _bench_figure(models: list, bss: list) -> Figure:
         for i, (label, ys, color) in enumerate(series):
             ax.bar(x + (i - (len(series) - 1) / 2) * w, ys, w, label=label, color=color, zorder=3)
         ax.axhline(1.0, color=plots.MUTED, linewidth=0.8, zorder=2)
-        ax.set_xticks(x, names)
+        ax.set_xticks(x, names)  # a few models, wide bars: names fit side by side
         ax.set_ylabel("× the first model")
         ax.set_title("Speed-up: measured next to the FLOP and parameter ratios")
         ax.grid(axis="x", visible=False)
@@ -109,7 +112,7 @@ def _training(kind: str, d: dict, fmt: str) -> dict:
     test = d.get("test") or {}
     info = [("test accuracy", ctx.fmt(test.get("accuracy"))), ("test rows", ctx.fmt(test.get("n"))),
             ("best epoch", ctx.fmt(h.get("best_epoch"))), ("best validation accuracy", ctx.fmt(h.get("best_val_accuracy"))),
-            ("stopped early", ctx.fmt(h.get("stopped_early"))), ("ranks", ctx.fmt(h.get("world_size")))]
+            ("stopped early", _stopped(h, d)), ("ranks", ctx.fmt(h.get("world_size")))]
     if kind == "distill":
         p = d.get("parameters") or {}
         info = [("teacher", d.get("teacher")), ("student", d.get("student")),
@@ -121,7 +124,7 @@ def _training(kind: str, d: dict, fmt: str) -> dict:
     else:
         info = [("model", (d.get("model") or {}).get("name")), ("mode", d.get("mode")),
                 ("trained parameters", f"{ctx.fmt(d.get('trainable_parameters'))} of {ctx.fmt(d.get('parameters'))}"),
-                ("data", (d.get("task") or {}).get("data")), ("split", ctx.fmt(d.get("split_sizes")))] + info
+                ("data", (d.get("task") or {}).get("data")), ("split", _split(d.get("split_sizes")))] + info
     parts = list(dict.fromkeys(k for e in ep for k in e["train"]))
     table = {"title": "Per epoch", "columns": ["epoch"] + [f"train {k}" for k in parts] + ["val accuracy", "seconds"],
              "rows": [[ctx.fmt(e["epoch"])] + [ctx.fmt(e["train"].get(k)) for k in parts]
@@ -151,3 +154,89 @@ def _training(kind: str, d: dict, fmt: str) -> dict:
             fig = plots.render(f, fmt, f"{kind} curves")
     return {"rows": [(k, v if isinstance(v, str) else ctx.fmt(v)) for k, v in info], "tables": [table],
             "figure": fig}
+
+
+def _split(sizes) -> str:
+    """{'train': 960, 'val': 120, 'test': 240} -> 'train 960 · validation 120 · test 240'."""
+    if not isinstance(sizes, dict):
+        return ctx.fmt(sizes)
+    names = {"train": "train", "val": "validation", "test": "test"}
+    return " · ".join(f"{names.get(k, k)} {ctx.fmt(v)}" for k, v in sizes.items())
+
+
+def _stopped(h: dict, d: dict) -> str:
+    ran = len(h.get("epochs") or [])
+    asked = (d.get("config") or {}).get("epochs")
+    if h.get("stopped_early"):
+        return f"yes: {ran} of {ctx.fmt(asked)} epochs ran (no validation gain for --patience epochs)"
+    return f"no: {ran} of {ctx.fmt(asked)} epochs ran" if asked is not None else "no"
+
+
+_PARTS = (("ffn", "FFN channels"), ("heads", "attention heads"), ("channels", "expanded CNN channels"))
+
+
+def _plan(d: dict, fmt: str) -> dict:
+    """The plan as a reader wants it: what went, by which rule, with the scores that decided it."""
+    model = d.get("model") or {}
+    res = d.get("result") or {}
+    depth = d.get("depth") or {}
+    info = [("pruned model", f"{model.get('name')} (fingerprint {str(model.get('fingerprint'))[:12]})")]
+    if res.get("scores_computed_by") == "prune":
+        info.append(("importance from", "measured by prune on the model's own training rows (no --scores given)"))
+    elif res.get("scores"):
+        info.append(("importance from", f"{res['scores']} (lamina analyze)"))
+    if res:
+        before, after = res.get("parameters_before"), res.get("parameters_after")
+        pct = f" (−{100 * (1 - after / before):.1f}%)" if before and after is not None else ""
+        info.append(("parameters", f"{ctx.fmt(before)} → {ctx.fmt(after)}{pct}"))
+        info.append(("blocks", f"{ctx.fmt(res.get('blocks_before'))} → {ctx.fmt(res.get('blocks_after'))}"))
+    tables, figure = [], None
+    if depth:
+        removed = list(depth.get("remove") or [])
+        info.append(("blocks removed", ", ".join(removed) if removed else "none"))
+        budget = f"--drop-blocks {depth['fraction']}" if depth.get("fraction") is not None else \
+            f"--target-params {ctx.fmt(depth.get('target_params'))}"
+        info.append(("rule", f"{depth.get('method')} ({budget}): {depth.get('definition')}"))
+        scores = depth.get("scores") or {}
+        skippable = depth.get("skippable") or {}
+        rounds = depth.get("rounds")
+        rows = []
+        for b in skippable or scores:
+            v = scores.get(b)
+            verdict = "removed" if b in removed else ("kept" if skippable.get(b, True) else "kept: not skippable")
+            rows.append([b, ctx.fmt(v) if v is not None else "–", verdict])
+        if rows:
+            tables.append({"title": f"Block scores that decided it ({depth.get('method')}; lowest go first)",
+                           "columns": ["block", "score", "decision"], "rows": rows})
+        if rounds:
+            tables.append({"title": "Iterative rounds (skip nMSE re-measured after each removal)",
+                           "columns": ["round", "removed", "its score"],
+                           "rows": [[ctx.fmt(i + 1), r.get("removed"), ctx.fmt(r.get("skip_nmse"))]
+                                    for i, r in enumerate(rounds) if isinstance(r, dict)]})
+        if any(v is not None for v in scores.values()):
+            figure = _plan_figure(scores, removed, model.get("name"), depth.get("method"), fmt)
+    for key, label in _PARTS:
+        part = d.get(key)
+        if part:
+            how = "across all blocks ranked together" if part.get("per_layer") else "in every block"
+            info.append((label, f"{part.get('fraction'):.0%} removed {how}, by {part.get('importance')}: "
+                                f"{part.get('definition')}"))
+    if d.get("bn_recalibrated") is not None:
+        info.append(("BatchNorm", "running statistics re-estimated on the calibration samples"))
+    return {"rows": [(k, v if isinstance(v, str) else ctx.fmt(v)) for k, v in info], "tables": tables,
+            "figure": figure}
+
+
+def _plan_figure(scores: dict, removed: list, name, method, fmt: str):
+    names = list(scores)
+    vals = [scores[b] if scores[b] is not None else 0.0 for b in names]
+    with plots._style(len(names)):
+        f = Figure(figsize=(8.6, 2.6), layout="constrained")
+        ax = f.subplots()
+        colors = ["#dc2626" if b in removed else plots.MAIN for b in names]
+        ax.bar(range(len(names)), vals, color=colors, zorder=3)
+        plots.label_axis(ax, [cat.short_layer(b) for b in names])
+        ax.set_ylabel(cat.label(method) if method in ("skip_nmse", "block_influence") else "score")
+        ax.set_title(f"Importance of the model that was pruned ({name}); red: removed")
+        ax.grid(axis="x", visible=False)
+        return plots.render(f, fmt, f"block importance of {name} that the plan used")

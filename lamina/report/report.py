@@ -33,10 +33,12 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 
 from .. import __version__
+from .._cliargs import as_config
 from ..errors import LaminaError, UsageError
 from ..runfolder import claim, record, strict_json, unknown_files
 from . import _catalog as cat
 from . import _context as ctx
+from . import _pareto as pareto
 from . import _plots as plots
 from ._scores import parse_scores
 from ._stages import section, stage_paths
@@ -179,8 +181,39 @@ def _stages(run: Path, extra, fmt: str) -> list[dict]:
         body = section(sid.split("-")[0], data, fmt) if data is not None else {"rows": [], "tables": [],
                                                                                 "figure": None}
         shown = path.name if path.parent == run else str(path)
-        out.append({"id": sid, "heading": heading, "file": shown, "problem": problem, **body})
+        plan_model = data.get("model") if sid.startswith("plan") and isinstance(data, dict) else None
+        out.append({"id": sid, "heading": heading, "file": shown, "problem": problem, "plan_model": plan_model,
+                    **body})
     return out
+
+
+def _pruned_elsewhere(model: dict, stages: list[dict]) -> list[dict]:
+    """Plans among the stages that were made from another model's importance than this run's."""
+    out = []
+    for st in stages:
+        if st["id"].startswith("plan") and st.get("plan_model"):
+            pm = st["plan_model"]
+            if pm.get("fingerprint") != model.get("fingerprint"):
+                out.append({"id": st["id"], "heading": st["heading"], "name": pm.get("name")})
+    return out
+
+
+def _comparison(run: Path, fmt: str) -> dict | None:
+    """compare.json of the run folder (``lamina compare RUN OTHER`` writes it there): rows are this run's layers."""
+    data, problem = _read_optional(run / "compare.json")
+    if problem:
+        return {"problem": problem, "figure": None, "table": None}
+    if not isinstance(data, dict) or not isinstance(data.get("cka"), list):
+        return None
+    la, lb, cka = data.get("layers_a") or [], data.get("layers_b") or [], data["cka"]
+    rows = [[a] + [ctx.fmt(v) for v in row] for a, row in zip(la, cka)]
+    fig = plots.compare_figure(la, lb, cka, data.get("model_a") or "A", data.get("model_b") or "B")
+    return {"problem": None, "model_a": data.get("model_a"), "model_b": data.get("model_b"),
+            "run_a": data.get("run_a"), "run_b": data.get("run_b"), "n": data.get("n"),
+            "definition": data.get("definition"), "figure": plots.render(fig, fmt, "cross-model CKA"),
+            "table": {"title": f"CKA: rows {data.get('model_a')} ({data.get('run_a')}), columns {data.get('model_b')} "
+                               f"({data.get('run_b')})",
+                      "columns": [f"{data.get('model_a')} \\ {data.get('model_b')}"] + list(lb), "rows": rows}}
 
 
 def _environment() -> Environment:
@@ -206,6 +239,9 @@ def render_html(run: str | Path, config: ReportConfig = ReportConfig()) -> tuple
 
     figures = _figures(s, config.plots)
     stages = _stages(run, config.stages, config.plots)
+    points = pareto.collect(run, config.stages)
+    trade = pareto.figure(points, config.plots) if points else None
+    comparison = _comparison(run, config.plots)
     settings = []
     for stage, values in (run_config or {}).items():
         if stage != "versions" and isinstance(values, dict):
@@ -214,9 +250,10 @@ def render_html(run: str | Path, config: ReportConfig = ReportConfig()) -> tuple
     model, data = s.info("model"), s.info("data")
     title = config.title or " on ".join(str(x) for x in (model.get("name"), data.get("name")) if x is not None) \
         or "lamina report"
-    sections = ["summary", "settings"]
+    sections = ["summary"] + (["tradeoff"] if trade else []) + ["settings"]
     sections += [k for k in ("accuracy", "geometry", "cka", "importance") if figures[k]]
-    sections += ["layers"] + [st["id"] for st in stages] + (["definitions"] if s.definitions else [])
+    sections += ["layers"] + (["compare"] if comparison else []) + [st["id"] for st in stages]
+    sections += ["definitions"] if s.definitions else []
     context = {
         "generator": f"{GENERATOR} {__version__}", "title": title, "s": s, "synthetic": bool(s.raw.get("synthetic")),
         "subtitle": ctx.subtitle(s), "facts": ctx.run_facts(s), "highlights": ctx.highlights(s), "settings": settings,
@@ -225,6 +262,11 @@ def render_html(run: str | Path, config: ReportConfig = ReportConfig()) -> tuple
         "table": ctx.layer_table(s.layers, s.main),
         "control_table": ctx.layer_table(s.layers, s.control) if s.control and s.control.metrics else None,
         "stages": stages, "definitions": ctx.definitions(s), "sections": sections,
+        "trade": trade, "model_cards": pareto.cards(points, trade["batch"]) if trade else [],
+        "comparison": comparison, "importance_model": model.get("name"),
+        "pruned_elsewhere": _pruned_elsewhere(model, stages),
+        "least_vs_best": any(h["label"] == "least needed blocks" for h in ctx.highlights(s))
+        and any(h["label"] == "best layer" for h in ctx.highlights(s)),
         "nav": [(sid, _NAV[sid]) for sid in sections if sid in _NAV] + [(st["id"], st["heading"]) for st in stages],
         "importance_target": s.main.importance.target if s.main.importance else None,
         "unskippable": [b for b, ok in zip(s.main.importance.blocks, s.main.importance.skippable) if not ok]
@@ -236,10 +278,12 @@ def render_html(run: str | Path, config: ReportConfig = ReportConfig()) -> tuple
     }
     html = _environment().get_template("template.html.j2").render(**context)
     n_plots = sum(1 for k in ("accuracy", "cka", "importance") if figures[k]) + len(figures["geometry"])
+    n_plots += sum(1 for st in stages if st.get("figure")) + (1 if trade and trade["figure"] else 0)
+    n_plots += 1 if comparison and comparison.get("figure") else 0
     return html, {"plots": n_plots, "sections": sections}
 
 
-_NAV = {"summary": "Summary", "settings": "Settings", "accuracy": "Accuracy", "geometry": "Geometry",
+_NAV = {"summary": "Summary", "tradeoff": "Which model", "compare": "Compare", "settings": "Settings", "accuracy": "Accuracy", "geometry": "Geometry",
         "cka": "CKA", "importance": "Importance", "layers": "Per-layer table", "definitions": "Definitions"}
 
 
@@ -258,6 +302,7 @@ def report(run: str | Path, config: ReportConfig = ReportConfig()) -> ReportResu
         >>> res.path, res.plots                        # doctest: +SKIP
         ('run/report.html', 10)
     """
+    config = as_config(ReportConfig, config, "report")
     t0 = time.perf_counter()
     run_dir = _run_dir(run)
     out = _target(run_dir, config)  # before the work: a taken target fails fast

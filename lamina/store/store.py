@@ -393,12 +393,35 @@ class FeatureStore:
     def lengths(self) -> np.ndarray | None:
         return self._small("lengths.npy") if self.manifest.get("has_lengths") else None
 
+    def __repr__(self) -> str:  # the manifest (checksums and all) is one attribute away, not in the repr
+        m, names = self.manifest, self.layers
+        shown = ", ".join(names) if len(names) <= 4 else f"{names[0]}, {names[1]}, ..., {names[-1]}"
+        return (f"FeatureStore({str(self.root)!r}, model={m.get('model', {}).get('name')!r}, "
+                f"data={m.get('data', {}).get('name')!r}, n={m.get('n')}, layers=[{shown}] ({len(names)}))")
+
+    def layer_name(self, layer) -> str:
+        """The stored name of ``layer``: a name, ``blocks.-1`` (the model's last block, as ``--layers``
+        accepts it), or an int position in :attr:`layers` (negatives from the end)."""
+        if isinstance(layer, (int, np.integer)) and not isinstance(layer, bool):
+            if not -len(self.layers) <= layer < len(self.layers):
+                raise UsageError("layer position out of range", value=int(layer),
+                                 allowed=f"{-len(self.layers)}..{len(self.layers) - 1}", fix="store.layers lists them")
+            return self.layers[layer]
+        layer = str(layer)
+        if layer.startswith("blocks.") and layer[7:].startswith("-") and layer[8:].isdigit():
+            n = len((self.manifest.get("blocks") or {}).get("block_paths") or []) \
+                or sum(1 for x in self.layers if x.startswith("blocks."))
+            if -n <= int(layer[7:]):
+                return f"blocks.{int(layer[7:]) % n}"
+        return layer
+
     def load(self, layer: str, mmap: bool = True) -> np.ndarray:
-        """One layer's array, (N, ...), without reading any other layer; its checksum verified.
+        """One layer's array, (N, ...), without reading any other layer (``blocks.-1`` is the last block); its checksum verified.
 
         ``mmap=True``: a read-only memory map (the file is hashed once per
         process first); ``mmap=False``: read into memory, hashed as it is read.
         """
+        layer = self.layer_name(layer)
         info = self.manifest["layers"].get(layer)
         if info is None:
             raise UsageError("no such layer in the store", value=layer, allowed=", ".join(self.layers),
@@ -415,6 +438,7 @@ class FeatureStore:
         in the process, so streaming over a store of any size keeps resident
         memory at the size of one batch. Consecutive rows are read in one call.
         """
+        layer = self.layer_name(layer)
         info = self.manifest["layers"].get(layer)
         if info is None:
             self.load(layer)  # raises the helpful error
@@ -450,4 +474,6 @@ class FeatureStore:
         return {"path": str(self.root), "n": m["n"], "dtype": m["dtype"], "pooling": m.get("pooling"),
                 "model": m.get("model", {}).get("name"), "data": m.get("data", {}).get("name"),
                 "layers": {k: v["shape"][1:] for k, v in m["layers"].items()},
+                "classes": dict(zip(map(str, m.get("data", {}).get("classes") or []),
+                                    m.get("data", {}).get("class_counts") or [])),
                 "bytes": sum(self._path(v["file"]).stat().st_size for v in m["layers"].values())}
