@@ -27,6 +27,7 @@ import numpy as np
 from ..capture import CaptureConfig, capture
 from ..data import Dataset, load_data, subsample
 from ..errors import UsageError
+from ..runtime import Runtime
 from ..models import LoadedModel, load_model, random_init, save_json
 from ..runfolder import update_run_config, versions
 from ..store import FeatureStore
@@ -54,7 +55,7 @@ DEFINITIONS = {
 
 
 @dataclass(frozen=True)
-class AnalyzeConfig:
+class AnalyzeConfig(Runtime):
     """Settings of ``lamina analyze``."""
 
     fractions: tuple[float, ...] = field(default=(0.6, 0.2, 0.2), metadata={

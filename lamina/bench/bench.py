@@ -29,13 +29,14 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
+from ..runtime import Runtime
 from ..models import load_model, save_json
 from ..task import TaskSpec, evaluate, read_task
 from ..threads import limit_threads
 
 
 @dataclass(frozen=True)
-class BenchConfig:
+class BenchConfig(Runtime):
     """Settings of ``lamina bench``."""
 
     data: str | None = field(default=None, metadata={

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import UsageError
+from ..runtime import Runtime
 from ..models import LoadedModel, load_model, save_json
 from ..runfolder import check_out
 from ..savefmt import save, save_format
@@ -51,7 +52,7 @@ _PLAN_HELP = {f.name: dict(f.metadata) for f in fields(PlanConfig)}
 
 
 @dataclass(frozen=True)
-class PruneConfig:
+class PruneConfig(Runtime):
     """Settings of ``lamina prune`` (the plan's budget plus where things go)."""
 
     out: str = field(metadata={"help": "output folder: OUT/plan.json and OUT/model (a save_pretrained folder, or "

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from ..runtime import Runtime
 from ..models import LoadedModel, load_model, random_init, recalibrate_bn, save_json
 from ..task import TaskSpec, batches, check_classes, counts, evaluate, logits_of, num_classes, read_task
 from ..runfolder import check_out
@@ -50,7 +51,7 @@ _W = {f.name: dict(f.metadata) for f in fields(LossWeights)}
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(Runtime):
     """Settings of ``lamina distill``."""
 
     out: str = field(metadata={"help": "output folder: OUT/model, OUT/distill.json"})

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
+from ..runtime import Runtime
 from ..models import load_model, save_json
 from ..runfolder import check_out
 from ..savefmt import save
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(Runtime):
     """Settings of ``lamina finetune``."""
 
     out: str = field(metadata={"help": "output folder: OUT/model, OUT/finetune.json"})
