@@ -9,9 +9,8 @@ smaller, faster model for your task, with measurements that prove it.
     lamina.analyze("run/", lamina.AnalyzeConfig())   # -> run/scores.json
     lamina.report("run/")                            # -> run/report.html
     lamina.finetune("minilm", "rotten-tomatoes", lamina.FinetuneConfig(out="teacher/", full=True))
-    lamina.prune("teacher/", "run/scores.json", lamina.PruneConfig(out="small/", scores="run/scores.json",
-                                                                   drop_blocks=0.5))
-    lamina.distill(lamina.DistillConfig(out="recovered/", teacher="teacher/", student="small/"))
+    lamina.prune("teacher/", "run/scores.json", lamina.PruneConfig(out="small/", drop_blocks=0.5))
+    lamina.distill("teacher/", "small/", lamina.DistillConfig(out="recovered/"))
     lamina.bench(["teacher/", "recovered/"])        # -> recovered/bench.json
     model = lamina.load("small/")                    # any saved model, as an nn.Module
 """

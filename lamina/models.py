@@ -52,6 +52,9 @@ class LoadedModel:
         in_channels: channels the network expects (1 or 3).
         input_name: keyword of the input tensor for HF vision models
             ('pixel_values'), or None to pass it positionally.
+        device, dtype: where the weights are and their dtype (set by loading).
+        compute_dtype: the dtype asked for (--torch-dtype): ``dtype`` for inference;
+            training stages keep float32 weights and autocast to this one.
     """
 
     module: nn.Module
@@ -67,6 +70,7 @@ class LoadedModel:
     input_name: str | None = None
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
+    compute_dtype: torch.dtype = torch.float32
 
     def batch(self, ds, idx, max_length: int = 128, image_size: int | None = None) -> dict:
         """Model inputs for rows ``idx`` of ``ds``, on the model's device.
@@ -194,12 +198,13 @@ def _hf_dir(path: Path | str, blocks: str | None = None, rt: Runtime | None = No
         if hasattr(transformers, arch):  # keep the task head when the checkpoint has one
             cls = getattr(transformers, arch)
             break
-    kw = {}
+    kw, compute = {}, None
     if rt is not None:
         # Straight into the target dtype and device (no float32 copy on the CPU
         # first); training stages keep float32 weights and autocast instead.
         device = resolve_device(rt.device)
-        kw["dtype"] = torch.float32 if for_training else resolve_dtype(rt.torch_dtype, checkpoint_dtype(cfg))
+        compute = resolve_dtype(rt.torch_dtype, checkpoint_dtype(cfg))
+        kw["dtype"] = torch.float32 if for_training else compute
         if device.type != "cpu":
             kw["device_map"] = str(device)
     module = cls.from_pretrained(path, **hub, **kw)
@@ -214,7 +219,8 @@ def _hf_dir(path: Path | str, blocks: str | None = None, rt: Runtime | None = No
     if tok is not None:
         if tok.pad_token is None:  # decoders (GPT-2, Llama) ship without one
             tok.pad_token = tok.eos_token
-        return _placed(LoadedModel(module, name, str(path), "text", find_blocks(module, blocks), tokenizer=tok))
+        return _placed(LoadedModel(module, name, str(path), "text", find_blocks(module, blocks), tokenizer=tok),
+                       compute)
     size = getattr(cfg, "image_size", None)
     if size is None:
         raise UsageError("the model folder has no tokenizer and no image size, so lamina cannot feed it",
@@ -230,7 +236,7 @@ def _hf_dir(path: Path | str, blocks: str | None = None, rt: Runtime | None = No
         pass
     return _placed(LoadedModel(module, name, str(path), "image", find_blocks(module, blocks), image_size=size,
                                image_mean=mean, image_std=std, in_channels=getattr(cfg, "num_channels", 3),
-                               input_name="pixel_values"))
+                               input_name="pixel_values"), compute)
 
 
 def _factory(spec: str, blocks: str | None) -> LoadedModel:
@@ -314,11 +320,12 @@ def is_hub_id(spec: str) -> bool:
     return bool(_HUB_ID.match(spec)) and not Path(spec).exists() and ".." not in spec
 
 
-def _placed(lm: LoadedModel) -> LoadedModel:
+def _placed(lm: LoadedModel, compute: torch.dtype | None = None) -> LoadedModel:
     """Record where the module's weights are and their dtype (what ``batch`` feeds it)."""
     p = next(lm.module.parameters(), None)
     if p is not None:
         lm.device, lm.dtype = p.device, p.dtype if p.is_floating_point() else torch.float32
+    lm.compute_dtype = compute or lm.dtype
     return lm
 
 
@@ -329,10 +336,11 @@ def place(lm: LoadedModel, runtime: Runtime | None, for_training: bool = False) 
     device = resolve_device(runtime.device)
     p = next(lm.module.parameters(), None)
     own = p.dtype if p is not None and p.is_floating_point() else None
-    dtype = torch.float32 if for_training else resolve_dtype(runtime.torch_dtype, own)
+    compute = resolve_dtype(runtime.torch_dtype, own if lm.compute_dtype == lm.dtype else lm.compute_dtype)
+    dtype = torch.float32 if for_training else compute
     if p is not None and (p.device != device or p.dtype != dtype):
         lm.module.to(device=device, dtype=dtype)
-    return _placed(lm)
+    return _placed(lm, compute)
 
 
 def random_init(lm: LoadedModel, seed: int = 0) -> LoadedModel:

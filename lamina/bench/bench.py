@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from ..runtime import Runtime
+from ..runtime import Runtime, describe
 from ..models import load_model, save_json
 from ..task import TaskSpec, evaluate, read_task
 from ..threads import limit_threads
@@ -93,8 +93,13 @@ def flops_per_sample(lm, batch: dict) -> float:
 
 
 def _time(lm, batch) -> float:
+    cuda = lm.device.type == "cuda"  # kernels run asynchronously: time to their end, not their launch
+    if cuda:
+        torch.cuda.synchronize(lm.device)
     t = time.perf_counter()
     lm.forward(batch)
+    if cuda:
+        torch.cuda.synchronize(lm.device)
     return time.perf_counter() - t
 
 
@@ -116,7 +121,7 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
                          fix="pass --overwrite to replace it, or --out another folder")
     spec = _task_for(models, config.data)
     ds, split = spec.load()
-    lms = [load_model(m) for m in models]
+    lms = [load_model(m, runtime=config.runtime()) for m in models]
     labels = [str(m) if isinstance(m, (str, Path)) else lm.name for m, lm in zip(models, lms)]
     test = split["test"]
     need = max(config.batch_sizes)
@@ -170,7 +175,8 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
             "accuracy_retained": (rec["accuracy"] / ref["accuracy"] if config.accuracy and ref["accuracy"]
                                   else None)}
     result = {"lamina_bench": 1, "task": spec.to_dict(), "test_rows": int(len(test)),
-              "settings": asdict(config), "machine": _machine(config), "models": recs}
+              "settings": asdict(config), "machine": _machine(config),
+              "runtime": describe(lms[0].device, lms[0].dtype), "models": recs}
     out.mkdir(parents=True, exist_ok=True)
     save_json(dest, result)
     result["path"] = str(dest)

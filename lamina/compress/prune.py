@@ -1,6 +1,7 @@
 """``prune``: scores.json + a budget -> OUT/plan.json and a smaller model in OUT/model.
 
-The stage behind ``lamina prune MODEL --scores RUN/scores.json --drop-blocks 0.5 --out small/``.
+The stage behind ``lamina prune MODEL --scores RUN/scores.json --drop-blocks 0.5 --out small/``
+(``prune(model, scores, config)`` in Python).
 
 Order (every refusal happens before anything is written):
 1. check OUT (refused when it exists and is not empty, unless ``overwrite``),
@@ -57,7 +58,6 @@ class PruneConfig(Runtime):
 
     out: str = field(metadata={"help": "output folder: OUT/plan.json and OUT/model (a save_pretrained folder, or "
                                        "lamina's format for what a standard config cannot express)"})
-    scores: str = field(metadata={"help": "scores.json written by `lamina analyze` for this model"})
     drop_blocks: float | None = field(default=None, metadata=_PLAN_HELP["drop_blocks"])
     method: str = field(default="skip_nmse", metadata={**_PLAN_HELP["method"], "choices": METHODS})
     ffn: float | None = field(default=None, metadata=_PLAN_HELP["ffn"])
@@ -80,10 +80,8 @@ class PruneConfig(Runtime):
                 or self.calibration_samples < 1:
             raise UsageError("--calibration-samples must be a positive integer", value=self.calibration_samples,
                              allowed="an integer >= 1", fix="e.g. --calibration-samples 256")
-        for name in ("out", "scores"):
-            if not getattr(self, name):
-                raise UsageError(f"--{name} is required", value=getattr(self, name), allowed="a path",
-                                 fix=f"pass --{name} PATH")
+        if not self.out:
+            raise UsageError("--out is required", value=self.out, allowed="a path", fix="pass --out PATH")
 
     def plan_config(self) -> PlanConfig:
         return PlanConfig(drop_blocks=self.drop_blocks, method=self.method, ffn=self.ffn,
@@ -174,7 +172,8 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
     Args:
         model: anything :func:`lamina.load_model` accepts (bundled name, Hugging
             Face folder, LoadedModel); it is never modified.
-        scores: a loaded scores.json (dict) or its path; None reads ``config.scores``.
+        scores: the path of a scores.json written by ``lamina analyze`` (or its run folder), or a loaded
+            scores.json (dict; then there is no run folder to take calibration data from).
         config: a :class:`PruneConfig`.
 
     Raises UsageError, before anything is written, when OUT is not empty (and
@@ -183,10 +182,14 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
     architecture cannot lose what the plan removes, or the model cannot be saved.
     """
     if config is None:
-        raise UsageError("prune needs a PruneConfig", value=None, allowed="PruneConfig(out=..., scores=..., ...)",
-                         fix="prune(model, None, PruneConfig(out='small', scores='run/scores.json', drop_blocks=0.25))")
+        raise UsageError("prune needs a PruneConfig", value=None, allowed="PruneConfig(out=..., ...)",
+                         fix="prune(model, 'run/scores.json', PruneConfig(out='small', drop_blocks=0.25))")
+    if scores is None:
+        raise UsageError("prune needs the scores of the model", value=None,
+                         allowed="the path of RUN/scores.json written by `lamina analyze`, or its dict",
+                         fix="prune(model, 'run/scores.json', config) / lamina prune MODEL --scores RUN/scores.json")
     out = Path(config.out)
-    scores_path = Path(config.scores) if scores is None or isinstance(scores, dict) else Path(scores)
+    scores_path = Path("<scores dict>") if isinstance(scores, dict) else Path(scores)
     check_out(out, config.overwrite)
     data = _read_scores(scores, scores_path)
     plan = make_plan(data, config.plan_config())
@@ -195,9 +198,9 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
                          allowed="--drop-blocks large enough to remove a whole block, --target-params, or "
                                  "--ffn / --heads / --channels",
                          fix="raise --drop-blocks (it is rounded to whole blocks), or add --ffn / --heads / --channels")
-    man = _manifest(scores_path)
+    man = None if isinstance(scores, dict) else _manifest(scores_path)
     blocks = ((man or {}).get("config") or {}).get("blocks")
-    lm = load_model(model, blocks=blocks)
+    lm = load_model(model, blocks=blocks, runtime=config.runtime())
     check_plan(lm.module, plan)  # another model's scores: refused before anything is written
     save_format(lm)  # a model lamina cannot save: refused before anything is written
     container = lm.blocks.container or None

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
-from ..runtime import Runtime
-from ..models import load_model, save_json
+from ..runtime import Runtime, describe, oom_message, resolve_device
+from ..models import load_model, place, save_json
 from ..runfolder import check_out
 from ..savefmt import save
 from ..task import TASK_FILE, TaskSpec, counts, evaluate, logits_of
@@ -104,7 +104,8 @@ class FinetuneResult:
 
 def finetune(model, data: str, config: FinetuneConfig) -> FinetuneResult:
     """Train a classifier on ``data`` from ``model`` (anything ``load_model`` takes); see the module doc."""
-    init_distributed()
+    rt = config.runtime()
+    init_distributed(resolve_device(rt.device))
     rank, size = world()
     t0 = time.perf_counter()
     out = Path(config.out)
@@ -113,8 +114,8 @@ def finetune(model, data: str, config: FinetuneConfig) -> FinetuneResult:
                     max_length=config.max_length, image_size=config.image_size, text_column=config.text_column,
                     label_column=config.label_column)
     ds, split = spec.load()
-    base = load_model(model)
-    lm = attach_head(base, list(ds.classes))
+    base = load_model(model, runtime=rt, for_training=True)  # float32 weights; the forward autocasts
+    lm = place(attach_head(base, list(ds.classes)), rt, for_training=True)  # the new head joins the backbone
     if spec.image_size is None and lm.image_size:
         spec = TaskSpec(**{**spec.to_dict(), "image_size": lm.image_size})
     names = None
@@ -133,19 +134,20 @@ def finetune(model, data: str, config: FinetuneConfig) -> FinetuneResult:
     frozen = [lm.module.get_submodule(p) for p in lm.blocks.block_paths] if names is not None else []
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    ds_labels = torch.tensor(ds.labels)
+    ds_labels = torch.tensor(ds.labels, device=lm.device)
 
     def step(rows, gbs):
         for m in frozen:  # a frozen backbone also keeps its dropout off
             m.eval()
-        z = logits_of(lm.forward(lm.batch(ds, rows, spec.max_length, spec.image_size)))
+        with oom_message(len(rows), "--batch-size", lm.device):
+            z = logits_of(lm.forward(lm.batch(ds, rows, spec.max_length, spec.image_size)))
         return F.cross_entropy(z.float(), ds_labels[rows], reduction="sum") / gbs, {}
 
     def validate(rows):
         return counts(lm, ds, rows, spec)
 
     hist = fit({"model": lm.module}, params, step, split["train"], split["val"], validate, config.loop(),
-               out, resume=config.resume, desc="finetune")
+               out, resume=config.resume, desc="finetune", device=lm.device, dtype=base.compute_dtype)
     for p in lm.module.parameters():
         p.requires_grad_(True)
     test = evaluate(lm, ds, split["test"], spec)
@@ -153,7 +155,8 @@ def finetune(model, data: str, config: FinetuneConfig) -> FinetuneResult:
     rec = {"lamina_finetune": 1, "model": base.describe() | {"source": base.source}, "task": spec.to_dict(),
            "classes": list(ds.classes),
            "split_sizes": {k: int(len(v)) for k, v in split.items()},
-           "config": asdict(config), "mode": "full" if config.full else "head",
+           "config": asdict(config), "runtime": describe(lm.device, base.compute_dtype),
+           "mode": "full" if config.full else "head",
            "parameters": n_params, "trainable_parameters": sum(p.numel() for p in params),
            "history": hist, "test": test, "model_path": str(out / "model"),
            "seconds": time.perf_counter() - t0}
