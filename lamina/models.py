@@ -207,7 +207,7 @@ def _hf_dir(path: Path | str, blocks: str | None = None, rt: Runtime | None = No
         kw["dtype"] = torch.float32 if for_training else compute
         if device.type != "cpu":
             kw["device_map"] = str(device)
-    module = cls.from_pretrained(path, **hub, **kw)
+    module = cls.from_pretrained(path, config=cfg, **hub, **kw)  # the config once, not parsed again
     module.eval()
     name = Path(str(path)).name if revision is None and Path(str(path)).exists() else str(path)
     tok = None
