@@ -56,7 +56,7 @@ def run_minilm(work: Path, args) -> dict:
     t = teacher(work, "minilm")
     sc = scores(work, "minilm", t, limit=400, importance_samples=256)
     student = work / "minilm-student-3"
-    prune(str(t), None, PruneConfig(out=str(student), scores=str(sc), drop_blocks=0.5, overwrite=True))
+    prune(str(t), str(sc), PruneConfig(out=str(student), drop_blocks=0.5, overwrite=True))
     spec = read_task(t)
     ds, split = spec.load()
     t_acc = json.loads((t / "finetune.json").read_text())["test"]["accuracy"]
@@ -67,9 +67,9 @@ def run_minilm(work: Path, args) -> dict:
             out = work / f"minilm-distill-{name}-s{seed}"
             rec_path = out / "distill.json"
             if not (rec_path.exists() and args.reuse):
-                distill(DistillConfig(out=str(out), teacher=str(t), student=str(student), scratch=scratch,
-                                      epochs=args.epochs, lr=args.lr, seed=seed, patience=None, overwrite=True,
-                                      progress=False, **w))
+                distill(str(t), str(student), DistillConfig(out=str(out), scratch=scratch, epochs=args.epochs,
+                                                            lr=args.lr, seed=seed, patience=None, overwrite=True,
+                                                            progress=False, **w))
             rec = json.loads(rec_path.read_text())
             runs[name][str(seed)] = {"accuracy": rec["test"]["accuracy"],
                                      "val_accuracy": [e["val_accuracy"] for e in rec["history"]["epochs"]],
@@ -94,8 +94,8 @@ def run_efficientnet(work: Path, args) -> dict:
     t_acc = json.loads((t / "finetune.json").read_text())["test"]["accuracy"]
     out = work / "effnet-narrow-0.25"
     if not ((out / "distill.json").exists() and args.reuse):
-        distill(DistillConfig(out=str(out), teacher=str(t), width=0.25, taps="stages", epochs=args.cnn_epochs,
-                              lr=args.cnn_lr, seed=0, patience=None, overwrite=True, progress=False))
+        distill(str(t), None, DistillConfig(out=str(out), width=0.25, taps="stages", epochs=args.cnn_epochs,
+                                            lr=args.cnn_lr, seed=0, patience=None, overwrite=True, progress=False))
     rec = json.loads((out / "distill.json").read_text())
     speed = bench([str(t), str(out)], BenchConfig(out=str(work / "effnet-narrow-speed"), threads=args.threads,
                                                   repeats=args.repeats, overwrite=True, accuracy=False,

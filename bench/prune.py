@@ -39,7 +39,7 @@ def _accuracy(model_dir, ds, split, spec) -> float:
 
 
 def _prune(teacher_dir, scores_path, out: Path, **kw) -> Path:
-    prune(str(teacher_dir), None, PruneConfig(out=str(out), scores=str(scores_path), overwrite=True, **kw))
+    prune(str(teacher_dir), str(scores_path), PruneConfig(out=str(out), overwrite=True, **kw))
     return out
 
 

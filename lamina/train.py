@@ -85,11 +85,16 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed() -> None:
-    """Join the torchrun group (gloo on CPU) when launched by torchrun; no-op otherwise."""
+def init_distributed(device: torch.device | None = None) -> None:
+    """Join the torchrun group when launched by torchrun (NCCL on CUDA, each rank on its LOCAL_RANK GPU;
+    gloo otherwise); no-op otherwise."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 \
             and not tdist.is_initialized():
-        tdist.init_process_group("gloo")
+        if device is not None and device.type == "cuda":
+            torch.cuda.set_device(device)
+            tdist.init_process_group("nccl")
+        else:
+            tdist.init_process_group("gloo")
 
 
 def _barrier() -> None:
@@ -105,7 +110,8 @@ def _param_groups(params: list, weight_decay: float) -> list:
 
 
 def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: Loop, out: Path | None,
-        resume: bool = False, desc: str = "train") -> dict:
+        resume: bool = False, desc: str = "train", device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32) -> dict:
     """Train ``params`` with AdamW and a linear warm-up/decay schedule.
 
     Args:
@@ -120,11 +126,16 @@ def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: L
             validation rows (each rank gets its share).
         out: folder for the checkpoint (None: no checkpoints).
         resume: continue from the checkpoint in ``out``.
+        device, dtype: where the step runs and its autocast dtype (float32: no
+            autocast; float16 also scales the loss so its gradients do not underflow).
 
     Returns the history: per-epoch train losses, validation accuracy and
     loss, seconds; best_epoch; stopped_early; resumed_from.
     """
+    from .runtime import autocast, grad_scaler
     rank, size = world()
+    device = device or torch.device("cpu")
+    scaler = grad_scaler(device, dtype)
     train_idx = np.asarray(train_idx)
     steps_per_epoch = math.ceil(len(train_idx) / loop.batch_size)
     total = steps_per_epoch * loop.epochs
@@ -159,13 +170,16 @@ def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: L
             glob = order[s * loop.batch_size:(s + 1) * loop.batch_size]
             rows = glob[rank::size]
             opt.zero_grad(set_to_none=True)
-            loss, parts = step(rows, len(glob)) if len(rows) else _zero(params)
-            loss.backward()
+            with autocast(device, dtype):
+                loss, parts = step(rows, len(glob)) if len(rows) else _zero(params)
+            scaler.scale(loss).backward()
             if size > 1:
                 _allreduce_grads(params)
             if loop.max_grad_norm:
+                scaler.unscale_(opt)  # clip the true gradients (a no-op without float16)
                 torch.nn.utils.clip_grad_norm_(params, loop.max_grad_norm)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             vals = {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
             if size > 1:
@@ -179,7 +193,7 @@ def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: L
                 bar.set_postfix({k: f"{v / (s + 1):.4f}" for k, v in sums.items()}, refresh=False)
         if bar is not None:
             bar.close()
-        val = _validate(validate, val_rows, modules)
+        val = _validate(validate, val_rows, modules, device)
         rec = {"epoch": epoch + 1, "train": {k: v / steps_per_epoch for k, v in sums.items()},
                "val_accuracy": val[0], "val_loss": val[1], "lr": sched.get_last_lr()[0],
                "seconds": time.perf_counter() - t0}
@@ -213,12 +227,12 @@ def _allreduce_grads(params) -> None:
         tdist.all_reduce(p.grad)
 
 
-def _validate(validate, rows, modules) -> tuple[float, float]:
+def _validate(validate, rows, modules, device=None) -> tuple[float, float]:
     for m in modules.values():
         m.eval()
     correct, n, loss = validate(rows)
     if world()[1] > 1:
-        t = torch.tensor([correct, n, loss], dtype=torch.float64)
+        t = torch.tensor([correct, n, loss], dtype=torch.float64, device=device)
         tdist.all_reduce(t)
         correct, n, loss = t.tolist()
     return correct / max(n, 1), loss / max(n, 1)

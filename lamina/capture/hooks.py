@@ -87,7 +87,9 @@ class Recorder:
         self.outputs: dict[str, torch.Tensor] = {}
 
     def _store(self, name: str, x: torch.Tensor) -> None:
-        self.outputs[name] = pool(x.detach(), self.pooling, self.mask)
+        # Pooled in float32 whatever the compute dtype (a no-op for float32
+        # activations): a bfloat16 mean over hundreds of tokens loses digits.
+        self.outputs[name] = pool(x.detach().float(), self.pooling, self.mask)
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
 The stage behind ``lamina prune teacher/ --drop-blocks 0.5 --out small/`` (and
 ``lamina prune MODEL --scores RUN/scores.json ...`` for scores made by ``analyze``).
 
-Without ``--scores``, a fine-tuned model (``lamina finetune``'s OUT, whose
+``prune(model, scores, config)`` in Python. Without ``--scores`` (``scores=None``), a fine-tuned model (``lamina finetune``'s OUT, whose
 finetune.json records its task) is scored on its own training rows
 (:mod:`lamina.compress._selfscore`): ``calibration_samples`` of them, the same
 block importance ``lamina analyze`` computes. The scores go to OUT/scores.json
@@ -48,6 +48,7 @@ from pathlib import Path
 from .._cliargs import as_config
 from ..errors import UsageError
 from ..files import read_json
+from ..runtime import Runtime
 from ..models import LoadedModel, load_model, save_json
 from ..runfolder import check_out, claim, plan_writes, record
 from ..savefmt import save_format
@@ -67,14 +68,11 @@ _PLAN_HELP = {f.name: dict(f.metadata) for f in fields(PlanConfig)}
 
 
 @dataclass(frozen=True)
-class PruneConfig:
+class PruneConfig(Runtime):
     """Settings of ``lamina prune`` (the plan's budget plus where things go)."""
 
     out: str = field(metadata={"help": "output folder: OUT/plan.json and OUT/model (a save_pretrained folder, or "
                                        "lamina's format for what a standard config cannot express)"})
-    scores: str | None = field(default=None, metadata={
-        "help": "scores.json written by `lamina analyze` for this very model; without it, a fine-tuned model "
-                "(a `lamina finetune` OUT) is scored on --calibration-samples of its own training rows"})
     drop_blocks: float | None = field(default=None, metadata=_PLAN_HELP["drop_blocks"])
     method: str = field(default="skip_nmse", metadata={**_PLAN_HELP["method"], "choices": METHODS})
     ffn: float | None = field(default=None, metadata=_PLAN_HELP["ffn"])
@@ -204,7 +202,7 @@ def _budget_flags(config: PruneConfig) -> str:
     return " ".join(flags)
 
 
-def _check_same_model(lm: LoadedModel, plan: dict, model, config: PruneConfig) -> None:
+def _check_same_model(lm: LoadedModel, plan: dict, model, config: PruneConfig, scores_path: Path) -> None:
     """Scores of another model (the base model's, for a fine-tuned teacher): refused with the command that works."""
     want = (plan.get("model") or {}).get("fingerprint")
     if want is None or plan.get("applied"):
@@ -220,7 +218,7 @@ def _check_same_model(lm: LoadedModel, plan: dict, model, config: PruneConfig) -
         fix = (f"score this model first: `lamina capture --model {model} --data DATA --out run && lamina analyze "
                f"run`, then `lamina prune {model} --scores run/scores.json {_budget_flags(config)} --out {config.out}`")
     raise UsageError(f"the scores were made for another model ({of}), not for {lm.name} (fingerprints differ)",
-                     value=str(config.scores), allowed=f"scores of the model being pruned (fingerprint {got})",
+                     value=str(scores_path), allowed=f"scores of the model being pruned (fingerprint {got})",
                      fix=fix)
 
 
@@ -230,8 +228,9 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
     Args:
         model: anything :func:`lamina.load_model` accepts (bundled name, Hugging
             Face folder, LoadedModel); it is never modified.
-        scores: a loaded scores.json (dict) or its path; None reads ``config.scores``; when that is
-            None too, a fine-tuned ``model`` is scored on its own training rows (module doc).
+        scores: the path of a scores.json written by ``lamina analyze`` (or its run folder), or a loaded
+            scores.json (dict; then there is no run folder to take calibration data from). None: a fine-tuned
+            ``model`` is scored on its own training rows (module doc).
         config: a :class:`PruneConfig`.
 
     Raises UsageError, before anything is written, when OUT is not empty (and
@@ -240,11 +239,11 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
     architecture cannot lose what the plan removes, or the model cannot be saved.
     """
     if config is None:
-        raise UsageError("prune needs a PruneConfig", value=None, allowed="PruneConfig(out=..., scores=..., ...)",
-                         fix="prune(model, None, PruneConfig(out='small', scores='run/scores.json', drop_blocks=0.25))")
+        raise UsageError("prune needs a PruneConfig", value=None, allowed="PruneConfig(out=..., ...)",
+                         fix="prune(model, 'run/scores.json', PruneConfig(out='small', drop_blocks=0.25))")
     config = as_config(PruneConfig, config, "prune")
     out = Path(config.out)
-    own = scores is None and not config.scores  # no scores given: score the model on its own task rows
+    own = scores is None  # no scores given: score the model on its own task rows
     writes = WRITES + (["scores.json"] if own else [])
     plan_writes(out, "prune", writes, config.overwrite)  # refused before the work
     check_out(out, config.overwrite)
@@ -252,11 +251,11 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
     if own and task is None:
         raise no_task_error(model, config.out, _budget_flags(config))
     if own:
-        lm = load_model(model)
+        lm = load_model(model, runtime=config.runtime())
         data, own_batches = self_scores(lm, task, config.calibration_samples)
         scores_path, man = out / "scores.json", None
     else:
-        scores_path = Path(config.scores) if scores is None or isinstance(scores, dict) else Path(scores)
+        scores_path = Path("<scores dict>") if isinstance(scores, dict) else Path(scores)
         data = _read_scores(scores, scores_path)
     plan = make_plan(data, config.plan_config())
     if is_empty(plan):
@@ -265,10 +264,10 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
                                  "--ffn / --heads / --channels",
                          fix="raise --drop-blocks (it is rounded to whole blocks), or add --ffn / --heads / --channels")
     if not own:
-        man = _manifest(scores_path)
+        man = None if isinstance(scores, dict) else _manifest(scores_path)
         blocks = ((man or {}).get("config") or {}).get("blocks")
-        lm = load_model(model, blocks=blocks)
-        _check_same_model(lm, plan, model, config)  # another model's scores: refused before anything is written
+        lm = load_model(model, blocks=blocks, runtime=config.runtime())
+        _check_same_model(lm, plan, model, config, scores_path)  # another model's scores: refused before anything is written
     check_plan(lm.module, plan)
     save_format(lm)  # a model lamina cannot save: refused before anything is written
     container = lm.blocks.container or None

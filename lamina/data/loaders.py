@@ -299,7 +299,8 @@ def load_image_folder(path: Path, skip_bad_files: bool = False) -> Dataset:
 
 def load_data(spec, text_column: str | None = None, label_column: str | None = None,
               skip_bad_files: bool = False) -> Dataset:
-    """A Dataset from a bundled name, a table, an image folder, a .npz, or a Dataset.
+    """A Dataset from a bundled name, a table, an image folder, a .npz, a `datasets` save_to_disk folder
+    or Hub id with a split (:mod:`lamina.data.hf_datasets`), or a Dataset.
 
     ``skip_bad_files``: leave out image files that cannot be decoded (counted in
     ``meta['dropped']``) instead of refusing the folder."""
@@ -316,6 +317,9 @@ def load_data(spec, text_column: str | None = None, label_column: str | None = N
                              allowed="--text-column/--label-column with a CSV/TSV/JSONL/Parquet file",
                              fix=f"drop {' and '.join(given)}, or pass the table file as --data")
         return loaders[spec]()
+    from .hf_datasets import is_hf_spec, load_hf
+    if is_hf_spec(spec):  # a save_to_disk folder or a Hub dataset id with a split
+        return load_hf(spec, text_column, label_column)
     if (text_column or label_column) and Path(spec).suffix.lower() not in _TABLE_EXT:
         raise UsageError("column options apply to table files only", value=spec,
                          allowed="--text-column/--label-column with a CSV/TSV/JSONL/Parquet file",

@@ -1,6 +1,7 @@
 """``distill``: train a small student to match its teacher (SKT recovery).
 
-``lamina distill --teacher teacher/ --student small/ --out recovered/``:
+``lamina distill --teacher teacher/ --student small/ --out recovered/``
+(``distill(teacher, student, config)`` in Python):
 
 - **Teacher**: a ``lamina finetune`` folder (its task record gives the data,
   the split and the test rows) or any classifier with ``--data``.
@@ -39,7 +40,8 @@ import torch
 from .._cliargs import as_config
 from ..errors import UsageError
 from ..files import read_json
-from ..models import LoadedModel, load_model, random_init, recalibrate_bn, save_json
+from ..runtime import Runtime, describe, resolve_device
+from ..models import LoadedModel, load_model, place, random_init, recalibrate_bn, save_json
 from ..task import TaskSpec, batches, check_classes, counts, evaluate, logits_of, num_classes, read_task
 from ..runfolder import RESUME, check_out, check_resume, claim, plan_writes, rows_hash, same_path
 from ..runfolder import record as record_files
@@ -53,15 +55,12 @@ _W = {f.name: dict(f.metadata) for f in fields(LossWeights)}
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(Runtime):
     """Settings of ``lamina distill``."""
 
     out: str = field(metadata={"help": "output folder: OUT/model, OUT/distill.json"})
-    teacher: str = field(metadata={"help": "the teacher: a `lamina finetune` folder or a classifier folder"})
-    student: str | None = field(default=None, metadata={
-        "help": "the student: a `lamina prune` output or a classifier folder (or use --width)"})
     width: float | None = field(default=None, metadata={
-        "help": "instead of --student: a narrow copy of the teacher with this fraction of its channels "
+        "help": "instead of a student: a narrow copy of the teacher with this fraction of its channels "
                 "(e.g. 0.5, 0.25), initialized from the most important ones"})
     scratch: bool = field(default=False, metadata={
         "help": "re-initialize the student's weights (baseline: the small model trained from scratch)"})
@@ -96,14 +95,8 @@ class DistillConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar with the current losses"})
 
     def __post_init__(self):
-        for name in ("out", "teacher"):
-            if not getattr(self, name):
-                raise UsageError(f"--{name} is required", value=getattr(self, name), allowed="a path",
-                                 fix=f"pass --{name} PATH")
-        if (self.student is None) == (self.width is None):
-            raise UsageError("give exactly one of --student and --width", value=(self.student, self.width),
-                             allowed="--student small/ (a pruned model) or --width 0.25 (a narrow copy)",
-                             fix="pass --student OUT_OF_PRUNE, or --width 0.5")
+        if not self.out:
+            raise UsageError("--out is required", value=self.out, allowed="a path", fix="pass --out PATH")
         if self.width is not None and (isinstance(self.width, bool) or not 0 < self.width < 1):
             raise UsageError("--width must be a fraction in (0, 1)", value=self.width, allowed="e.g. 0.5 or 0.25",
                              fix="--width 0.25")
@@ -173,27 +166,42 @@ class DistillResult:
         return asdict(self)
 
 
-def _student(config: DistillConfig, teacher: LoadedModel, ds, split, spec) -> tuple[LoadedModel, Path | None]:
+def _student(student, config: DistillConfig, teacher: LoadedModel, ds, split, spec) -> tuple[LoadedModel, Path | None]:
     if config.width is not None:
         from .narrow import narrow_copy
         calib = split["train"][: config.calibration_samples]
         bats = [b for b, _ in batches(teacher, ds, calib, 32, spec)]
-        return narrow_copy(teacher, config.width, bats), None
-    path = Path(config.student)
-    return load_model(str(path)), path
+        return place(narrow_copy(teacher, config.width, bats), config.runtime(), for_training=True), None
+    path = Path(str(student)) if isinstance(student, (str, Path)) else None
+    return load_model(student if path is None else str(path), runtime=config.runtime(), for_training=True), path
 
 
-def distill(config: DistillConfig) -> DistillResult:
-    """Train the student of ``config`` against its teacher; see the module doc."""
+def distill(teacher, student=None, config: DistillConfig | None = None) -> DistillResult:
+    """Train ``student`` to match ``teacher``; see the module doc.
+
+    Args:
+        teacher: a ``lamina finetune`` folder or a classifier folder (anything ``load_model`` takes).
+        student: a ``lamina prune`` output or a classifier folder; None with ``config.width`` (a narrow
+            copy of the teacher).
+        config: a :class:`DistillConfig`.
+    """
+    if config is None:
+        raise UsageError("distill needs a DistillConfig", value=None, allowed="DistillConfig(out=..., ...)",
+                         fix="distill('teacher/', 'small/', DistillConfig(out='recovered/'))")
     config = as_config(DistillConfig, config, "distill")
-    init_distributed()
+    if (student is None) == (config.width is None):
+        raise UsageError("give exactly one of a student and --width", value=(student, config.width),
+                         allowed="--student small/ (a pruned model) or --width 0.25 (a narrow copy)",
+                         fix="pass --student OUT_OF_PRUNE, or --width 0.5")
+    rt = config.runtime()
+    init_distributed(resolve_device(rt.device))
     rank, size = world()
     out = Path(config.out)
     plan_writes(out, "distill", writes(), config.overwrite, resume=config.resume, resumable=True)
     check_out(out, config.overwrite, config.resume, CHECKPOINT)
     with claim(out, "distill", writes(), config.overwrite, resume=config.resume,
                resumable=True, rank=rank):
-        return _distill(config, out, rank, size)
+        return _distill(teacher, student, config, out, rank, size)
 
 
 def writes() -> list[str]:
@@ -202,27 +210,30 @@ def writes() -> list[str]:
     return ["model", "distill.json", *checkpoint_files(), RESUME]
 
 
-def _distill(config: DistillConfig, out: Path, rank: int, size: int) -> DistillResult:
+def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size: int) -> DistillResult:
     from ..finetune.finetune import checkpoint_files
-    from ..savefmt import save
     t0 = time.perf_counter()
-    teacher = load_model(config.teacher)  # a missing or unreadable teacher is named first
-    spec = read_task(config.teacher)
+    rt = config.runtime()
+    teacher_src = teacher
+    # float32 weights like the student's (a --width copy is sliced from them); the forward autocasts
+    teacher = load_model(teacher, runtime=rt, for_training=True)  # a missing or unreadable teacher is named first
+    spec = read_task(teacher_src) if isinstance(teacher_src, (str, Path)) else None
     if spec is None:
         if not config.data:
-            raise UsageError("the teacher has no task record, so the data is unknown", value=config.teacher,
+            raise UsageError("the teacher has no task record, so the data is unknown", value=str(teacher_src),
                              allowed="a `lamina finetune` folder, or --data", fix="pass --data DATA")
         spec = TaskSpec(data=config.data)
     elif config.data and config.data != spec.data:
         spec = TaskSpec(**{**spec.to_dict(), "data": config.data, "limit": None})
     ds, split = spec.load()
     if num_classes(teacher) is None:
-        raise UsageError("the teacher is not a classifier lamina knows", value=config.teacher,
+        raise UsageError("the teacher is not a classifier lamina knows", value=str(teacher_src),
                          allowed="a `lamina finetune` output or a *ForSequenceClassification/ImageClassification "
                                  "folder", fix="fine-tune it first: lamina finetune --model M --data D --out T")
     if spec.image_size is None and teacher.image_size:
         spec = TaskSpec(**{**spec.to_dict(), "image_size": teacher.image_size})
-    student, student_dir = _student(config, teacher, ds, split, spec)
+    student_src = student
+    student, student_dir = _student(student, config, teacher, ds, split, spec)
     if config.scratch:
         student = random_init(student, seed=config.seed)
     if num_classes(student) != num_classes(teacher):
@@ -254,7 +265,7 @@ def _distill(config: DistillConfig, out: Path, rank: int, size: int) -> DistillR
     teacher.module.eval()
     for p in teacher.module.parameters():
         p.requires_grad_(False)
-    labels_all = torch.tensor(ds.labels)
+    labels_all = torch.tensor(ds.labels, device=student.device)
 
     def run(rows):
         b = student.batch(ds, rows, spec.max_length, spec.image_size)
@@ -300,7 +311,7 @@ def _distill(config: DistillConfig, out: Path, rank: int, size: int) -> DistillR
                                  adapters=extra["adapters"] if "adapters" in extra else None, masks=mask,
                                  center=extra["center"] if "center" in extra else None, center_feats=cfeats)
         scale = len(rows) / gbs  # batch means -> this rank's share of the global mean
-        return loss * scale, {k: torch.tensor(v * scale) for k, v in parts.items() if k != "total"}
+        return loss * scale, {k: torch.tensor(v * scale, device=loss.device) for k, v in parts.items() if k != "total"}
 
     calib = [b for b, _ in batches(student, ds, split["train"][: config.calibration_samples], 32, spec)] \
         if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in student.module.modules()) else []
@@ -321,17 +332,18 @@ def _distill(config: DistillConfig, out: Path, rank: int, size: int) -> DistillR
         record_files(out, "distill", checkpoint_files())
     mods = {"student": student.module, **({"extra": extra} if len(extra) else {})}
     hist = fit(mods, params, step, train_rows, split["val"], validate, config.loop(), out,
-               resume=config.resume, desc="distill")
+               resume=config.resume, desc="distill", device=student.device, dtype=teacher.compute_dtype)
     test = evaluate(student, ds, split["test"], spec)
-    t_rec = _teacher_test(config.teacher, teacher, ds, split, spec)
-    rec = {"lamina_distill": 1, "teacher": str(config.teacher),
-           "student": str(config.student) if config.student else f"narrow copy, width {config.width}",
+    t_rec = _teacher_test(teacher_src, teacher, ds, split, spec)
+    rec = {"lamina_distill": 1, "teacher": str(teacher_src),
+           "student": str(student_src) if student_src is not None else f"narrow copy, width {config.width}",
            "scratch": config.scratch, "task": spec.to_dict(), "weights": asdict(w),
            "layer_map": {str(k): v for k, v in lmap.items()}, "layer_map_source": map_source,
            "taps": {"student": s_paths, "teacher": t_paths},
            "parameters": {"teacher": sum(p.numel() for p in teacher.module.parameters()),
                           "student": sum(p.numel() for p in student.module.parameters())},
-           "train_rows": len(train_rows), "notes": notes, "config": asdict(config), "history": hist, "test": test,
+           "train_rows": len(train_rows), "notes": notes, "config": asdict(config),
+           "runtime": describe(student.device, teacher.compute_dtype), "history": hist, "test": test,
            "teacher_test": t_rec, "accuracy_retained": test["accuracy"] / t_rec["accuracy"] if t_rec["accuracy"] else None,
            "model_path": str(out / "model"), "seconds": None}
     if rank == 0:

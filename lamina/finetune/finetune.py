@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from .._cliargs import as_config
 from ..errors import UsageError
-from ..models import load_model, save_json
+from ..runtime import Runtime, describe, oom_message, resolve_device
+from ..models import load_model, place, save_json
 from ..runfolder import RESUME, check_out, check_resume, claim, plan_writes, record, rows_hash, same_path
 from ..verify import save_checked
 from ..task import TASK_FILE, TaskSpec, counts, evaluate, logits_of
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(Runtime):
     """Settings of ``lamina finetune``."""
 
     out: str = field(metadata={"help": "output folder: OUT/model, OUT/finetune.json"})
@@ -114,7 +115,8 @@ class FinetuneResult:
 def finetune(model, data: str, config: FinetuneConfig) -> FinetuneResult:
     """Train a classifier on ``data`` from ``model`` (anything ``load_model`` takes); see the module doc."""
     config = as_config(FinetuneConfig, config, "finetune")
-    init_distributed()
+    rt = config.runtime()
+    init_distributed(resolve_device(rt.device))
     rank, size = world()
     out = Path(config.out)
     plan_writes(out, "finetune", writes(), config.overwrite, resume=config.resume, resumable=True)
@@ -137,12 +139,13 @@ def checkpoint_files() -> list[str]:
 
 def _finetune(model, data: str, config: FinetuneConfig, out: Path, rank: int, size: int) -> FinetuneResult:
     t0 = time.perf_counter()
+    rt = config.runtime()
     spec = TaskSpec(data=str(data), limit=config.limit, seed=config.seed, val=config.val, test=config.test,
                     max_length=config.max_length, image_size=config.image_size, text_column=config.text_column,
                     label_column=config.label_column, skip_bad_files=config.skip_bad_files)
     ds, split = spec.load()
-    base = load_model(model)
-    lm = attach_head(base, list(ds.classes))
+    base = load_model(model, runtime=rt, for_training=True)  # float32 weights; the forward autocasts
+    lm = place(attach_head(base, list(ds.classes)), rt, for_training=True)  # the new head joins the backbone
     if spec.image_size is None and lm.image_size:
         spec = TaskSpec(**{**spec.to_dict(), "image_size": lm.image_size})
     names = None
@@ -164,19 +167,20 @@ def _finetune(model, data: str, config: FinetuneConfig, out: Path, rank: int, si
     check_resume(out, "finetune", settings, config.resume, rank)  # before training writes anything
     if rank == 0:
         record(out, "finetune", checkpoint_files())
-    ds_labels = torch.tensor(ds.labels)
+    ds_labels = torch.tensor(ds.labels, device=lm.device)
 
     def step(rows, gbs):
         for m in frozen:  # a frozen backbone also keeps its dropout off
             m.eval()
-        z = logits_of(lm.forward(lm.batch(ds, rows, spec.max_length, spec.image_size)))
+        with oom_message(len(rows), "--batch-size", lm.device):
+            z = logits_of(lm.forward(lm.batch(ds, rows, spec.max_length, spec.image_size)))
         return F.cross_entropy(z.float(), ds_labels[rows], reduction="sum") / gbs, {}
 
     def validate(rows):
         return counts(lm, ds, rows, spec)
 
     hist = fit({"model": lm.module}, params, step, split["train"], split["val"], validate, config.loop(),
-               out, resume=config.resume, desc="finetune")
+               out, resume=config.resume, desc="finetune", device=lm.device, dtype=base.compute_dtype)
     for p in lm.module.parameters():
         p.requires_grad_(True)
     test = evaluate(lm, ds, split["test"], spec)
@@ -187,7 +191,8 @@ def _finetune(model, data: str, config: FinetuneConfig, out: Path, rank: int, si
     rec = {"lamina_finetune": 1, "model": base.describe() | {"source": base.source}, "task": spec.to_dict(),
            "classes": list(ds.classes), "data": ds.describe(),
            "split_sizes": {k: int(len(v)) for k, v in split.items()},
-           "config": asdict(config), "mode": "full" if config.full else "head",
+           "config": asdict(config), "runtime": describe(lm.device, base.compute_dtype),
+           "mode": "full" if config.full else "head",
            "parameters": n_params, "trainable_parameters": sum(p.numel() for p in params),
            "history": hist, "test": test, "model_path": str(out / "model"), "warnings": warnings,
            "probe_comparison": probe,

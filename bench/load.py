@@ -1,0 +1,187 @@
+"""Peak memory and time of loading a ~1B-parameter model: lamina vs a plain ``from_pretrained``.
+
+    python bench/load.py                 # ~1.0B Llama config, 3 repeats (about 5 minutes, ~8 GB of RAM)
+    python bench/load.py --small         # a 60M model, for a quick look
+
+A random-init Llama-architecture model (hidden 2048, 18 layers, MLP 5632,
+vocabulary 32000, tied embeddings: 0.99B parameters) is saved once, in
+bfloat16 safetensors as Hub checkpoints ship, to ``--work``. Each load runs in
+a fresh child process (so peak RSS is the load's own), after one untimed read
+that puts the file in the page cache, alternating lamina and plain:
+
+- plain:  ``AutoModelForCausalLM.from_pretrained(path, dtype=D)``
+- lamina: ``lamina.load_model(path, runtime=Runtime(device="cpu", torch_dtype=D))``
+
+for D in float32 and bfloat16. Figures are medians over the repeats. Peak RSS
+is the child's ``ru_maxrss`` (it counts the checkpoint pages mapped from the
+page cache too); the "over weights" ratio divides it by the size of the
+bfloat16 weights, 2 bytes per parameter.
+
+Targets (results/load.json): lamina's bfloat16 peak RSS <= 1.3 x the bfloat16
+weights; lamina's peak RSS and load time <= 1.05 x the plain load's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+SIZES = {  # hidden, layers, mlp, heads, vocab
+    "1b": (2048, 18, 5632, 16, 32000),
+    "small": (512, 8, 1408, 8, 32000),
+}
+
+
+def _rss_now() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def child(kind: str, dtype: str, path: str) -> None:
+    """One load in this (fresh) process; prints its figures as JSON."""
+    import torch
+    import transformers  # noqa: F401  (imports are not the load)
+    from lamina.models import load_model
+    from lamina.runtime import Runtime
+    base = _rss_now()
+    t = time.perf_counter()
+    if kind == "plain":
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    else:
+        m = load_model(path, runtime=Runtime(device="cpu", torch_dtype=dtype)).module
+    sec = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    dts = sorted({str(p.dtype) for p in m.parameters()})
+    n = sum(p.numel() for p in m.parameters())
+    print(json.dumps({"seconds": sec, "peak_rss": peak, "rss_before": base, "rss_after": _rss_now(),
+                      "param_dtypes": dts, "parameters": n}))
+
+
+def make_model(path: Path, size: str) -> int:
+    """Save the random-init model once (bfloat16 safetensors + a tokenizer); returns its parameter count."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from lamina import testing as lt
+    h, layers, mlp, heads, vocab = SIZES[size]
+    stamp = path / "bench-load.json"
+    if stamp.exists() and json.loads(stamp.read_text()).get("size") == size:
+        return json.loads(stamp.read_text())["parameters"]
+    cfg = LlamaConfig(hidden_size=h, num_hidden_layers=layers, intermediate_size=mlp, num_attention_heads=heads,
+                      num_key_value_heads=heads, vocab_size=vocab, tie_word_embeddings=True,
+                      max_position_embeddings=2048)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)  # random values: loading cost does not see them
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(path)
+    lt.tiny_tokenizer().save_pretrained(path)  # lamina reads text models with their tokenizer
+    n = sum(p.numel() for p in model.parameters())
+    stamp.write_text(json.dumps({"size": size, "parameters": n}))
+    return n
+
+
+def _warm(path: Path) -> None:
+    for f in path.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+
+
+def run_child(kind: str, dtype: str, path: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, __file__, "--child", kind, dtype, str(path)], capture_output=True,
+                         text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "lamina-bench-load"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--small", action="store_true", help="a 60M model (quick look; not the recorded figure)")
+    ap.add_argument("--child", nargs=3, metavar=("KIND", "DTYPE", "PATH"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    from _common import machine, save_result, write_section
+    size = "small" if args.small else "1b"
+    path = Path(args.work) / size
+    path.mkdir(parents=True, exist_ok=True)
+    n = make_model(path, size)
+    _warm(path)
+    runs: dict = {}
+    for r in range(args.repeats):
+        for dtype in ("bfloat16", "float32"):
+            for kind in (("plain", "lamina") if r % 2 == 0 else ("lamina", "plain")):  # no fixed order
+                res = run_child(kind, dtype, path)
+                runs.setdefault(f"{kind}/{dtype}", []).append(res)
+                print(f"{kind:<6} {dtype:<8} {res['seconds']:6.2f} s  peak {res['peak_rss'] / 2**30:5.2f} GiB  "
+                      f"{res['param_dtypes']}", flush=True)
+    med = {k: {"seconds": statistics.median(x["seconds"] for x in v),
+               "peak_rss": statistics.median(x["peak_rss"] for x in v),
+               "rss_before": statistics.median(x["rss_before"] for x in v),
+               "param_dtypes": v[0]["param_dtypes"], "runs": v} for k, v in runs.items()}
+    bf16_bytes = 2 * n
+    lam, pl = med["lamina/bfloat16"], med["plain/bfloat16"]
+    over = lam["peak_rss"] / bf16_bytes
+    rss_ratio = lam["peak_rss"] / pl["peak_rss"]
+    time_ratio = lam["seconds"] / pl["seconds"]
+    targets = {
+        "bf16_peak_rss_over_weights": {"value": over, "goal": "<= 1.3", "met": over <= 1.3},
+        "bf16_load_rss_vs_plain": {"value": rss_ratio, "goal": "<= 1.05", "met": rss_ratio <= 1.05},
+        "bf16_load_time_vs_plain": {"value": time_ratio, "goal": "<= 1.05", "met": time_ratio <= 1.05},
+    }
+    f32 = {"rss_vs_plain": med["lamina/float32"]["peak_rss"] / med["plain/float32"]["peak_rss"],
+           "time_vs_plain": med["lamina/float32"]["seconds"] / med["plain/float32"]["seconds"],
+           "peak_rss_over_float32_weights": med["lamina/float32"]["peak_rss"] / (4 * n)}
+    command = "python bench/load.py" + (" --small" if args.small else "") + f" --repeats {args.repeats}"
+    result = {"command": command, "targets": targets, "parameters": n, "bf16_weight_bytes": bf16_bytes,
+              "checkpoint": "bfloat16 safetensors (random init, Llama config)", "float32": f32,
+              "medians": med, "machine": machine()}
+    if args.small:
+        print(json.dumps(targets, indent=2))
+        return  # the recorded figures are the 1B model's
+    out = save_result("load", result)
+    gib = 2 ** 30
+    lines = [f"`{command}` (results/load.json): a random-init Llama-config model of {n / 1e9:.2f}B parameters "
+             "saved once in bfloat16 safetensors, each load in a fresh child process after a warm-up read "
+             f"(page cache), medians of {args.repeats}; {os.cpu_count()} CPUs, shared machine.", "",
+             "| load | dtype | seconds | peak RSS (GiB) |", "|---|---|---|---|"]
+    for k in ("plain/bfloat16", "lamina/bfloat16", "plain/float32", "lamina/float32"):
+        kind, dt = k.split("/")
+        lines.append(f"| {kind} | {dt} | {med[k]['seconds']:.2f} | {med[k]['peak_rss'] / gib:.2f} |")
+    lines += ["", f"- bfloat16 peak RSS / bfloat16 weights ({bf16_bytes / gib:.2f} GiB): **{over:.2f}** "
+              f"(goal <= 1.3, {'met' if over <= 1.3 else 'NOT met'}); the process's RSS before loading "
+              f"(Python, torch, transformers) was {lam['rss_before'] / gib:.2f} GiB of it.",
+              f"- lamina vs plain `from_pretrained(dtype=bfloat16)`: peak RSS {rss_ratio:.3f}x, time "
+              f"{time_ratio:.3f}x (goal <= 1.05 each: {'met' if rss_ratio <= 1.05 else 'NOT met'}, "
+              f"{'met' if time_ratio <= 1.05 else 'NOT met'}).",
+              f"- float32 (upcast from the bfloat16 file): lamina vs plain peak RSS {f32['rss_vs_plain']:.3f}x, "
+              f"time {f32['time_vs_plain']:.3f}x."]
+    write_section("load", lines)
+    print(f"wrote {out}")
+    print(json.dumps(targets, indent=2))
+
+
+if __name__ == "__main__":
+    main()
