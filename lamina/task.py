@@ -10,8 +10,9 @@ rows from that record instead of storing indices.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -57,6 +58,89 @@ class TaskSpec:
         return ds, stratified_split(ds.labels, (1 - self.val - self.test, self.val, self.test), self.seed)
 
 
+class Task(Protocol):
+    """What every training and scoring stage needs of a task, whatever its kind.
+
+    Two implementations: :class:`ClassificationTask` (labelled rows, accuracy)
+    and :class:`lamina.lm_task.LMTask` (packed text blocks, perplexity). A
+    "row" is what the training loop shuffles: a sample, or a block of tokens.
+
+    Attributes:
+        kind: 'classification' or 'lm'.
+        metric: the headline metric's name ('accuracy', 'perplexity').
+        higher_is_better: whether a larger metric is better.
+        split: {'train','val','test'} -> row indices.
+        units_per_row: predictions per row (1, or seq_len - 1 next tokens):
+            a loss summed over a batch, divided by rows * this, is a mean.
+    """
+
+    kind: str
+    metric: str
+    higher_is_better: bool
+    split: dict
+    units_per_row: int
+
+    def record(self) -> dict: ...
+    def batch(self, lm, rows) -> dict: ...
+    def batches(self, lm, rows, batch_size: int): ...
+    def loss_sum(self, out, rows) -> torch.Tensor: ...
+    def counts(self, lm, rows, batch_size: int = ...) -> tuple[int, int, float]: ...
+    def summarize(self, correct: int, n: int, loss: float) -> dict: ...
+    def evaluate(self, lm, rows, batch_size: int = ...) -> dict: ...
+
+
+class ClassificationTask:
+    """Labelled rows, cross-entropy and accuracy (the functions below, behind the Task interface)."""
+
+    kind = "classification"
+    metric = "accuracy"
+    higher_is_better = True
+    units_per_row = 1
+
+    def __init__(self, spec: TaskSpec, ds=None, split=None):
+        self.spec = spec
+        self.ds, self.split = (ds, split) if ds is not None else spec.load()
+        self._labels = torch.as_tensor(self.ds.labels)
+
+    def record(self) -> dict:
+        return self.spec.to_dict()
+
+    def batch(self, lm, rows) -> dict:
+        return lm.batch(self.ds, rows, self.spec.max_length, self.spec.image_size)
+
+    def batches(self, lm, rows, batch_size: int):
+        rows = np.asarray(rows)
+        for s in range(0, len(rows), batch_size):
+            yield self.batch(lm, rows[s:s + batch_size])
+
+    def loss_sum(self, out, rows) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits_of(out).float(), self._labels[np.asarray(rows)],
+                                                 reduction="sum")
+
+    def counts(self, lm, rows, batch_size: int = 64) -> tuple[int, int, float]:
+        return counts(lm, self.ds, rows, self.spec, batch_size)
+
+    def summarize(self, correct: int, n: int, loss: float) -> dict:
+        return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1), "n": n, "metric": self.metric}
+
+    def evaluate(self, lm, rows, batch_size: int = 64) -> dict:
+        return evaluate(lm, self.ds, rows, self.spec, batch_size) | {"metric": self.metric}
+
+
+def spec_from_record(rec: dict):
+    """A TaskSpec or LMTaskSpec from a recorded task section (extra recorded keys ignored)."""
+    from .lm_task import LMTaskSpec
+    cls = LMTaskSpec if rec.get("kind") == "lm" else TaskSpec
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in rec.items() if k in names})
+
+
+def make_task(spec, lm) -> Task:
+    """The Task of ``spec`` prepared for ``lm`` (an LM task tokenizes and packs with its tokenizer)."""
+    from .lm_task import LMTaskSpec
+    return spec.prepare(lm) if isinstance(spec, LMTaskSpec) else ClassificationTask(spec)
+
+
 def read_task(model_dir, _depth: int = 0) -> TaskSpec | None:
     """The TaskSpec a model folder was trained on, or None.
 
@@ -71,7 +155,7 @@ def read_task(model_dir, _depth: int = 0) -> TaskSpec | None:
         if cand.exists():
             rec = json.loads(cand.read_text()).get("task")
             if rec:
-                return TaskSpec(**rec)
+                return spec_from_record(rec)
     for fname, key in (("plan.json", ("result", "source")), ("distill.json", ("task",))):
         f = p / fname
         if f.exists():
@@ -79,7 +163,7 @@ def read_task(model_dir, _depth: int = 0) -> TaskSpec | None:
             for k in key:
                 rec = (rec or {}).get(k) if isinstance(rec, dict) else None
             if isinstance(rec, dict):
-                return TaskSpec(**rec)
+                return spec_from_record(rec)
             if isinstance(rec, str):
                 return read_task(rec, _depth + 1)
     return None
