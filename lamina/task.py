@@ -135,6 +135,21 @@ def spec_from_record(rec: dict):
     return cls(**{k: v for k, v in rec.items() if k in names})
 
 
+def is_causal_lm(lm) -> bool:
+    """Whether ``lm`` predicts next tokens (a ``*ForCausalLM``): its task is language modelling."""
+    archs = getattr(getattr(lm.module, "config", None), "architectures", None) or []
+    return any(str(a).endswith("ForCausalLM") or str(a).endswith("LMHeadModel") for a in archs) or \
+        type(lm.module).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def default_spec(lm, data: str, seq_len: int = 128, **kw):
+    """The task a model is measured on when no record names one: LM for a causal LM, else classification."""
+    from .lm_task import LMTaskSpec
+    if is_causal_lm(lm):
+        return LMTaskSpec(data=str(data), seq_len=seq_len, **kw)
+    return TaskSpec(data=str(data), **kw)
+
+
 def make_task(spec, lm) -> Task:
     """The Task of ``spec`` prepared for ``lm`` (an LM task tokenizes and packs with its tokenizer)."""
     from .lm_task import LMTaskSpec

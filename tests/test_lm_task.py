@@ -121,3 +121,25 @@ def test_bundled_texts():
     d = load_corpus("debates")
     assert len(d) > 1000 and d.meta["unlabelled"]
     assert len(load_corpus("rotten-tomatoes")) > 10000
+
+
+def test_bench_measures_perplexity_of_an_lm_and_its_pruned_copy(tmp_path, corpus):
+    import copy
+
+    from lamina.bench import BenchConfig, bench
+    from lamina.compress.depth import drop_blocks_
+    from lamina.testing import tiny_causal_lm, tiny_tokenizer
+    save_tiny_causal_lm(tmp_path / "t", layers=3)
+    small = copy.deepcopy(tiny_causal_lm(layers=3))
+    drop_blocks_(small, [1])
+    small.save_pretrained(tmp_path / "s")
+    tiny_tokenizer().save_pretrained(tmp_path / "s")
+    res = bench([str(tmp_path / "t"), str(tmp_path / "s")],
+                BenchConfig(data=str(corpus), seq_len=8, batch_sizes=(1, 2), warmup=0, repeats=1, progress=False,
+                            out=str(tmp_path / "o")))
+    assert res["task"]["kind"] == "lm" and res["task"]["seq_len"] == 8
+    t, s = res["models"]
+    lm = load_model(str(tmp_path / "s"))
+    ref = make_task(spec_from_record(res["task"]), lm)
+    assert s["perplexity"] == pytest.approx(ref.evaluate(lm, ref.split["test"])["perplexity"], rel=1e-6)
+    assert s["blocks"] == 2 and s["vs_first"]["perplexity_ratio"] == pytest.approx(s["perplexity"] / t["perplexity"])
