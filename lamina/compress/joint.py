@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..blocks import block_output, bypass, patched_forwards, with_output
+from ..blocks import block_input, block_output, bypass, patched_forwards, with_output
 from ..errors import UsageError
 
 OBJECTIVES = ("nmse", "loss")
@@ -83,22 +83,33 @@ def _logits(out) -> torch.Tensor:
 
 
 class _Calib:
-    """Per-batch cache of every block's output (and the full output) on the calibration batches."""
+    """Every block's output on each calibration batch (and block 0's input), from one forward per batch.
 
-    def __init__(self, lm, batches, objective: str):
+    Only one batch's logits live at a time: the full model's logits are
+    recomputed per batch when needed with every block returning its cached
+    output (embeddings, final norm and head only), so memory stays at the
+    cached hidden states plus one batch of logits, whatever the vocabulary.
+    """
+
+    def __init__(self, lm, batches, objective: str = "nmse"):
         self.lm, self.objective = lm, objective
         self.paths = lm.blocks.block_paths
         by_path = dict(lm.module.named_modules())
         self.mods = [by_path[p] for p in self.paths]
         self.batches = list(batches)
         self.outputs: list[list] = []
-        self.full: list[torch.Tensor] = []
+        self.inputs0: list[torch.Tensor] = []
         self.den = 0.0
         self.n_tok = 0
+        self.full_loss = 0.0
         for b in self.batches:
             outs: list = [None] * len(self.mods)
+            first: list = [None]
             handles = []
             try:
+                def pre(_m, args, kwargs):
+                    first[0] = block_input(args, kwargs).clone()
+                handles.append(self.mods[0].register_forward_pre_hook(pre, with_kwargs=True))
                 for i, m in enumerate(self.mods):
                     def post(_m, _a, out, _i=i):
                         y = block_output(out)
@@ -112,32 +123,56 @@ class _Calib:
                 raise UsageError("a block did not run in the calibration forward", value=self.paths,
                                  allowed="blocks that run once per forward", fix="check --blocks")
             self.outputs.append(outs)
+            self.inputs0.append(first[0])
             z = _logits(out)
-            if objective == "nmse":
-                self.full.append(z)
-                self.den += _sq(z, None, b.get("attention_mask"))
-            else:
-                self.n_tok += _token_loss(z, b)[1]
+            self.den += _sq(z, None, b.get("attention_mask"))
+            if "input_ids" in b and z.dim() == 3 and z.shape[:2] == b["input_ids"].shape:
+                loss, n = _token_loss(z, b)
+                self.full_loss += loss
+                self.n_tok += n
+            del out, z
+
+    def _full(self, bi: int) -> torch.Tensor:
+        outs = self.outputs[bi]
+        with patched_forwards({m: _stub(outs[i]) for i, m in enumerate(self.mods)}):
+            return _logits(self.lm.forward(self.batches[bi]))
+
+    def _without(self, bi: int, remove: list[int]) -> torch.Tensor:
+        outs, first = self.outputs[bi], min(remove)
+        stubs = {self.mods[i]: _stub(outs[i]) for i in range(first - 1)}
+        if first >= 1:  # the block feeding the first removed one: a fresh copy (later blocks may write in place)
+            stubs[self.mods[first - 1]] = _stub(with_output(outs[first - 1], block_output(outs[first - 1]).clone()))
+        like = {self.paths[j]: outs[j] for j in remove}  # structure only: removed blocks get their input live
+        with patched_forwards(stubs), bypass(self.lm.module, remove, self.lm.blocks, like=like):
+            return _logits(self.lm.forward(self.batches[bi]))
+
+    def measure(self, sets: list[list[int]], nmse: bool = True, loss: bool = True) -> list[dict]:
+        """For each removal set: {'nmse': ..., 'loss': mean next-token CE (causal LMs)}; batches outermost."""
+        num = [0.0] * len(sets)
+        ce = [0.0] * len(sets)
+        loss = loss and self.n_tok > 0
+        for bi, b in enumerate(self.batches):
+            full = self._full(bi) if nmse else None
+            for k, remove in enumerate(sets):
+                z = self._without(bi, list(remove))
+                if nmse:
+                    num[k] += _sq(full, z, b.get("attention_mask"))
+                if loss:
+                    ce[k] += _token_loss(z, b)[0]
+                del z
+        return [{"nmse": num[k] / self.den if nmse and self.den > 0 else None,
+                 "loss": ce[k] / self.n_tok if loss else None} for k in range(len(sets))]
 
     def score(self, remove: list[int]) -> float:
         """The objective with blocks ``remove`` bypassed together (see the module doc)."""
-        first = min(remove)
-        num = 0.0
-        like = {self.paths[j]: self.outputs[0][j] for j in remove}  # structure only; inputs come live
-        for bi, b in enumerate(self.batches):
-            outs = self.outputs[bi]
-            stubs = {self.mods[i]: _stub(outs[i]) for i in range(first - 1)}
-            if first >= 1:  # the block feeding the first removed one: a fresh copy (later blocks may write in place)
-                stubs[self.mods[first - 1]] = _stub(with_output(outs[first - 1], block_output(outs[first - 1]).clone()))
-            with patched_forwards(stubs), bypass(self.lm.module, remove, self.lm.blocks, like=like):
-                z = _logits(self.lm.forward(b))
-            if self.objective == "nmse":
-                num += _sq(self.full[bi], z, b.get("attention_mask"))
-            else:
-                num += _token_loss(z, b)[0]
-        if self.objective == "nmse":
-            return num / self.den if self.den > 0 else float("nan")
-        return num / max(self.n_tok, 1)
+        return self.scores([remove])[0]
+
+    def scores(self, sets: list[list[int]]) -> list[float]:
+        if self.objective == "loss" and self.n_tok == 0:
+            raise UsageError("the 'loss' objective needs a causal LM fed input_ids", value=self.lm.name,
+                             allowed="a *ForCausalLM model", fix="use the 'nmse' objective")
+        res = self.measure(sets, nmse=self.objective == "nmse", loss=self.objective == "loss")
+        return [r[self.objective] for r in res]
 
 
 def joint_select(lm, batches, n_drop: int | None, candidates: list[int], *, beam: int = 1,
@@ -182,17 +217,15 @@ def joint_select(lm, batches, n_drop: int | None, candidates: list[int], *, beam
                     break
                 if size >= min(len(candidates), n - 1):
                     break
-                seen: dict[tuple[int, ...], float] = {}
+                sets: list[tuple[int, ...]] = []
                 for _, s in kept:
                     for c in candidates:
-                        if c in s:
-                            continue
                         new = tuple(sorted(s + (c,)))
-                        if new in seen:
-                            continue
-                        seen[new] = cal.score(list(new))
-                        evals += 1
-                        block_evals += n - min(new) - len(new)
+                        if c not in s and new not in sets:
+                            sets.append(new)
+                seen = dict(zip(sets, cal.scores([list(t) for t in sets])))
+                evals += len(sets)
+                block_evals += sum(n - min(t) - len(t) for t in sets)
                 ranked = sorted(seen.items(), key=lambda kv: (kv[1], kv[0]))
                 kept = [(v, k) for k, v in ranked[:beam]]
                 rounds.append({"round": len(rounds) + 1,
