@@ -171,6 +171,18 @@ class LMTask:
         from .task import logits_of
         return self.token_losses(logits_of(out), self.blocks[torch.as_tensor(np.asarray(rows))]).sum()
 
+    def train_rows(self, limit: int | None, seed: int) -> np.ndarray:
+        """The training blocks, or ``limit`` of them chosen by ``seed`` (kept in order)."""
+        rows = np.asarray(self.split["train"])
+        if not limit or limit >= len(rows):
+            return rows
+        return np.sort(np.random.default_rng(seed).choice(rows, size=limit, replace=False))
+
+    def align(self, logits: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predictions, targets): logits (B, T-1, V) of positions 0..T-2 and the next tokens (B, T-1)."""
+        ids = self.blocks[torch.as_tensor(np.asarray(rows))]
+        return logits[:, :-1], ids[:, 1:]
+
     @torch.no_grad()
     def counts(self, lm, rows, batch_size: int = 8) -> tuple[int, int, float]:
         """(correct next tokens, predictions, summed cross-entropy) on blocks ``rows``."""

@@ -84,6 +84,8 @@ class Task(Protocol):
     def batch(self, lm, rows) -> dict: ...
     def batches(self, lm, rows, batch_size: int): ...
     def loss_sum(self, out, rows) -> torch.Tensor: ...
+    def align(self, logits: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def train_rows(self, limit: int | None, seed: int) -> np.ndarray: ...
     def counts(self, lm, rows, batch_size: int = ...) -> tuple[int, int, float]: ...
     def summarize(self, correct: int, n: int, loss: float) -> dict: ...
     def evaluate(self, lm, rows, batch_size: int = ...) -> dict: ...
@@ -116,6 +118,19 @@ class ClassificationTask:
     def loss_sum(self, out, rows) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(logits_of(out).float(), self._labels[np.asarray(rows)],
                                                  reduction="sum")
+
+    def train_rows(self, limit: int | None, seed: int) -> np.ndarray:
+        """The training rows, or a stratified subsample of ``limit`` of them (chosen by ``seed``)."""
+        rows = np.asarray(self.split["train"])
+        if not limit or limit >= len(rows):
+            return rows
+        from .data import subsample
+        keep = set(subsample(self.ds.take(rows), limit, seed).ids.tolist())
+        return np.array([r for r in rows if self.ds.ids[r] in keep])
+
+    def align(self, logits: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predictions, their targets): the class scores (B, K) and the rows' labels (B,)."""
+        return logits, self._labels[np.asarray(rows)]
 
     def counts(self, lm, rows, batch_size: int = 64) -> tuple[int, int, float]:
         return counts(lm, self.ds, rows, self.spec, batch_size)

@@ -47,6 +47,7 @@ class Loop:
     seed: int = 0
     progress: bool = True
     max_grad_norm: float = 1.0
+    best: str = "accuracy"  # what picks the best epoch: highest validation 'accuracy', or lowest 'loss' (perplexity)
 
 
 def check_loop_args(epochs, lr, batch_size, patience) -> None:
@@ -176,8 +177,9 @@ def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: L
                "val_accuracy": val[0], "val_loss": val[1], "lr": sched.get_last_lr()[0],
                "seconds": time.perf_counter() - t0}
         hist["epochs"].append(rec)
-        if hist["best_val_accuracy"] is None or val[0] > hist["best_val_accuracy"]:
-            hist["best_val_accuracy"], hist["best_epoch"] = val[0], epoch + 1
+        if hist["best_epoch"] is None or (val[1] < hist.get("best_val_loss", math.inf) if loop.best == "loss"
+                                          else val[0] > hist["best_val_accuracy"]):
+            hist["best_val_accuracy"], hist["best_val_loss"], hist["best_epoch"] = val[0], val[1], epoch + 1
             best_state = {k: copy.deepcopy(m.state_dict()) for k, m in modules.items()}
         elif loop.patience is not None and epoch + 1 - hist["best_epoch"] > loop.patience:
             hist["stopped_early"] = True

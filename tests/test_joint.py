@@ -122,3 +122,9 @@ def test_joint_plan_through_apply_and_a_parameter_target():
     assert got["n_removed"] == 3 and set(got["remove"]) == {"blocks.0", "blocks.2", "blocks.4"}
     with pytest.raises(UsageError):
         PlanConfig(drop_blocks=0.4, method="joint", beam=0)
+
+
+def test_shortlist_scores_fewer_sets_and_still_finds_the_identity_blocks():
+    lm, batches = _lm("llama", layers=5, identity=(1, 3))
+    res = joint_select(lm, batches, 2, list(range(5)), objective="nmse", shortlist=2)
+    assert res["remove"] == [1, 3] and [len(r["candidates"]) for r in res["rounds"]] == [5, 2]

@@ -176,7 +176,7 @@ class _Calib:
 
 
 def joint_select(lm, batches, n_drop: int | None, candidates: list[int], *, beam: int = 1,
-                 objective: str | None = None, fits=None) -> dict:
+                 objective: str | None = None, fits=None, shortlist: int | None = None) -> dict:
     """Choose blocks to remove by scoring sets jointly (greedy / beam; see the module doc).
 
     Args:
@@ -186,6 +186,8 @@ def joint_select(lm, batches, n_drop: int | None, candidates: list[int], *, beam
         candidates: block indices that may go.
         beam: sets kept per round (1: greedy).
         objective: 'nmse' or 'loss'; default 'loss' for a causal LM, else 'nmse'.
+        shortlist: after round 1 (every candidate scored), extend sets only with the ``shortlist``
+            blocks that scored best in the previous round (None: every candidate, every round).
     Returns {'remove': sorted indices, 'score', 'objective', 'beam', 'rounds': [{round, candidates:
     [{'remove': [...], 'score'}], 'kept': [...]}], 'set_evaluations', 'cost_forwards', 'seconds'}.
     """
@@ -218,8 +220,17 @@ def joint_select(lm, batches, n_drop: int | None, candidates: list[int], *, beam
                 if size >= min(len(candidates), n - 1):
                     break
                 sets: list[tuple[int, ...]] = []
+                pool = candidates
+                if shortlist and rounds:  # the blocks whose addition hurt least last round, best first
+                    order = []
+                    for cand in rounds[-1]["candidates"]:
+                        for b in cand["remove"]:
+                            i = int(b.split(".")[1])
+                            if i not in order and all(i not in k for _, k in kept):
+                                order.append(i)
+                    pool = order[:shortlist]
                 for _, s in kept:
-                    for c in candidates:
+                    for c in pool:
                         new = tuple(sorted(s + (c,)))
                         if c not in s and new not in sets:
                             sets.append(new)
@@ -235,7 +246,8 @@ def joint_select(lm, batches, n_drop: int | None, candidates: list[int], *, beam
         for m, t in flags:
             m.training = t
     best = kept[0]
-    return {"remove": list(best[1]), "score": best[0], "objective": objective, "beam": beam, "rounds": rounds,
+    return {"remove": list(best[1]), "score": best[0], "objective": objective, "beam": beam,
+            "shortlist": shortlist, "rounds": rounds,
             "set_evaluations": evals, "cost_forwards": 1 + block_evals / max(n, 1),
             "seconds": time.perf_counter() - t0}
 
