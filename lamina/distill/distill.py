@@ -42,7 +42,7 @@ from ..errors import UsageError
 from ..files import read_json
 from ..runtime import Runtime, describe, resolve_device
 from ..models import LoadedModel, load_model, place, random_init, recalibrate_bn, save_json
-from ..task import TaskSpec, batches, check_classes, counts, evaluate, logits_of, num_classes, read_task
+from ..task import check_classes, default_spec, logits_of, make_task, num_classes, read_task
 from ..runfolder import RESUME, check_out, check_resume, claim, plan_writes, rows_hash, same_path
 from ..runfolder import record as record_files
 from ..verify import save_checked
@@ -65,7 +65,9 @@ class DistillConfig(Runtime):
     scratch: bool = field(default=False, metadata={
         "help": "re-initialize the student's weights (baseline: the small model trained from scratch)"})
     data: str | None = field(default=None, metadata={
-        "help": "labelled data; default: the teacher's own (finetune.json), with its split"})
+        "help": "labelled data; default: the teacher's own (finetune.json), with its split. A causal LM teacher "
+                "learns next tokens of this text instead (packed blocks of --seq-len tokens, perplexity)"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per packed block when the task is language modelling"})
     ce: float = field(default=1.0, metadata=_W.get("ce", {}))
     kd: float = field(default=1.0, metadata=_W.get("kd", {}))
     temperature: float = field(default=2.0, metadata=_W.get("temperature", {}))
@@ -166,11 +168,11 @@ class DistillResult:
         return asdict(self)
 
 
-def _student(student, config: DistillConfig, teacher: LoadedModel, ds, split, spec) -> tuple[LoadedModel, Path | None]:
+def _student(student, config: DistillConfig, teacher: LoadedModel, task) -> tuple[LoadedModel, Path | None]:
     if config.width is not None:
         from .narrow import narrow_copy
-        calib = split["train"][: config.calibration_samples]
-        bats = [b for b, _ in batches(teacher, ds, calib, 32, spec)]
+        calib = task.split["train"][: config.calibration_samples]
+        bats = list(task.batches(teacher, calib, 32))
         return place(narrow_copy(teacher, config.width, bats), config.runtime(), for_training=True), None
     path = Path(str(student)) if isinstance(student, (str, Path)) else None
     return load_model(student if path is None else str(path), runtime=config.runtime(), for_training=True), path
@@ -218,35 +220,39 @@ def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size
     # float32 weights like the student's (a --width copy is sliced from them); the forward autocasts
     teacher = load_model(teacher, runtime=rt, for_training=True)  # a missing or unreadable teacher is named first
     spec = read_task(teacher_src) if isinstance(teacher_src, (str, Path)) else None
+    import dataclasses
     if spec is None:
         if not config.data:
             raise UsageError("the teacher has no task record, so the data is unknown", value=str(teacher_src),
                              allowed="a `lamina finetune` folder, or --data", fix="pass --data DATA")
-        spec = TaskSpec(data=config.data)
+        # a causal LM learns next tokens of --data text (packed --seq-len blocks); anything else classifies
+        spec = default_spec(teacher, config.data, seq_len=config.seq_len)
     elif config.data and config.data != spec.data:
-        spec = TaskSpec(**{**spec.to_dict(), "data": config.data, "limit": None})
-    ds, split = spec.load()
-    if num_classes(teacher) is None:
+        spec = dataclasses.replace(spec, data=config.data, limit=None)
+    lm_task = getattr(spec, "kind", "classification") == "lm"
+    if not lm_task and num_classes(teacher) is None:
         raise UsageError("the teacher is not a classifier lamina knows", value=str(teacher_src),
                          allowed="a `lamina finetune` output or a *ForSequenceClassification/ImageClassification "
-                                 "folder", fix="fine-tune it first: lamina finetune --model M --data D --out T")
-    if spec.image_size is None and teacher.image_size:
-        spec = TaskSpec(**{**spec.to_dict(), "image_size": teacher.image_size})
+                                 "folder, or a causal LM with --data text", fix="fine-tune it first: lamina finetune "
+                                                                               "--model M --data D --out T")
+    if lm_task and config.center > 0:
+        raise UsageError("the centre loss needs class labels; a language-modelling task has none", value=config.center,
+                         allowed="--center 0 for a causal LM", fix="drop --center")
+    if not lm_task and spec.image_size is None and teacher.image_size:
+        spec = dataclasses.replace(spec, image_size=teacher.image_size)
+    task = make_task(spec, teacher)
+    split = task.split
     student_src = student
-    student, student_dir = _student(student, config, teacher, ds, split, spec)
+    student, student_dir = _student(student, config, teacher, task)
     if config.scratch:
         student = random_init(student, seed=config.seed)
-    if num_classes(student) != num_classes(teacher):
-        raise UsageError("the student predicts another number of classes than the teacher",
-                         value=num_classes(student), allowed=str(num_classes(teacher)),
-                         fix="prune the teacher itself (lamina prune TEACHER ...) to make the student")
-    check_classes(num_classes(teacher), ds)
-    train_rows = split["train"]
-    if config.train_limit and config.train_limit < len(train_rows):
-        from ..data import subsample
-        sub = subsample(ds.take(train_rows), config.train_limit, config.seed, flag="--train-limit")
-        keep = set(sub.ids.tolist())
-        train_rows = [r for r in train_rows if ds.ids[r] in keep]
+    if not lm_task:
+        if num_classes(student) != num_classes(teacher):
+            raise UsageError("the student predicts another number of classes than the teacher",
+                             value=num_classes(student), allowed=str(num_classes(teacher)),
+                             fix="prune the teacher itself (lamina prune TEACHER ...) to make the student")
+        check_classes(num_classes(teacher), task.ds)
+    train_rows = task.train_rows(config.train_limit, config.seed)
     n_t, n_s = teacher.blocks.n_blocks, student.blocks.n_blocks
     lmap, map_source = layer_map(n_t, n_s, student_dir, config.layer_map)
     if config.taps == "stages":
@@ -265,10 +271,9 @@ def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size
     teacher.module.eval()
     for p in teacher.module.parameters():
         p.requires_grad_(False)
-    labels_all = torch.tensor(ds.labels, device=student.device)
 
     def run(rows):
-        b = student.batch(ds, rows, spec.max_length, spec.image_size)
+        b = task.batch(student, rows)
         mask = b.get("attention_mask")
         t_logits, t_feats = None, None
         if need_teacher:
@@ -292,7 +297,7 @@ def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size
         if w.cosine > 0 or w.fsp > 0:
             extra["adapters"] = make_adapters(s_f, t_f)
         if w.center > 0:
-            extra["center"] = CenterLoss(len(ds.classes), s_f[-1].shape[1 if s_f[-1].dim() == 4 else -1])
+            extra["center"] = CenterLoss(len(task.ds.classes), s_f[-1].shape[1 if s_f[-1].dim() == 4 else -1])
 
     def step(rows, gbs):
         s_logits, s_feats, t_logits, t_feats, mask = run(rows)
@@ -306,38 +311,41 @@ def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size
                 cfeats = (last * m).sum(1) / m.sum(1).clamp(min=1)
             else:
                 cfeats = last.mean(1)
-        loss, parts = total_loss(w, student_logits=s_logits, teacher_logits=t_logits, labels=labels_all[rows],
+        s_pred, labels = task.align(s_logits, rows)  # an LM: every position predicts the next token
+        t_pred = task.align(t_logits, rows)[0] if t_logits is not None else None
+        loss, parts = total_loss(w, student_logits=s_pred, teacher_logits=t_pred, labels=labels,
                                  student_feats=s_feats, teacher_feats=t_feats,
                                  adapters=extra["adapters"] if "adapters" in extra else None, masks=mask,
                                  center=extra["center"] if "center" in extra else None, center_feats=cfeats)
         scale = len(rows) / gbs  # batch means -> this rank's share of the global mean
         return loss * scale, {k: torch.tensor(v * scale, device=loss.device) for k, v in parts.items() if k != "total"}
 
-    calib = [b for b, _ in batches(student, ds, split["train"][: config.calibration_samples], 32, spec)] \
+    calib = list(task.batches(student, split["train"][: config.calibration_samples], 32)) \
         if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in student.module.modules()) else []
 
     def validate(rows):
         # BN running statistics lag the weights (EfficientNet's momentum is 0.01): re-estimate them first
         recalibrate_bn(student, calib)
-        return counts(student, ds, rows, spec)
+        return task.counts(student, rows)
 
     params = [p for p in student.module.parameters()] + [p for p in extra.parameters()]
     for p in params:
         p.requires_grad_(True)
     settings = {**asdict(config), **{k: same_path(getattr(config, k)) for k in ("teacher", "student", "data")},
                 "teacher_fingerprint": teacher.fingerprint(),
-                "student_fingerprint": student.fingerprint(), "rows": rows_hash(ds, {**split, "train": train_rows})}
+                "student_fingerprint": student.fingerprint(), "rows": rows_hash(task.ds, {**split, "train": train_rows})}
     check_resume(out, "distill", settings, config.resume, rank)  # before training writes anything
     if rank == 0:
         record_files(out, "distill", checkpoint_files())
     mods = {"student": student.module, **({"extra": extra} if len(extra) else {})}
-    hist = fit(mods, params, step, train_rows, split["val"], validate, config.loop(), out,
+    loop = dataclasses.replace(config.loop(), best="accuracy" if task.higher_is_better else "loss")
+    hist = fit(mods, params, step, train_rows, split["val"], validate, loop, out,
                resume=config.resume, desc="distill", device=student.device, dtype=teacher.compute_dtype)
-    test = evaluate(student, ds, split["test"], spec)
-    t_rec = _teacher_test(teacher_src, teacher, ds, split, spec)
+    test = task.evaluate(student, split["test"])
+    t_rec = _teacher_test(teacher_src, teacher, task)
     rec = {"lamina_distill": 1, "teacher": str(teacher_src),
            "student": str(student_src) if student_src is not None else f"narrow copy, width {config.width}",
-           "scratch": config.scratch, "task": spec.to_dict(), "weights": asdict(w),
+           "scratch": config.scratch, "task": task.record(), "weights": asdict(w),
            "layer_map": {str(k): v for k, v in lmap.items()}, "layer_map_source": map_source,
            "taps": {"student": s_paths, "teacher": t_paths},
            "parameters": {"teacher": sum(p.numel() for p in teacher.module.parameters()),
@@ -345,10 +353,10 @@ def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size
            "train_rows": len(train_rows), "notes": notes, "config": asdict(config),
            "runtime": describe(student.device, teacher.compute_dtype), "history": hist, "test": test,
            "teacher_test": t_rec, "accuracy_retained": test["accuracy"] / t_rec["accuracy"] if t_rec["accuracy"] else None,
+           "metric": task.metric,
            "model_path": str(out / "model"), "seconds": None}
     if rank == 0:
-        check = student.batch(ds, (list(split["test"]) or list(split["train"]))[:8], spec.max_length,
-                              spec.image_size)
+        check = task.batch(student, (list(split["test"]) or list(split["train"]))[:8])
         rec["format"], rec["reload_check"] = save_checked(student, out / "model", teacher, check, stage="distill")
         rec["seconds"] = time.perf_counter() - t0
         record_files(out, "distill", ["distill.json", "distill.json.tmp"])
@@ -361,14 +369,14 @@ def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size
                          rec["accuracy_retained"], rec)
 
 
-def _teacher_test(path, teacher, ds, split, spec) -> dict:
-    """The teacher's test accuracy: from finetune.json when it measured the same rows, else measured now."""
+def _teacher_test(path, teacher, task) -> dict:
+    """The teacher's test metrics: from finetune.json when it measured the same rows, else measured now."""
     f = Path(str(path)) / "finetune.json"
     if f.exists():
         rec = read_json(f, "the teacher's task record")
-        if rec.get("task") == spec.to_dict() and rec.get("test"):
+        if rec.get("task") == task.record() and rec.get("test"):
             return rec["test"]
-    return evaluate(teacher, ds, split["test"], spec)
+    return task.evaluate(teacher, task.split["test"])
 
 
 def _stage_ends(student: LoadedModel, lmap: dict) -> dict:

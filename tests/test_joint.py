@@ -1,0 +1,130 @@
+"""The joint depth choice: sets scored together, against a naive recomputation and on identity blocks."""
+
+import numpy as np
+import pytest
+import torch
+
+from lamina.blocks import bypass
+from lamina.errors import UsageError
+from lamina.compress.joint import _Calib, joint_select
+from lamina.models import wrap_module
+from lamina.testing import tiny_causal_lm, tiny_cnn
+
+
+def _identity_(block):  # zero what the block adds to its residual stream: output == input
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight", "c_proj.weight")):
+                p.zero_()
+
+
+def _lm(arch="llama", layers=5, identity=()):
+    m = tiny_causal_lm(arch, layers=layers, seed=2)
+    blocks = m.model.layers if hasattr(m, "model") else m.transformer.h
+    for i in identity:
+        _identity_(blocks[i])
+    lm = wrap_module(m, modality="text")
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(4, 64, (3, 10), generator=g),
+                "attention_mask": torch.ones(3, 10, dtype=torch.long)} for _ in range(2)]
+    batches[1]["attention_mask"][0, 7:] = 0  # padding is excluded
+    return lm, batches
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_joint_picks_the_identity_blocks(arch):
+    lm, batches = _lm(arch, identity=(1, 3))
+    res = joint_select(lm, batches, 2, list(range(5)), objective="nmse")
+    assert res["remove"] == [1, 3]
+    assert res["score"] == pytest.approx(0.0, abs=1e-10)
+    # every candidate of every round is recorded
+    assert [len(r["candidates"]) for r in res["rounds"]] == [5, 4]
+    assert res["set_evaluations"] == 9 and res["cost_forwards"] > 1
+
+
+def test_loss_objective_never_worse_than_removing_the_identity_blocks():
+    # removing identity blocks leaves the loss as it is; a random model may even gain by losing another block
+    lm, batches = _lm("llama", identity=(1, 3))
+    res = joint_select(lm, batches, 2, list(range(5)))
+    assert res["objective"] == "loss"
+    with torch.inference_mode():
+        full = _Calib(lm, batches, "loss").score([1, 3])
+    assert res["score"] <= full + 1e-9
+
+
+def test_set_score_equals_a_naive_recomputation():
+    lm, batches = _lm("qwen2", layers=4)
+    with torch.inference_mode():
+        cal = _Calib(lm, batches, "nmse")
+        for remove in ([2], [0, 3], [1, 2], [0, 1, 2]):
+            num = den = 0.0
+            for b in batches:
+                full = lm.forward(b).logits.double()
+                with bypass(lm.module, remove, lm.blocks):
+                    skip = lm.forward(b).logits.double()
+                m = b["attention_mask"].double()[..., None]
+                num += float(((full - skip) ** 2 * m).sum())
+                den += float((full ** 2 * m).sum())
+            assert cal.score(remove) == pytest.approx(num / den, rel=1e-6)
+        cal = _Calib(lm, batches, "loss")
+        for remove in ([1], [0, 2]):
+            tot = n = 0.0
+            for b in batches:
+                with bypass(lm.module, remove, lm.blocks):
+                    z = lm.forward(b).logits.double()
+                ce = torch.nn.functional.cross_entropy(z[:, :-1].transpose(1, 2), b["input_ids"][:, 1:],
+                                                       reduction="none")
+                keep = (b["attention_mask"][:, 1:] * b["attention_mask"][:, :-1]).double()
+                tot += float((ce * keep).sum())
+                n += float(keep.sum())
+            assert cal.score(remove) == pytest.approx(tot / n, rel=1e-6)
+
+
+def test_beam_is_never_worse_than_greedy_and_works_on_a_cnn():
+    lm, batches = _lm("llama", layers=5)
+    g = joint_select(lm, batches, 3, list(range(5)), objective="nmse")
+    b = joint_select(lm, batches, 3, list(range(5)), objective="nmse", beam=3)
+    assert b["score"] <= g["score"] + 1e-12 and len(b["remove"]) == 3
+    cnn = wrap_module(tiny_cnn(seed=0))
+    x = [{"pixels": torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))}]
+    res = joint_select(cnn, x, 2, [0, 2, 3])  # block 1 downsamples: not a candidate
+    assert len(res["remove"]) == 2 and set(res["remove"]) <= {0, 2, 3} and np.isfinite(res["score"])
+    assert res["objective"] == "nmse"
+
+
+def test_joint_plan_through_apply_and_a_parameter_target():
+    from lamina.compress import PlanConfig, apply, choose_blocks, make_plan, needs_model
+    from lamina.models import model_fingerprint
+    lm, batches = _lm("llama", layers=5, identity=(0, 2, 4))
+    m = lm.module
+    n = 5
+    scores = {"model": {"name": "t", "fingerprint": model_fingerprint(m), "parameters": 1},
+              "importance": {"blocks": [f"blocks.{i}" for i in range(n)], "paths": list(lm.blocks.block_paths),
+                             "skip_nmse": [1.0] * n, "block_influence": [1.0] * n, "skippable": [True] * n}}
+    plan = make_plan(scores, PlanConfig(drop_blocks=0.4, method="joint", beam=2))
+    assert needs_model(plan) and plan["depth"]["beam"] == 2
+    with pytest.raises(Exception, match="calibration"):
+        apply(m, plan)
+    chosen = choose_blocks(m, plan, batches)["depth"]
+    assert set(chosen["remove"]) <= {"blocks.0", "blocks.2", "blocks.4"} and len(chosen["remove"]) == 2
+    assert chosen["joint"]["objective"] == "loss" and len(chosen["rounds"]) == 2
+    res = apply(m, plan, batches=batches)
+    b = batches[0]
+    with torch.no_grad(), bypass(m, [int(r.split(".")[1]) for r in chosen["remove"]]):
+        ref = m(**b).logits
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(**b).logits, ref, rtol=1e-5, atol=1e-6)
+    # a parameter target: blocks go until it fits, chosen jointly
+    per_block = sum(p.numel() for p in m.model.layers[0].parameters())
+    total = sum(p.numel() for p in m.parameters())
+    tp = make_plan(scores, PlanConfig(target_params=float(total - 3 * per_block), method="joint"))
+    got = choose_blocks(m, tp, batches)["depth"]
+    assert got["n_removed"] == 3 and set(got["remove"]) == {"blocks.0", "blocks.2", "blocks.4"}
+    with pytest.raises(UsageError):
+        PlanConfig(drop_blocks=0.4, method="joint", beam=0)
+
+
+def test_shortlist_scores_fewer_sets_and_still_finds_the_identity_blocks():
+    lm, batches = _lm("llama", layers=5, identity=(1, 3))
+    res = joint_select(lm, batches, 2, list(range(5)), objective="nmse", shortlist=2)
+    assert res["remove"] == [1, 3] and [len(r["candidates"]) for r in res["rounds"]] == [5, 2]

@@ -1,0 +1,71 @@
+"""Distilling a decoder LM (Minitron): next-token CE + KL at every position, perplexity recorded."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from lamina.compress.depth import drop_blocks_
+from lamina.distill import DistillConfig, distill
+from lamina.distill.losses import kd_loss
+from lamina.lm_task import LMTaskSpec
+from lamina.models import load_model
+from lamina.task import make_task
+from lamina.testing import save_tiny_causal_lm, tiny_sentences, tiny_tokenizer
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    texts, _ = tiny_sentences(80, seed=2)
+    (tmp_path / "d.txt").write_text("\n".join(texts))
+    t = save_tiny_causal_lm(tmp_path / "teacher", layers=3)
+    s = load_model(str(t)).module
+    drop_blocks_(s, [1])
+    s.save_pretrained(tmp_path / "student")
+    tiny_tokenizer().save_pretrained(tmp_path / "student")
+    return tmp_path
+
+
+def test_kd_of_an_lm_against_itself_is_zero_at_every_position(setup):
+    lm = load_model(str(setup / "teacher"))
+    task = make_task(LMTaskSpec(data=str(setup / "d.txt"), seq_len=8), lm)
+    rows = task.split["train"][:4]
+    with torch.no_grad():
+        z = lm.forward(task.batch(lm, rows)).logits
+    pred, target = task.align(z, rows)
+    assert pred.shape[:2] == target.shape == (4, 7)
+    assert float(kd_loss(pred, pred.clone(), 2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(kd_loss(pred, pred.flip(0), 2.0)) > 0
+
+
+def test_distill_self_with_kd_only_stays_at_zero(setup):
+    res = distill(DistillConfig(out=str(setup / "o0"), teacher=str(setup / "teacher"), student=str(setup / "teacher"),
+                                data=str(setup / "d.txt"), seq_len=8, ce=0.0, kd=1.0, cosine=0.0, fsp=0.0,
+                                epochs=1, batch_size=8, weight_decay=0.0, lr=1e-12, progress=False))
+    # (lr ~0: Adam turns the float noise of a zero gradient into full-size steps)
+    ep = res.record["history"]["epochs"][0]
+    assert ep["train"]["kd"] == pytest.approx(0.0, abs=1e-6)
+    assert res.record["test"]["perplexity"] == pytest.approx(res.record["teacher_test"]["perplexity"], rel=1e-5)
+
+
+def test_distill_a_pruned_lm_records_perplexity_and_reloads(setup):
+    res = distill(DistillConfig(out=str(setup / "o"), teacher=str(setup / "teacher"), student=str(setup / "student"),
+                                data=str(setup / "d.txt"), seq_len=8, epochs=2, batch_size=8, lr=1e-3,
+                                temperature=1.5, cosine=0.5, fsp=0.0, progress=False))
+    rec = json.loads((setup / "o" / "distill.json").read_text())
+    assert rec["task"]["kind"] == "lm" and rec["metric"] == "perplexity"
+    assert math.isfinite(rec["test"]["perplexity"]) and rec["test"]["perplexity"] > 1
+    assert set(rec["history"]["epochs"][0]["train"]) >= {"loss", "ce", "kd", "cosine"}
+    assert rec["history"]["best_val_loss"] == min(e["val_loss"] for e in rec["history"]["epochs"])
+    # the saved student reloads and measures the same test perplexity on the recorded task
+    back = load_model(res.model_path)
+    task = make_task(LMTaskSpec(**{k: v for k, v in rec["task"].items() if k not in ("documents", "blocks")}), back)
+    assert task.evaluate(back, task.split["test"])["perplexity"] == pytest.approx(rec["test"]["perplexity"], rel=1e-5)
+
+
+def test_distill_lm_refuses_the_centre_loss(setup):
+    from lamina.errors import UsageError
+    with pytest.raises(UsageError, match="centre"):
+        distill(DistillConfig(out=str(setup / "o2"), teacher=str(setup / "teacher"), student=str(setup / "student"),
+                              data=str(setup / "d.txt"), seq_len=8, center=0.1, progress=False))
