@@ -13,6 +13,7 @@ smaller, faster model for your task, with measurements that prove it.
                                                                    drop_blocks=0.5))
     lamina.distill(lamina.DistillConfig(out="recovered/", teacher="teacher/", student="small/"))
     lamina.bench(["teacher/", "recovered/"])        # -> recovered/bench.json
+    lamina.transfer("run/", lamina.TransferConfig(head="mix"))  # -> run/transfer/mix, run/transfer.json
     model = lamina.load("small/")                    # any saved model, as an nn.Module
 """
 
@@ -32,6 +33,7 @@ from .finetune import FinetuneConfig, FinetuneResult, finetune  # noqa: E402
 from .compress import PruneConfig, PruneResult, prune  # noqa: E402
 from .distill import DistillConfig, DistillResult, distill  # noqa: E402
 from .bench import BenchConfig, bench  # noqa: E402
+from .transfer import TransferConfig, TransferResult, transfer  # noqa: E402
 
 
 def load(path):
@@ -42,4 +44,5 @@ __all__ = ["capture", "CaptureConfig", "CaptureResult", "analyze", "AnalyzeConfi
            "CompareConfig", "CompareResult", "report", "ReportConfig", "ReportResult", "FeatureStore", "find_blocks", "select_taps",
            "BlockMap", "Tap", "load_model", "LoadedModel", "load_data", "Dataset", "LaminaError",
            "UsageError", "__version__", "finetune", "FinetuneConfig", "FinetuneResult", "prune", "PruneConfig",
-           "PruneResult", "distill", "DistillConfig", "DistillResult", "bench", "BenchConfig", "load"]
+           "PruneResult", "distill", "DistillConfig", "DistillResult", "bench", "BenchConfig", "load",
+           "transfer", "TransferConfig", "TransferResult"]

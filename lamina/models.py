@@ -245,6 +245,9 @@ def load_model(spec, blocks: str | None = None) -> LoadedModel:
         lm = _efficientnet_lite0()
     elif Path(spec).is_dir():
         path = Path(spec)
+        if (path / "lamina_head.json").exists():  # a head on a truncated backbone (`lamina transfer`)
+            from .transfer.deploy import load_transfer
+            return load_transfer(path)
         if not (path / "config.json").exists() and not (path / "lamina.json").exists() \
                 and (path / "model").is_dir():
             path = path / "model"  # the OUT folder of `lamina finetune`, `prune` or `distill`
