@@ -78,30 +78,26 @@ def fit_select(X, layers, labels, split, loop, n_classes, cfg) -> tuple:
     _prepare(full, X, layers, split)
     total = sum(full.dims)
     n_keep = max(1, math.ceil(cfg.keep * total))
-    if n_keep < total:
-        lam = cfg.group_lasso
-        hist1 = train_head(full, list(full.parameters()), _inputs(X, layers), labels, split, loop,
-                           penalty=lambda: lam * full.linear.weight.norm(dim=0).sum())
-        score = full.linear.weight.detach().norm(dim=0)
-        keep = sorted(torch.argsort(score, descending=True, stable=True)[:n_keep].tolist())
-    else:  # every feature kept: no selection to make
-        hist1, keep = None, None
+    lam = cfg.group_lasso
+    hist1 = train_head(full, list(full.parameters()), _inputs(X, layers), labels, split, loop,
+                       penalty=lambda: lam * full.linear.weight.norm(dim=0).sum())
+    score = full.linear.weight.detach().norm(dim=0)
+    keep = sorted(torch.argsort(score, descending=True, stable=True)[:n_keep].tolist())  # original order
     head, hist = linear(X, layers, labels, split, loop, n_classes, keep)
     bounds = np.cumsum([0] + full.dims)
-    kept = np.arange(total) if keep is None else np.asarray(keep)
+    kept = np.asarray(keep)
     per_layer = {n: int(((kept >= bounds[i]) & (kept < bounds[i + 1])).sum()) for i, n in enumerate(layers)}
     reads = [n for n in layers if per_layer[n]]
-    if keep is not None:
-        # the deployable head reads only the layers that hold kept features: re-index into their concatenation
-        offs = {n: bounds[i] for i, n in enumerate(layers)}
-        starts = np.cumsum([0] + [full.dims[layers.index(n)] for n in reads])
-        remap = []
-        for k in keep:
-            i = int(np.searchsorted(bounds, k, side="right") - 1)
-            remap.append(int(starts[reads.index(layers[i])] + k - offs[layers[i]]))
-        slim = ConcatLinear([full.dims[layers.index(n)] for n in reads], n_classes, remap)
-        slim.load_state_dict(head.state_dict())
-        head = slim
+    # the deployable head reads only the layers that hold kept features: re-index into their concatenation
+    offs = {n: bounds[i] for i, n in enumerate(layers)}
+    starts = np.cumsum([0] + [full.dims[layers.index(n)] for n in reads])
+    remap = []
+    for k in keep:
+        i = int(np.searchsorted(bounds, k, side="right") - 1)
+        remap.append(int(starts[reads.index(layers[i])] + k - offs[layers[i]]))
+    slim = ConcatLinear([full.dims[layers.index(n)] for n in reads], n_classes, remap)
+    slim.load_state_dict(head.state_dict())
+    head = slim
     return head, reads, {"history": hist, "selection_history": hist1, "features_total": total,
                          "features_kept": len(kept), "kept_per_layer": per_layer,
                          "group_lasso": cfg.group_lasso, "keep": cfg.keep}

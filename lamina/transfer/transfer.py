@@ -39,12 +39,14 @@ from ..errors import LaminaError, UsageError
 from ..models import save_json
 from ..runfolder import update_run_config, versions
 from ..store import FeatureStore
+from ..threads import limit_threads
 from ..train import Loop, check_loop_args
 from ._memory import PeakMemory
 from ._rows import reload_model_and_data, split_rows
 from ._store_heads import FITTERS
 from ._train import test_record, train_head
-from .deploy import build_deployable, load_transfer, max_difference, save_transfer
+from ..savefmt import save_format
+from .deploy import _backbone_of, build_deployable, load_transfer, max_difference, save_transfer
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ class TransferConfig:
         "help": "select: strength of the per-feature group-lasso penalty that ranks the features"})
     side_width: float = field(default=0.125, metadata={
         "help": "side: width of the side network as a fraction of the backbone's (multiple of 8, at least 8)"})
-    side_cache_mb: int = field(default=1024, metadata={
+    side_cache_mb: int = field(default=512, metadata={
         "help": "side: keep the backbone's token-level outputs in memory when they fit in this many MiB "
                 "(else recompute them every epoch)"})
     overwrite: bool = field(default=False, metadata={"help": "replace RUN/transfer/HEAD and its transfer.json entry"})
@@ -109,7 +111,7 @@ class TransferConfig:
                              fix="--hidden 256, or leave it out for a linear head")
         if self.side_cache_mb < 0:
             raise UsageError("--side-cache-mb must be >= 0", value=self.side_cache_mb, allowed=">= 0 (0: never cache)",
-                             fix="--side-cache-mb 1024")
+                             fix="--side-cache-mb 512")
         if len(self.fractions) != 3 or any(f <= 0 for f in self.fractions) or abs(sum(self.fractions) - 1) > 1e-6:
             raise UsageError("--fractions must be three positive numbers that sum to 1", value=self.fractions,
                              allowed="e.g. 0.6 0.2 0.2", fix="--fractions 0.6 0.2 0.2")
@@ -193,6 +195,7 @@ def transfer(run, config: TransferConfig = TransferConfig(), *, model=None, data
     names = _layers(store, config.layers, side)
     split, split_info = split_rows(store, config.task, config.fractions, config.seed)
     lm, ds = reload_model_and_data(store, model, data)
+    save_format(_backbone_of(lm))  # refuses, before any training, a model lamina could not save
     labels = store.labels
     classes = store.classes or [str(c) for c in ds.classes]
     n_classes = len(classes)
@@ -212,7 +215,8 @@ def transfer(run, config: TransferConfig = TransferConfig(), *, model=None, data
                                  allowed="a store captured with --pooling mean, cls or last",
                                  fix="capture again with --pooling mean, or use --head side")
         X = {n: torch.from_numpy(np.array(store.load(n), dtype=np.float32)) for n in names}
-        with PeakMemory() as mem:
+        # the kernels of a head on pooled features are tiny: one thread (threads.py says why)
+        with PeakMemory() as mem, limit_threads(1):
             head, reads, extra = FITTERS[config.head](X, names, labels, split, loop, n_classes, config)
         dep, info = build_deployable(lm, head, reads, pooling)
 
