@@ -12,6 +12,7 @@ smaller, faster model for your task, with measurements that prove it.
     lamina.prune("teacher/", None, lamina.PruneConfig(out="small/", drop_blocks=0.5))  # scored on its own rows
     lamina.distill("teacher/", "small/", lamina.DistillConfig(out="recovered/"))
     lamina.bench(["teacher/", "recovered/"])        # -> recovered/bench.json
+    lamina.transfer("run/", lamina.TransferConfig(head="mix"))  # -> run/transfer/mix, run/transfer.json
     model = lamina.load("small/")                    # any saved model, as an nn.Module (load_model: advanced)
 """
 
@@ -31,6 +32,7 @@ from .finetune import FinetuneConfig, FinetuneResult, finetune  # noqa: E402
 from .compress import PruneConfig, PruneResult, prune  # noqa: E402
 from .distill import DistillConfig, DistillResult, distill  # noqa: E402
 from .bench import BenchConfig, bench  # noqa: E402
+from .transfer import TransferConfig, TransferResult, transfer  # noqa: E402
 
 
 def load(path, *, factory: str | None = None, trust_code: bool | None = None):
@@ -44,4 +46,5 @@ __all__ = ["capture", "CaptureConfig", "CaptureResult", "analyze", "AnalyzeConfi
            "CompareConfig", "CompareResult", "report", "ReportConfig", "ReportResult", "FeatureStore", "find_blocks", "select_taps",
            "BlockMap", "Tap", "load_model", "LoadedModel", "load_data", "Dataset", "LaminaError",
            "UsageError", "__version__", "finetune", "FinetuneConfig", "FinetuneResult", "prune", "PruneConfig",
-           "PruneResult", "distill", "DistillConfig", "DistillResult", "bench", "BenchConfig", "load"]
+           "PruneResult", "distill", "DistillConfig", "DistillResult", "bench", "BenchConfig", "load",
+           "transfer", "TransferConfig", "TransferResult"]

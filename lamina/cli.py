@@ -312,6 +312,36 @@ def _distill(ns):
 _distill.add_args = _distill_args
 
 
+# --------------------------------------------------------------- transfer ----
+def _transfer_args(p):
+    from .transfer import TransferConfig
+    p.add_argument("run", help="a run folder written by `lamina capture` (its model must be reloadable)")
+    add_config_args(p, TransferConfig)
+
+
+@verb("transfer", "train a head on the frozen backbone (last/best/mix/select/side) -> RUN/transfer/HEAD, "
+                  "RUN/transfer.json")
+def _transfer(ns):
+    from .transfer import TransferConfig, transfer
+    res = transfer(ns.run, config_from_args(TransferConfig, ns))
+    r = res.record
+    print(f"head        {res.head} reading {len(res.layers)} layer(s): {', '.join(res.layers[:8])}"
+          + (" ..." if len(res.layers) > 8 else ""))
+    print(f"test acc    {res.test_accuracy:.4f} (95% interval {res.ci_low:.4f}-{res.ci_high:.4f}) on "
+          f"{r['test']['n']} held-out rows")
+    print(f"trained     {res.trainable_parameters:,} parameters in {res.seconds:.1f} s, peak memory "
+          f"+{res.peak_memory_bytes / 2 ** 20:.0f} MiB")
+    kept = res.deepest_block + 1
+    print(f"deployable  blocks 0..{res.deepest_block} of {res.n_blocks} kept"
+          + (f" ({res.n_blocks - max(kept, 1)} removed)" if kept < res.n_blocks else "")
+          + f", {r['deployed_parameters']:,} parameters")
+    print(f"model: {res.model_path}  (lamina.load; lamina bench TEACHER {res.model_path})")
+    return 0
+
+
+_transfer.add_args = _transfer_args
+
+
 # ------------------------------------------------------------------- demo ----
 def _demo_args(p):
     p.add_argument("--out", default="demo-run", help="run folder (default: demo-run)")
@@ -355,7 +385,7 @@ _demo.add_args = _demo_args
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser = argparse.ArgumentParser(prog="lamina", description="Open a pretrained network layer by layer: "
-                                     "capture, analyze, report, compress, distill, bench.")
+                                     "capture, analyze, report, transfer, compress, distill, bench.")
     parser.add_argument("--version", action="version", version=f"lamina {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")

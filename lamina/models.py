@@ -335,6 +335,9 @@ def load_model(spec, blocks: str | None = None, runtime: Runtime | None = None,
     elif Path(spec).is_dir():
         from .trust import check_folder
         path = Path(spec)
+        if (path / "lamina_head.json").exists():  # a head on a truncated backbone (`lamina transfer`)
+            from .transfer.deploy import load_transfer
+            return load_transfer(path)
         if not (path / "config.json").exists() and not (path / "lamina.json").exists() \
                 and (path / "model").is_dir():
             check_folder(path, ["model"])

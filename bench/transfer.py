@@ -1,0 +1,325 @@
+"""Frozen-backbone heads against fine-tuning: accuracy, trainable parameters, time, memory, deployable speed.
+
+For MiniLM on Rotten Tomatoes and EfficientNet-Lite0 on Fashion-MNIST, on the
+split and sizes of the finetune benchmark (`bench/_common.py` TEACHERS; the
+fully fine-tuned teacher is reused from --work when its settings match):
+
+- full fine-tuning: the teacher (1 seed; its finetune.json time);
+- frozen-head fine-tuning: `lamina finetune` without --full, same rows (1 seed);
+- `lamina transfer --head last|best|mix|select|side --task TEACHER` on a capture
+  of the pretrained backbone over the teacher's rows (so every method is tested
+  on the teacher's test rows), seeds 0 1 2: mean and spread of test accuracy,
+  trainable parameters, training wall time (and the one-time capture time);
+- peak memory: each of full fine-tuning, frozen-head fine-tuning, side and
+  mix runs in its own process (1 epoch; fine-tuning on 400 rows: parameters,
+  optimizer state and a batch's activations do not depend on the row count);
+  peak RSS (the child's own VmHWM) minus that of a process that only loads
+  the model and the data;
+- deployable speed: `lamina.bench` of the teacher against each head's deployable
+  model (the last seed's), 1 torch thread, interleaved repeats.
+
+Writes bench/results/transfer.json (top-level `targets`) and the "## transfer"
+section of BENCHMARKS.md.
+Usage: python bench/transfer.py [--work DIR] [--seeds 0 1 2] [--skip-minilm] [--skip-efficientnet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import TEACHERS, machine, merge_previous, save_result, teacher, write_section  # noqa: E402
+
+HEADS = ("last", "best", "mix", "select", "side")
+MODELS = {"minilm": "MiniLM on Rotten Tomatoes", "efficientnet": "EfficientNet-Lite0 on Fashion-MNIST"}
+
+
+def _stats(xs: list[float]) -> dict:
+    return {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+            "min": min(xs), "max": max(xs), "values": xs}
+
+
+def _capture_kw(name: str) -> dict:
+    _, _, kw = TEACHERS[name]
+    cap = {"limit": kw["limit"], "seed": 0}  # the teacher's subsample: finetune's default seed
+    for k in ("max_length", "image_size"):
+        if kw.get(k):
+            cap[k] = kw[k]
+    return cap
+
+
+def _run(work: Path, name: str) -> Path:
+    """A capture of the pretrained backbone on the teacher's rows (cached)."""
+    from lamina import CaptureConfig, capture
+    model, data, _ = TEACHERS[name]
+    run = work / f"{name}-transfer-run"
+    stamp = run / "bench-settings.json"
+    want = _capture_kw(name)
+    if stamp.exists() and json.loads(stamp.read_text()).get("capture") == want:
+        return run
+    if run.exists():
+        shutil.rmtree(run)
+    t = time.perf_counter()
+    capture(model, data, CaptureConfig(out=str(run), progress=False, **want))
+    stamp.write_text(json.dumps({"capture": want, "seconds": time.perf_counter() - t}))
+    return run
+
+
+def _head_ft(work: Path, name: str) -> dict:
+    from lamina.finetune import FinetuneConfig, finetune
+    model, data, kw = TEACHERS[name]
+    out = work / f"{name}-headft"
+    want = {k: v for k, v in kw.items() if k not in ("full", "lr")}
+    rec = out / "finetune.json"
+    if not (rec.exists() and all(json.loads(rec.read_text())["config"].get(k) == v for k, v in want.items())):
+        finetune(model, data, FinetuneConfig(out=str(out), overwrite=True, progress=False, **want))
+    r = json.loads(rec.read_text())
+    return {"accuracy": r["test"]["accuracy"], "trainable_parameters": r["trainable_parameters"],
+            "seconds": r["seconds"], "parameters": r["parameters"]}
+
+
+# ------------------------------------------------------------------ memory: one process per method
+def _probe(method: str, name: str, work: Path) -> None:
+    """Run in a child process: do one method's training, nothing else."""
+    from lamina.finetune import FinetuneConfig, finetune
+    from lamina.models import load_model
+    from lamina.task import read_task
+    model, data, kw = TEACHERS[name]
+    t = work / f"{name}-teacher"
+    if method == "baseline":
+        load_model(model)
+        read_task(t).load()
+        return
+    if method in ("full", "head"):
+        kw = {k: v for k, v in kw.items() if k not in ("limit", "epochs", "full")}
+        finetune(model, data, FinetuneConfig(out=str(work / f"mem-{name}-{method}"), full=method == "full",
+                                             epochs=1, limit=400, overwrite=True, progress=False, **kw))
+        return
+    from lamina.transfer import TransferConfig, transfer
+    src = work / f"{name}-transfer-run"
+    run = work / f"mem-{name}-{method}-run"
+    if run.exists():
+        shutil.rmtree(run)
+    run.mkdir()
+    os.symlink((src / "features").resolve(), run / "features")
+    transfer(str(run), TransferConfig(head=method, task=str(t), epochs=1, overwrite=True))
+
+
+def _peak_rss(method: str, name: str, work: Path) -> int:
+    p = subprocess.run([sys.executable, __file__, "--probe", method, "--probe-model", name, "--work", str(work)],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"memory probe {method} {name} failed: {p.stderr[-2000:]}")
+    return int(json.loads(p.stdout.strip().splitlines()[-1])["vmhwm"])
+
+
+def _memory(work: Path, name: str) -> dict:
+    base = _peak_rss("baseline", name, work)
+    out = {"baseline_peak_rss_bytes": base}
+    for m in ("full", "head", "side", "mix"):
+        peak = _peak_rss(m, name, work)
+        out[m] = {"peak_rss_bytes": peak, "rise_bytes": max(0, peak - base)}
+        print(f"{name} memory {m}: peak RSS {peak / 2**20:.0f} MiB (+{(peak - base) / 2**20:.0f} MiB)", flush=True)
+    return out
+
+
+# ------------------------------------------------------------------ one model
+def run_model(work: Path, name: str, args) -> dict:
+    from lamina.transfer import TransferConfig, transfer
+    t = teacher(work, name)
+    trec = json.loads((t / "finetune.json").read_text())
+    full = {"accuracy": trec["test"]["accuracy"], "trainable_parameters": trec["trainable_parameters"],
+            "seconds": trec["seconds"], "parameters": trec["parameters"], "test_rows": trec["test"]["n"]}
+    print(f"{name} full fine-tuning: acc {full['accuracy']:.4f}, {full['seconds']:.0f} s", flush=True)
+    head_ft = _head_ft(work, name)
+    print(f"{name} head-only fine-tuning: acc {head_ft['accuracy']:.4f}, {head_ft['seconds']:.0f} s", flush=True)
+    run = _run(work, name)
+    capture_s = json.loads((run / "bench-settings.json").read_text())["seconds"]
+    runs: dict = {h: [] for h in HEADS}
+    for seed in args.seeds:
+        for h in HEADS:
+            r = transfer(str(run), TransferConfig(head=h, task=str(t), seed=seed, overwrite=True,
+                                                  side_cache_mb=args.side_cache_mb))
+            runs[h].append(r)
+            print(f"{name} {h:<7} seed {seed}: acc {r.test_accuracy:.4f}, {r.trainable_parameters:,} params, "
+                  f"{r.seconds:.1f} s, reads {r.layers[0]}..{r.layers[-1]} (deepest block {r.deepest_block} "
+                  f"of {r.n_blocks})", flush=True)
+    heads = {}
+    for h, rs in runs.items():
+        last = rs[-1].record
+        heads[h] = {"accuracy": _stats([r.test_accuracy for r in rs]),
+                    "seconds": _stats([r.seconds for r in rs]),
+                    "trainable_parameters": rs[-1].trainable_parameters,
+                    "peak_memory_in_process_bytes": rs[-1].peak_memory_bytes,
+                    "layers": rs[-1].layers, "deepest_block": rs[-1].deepest_block, "n_blocks": rs[-1].n_blocks,
+                    "deployed_parameters": last["deployed_parameters"], "model_path": rs[-1].model_path,
+                    **{k: last[k] for k in ("mix_weights", "kept_per_layer", "features_kept", "features_total",
+                                            "val_accuracy_per_layer", "side_width", "cached") if k in last}}
+    mem = _memory(work, name)
+    speed = _speed(t, heads, args)
+    return {"teacher": str(t), "task": trec["task"], "full_finetune": full, "head_finetune": head_ft,
+            "capture_seconds": capture_s, "heads": heads, "memory": mem, "speed": speed,
+            "seeds": list(args.seeds), "side_cache_mb": args.side_cache_mb}
+
+
+def _speed(t: Path, heads: dict, args) -> dict:
+    from lamina.bench import BenchConfig, bench
+    names = list(heads)
+    out = t.parent / f"{t.name}-transfer-bench"
+    res = bench([str(t)] + [heads[h]["model_path"] for h in names],
+                BenchConfig(out=str(out), batch_sizes=(1, 32), repeats=args.repeats, threads=1, accuracy=False,
+                            overwrite=True, progress=False))
+    rows = {}
+    for h, rec in zip(names, res["models"][1:]):
+        v = rec["vs_first"]
+        rows[h] = {"flop_ratio": v["flop_ratio"], "ideal_speedup": v["ideal_speedup"], "speedup": v["speedup"],
+                   "speedup_efficiency": v["speedup_efficiency"], "parameter_ratio": v["parameter_ratio"]}
+    rows["teacher_latency_ms"] = {b: res["models"][0]["latency"][b]["median_ms"] for b in res["models"][0]["latency"]}
+    return rows
+
+
+# ------------------------------------------------------------------ targets and section
+def _targets(result: dict) -> dict:
+    tg = {}
+    beats = {h: [] for h in ("mix", "select", "side")}
+    for m in ("minilm", "efficientnet"):
+        r = result.get(m)
+        if not r:
+            continue
+        full, heads = r["full_finetune"], r["heads"]
+        best = max(heads, key=lambda h: heads[h]["accuracy"]["mean"])
+        b = heads[best]
+        r["best_head"] = best
+        tg[f"best_head_retained_{m}"] = {"value": b["accuracy"]["mean"] / full["accuracy"],
+                                        "goal": f">= 0.98 (best head: {best})",
+                                        "met": b["accuracy"]["mean"] / full["accuracy"] >= 0.98}
+        pf = b["trainable_parameters"] / full["trainable_parameters"]
+        tg[f"best_head_param_fraction_{m}"] = {"value": pf, "goal": "<= 0.02", "met": pf <= 0.02}
+        tf = b["seconds"]["mean"] / full["seconds"]
+        tg[f"best_head_time_fraction_{m}"] = {"value": tf, "goal": "<= 0.10 (training only; the one-time capture "
+                                                                  "is reported apart)", "met": tf <= 0.10}
+        mem = r["memory"]
+        sf = mem["side"]["rise_bytes"] / mem["full"]["rise_bytes"] if mem["full"]["rise_bytes"] else None
+        tg[f"side_memory_fraction_{m}"] = {"value": sf, "goal": "< 1 (peak RSS rise over a load-only process)",
+                                           "met": sf is not None and sf < 1}
+        cut = [h for h in heads if heads[h]["deepest_block"] < heads[h]["n_blocks"] - 1]
+        if cut:
+            h = max(cut, key=lambda k: heads[k]["accuracy"]["mean"])
+            eff = r["speed"][h]["speedup_efficiency"]["32"]
+            tg[f"deploy_speedup_efficiency_{m}"] = {
+                "value": eff, "goal": f">= 0.9 at batch 32 ({h}: blocks 0..{heads[h]['deepest_block']} of "
+                                      f"{heads[h]['n_blocks']})", "met": eff >= 0.9}
+        last = heads["last"]["accuracy"]
+        for h in beats:
+            a = heads[h]["accuracy"]
+            beats[h].append((m, a["mean"] - last["mean"], max(a["std"], last["std"])))
+    for h, rows in beats.items():
+        if rows:
+            margin = max(d - s for _, d, s in rows)
+            tg[f"{h}_beats_last"] = {"value": margin, "goal": "> 0 on at least one model (mean gain over last "
+                                                              "minus the larger seed std)", "met": margin > 0}
+    return tg
+
+
+def _write(r: dict) -> None:
+    lines = [f"Results: `bench/results/transfer.json` ({r['machine']['cpus']} shared CPUs, torch "
+             f"{r['machine']['torch']}); each part names the command that measured it. Heads: `lamina transfer "
+             "RUN --head H --task TEACHER` on a capture of the pretrained backbone over the teacher's rows, so "
+             "every accuracy is on the teacher's test rows. Full fine-tuning and frozen-head fine-tuning: 1 seed; "
+             "heads: mean ± std over seeds " + ", ".join(str(s) for s in r.get("seeds", [])) + ". Time: training "
+             "wall time (heads from features in memory; the capture is a one-time cost shown apart). Memory: peak "
+             "RSS of a process doing only that training (1 epoch; fine-tuning on 400 rows) minus that of a process "
+             "that only loads the model and the data.", ""]
+    for m, title in MODELS.items():
+        e = r.get(m)
+        if not e:
+            continue
+        full, hf, mem = e["full_finetune"], e["head_finetune"], e["memory"]
+        lines += [f"`{e.get('command', r['command'])}`:", "",
+                  f"**{title}** ({full['test_rows']} test rows; capture of every layer "
+                  f"{e['capture_seconds']:.0f} s, once for all heads):", "",
+                  "| method | test accuracy | retained | trainable parameters | fraction | training s | fraction "
+                  "| peak memory rise MiB | layers read | deepest block |", "|---|---|---|---|---|---|---|---|---|---|",
+                  f"| full fine-tuning | {full['accuracy']:.4f} | 1.000 | {full['trainable_parameters']:,} | 1 | "
+                  f"{full['seconds']:.0f} | 1 | {mem['full']['rise_bytes'] / 2**20:.0f} | all | - |",
+                  f"| frozen-head fine-tuning | {hf['accuracy']:.4f} | {hf['accuracy'] / full['accuracy']:.3f} | "
+                  f"{hf['trainable_parameters']:,} | {hf['trainable_parameters'] / full['trainable_parameters']:.4f} "
+                  f"| {hf['seconds']:.0f} | {hf['seconds'] / full['seconds']:.3f} | "
+                  f"{mem['head']['rise_bytes'] / 2**20:.0f} | last | - |"]
+        for h, v in e["heads"].items():
+            a = v["accuracy"]
+            memh = f"{mem[h]['rise_bytes'] / 2**20:.0f}" if h in mem else "-"
+            reads = v["layers"][0] if len(v["layers"]) == 1 else f"{len(v['layers'])} layers"
+            lines.append(f"| {h} | {a['mean']:.4f} ± {a['std']:.4f} | {a['mean'] / full['accuracy']:.3f} | "
+                         f"{v['trainable_parameters']:,} | {v['trainable_parameters'] / full['trainable_parameters']:.4f}"
+                         f" | {v['seconds']['mean']:.1f} | {v['seconds']['mean'] / full['seconds']:.3f} | {memh} | "
+                         f"{reads} | {v['deepest_block']} of {v['n_blocks']} |")
+        if "mix_weights" in e["heads"]["mix"]:
+            w = e["heads"]["mix"]["mix_weights"]
+            lines += ["", "Mix weights (last seed): " + ", ".join(f"{k} {v:.2f}" for k, v in w.items()) + "."]
+        if "kept_per_layer" in e["heads"]["select"]:
+            k = {n: c for n, c in e["heads"]["select"]["kept_per_layer"].items() if c}
+            lines += ["", f"Select kept {e['heads']['select']['features_kept']} of "
+                          f"{e['heads']['select']['features_total']} features, from: "
+                      + ", ".join(f"{n} {c}" for n, c in k.items()) + "."]
+        s = e["speed"]
+        lines += ["", "Deployable models against the teacher (`lamina.bench`, 1 thread, medians; teacher "
+                  + ", ".join(f"{v:.1f} ms @ {b}" for b, v in s["teacher_latency_ms"].items()) + "):", "",
+                  "| head | parameter ratio | FLOP ratio | ideal speed-up | speed-up @1 | speed-up @32 | efficiency @32 |",
+                  "|---|---|---|---|---|---|---|"]
+        for h in e["heads"]:
+            v = s[h]
+            lines.append(f"| {h} | {v['parameter_ratio']:.3f} | {v['flop_ratio']:.3f} | {v['ideal_speedup']:.2f} | "
+                         f"{v['speedup']['1']:.2f} | {v['speedup']['32']:.2f} | {v['speedup_efficiency']['32']:.2f} |")
+        lines.append("")
+    lines += ["Targets:", "", "| target | value | goal | met |", "|---|---|---|---|"]
+    for k, v in r["targets"].items():
+        val = "-" if v["value"] is None else f"{v['value']:.3f}"
+        lines.append(f"| {k} | {val} | {v['goal']} | {'yes' if v['met'] else 'NO'} |")
+    write_section("transfer", lines + [""])
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default="bench-work", help="folder for teachers and runs (shared with prune/distill)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--repeats", type=int, default=10, help="timed rounds per batch size")
+    ap.add_argument("--side-cache-mb", type=int, default=512, help="transfer --side-cache-mb")
+    ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--skip-efficientnet", action="store_true")
+    ap.add_argument("--probe", help=argparse.SUPPRESS)
+    ap.add_argument("--probe-model", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    work = Path(args.work)
+    if args.probe:
+        from lamina.transfer._memory import _status
+        _probe(args.probe, args.probe_model, work)
+        # this process's own peak (VmHWM belongs to the image after exec; ru_maxrss would include the parent's
+        # size at fork)
+        print(json.dumps({"vmhwm": _status("VmHWM")}))
+        return {}
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    result = {"machine": machine(), "command": "python bench/transfer.py " + " ".join(argv or sys.argv[1:]),
+              "seeds": list(args.seeds)}
+    for m in MODELS:
+        if not getattr(args, f"skip_{m}"):
+            result[m] = run_model(work, m, args)
+    result["seconds"] = time.time() - t0
+    merge_previous("transfer", result)
+    result["targets"] = _targets(result)
+    save_result("transfer", result)
+    _write(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""``last``, ``best``, ``mix``, ``select``: heads trained on the captured store alone (no backbone pass).
+
+Each returns (head, layers it reads, details for transfer.json). Inputs are
+the pooled features of the store, float32 in memory: ``X[name]`` (N, D).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..train import Loop
+from ._train import counts, train_head
+from .heads import ConcatLinear, MixHead
+
+
+def _inputs(X: dict, names: list[str]):
+    def rows_input(rows):
+        return [X[n][rows] for n in names], None
+    return rows_input
+
+
+def _prepare(head, X, names, split):
+    torch.manual_seed(0)
+    head.fit_norm_([X[n][split["train"]] for n in names])
+    return head
+
+
+def linear(X: dict, names: list[str], labels, split, loop: Loop, n_classes: int, keep=None) -> tuple:
+    """A linear head on the standardized concatenation of ``names`` (features ``keep`` only)."""
+    torch.manual_seed(loop.seed)
+    head = ConcatLinear([X[n].shape[1] for n in names], n_classes, keep)
+    _prepare(head, X, names, split)
+    hist = train_head(head, list(head.parameters()), _inputs(X, names), labels, split, loop)
+    return head, hist
+
+
+def fit_last(X, layers, labels, split, loop, n_classes, cfg) -> tuple:
+    name = layers[-1]
+    head, hist = linear(X, [name], labels, split, loop, n_classes)
+    return head, [name], {"history": hist}
+
+
+def fit_best(X, layers, labels, split, loop, n_classes, cfg) -> tuple:
+    """One linear head per layer; the one with the best validation accuracy (ties: the shallower)."""
+    per, best = {}, None
+    for name in layers:
+        head, hist = linear(X, [name], labels, split, loop, n_classes)
+        per[name] = hist["best_val_accuracy"]
+        if best is None or per[name] > per[best[0]]:
+            best = (name, head, hist)
+    name, head, hist = best
+    return head, [name], {"history": hist, "val_accuracy_per_layer": per, "chosen": name}
+
+
+def fit_mix(X, layers, labels, split, loop, n_classes, cfg, fixed=None) -> tuple:
+    torch.manual_seed(loop.seed)
+    head = MixHead([X[n].shape[1] for n in layers], n_classes, cfg.hidden, fixed)
+    _prepare(head, X, layers, split)
+    hist = train_head(head, list(head.parameters()), _inputs(X, layers), labels, split, loop)
+    w = head.weights().detach().tolist()
+    return head, layers, {"history": hist, "mix_weights": dict(zip(layers, w))}
+
+
+def fit_select(X, layers, labels, split, loop, n_classes, cfg) -> tuple:
+    """Head2Toe: group lasso over every feature of every layer, keep the top fraction, retrain a linear head.
+
+    Stage 1 trains a linear map W (F features x K classes) on the standardized
+    concatenation with ``group_lasso * sum_f ||W_f||_2`` added (a feature is one
+    group: its weights to every class); a feature's score is ||W_f||_2. Stage 2
+    trains a fresh linear head on the ``keep`` fraction with the highest scores
+    (indices kept in their original order).
+    """
+    torch.manual_seed(loop.seed)
+    full = ConcatLinear([X[n].shape[1] for n in layers], n_classes)
+    _prepare(full, X, layers, split)
+    total = sum(full.dims)
+    n_keep = max(1, math.ceil(cfg.keep * total))
+    lam = cfg.group_lasso
+    hist1 = train_head(full, list(full.parameters()), _inputs(X, layers), labels, split, loop,
+                       penalty=lambda: lam * full.linear.weight.norm(dim=0).sum())
+    score = full.linear.weight.detach().norm(dim=0)
+    keep = sorted(torch.argsort(score, descending=True, stable=True)[:n_keep].tolist())  # original order
+    head, hist = linear(X, layers, labels, split, loop, n_classes, keep)
+    bounds = np.cumsum([0] + full.dims)
+    kept = np.asarray(keep)
+    per_layer = {n: int(((kept >= bounds[i]) & (kept < bounds[i + 1])).sum()) for i, n in enumerate(layers)}
+    reads = [n for n in layers if per_layer[n]]
+    # the deployable head reads only the layers that hold kept features: re-index into their concatenation
+    offs = {n: bounds[i] for i, n in enumerate(layers)}
+    starts = np.cumsum([0] + [full.dims[layers.index(n)] for n in reads])
+    remap = []
+    for k in keep:
+        i = int(np.searchsorted(bounds, k, side="right") - 1)
+        remap.append(int(starts[reads.index(layers[i])] + k - offs[layers[i]]))
+    slim = ConcatLinear([full.dims[layers.index(n)] for n in reads], n_classes, remap)
+    slim.load_state_dict(head.state_dict())
+    head = slim
+    return head, reads, {"history": hist, "selection_history": hist1, "features_total": total,
+                         "features_kept": len(kept), "kept_per_layer": per_layer,
+                         "group_lasso": cfg.group_lasso, "keep": cfg.keep}
+
+
+def accuracy_on(head, X, names, labels, rows) -> float:
+    c, n, _ = counts(head, _inputs(X, names), torch.as_tensor(labels, dtype=torch.long), rows)
+    return c / max(n, 1)
+
+
+FITTERS = {"last": fit_last, "best": fit_best, "mix": fit_mix, "select": fit_select}
