@@ -429,8 +429,9 @@ def update_run_config(run: str | Path, stage: str, settings: dict) -> dict:
 
 def check_out(out: str | Path, overwrite: bool, resume: bool = False, checkpoint: str | None = None) -> None:
     """Refuse an OUT that is a file, or a folder that holds files, unless ``overwrite``; with ``resume``,
-    require OUT/``checkpoint`` instead. (Kept for callers outside lamina's stages; the stages use
-    :func:`claim`, which also refuses files lamina did not write.)"""
+    require OUT/``checkpoint`` instead. prune, finetune and distill call it next to :func:`plan_writes`
+    (which refuses files lamina did not write, whatever ``overwrite`` says); lamina's bookkeeping files do not
+    count as content."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError("--out is a file, not a folder", value=str(out), allowed="a new or empty folder",

@@ -180,6 +180,27 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path, capsys):
     assert _capture(out, capsys, "--overwrite") == 0  # the holder is gone: the OS released its lock
 
 
+def test_two_captures_into_one_folder_leave_one_good_store(tmp_path, capsys):
+    import os
+    import time
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    first = subprocess.Popen([sys.executable, "-m", "lamina", "capture", "--model", "lamina.testing:slow_tiny_cnn",
+                              "--data", "digits", "--limit", "120", "--batch-size", "4", "--image-size", "16",
+                              "--no-progress", "--out", str(out)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "features" / "progress" / "rank0.txt").exists():
+            time.sleep(0.05)
+        assert first.poll() is None, "the first capture must still be running"
+        assert main(CAPTURE + ["--out", str(out), "--overwrite"]) == 1  # a second writer, even with --overwrite
+        err = capsys.readouterr().err
+        assert f"pid {first.pid}" in err and "`lamina capture`" in err
+    finally:
+        assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert main(["info", str(out), "--verify"]) == 0  # the first capture's store is whole
+
+
 def _lock_is_free(folder) -> bool:
     """Whether another thread can take the lock now (the same thread could re-enter it)."""
     got = []
