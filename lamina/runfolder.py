@@ -8,7 +8,9 @@ prune, finetune, distill, bench, demo):
   written, so a crash never leaves a lamina file unrecorded. ``--overwrite``
   removes only recorded files; a target that also holds anything else is
   refused, naming what is there. A folder without a record holds no lamina
-  files: it is not a run folder, whatever its files are called.
+  files: it is not a run folder, whatever its files are called. A saved model
+  folder carries its own record (:func:`swap_in`), so it answers for itself
+  wherever it is.
 - **Decide, then write.** :func:`plan_writes` checks every path a stage will
   write (absent, or lamina's and ``overwrite`` given, or ``config.json``, which
   stages merge into) before the stage writes anything; ``demo`` checks its
@@ -20,6 +22,10 @@ prune, finetune, distill, bench, demo):
   dies; the context releases it on errors and Ctrl-C. One process may nest
   claims of one folder (``demo`` runs three stages under one claim); the
   ranks of a torchrun job share rank 0's claim. Read-only stages take none.
+
+Also here: :func:`write_json`, the one JSON writer (strict: no bare NaN),
+:func:`check_resume` (``--resume`` continues only the same run), and
+``config.json`` (:func:`update_run_config`, marked ``"lamina_run": 1``).
 
 lamina's own bookkeeping names (``.lamina-files.json``, ``.lamina.lock``,
 ``.lamina.lock.json`` and scratch names ending in ``.lamina-tmp``) are never
@@ -333,8 +339,8 @@ def lock(folder, stage: str):
         raise LaminaError("another lamina process is writing this folder", value=str(folder),
                           allowed=f"one writer at a time; held by {desc}",
                           fix="wait for it to finish, or pick another --out") from None
-    except PermissionError as e:
-        raise LaminaError(f"cannot write to the output folder ({e.strerror})", value=str(folder),
+    except OSError as e:  # read-only file system, no permission (Timeout, an OSError too, is handled above)
+        raise LaminaError(f"cannot write to the output folder ({e.strerror or e})", value=str(folder),
                           allowed="a folder you can write", fix="pick another --out, or fix its permissions") from e
     try:
         write_json(folder / HOLDER, {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage,
@@ -368,8 +374,8 @@ def claim(out, stage: str, writes, overwrite: bool, *, resume: bool = False, res
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except PermissionError as e:
-        raise LaminaError(f"cannot create the output folder ({e.strerror})", value=str(out),
+    except OSError as e:
+        raise LaminaError(f"cannot create the output folder ({e.strerror or e})", value=str(out),
                           allowed="a folder you can write", fix="pick another --out") from e
     ok = False
     try:
