@@ -16,8 +16,9 @@ import pytest
 from lamina import UsageError
 from lamina.cli import main
 from lamina.errors import LaminaError
-from lamina.runfolder import (RECORD, check_resume, claim, lock, read_json, read_record, remove_owned,
-                              update_run_config)
+from lamina.jsonio import read_json
+from lamina.resume import check_resume
+from lamina.runfolder import RECORD, claim, lock, read_record, remove_owned, update_run_config
 from conftest import die_in_epoch, make_text_run
 
 CAPTURE = ["capture", "--model", "lamina.testing:tiny_cnn", "--data", "digits", "--limit", "60", "--image-size",

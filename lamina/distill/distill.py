@@ -40,7 +40,8 @@ import torch
 from ..errors import UsageError
 from ..models import LoadedModel, load_model, random_init, recalibrate_bn, save_json
 from ..task import TaskSpec, batches, check_classes, counts, evaluate, logits_of, num_classes, read_task
-from ..runfolder import RESUME, check_out, check_resume, claim, plan_writes, rows_hash, same_path
+from ..resume import RESUME, check_resume, rows_hash, same_path
+from ..runfolder import check_out, claim, plan_writes
 from ..runfolder import record as record_files
 from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, world
 from .losses import CenterLoss, LossWeights, make_adapters, total_loss

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from ..errors import UsageError
 from ..models import load_model, save_json
-from ..runfolder import RESUME, check_out, check_resume, claim, plan_writes, record, rows_hash, same_path
+from ..resume import RESUME, check_resume, rows_hash, same_path
+from ..runfolder import check_out, claim, plan_writes, record
 from ..savefmt import save
 from ..task import TASK_FILE, TaskSpec, counts, evaluate, logits_of
 from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, world
