@@ -64,7 +64,8 @@ class CaptureConfig:
     text_column: str | None = field(default=None, metadata={"help": "text column of a CSV/JSONL/Parquet file"})
     label_column: str | None = field(default=None, metadata={"help": "label column of a CSV/JSONL/Parquet file"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted capture in OUT"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing store in OUT"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace the store lamina wrote in OUT (a file it did not write is never touched)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self):

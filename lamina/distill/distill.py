@@ -91,7 +91,8 @@ class DistillConfig:
         "help": "training rows whose activations rank the channels of a --width copy and re-estimate a "
                 "BatchNorm student's running statistics before each validation"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from OUT/checkpoint.pt"})
-    overwrite: bool = field(default=False, metadata={"help": "replace what OUT already holds"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace what lamina wrote in OUT (a file it did not write is never touched)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar with the current losses"})
 
     def __post_init__(self):

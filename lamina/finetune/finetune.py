@@ -62,7 +62,8 @@ class FinetuneConfig:
     text_column: str | None = field(default=None, metadata={"help": "text column of a table"})
     label_column: str | None = field(default=None, metadata={"help": "label column of a table"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from OUT/checkpoint.pt"})
-    overwrite: bool = field(default=False, metadata={"help": "replace what OUT already holds"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace what lamina wrote in OUT (a file it did not write is never touched)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self):
