@@ -76,7 +76,7 @@ _info.add_args = _info_args
 def _print_store(store, ns) -> None:
     s = store.summary()
     if getattr(ns, "json", False):
-        from .runfolder import strict_json
+        from .jsonio import strict_json
         print(json.dumps(strict_json(s), indent=2, allow_nan=False))
         return
     print(f"store    {s['path']}")

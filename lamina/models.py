@@ -467,5 +467,5 @@ def save_json(path, obj, nulls: tuple[str, ...] = ()) -> None:
     """Write strict JSON atomically (temp file + rename), so a crash never leaves half a file and no reader
     meets a bare NaN: non-finite numbers become null under the keys in ``nulls``, elsewhere they are refused
     (:func:`lamina.runfolder.write_json`)."""
-    from .runfolder import write_json
+    from .jsonio import write_json
     write_json(path, obj, nulls)

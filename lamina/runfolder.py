@@ -8,7 +8,9 @@ prune, finetune, distill, bench, demo):
   written, so a crash never leaves a lamina file unrecorded. ``--overwrite``
   removes only recorded files; a target that also holds anything else is
   refused, naming what is there. A folder without a record holds no lamina
-  files: it is not a run folder, whatever its files are called.
+  files: it is not a run folder, whatever its files are called. A saved model
+  folder carries its own record (:func:`swap_in`), so it answers for itself
+  wherever it is.
 - **Decide, then write.** :func:`plan_writes` checks every path a stage will
   write (absent, or lamina's and ``overwrite`` given, or ``config.json``, which
   stages merge into) before the stage writes anything; ``demo`` checks its
@@ -21,6 +23,10 @@ prune, finetune, distill, bench, demo):
   claims of one folder (``demo`` runs three stages under one claim); the
   ranks of a torchrun job share rank 0's claim. Read-only stages take none.
 
+Also here: ``config.json`` (:func:`update_run_config`, marked ``"lamina_run": 1``).
+Next to it: :mod:`lamina.jsonio` (the one JSON writer, strict) and
+:mod:`lamina.resume` (``--resume`` continues only the same run).
+
 lamina's own bookkeeping names (``.lamina-files.json``, ``.lamina.lock``,
 ``.lamina.lock.json`` and scratch names ending in ``.lamina-tmp``) are never
 counted as the user's files.
@@ -29,7 +35,6 @@ counted as the user's files.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import socket
@@ -39,6 +44,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import LaminaError, UsageError
+from .jsonio import write_json
 
 RECORD = ".lamina-files.json"
 LOCK = ".lamina.lock"
@@ -61,62 +67,6 @@ def versions() -> dict:
     from . import __version__
     out["lamina"] = __version__
     return out
-
-
-# ---------------------------------------------------------------- strict JSON: the one writer
-
-def strict_json(obj, nulls: tuple[str, ...] = (), _where: str = "", _null_ok: bool = False):
-    """``obj`` as plain JSON data: numpy scalars and arrays become numbers and lists, paths strings.
-
-    A non-finite float becomes null under a key named in ``nulls`` (where the
-    writer documents null as "not computable"), anywhere else it is refused
-    with a LaminaError naming the key, so no file lamina writes holds a bare
-    ``NaN`` (which is not JSON).
-    """
-    import numpy as np
-    if isinstance(obj, dict):
-        return {str(k): strict_json(v, nulls, f"{_where}.{k}" if _where else str(k), _null_ok or k in nulls)
-                for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict_json(v, nulls, f"{_where}[{i}]", _null_ok) for i, v in enumerate(obj)]
-    if isinstance(obj, np.ndarray):
-        return strict_json(obj.tolist(), nulls, _where, _null_ok)
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        v = float(obj)
-        if math.isfinite(v):
-            return v
-        if _null_ok:
-            return None
-        raise LaminaError(f"refusing to write a non-finite number ({v}) into JSON", value=_where or "(top level)",
-                          allowed="finite numbers (JSON has no NaN or infinity)",
-                          fix="the value comes from a diverged or degenerate computation: check the inputs and "
-                              "settings that produced it")
-    if obj is None or isinstance(obj, str):
-        return obj
-    return str(obj)  # paths, dtypes, devices: their text, as before
-
-
-def write_json(path, obj, nulls: tuple[str, ...] = ()) -> Path:
-    """Write ``obj`` as strict JSON (see :func:`strict_json`) atomically: a temp file, then a rename."""
-    path = Path(path)
-    text = json.dumps(strict_json(obj, nulls), indent=2, allow_nan=False)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not JSON (a non-finite number)")
-
-
-def read_json(path):
-    """Parse a JSON file lamina reads back, refusing ``NaN``/``Infinity`` (ValueError, like any bad JSON)."""
-    return json.loads(Path(path).read_text(), parse_constant=_no_constant)
 
 
 # ---------------------------------------------------------------- the ownership record
@@ -333,8 +283,8 @@ def lock(folder, stage: str):
         raise LaminaError("another lamina process is writing this folder", value=str(folder),
                           allowed=f"one writer at a time; held by {desc}",
                           fix="wait for it to finish, or pick another --out") from None
-    except PermissionError as e:
-        raise LaminaError(f"cannot write to the output folder ({e.strerror})", value=str(folder),
+    except OSError as e:  # read-only file system, no permission (Timeout, an OSError too, is handled above)
+        raise LaminaError(f"cannot write to the output folder ({e.strerror or e})", value=str(folder),
                           allowed="a folder you can write", fix="pick another --out, or fix its permissions") from e
     try:
         write_json(folder / HOLDER, {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage,
@@ -368,8 +318,8 @@ def claim(out, stage: str, writes, overwrite: bool, *, resume: bool = False, res
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except PermissionError as e:
-        raise LaminaError(f"cannot create the output folder ({e.strerror})", value=str(out),
+    except OSError as e:
+        raise LaminaError(f"cannot create the output folder ({e.strerror or e})", value=str(out),
                           allowed="a folder you can write", fix="pick another --out") from e
     ok = False
     try:
@@ -429,8 +379,9 @@ def update_run_config(run: str | Path, stage: str, settings: dict) -> dict:
 
 def check_out(out: str | Path, overwrite: bool, resume: bool = False, checkpoint: str | None = None) -> None:
     """Refuse an OUT that is a file, or a folder that holds files, unless ``overwrite``; with ``resume``,
-    require OUT/``checkpoint`` instead. (Kept for callers outside lamina's stages; the stages use
-    :func:`claim`, which also refuses files lamina did not write.)"""
+    require OUT/``checkpoint`` instead. prune, finetune and distill call it next to :func:`plan_writes`
+    (which refuses files lamina did not write, whatever ``overwrite`` says); lamina's bookkeeping files do not
+    count as content."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError("--out is a file, not a folder", value=str(out), allowed="a new or empty folder",
@@ -445,57 +396,3 @@ def check_out(out: str | Path, overwrite: bool, resume: bool = False, checkpoint
         raise UsageError("the output folder already exists and is not empty", value=str(out),
                          allowed="a new or empty folder",
                          fix=f"pick another --out{hint} or pass --overwrite to replace what lamina writes there")
-
-
-# ---------------------------------------------------------------- resume: the same run, or a refusal
-
-RESUME = "resume.json"
-_NOT_SETTINGS = ("out", "resume", "overwrite", "progress")  # where and how it runs, not what it computes
-
-
-def check_resume(out, stage: str, settings: dict, resume: bool, rank: int = 0) -> None:
-    """A fresh run records ``settings`` in OUT/resume.json (before training writes anything); ``resume``
-    refuses when they differ from the recorded ones, naming each, as ``capture --resume`` does. Every
-    setting that changes the result must match, ``epochs`` included: the learning-rate schedule is laid
-    out over all epochs, so a longer run is a new run (start over with --overwrite)."""
-    out = Path(out)
-    now = strict_json({k: v for k, v in settings.items() if k not in _NOT_SETTINGS}, nulls=tuple(settings))
-    if not resume:
-        if rank == 0:
-            record(out, stage, [RESUME, RESUME + ".tmp"])
-            write_json(out / RESUME, {"lamina_resume": 1, "stage": stage, "settings": now})
-        return
-    try:
-        rec = read_json(out / RESUME)
-        old = rec["settings"]
-        if rec.get("stage") != stage or not isinstance(old, dict):
-            raise ValueError(f"written by {rec.get('stage')!r}")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"the checkpoint in OUT has no readable record of its settings ({e})",
-                         value=str(out / RESUME), allowed=f"the OUT folder of an interrupted `lamina {stage}`",
-                         fix="start over with --overwrite") from e
-    diff = sorted(k for k in set(now) | set(old) if now.get(k) != old.get(k))
-    if diff:
-        shown = "; ".join(f"{k}: {old.get(k)!r} then, {now.get(k)!r} now" for k in diff[:_SHOW])
-        raise UsageError(f"--resume with other settings than the interrupted run's; refusing to mix them "
-                         f"(differs in: {', '.join(diff)})", value=shown,
-                         allowed="the settings the run started with",
-                         fix="resume with the original settings, or start over with --overwrite")
-
-
-def same_path(spec):
-    """A model or data spec as resume compares it: an existing path resolved (``./m`` and ``/abs/m`` are one
-    folder), a name as given, a Python object by its class."""
-    if spec is None or isinstance(spec, (str, Path)):
-        return str(Path(spec).resolve()) if spec is not None and Path(spec).exists() else spec
-    return type(spec).__name__
-
-
-def rows_hash(ds, split: dict) -> str:
-    """A short hash of the sample ids in each split: the same data file, limit, seed and fractions give the
-    same rows, and an edited data file does not."""
-    import hashlib
-    h = hashlib.sha256()
-    for name in sorted(split):
-        h.update(name.encode() + b"\0" + "\n".join(str(ds.ids[int(i)]) for i in split[name]).encode() + b"\0")
-    return h.hexdigest()[:16]

@@ -361,7 +361,8 @@ def save_lamina(module: nn.Module, path, builder: str, preprocess: dict, extra: 
         raise UsageError("preprocess must be a dict with at least 'modality'", value=preprocess,
                          allowed="{'modality', 'image_size', 'image_mean', 'image_std', 'in_channels'}",
                          fix="use lamina.savefmt.preprocess_of(loaded_model)")
-    from .runfolder import SCRATCH, swap_in, unknown_files, write_json
+    from .jsonio import write_json
+    from .runfolder import SCRATCH, swap_in, unknown_files
     path = Path(path)
     if path.exists() and (not path.is_dir() or unknown_files(path.parent, path.name)):
         raise UsageError("the folder exists and holds files lamina did not write (not a lamina model folder), so "

@@ -28,8 +28,7 @@ def run(tmp_path_factory, tiny_dirs):
 
 def test_a_dict_config_works_like_the_dataclass(run, tiny_dirs, tmp_path):
     out = tmp_path / "small"
-    res = prune(str(tiny_dirs["bert"]), None, {"out": str(out), "scores": str(run / "scores.json"),
-                                               "drop_blocks": 0.5})
+    res = prune(str(tiny_dirs["bert"]), str(run / "scores.json"), {"out": str(out), "drop_blocks": 0.5})
     assert res.blocks_after == 1 and (out / "model").is_dir()
     r = report(str(run), {"out": str(tmp_path / "r.html")})
     assert r.plots > 0

@@ -143,8 +143,8 @@ def test_reload_check_fails_on_wrong_saved_weights(resnet_run, tmp_path, monkeyp
     import lamina.savefmt
     real = lamina.savefmt.save
 
-    def save_then_damage(lm, dest, source=None):
-        fmt = real(lm, dest, source)
+    def save_then_damage(lm, dest, source=None, **kw):
+        fmt = real(lm, dest, source, **kw)
         f = next(p for p in dest.iterdir() if p.suffix == ".safetensors")
         tensors = load_file(f)
         key = next(k for k in tensors if k.endswith("convolution.weight"))

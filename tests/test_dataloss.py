@@ -16,8 +16,9 @@ import pytest
 from lamina import UsageError
 from lamina.cli import main
 from lamina.errors import LaminaError
-from lamina.runfolder import (RECORD, check_resume, claim, lock, read_json, read_record, remove_owned,
-                              update_run_config)
+from lamina.jsonio import read_json
+from lamina.resume import check_resume
+from lamina.runfolder import RECORD, claim, lock, read_record, remove_owned, update_run_config
 from conftest import die_in_epoch, make_text_run
 
 CAPTURE = ["capture", "--model", "lamina.testing:tiny_cnn", "--data", "digits", "--limit", "60", "--image-size",
@@ -178,6 +179,27 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path, capsys):
         child.stdin.close()
         child.wait(timeout=60)
     assert _capture(out, capsys, "--overwrite") == 0  # the holder is gone: the OS released its lock
+
+
+def test_two_captures_into_one_folder_leave_one_good_store(tmp_path, capsys):
+    import os
+    import time
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    first = subprocess.Popen([sys.executable, "-m", "lamina", "capture", "--model", "lamina.testing:slow_tiny_cnn",
+                              "--data", "digits", "--limit", "120", "--batch-size", "4", "--image-size", "16",
+                              "--no-progress", "--out", str(out)], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "features" / "progress" / "rank0.txt").exists():
+            time.sleep(0.05)
+        assert first.poll() is None, "the first capture must still be running"
+        assert main(CAPTURE + ["--out", str(out), "--overwrite"]) == 1  # a second writer, even with --overwrite
+        err = capsys.readouterr().err
+        assert f"pid {first.pid}" in err and "`lamina capture`" in err
+    finally:
+        assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert main(["info", str(out), "--verify"]) == 0  # the first capture's store is whole
 
 
 def _lock_is_free(folder) -> bool:

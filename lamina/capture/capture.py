@@ -70,7 +70,8 @@ class CaptureConfig(Runtime):
         "help": "image folders: leave out files that cannot be decoded (each image is decoded once up front; "
                 "the count is shown and recorded) instead of refusing the folder"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted capture in OUT"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing store in OUT"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace the store lamina wrote in OUT (a file it did not write is never touched)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self):

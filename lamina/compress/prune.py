@@ -89,7 +89,7 @@ class PruneConfig(Runtime):
         "help": "after pruning, re-estimate BatchNorm running statistics on the calibration samples (CNNs: "
                 "removed channels shift what later layers see; no weight changes, no labels)"})
     overwrite: bool = field(default=False, metadata={
-        "help": "replace OUT/plan.json and OUT/model when OUT already holds files"})
+        "help": "replace the OUT/plan.json and OUT/model lamina wrote (a file it did not write is never touched)"})
 
     def __post_init__(self):
         self.plan_config()  # validates the budget (one message, one place)

@@ -43,7 +43,8 @@ from ..files import read_json
 from ..runtime import Runtime, describe, resolve_device
 from ..models import LoadedModel, load_model, place, random_init, recalibrate_bn, save_json
 from ..task import check_classes, default_spec, logits_of, make_task, num_classes, read_task
-from ..runfolder import RESUME, check_out, check_resume, claim, plan_writes, rows_hash, same_path
+from ..resume import RESUME, check_resume, rows_hash, same_path
+from ..runfolder import check_out, claim, plan_writes
 from ..runfolder import record as record_files
 from ..verify import save_checked
 from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, remove_checkpoint, world
@@ -93,7 +94,8 @@ class DistillConfig(Runtime):
         "help": "training rows whose activations rank the channels of a --width copy and re-estimate a "
                 "BatchNorm student's running statistics before each validation"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its checkpoint in OUT"})
-    overwrite: bool = field(default=False, metadata={"help": "replace what OUT already holds"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace what lamina wrote in OUT (a file it did not write is never touched)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar with the current losses"})
 
     def __post_init__(self):

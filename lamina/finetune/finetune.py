@@ -30,7 +30,8 @@ from .._cliargs import as_config
 from ..errors import UsageError
 from ..runtime import Runtime, describe, oom_message, resolve_device
 from ..models import load_model, place, save_json
-from ..runfolder import RESUME, check_out, check_resume, claim, plan_writes, record, rows_hash, same_path
+from ..resume import RESUME, check_resume, rows_hash, same_path
+from ..runfolder import check_out, claim, plan_writes, record
 from ..verify import save_checked
 from ..task import TASK_FILE, TaskSpec, counts, evaluate, logits_of
 from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, remove_checkpoint, world
@@ -71,7 +72,8 @@ class FinetuneConfig(Runtime):
         "help": "scores.json of `lamina analyze` on the base model and the same data (--limit, --seed): warn when "
                 "the fine-tuned test accuracy is below its best frozen linear probe"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its checkpoint in OUT"})
-    overwrite: bool = field(default=False, metadata={"help": "replace what OUT already holds"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace what lamina wrote in OUT (a file it did not write is never touched)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self):

@@ -35,7 +35,8 @@ from markupsafe import Markup
 from .. import __version__
 from .._cliargs import as_config
 from ..errors import LaminaError, UsageError
-from ..runfolder import claim, record, strict_json, unknown_files
+from ..jsonio import strict_json
+from ..runfolder import claim, record, unknown_files
 from . import _catalog as cat
 from . import _context as ctx
 from . import _pareto as pareto

@@ -175,7 +175,7 @@ class StoreWriter:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    from ..runfolder import write_json
+    from ..jsonio import write_json
     write_json(path, obj)  # strict JSON, atomic: lamina's one JSON writer
 
 
