@@ -81,6 +81,10 @@ def check_model_folder(path) -> None:
 
 def _no_weights(path: Path) -> LaminaError:
     have = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
+    if (path / "lamina.json").exists():
+        return LaminaError("the model folder holds no weights", value=f"{path} (holds: {have})",
+                           allowed="model.safetensors next to lamina.json",
+                           fix="copy model.safetensors along with lamina.json, or re-run the stage that saved it")
     return LaminaError("the model folder holds no weights", value=f"{path} (holds: {have})",
                        allowed=" or ".join(_WEIGHTS),
                        fix="save the model with model.save_pretrained(path) (it writes model.safetensors), "

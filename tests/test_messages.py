@@ -495,3 +495,22 @@ def test_data_folder_holding_a_table_points_at_the_file(csv, bert, tmp_path, cap
     shutil.copy(csv, folder / "s.csv")
     refused(["capture", "--model", bert, "--data", folder, "--out", tmp_path / "o"], capsys, 2,
             f"--data {folder / 's.csv'}")
+
+
+def test_lamina_format_without_weights(lamina_folder, tmp_path, capsys):
+    (lamina_folder / "model.safetensors").unlink()
+    refused(["capture", "--model", lamina_folder, "--data", "digits", "--limit", "20", "--out", tmp_path / "o"],
+            capsys, 1, "holds no weights", "next to lamina.json")
+
+
+def test_interrupt_hint_matches_the_verb(scored_run, capsys, monkeypatch):
+    import importlib
+    rep = importlib.import_module("lamina.report")
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rep, "report", stop)
+    assert main(["report", str(scored_run)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume" not in err
