@@ -514,3 +514,12 @@ def test_interrupt_hint_matches_the_verb(scored_run, capsys, monkeypatch):
     assert main(["report", str(scored_run)]) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "--resume" not in err
+
+
+def test_sharded_weights_with_a_missing_shard(broken, csv, tmp_path, capsys):
+    (broken / "model.safetensors").rename(broken / "model-00001-of-00002.safetensors")
+    (broken / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"embeddings.word_embeddings.weight": "model-00001-of-00002.safetensors",
+                                        "pooler.dense.bias": "model-00002-of-00002.safetensors"}}))
+    refused(["capture", "--model", broken, "--data", csv, "--out", tmp_path / "o"], capsys, 1,
+            "model.safetensors.index.json", "model-00002-of-00002.safetensors")
