@@ -523,3 +523,10 @@ def test_sharded_weights_with_a_missing_shard(broken, csv, tmp_path, capsys):
                                         "pooler.dense.bias": "model-00002-of-00002.safetensors"}}))
     refused(["capture", "--model", broken, "--data", csv, "--out", tmp_path / "o"], capsys, 1,
             "model.safetensors.index.json", "model-00002-of-00002.safetensors")
+
+
+def test_small_limit_that_keeps_two_classes_still_works(tmp_path, capsys):
+    """--limit 8 on 10-class digits keeps 8 classes: enough for capture (a quick look), so not refused."""
+    code, out, err = run(["capture", "--model", CNN, "--data", "digits", "--limit", "8", "--out", tmp_path / "o",
+                          "--no-progress"], capsys)
+    assert code == 0, err
