@@ -425,8 +425,9 @@ def main(argv=None) -> int:
         print(f"lamina {ns.verb}: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print(f"lamina {ns.verb}: interrupted; run the same command with --resume to continue",
-              file=sys.stderr)
+        then = "run the same command with --resume to continue" if hasattr(ns, "resume") \
+            else "run the same command again (it starts over)"
+        print(f"lamina {ns.verb}: interrupted; {then}", file=sys.stderr)
         return 130
 
 

@@ -74,6 +74,13 @@ def check_model_folder(path) -> None:
         if f.name in ("config.json", "lamina.json") and not isinstance(obj, dict):
             raise _damaged(path, f, f"holds a JSON {type(obj).__name__}, not an object of settings",
                            fix=f"restore {f.name} from the original model, or save the model again")
+        if f.name.endswith(".index.json") and isinstance(obj, dict) and isinstance(obj.get("weight_map"), dict):
+            shards = sorted({str(s) for s in obj["weight_map"].values()})
+            gone = [s for s in shards if Path(s).name != s or not (path / s).is_file()]
+            if gone:
+                raise _damaged(path, f, f"lists {len(shards)} weight shards, of which {len(gone)} are not in the "
+                                        f"folder ({', '.join(gone[:3])})",
+                               fix="copy every shard the index lists into the folder, or save the model again")
     for f in sorted(path.glob("*.safetensors")):
         try:
             with safe_open(str(f), framework="pt"):
@@ -85,6 +92,10 @@ def check_model_folder(path) -> None:
 
 def _no_weights(path: Path) -> LaminaError:
     have = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
+    if (path / "lamina.json").exists():
+        return LaminaError("the model folder holds no weights", value=f"{path} (holds: {have})",
+                           allowed="model.safetensors next to lamina.json",
+                           fix="copy model.safetensors along with lamina.json, or re-run the stage that saved it")
     return LaminaError("the model folder holds no weights", value=f"{path} (holds: {have})",
                        allowed=" or ".join(_WEIGHTS),
                        fix="save the model with model.save_pretrained(path) (it writes model.safetensors), "
@@ -95,8 +106,10 @@ def _no_weights(path: Path) -> LaminaError:
 def reading_model(path):
     """Turn any failure to read a model folder's files into a LaminaError naming the folder and file.
 
-    Errors lamina already explains pass through; so do ones that are not about
-    files (a bug should still show its traceback).
+    Errors lamina already explains pass through, and so do the OS's refusals
+    (permissions, a full disk) that the CLI reports with their path. What the
+    libraries raise while reading (OSError, ValueError, RuntimeError,
+    SafetensorError) is, inside this block, a file that could not be read.
     """
     from safetensors import SafetensorError
     path = Path(path)

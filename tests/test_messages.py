@@ -495,3 +495,38 @@ def test_data_folder_holding_a_table_points_at_the_file(csv, bert, tmp_path, cap
     shutil.copy(csv, folder / "s.csv")
     refused(["capture", "--model", bert, "--data", folder, "--out", tmp_path / "o"], capsys, 2,
             f"--data {folder / 's.csv'}")
+
+
+def test_lamina_format_without_weights(lamina_folder, tmp_path, capsys):
+    (lamina_folder / "model.safetensors").unlink()
+    refused(["capture", "--model", lamina_folder, "--data", "digits", "--limit", "20", "--out", tmp_path / "o"],
+            capsys, 1, "holds no weights", "next to lamina.json")
+
+
+def test_interrupt_hint_matches_the_verb(scored_run, capsys, monkeypatch):
+    import importlib
+    rep = importlib.import_module("lamina.report")
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rep, "report", stop)
+    assert main(["report", str(scored_run)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume" not in err
+
+
+def test_sharded_weights_with_a_missing_shard(broken, csv, tmp_path, capsys):
+    (broken / "model.safetensors").rename(broken / "model-00001-of-00002.safetensors")
+    (broken / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"embeddings.word_embeddings.weight": "model-00001-of-00002.safetensors",
+                                        "pooler.dense.bias": "model-00002-of-00002.safetensors"}}))
+    refused(["capture", "--model", broken, "--data", csv, "--out", tmp_path / "o"], capsys, 1,
+            "model.safetensors.index.json", "model-00002-of-00002.safetensors")
+
+
+def test_small_limit_that_keeps_two_classes_still_works(tmp_path, capsys):
+    """--limit 8 on 10-class digits keeps 8 classes: enough for capture (a quick look), so not refused."""
+    code, out, err = run(["capture", "--model", CNN, "--data", "digits", "--limit", "8", "--out", tmp_path / "o",
+                          "--no-progress"], capsys)
+    assert code == 0, err

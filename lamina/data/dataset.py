@@ -139,12 +139,16 @@ def _take(counts: np.ndarray, limit: int) -> np.ndarray:
     return take
 
 
+def _usable(take: np.ndarray, per_class: int) -> bool:
+    """What check_labels asks of a subsample: 2 classes present, each present one with ``per_class`` rows."""
+    present = take[take > 0]
+    return len(present) >= 2 and bool((present >= per_class).all())
+
+
 def _min_limit(counts: np.ndarray, per_class: int) -> int:
-    """The smallest limit whose stratified subsample keeps ``per_class`` rows of every class."""
-    # below this even the largest remainder cannot lift the smallest class to per_class
-    lo = max(per_class * len(counts), int((per_class - 1) * counts.sum() / counts.min()) - len(counts))
-    for limit in range(max(lo, 2), int(counts.sum()) + 1):
-        if (_take(counts, limit) >= per_class).all():
+    """The smallest limit whose stratified subsample passes check_labels (scanned: it runs only to word an error)."""
+    for limit in range(2, int(counts.sum()) + 1):
+        if _usable(_take(counts, limit), per_class):
             return limit
     return int(counts.sum())
 
@@ -155,8 +159,8 @@ def subsample(ds: Dataset, limit: int | None, seed: int = 0, min_per_class: int 
 
     Each class keeps its share (largest-remainder rounding, at least one per
     class when ``limit`` allows); chosen rows keep their original order, so the
-    result depends only on (data, limit, seed). A limit that would leave a class
-    with fewer than ``min_per_class`` rows (or fewer than 2 rows in all) is
+    result depends only on (data, limit, seed). A limit whose subsample would
+    fail :func:`check_labels` (``min_per_class``) while the full data passes is
     refused with the smallest limit that works; ``flag`` names the option in
     that message.
     """
@@ -174,12 +178,12 @@ def subsample(ds: Dataset, limit: int | None, seed: int = 0, min_per_class: int 
     rng = np.random.default_rng(seed)
     classes, counts = np.unique(ds.labels, return_counts=True)
     take = _take(counts, limit)
-    # Only a limit can be blamed here: classes too small in the full data are check_labels' message.
-    if min_per_class > 0 and len(classes) >= 2 and counts.min() >= min_per_class \
-            and (limit < 2 or (take < min_per_class).any()):
+    # Only the limit is to blame when the full data would pass check_labels and the subsample would not
+    # (one class left, or a class cut below min_per_class); otherwise check_labels words the problem.
+    if min_per_class > 0 and _usable(counts, min_per_class) and not _usable(take, min_per_class):
         need = _min_limit(counts, min_per_class)
-        raise UsageError(f"{flag} {limit} is too small for {ds.name!r}: {len(classes)} classes need at least "
-                         f"{min_per_class} row{'s' if min_per_class > 1 else ''} each in the subsample",
+        raise UsageError(f"{flag} {limit} is too small for {ds.name!r}: the subsample needs 2 classes with at "
+                         f"least {min_per_class} row{'s' if min_per_class > 1 else ''} each",
                          value=limit, allowed=f">= {need} (or 0 for all {len(ds)} rows)",
                          fix=f"use {flag} {need} or more, or drop {flag}")
     chosen = []
