@@ -191,3 +191,20 @@ def test_save_checked_without_data_uses_a_stand_in_batch_or_the_weights(tmp_path
     cnn = load_model("lamina.testing:tiny_cnn")  # plain arrays: lamina cannot know the input shape
     fmt, rec = save_checked(cnn, tmp_path / "c", cnn, None)
     assert fmt == "lamina" and rec["ok"] and rec["compared"].startswith("weights")
+
+
+def test_albert_distill_refuses_feature_losses_and_runs_logits_only(albert_dir, sentences_csv, tmp_path, capsys):
+    """Feature taps are per module; ALBERT's blocks share one, so feature losses are refused (exit 2), and
+    logit distillation runs and passes the reload check."""
+    from lamina.finetune import FinetuneConfig, finetune
+    teacher = tmp_path / "teacher"
+    finetune(str(albert_dir), str(sentences_csv), FinetuneConfig(out=str(teacher), full=True, epochs=1, lr=3e-3,
+                                                                 batch_size=32, patience=None, progress=False))
+    rc = main(["distill", "--teacher", str(teacher), "--student", str(teacher), "--epochs", "1", "--out",
+               str(tmp_path / "d1")])
+    assert rc == 2 and "ALBERT" in capsys.readouterr().err and not (tmp_path / "d1" / "model").exists()
+    rc = main(["distill", "--teacher", str(teacher), "--student", str(teacher), "--epochs", "1", "--cosine", "0",
+               "--fsp", "0", "--out", str(tmp_path / "d2")])
+    assert rc == 0, capsys.readouterr().err
+    rec = json.loads((tmp_path / "d2" / "distill.json").read_text())
+    assert rec["reload_check"]["ok"] and rec["reload_check"]["reloaded_with"].endswith(".from_pretrained")
