@@ -191,3 +191,39 @@ def test_save_checked_without_data_uses_a_stand_in_batch_or_the_weights(tmp_path
     cnn = load_model("lamina.testing:tiny_cnn")  # plain arrays: lamina cannot know the input shape
     fmt, rec = save_checked(cnn, tmp_path / "c", cnn, None)
     assert fmt == "lamina" and rec["ok"] and rec["compared"].startswith("weights")
+
+
+def test_albert_distill_refuses_feature_losses_and_runs_logits_only(albert_dir, sentences_csv, tmp_path, capsys):
+    """Feature taps are per module; ALBERT's blocks share one, so feature losses are refused (exit 2), and
+    logit distillation runs and passes the reload check."""
+    from lamina.finetune import FinetuneConfig, finetune
+    teacher = tmp_path / "teacher"
+    finetune(str(albert_dir), str(sentences_csv), FinetuneConfig(out=str(teacher), full=True, epochs=1, lr=3e-3,
+                                                                 batch_size=32, patience=None, progress=False))
+    rc = main(["distill", "--teacher", str(teacher), "--student", str(teacher), "--epochs", "1", "--out",
+               str(tmp_path / "d1")])
+    assert rc == 2 and "ALBERT" in capsys.readouterr().err and not (tmp_path / "d1" / "model").exists()
+    rc = main(["distill", "--teacher", str(teacher), "--student", str(teacher), "--epochs", "1", "--cosine", "0",
+               "--fsp", "0", "--out", str(tmp_path / "d2")])
+    assert rc == 0, capsys.readouterr().err
+    rec = json.loads((tmp_path / "d2" / "distill.json").read_text())
+    assert rec["reload_check"]["ok"] and rec["reload_check"]["reloaded_with"].endswith(".from_pretrained")
+
+
+@pytest.mark.parametrize("cls,cfg,glob", [
+    (T.ResNetModel, T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 2], layer_type="basic"),
+     "encoder.stages.*.layers"),
+    (T.ConvNextModel, T.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 2]), "encoder.stages.*.layers"),
+    (T.SwinModel, T.SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 2], num_heads=[2, 2],
+                               window_size=4), "encoder.layers.*.blocks")])
+def test_blocks_inside_stages_are_found_and_each_stage_keeps_one(cls, cfg, glob):
+    m = cls(cfg).eval()
+    bm = find_blocks(m)
+    assert bm.container == glob and bm.n_blocks == 3 and not bm.shared
+    assert find_blocks(m, glob).block_paths == bm.block_paths  # the user's spelling of the same blocks
+    assert bm.block_paths[0].startswith(glob.split("*")[0] + "0.") and bm.block_paths[1].startswith(
+        glob.split("*")[0] + "1.")
+    with pytest.raises(lamina.UsageError, match="empty stage 0"):
+        drop_blocks_(m, [0])
+    drop_blocks_(m, [2])
+    assert list(m.config.depths) == [1, 1] and find_blocks(m).n_blocks == 2

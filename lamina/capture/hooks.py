@@ -8,6 +8,10 @@ Shapes:
     text    block output (B, T, D), mask (B, T) of 0/1 -> pooled (B, D)
     vision  (B, T, D) tokens without a mask -> mean over all tokens
     CNN     (B, C, H, W) -> spatial mean (B, C) for every pooling but 'none'
+
+A module that one forward runs k times (ALBERT's shared layer) is k taps with
+``Tap.call`` 0..k-1: its hook counts the calls of each forward and records
+each call under its own name, instead of keeping only the last.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ block that owns the relative-position bias) is refused before anything changes.
 from __future__ import annotations
 
 import copy
-import logging
 
 import torch
 import torch.nn as nn
@@ -24,7 +23,6 @@ import torch.nn as nn
 from ..blocks import _is_glob, find_blocks, stage_containers
 from ..errors import UsageError
 
-log = logging.getLogger(__name__)
 
 
 def _check_container(bmap) -> None:

@@ -269,6 +269,12 @@ def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size
         notes.append("fsp weight set to 0: the student has a single mapped block, so no pair of taps")
         log.warning(notes[-1])
     need_feats = w.cosine > 0 or w.fsp > 0 or w.center > 0
+    shared = [who for who, m in (("teacher", teacher), ("student", student)) if m.blocks.shared]
+    if need_feats and shared:  # feature taps are read per module: one module that is k blocks has one output
+        raise UsageError(f"the {' and '.join(shared)} runs one layer as several blocks (ALBERT), so its blocks have "
+                         "no outputs of their own to distill features from", value=shared,
+                         allowed="--cosine 0 --fsp 0 --center 0 (logit distillation only) for such models",
+                         fix="pass --cosine 0 --fsp 0 --center 0")
     need_teacher = w.kd > 0 or w.cosine > 0 or w.fsp > 0
     teacher.module.eval()
     for p in teacher.module.parameters():
