@@ -422,7 +422,7 @@ def main(argv=None) -> int:
         err = os_error(e, resumable=hasattr(ns, "resume"), out=getattr(ns, "out", None))
         if err is None:
             raise
-        print(f"lamina {ns.verb}: error: {err}", file=sys.stderr)
+        print(f"lamina {ns.verb}: error: {err.cli_text()}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         then = "run the same command with --resume to continue" if hasattr(ns, "resume") \

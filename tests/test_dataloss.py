@@ -113,7 +113,7 @@ def test_prune_refused_late_leaves_no_folder(tmp_path, tiny_dirs):
     scores.write_text(json.dumps({"model": {"name": "x"}, "importance": None}))
     out = tmp_path / "small"
     with pytest.raises(UsageError):
-        prune(str(tiny_dirs["bert"]), None, PruneConfig(out=str(out), scores=str(scores), drop_blocks=0.5))
+        prune(str(tiny_dirs["bert"]), str(scores), PruneConfig(out=str(out), drop_blocks=0.5))
     assert not out.exists()
 
 
@@ -252,7 +252,7 @@ def test_finetune_resume_with_other_settings_is_refused(tmp_path, tiny_dirs, sen
     with pytest.raises(KeyboardInterrupt):
         finetune(str(tiny_dirs["bert"]), str(sentences_csv), FinetuneConfig(out=str(out), **kw))
     restore()
-    assert (out / "checkpoint.pt").exists() and (out / "resume.json").exists()
+    assert (out / "checkpoint.json").exists() and (out / "resume.json").exists()
     base = ["finetune", "--model", str(tiny_dirs["bert"]), "--data", str(sentences_csv), "--out", str(out),
             "--full", "--epochs", "2", "--lr", "3e-3", "--batch-size", "16", "--no-progress", "--resume"]
     before = _tree(out)
@@ -267,17 +267,16 @@ def test_finetune_resume_with_other_settings_is_refused(tmp_path, tiny_dirs, sen
         finetune(str(tiny_dirs["gpt2"]), str(sentences_csv), FinetuneConfig(out=str(out), resume=True, **kw))
     assert main(base + ["--limit", "160"]) == 0  # the same settings resume
     rec = json.loads((out / "finetune.json").read_text())
-    assert rec["history"]["resumed_from"] == 0 and not (out / "checkpoint.pt").exists()
+    assert rec["history"]["resumed_from"] == 0 and not (out / "checkpoint.json").exists()
 
 
 def test_distill_resume_with_other_settings_is_refused(tmp_path, tiny_teacher, monkeypatch, capsys):
     from lamina.distill import DistillConfig, distill
     out = tmp_path / "d"
-    kw = dict(teacher=str(tiny_teacher), student=str(tiny_teacher / "model"), epochs=2, lr=1e-3, batch_size=32,
-              train_limit=64, progress=False)
+    kw = dict(epochs=2, lr=1e-3, batch_size=32, train_limit=64, progress=False)
     restore = die_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        distill(DistillConfig(out=str(out), **kw))
+        distill(str(tiny_teacher), str(tiny_teacher / "model"), DistillConfig(out=str(out), **kw))
     restore()
     before = _tree(out)
     base = ["distill", "--teacher", str(tiny_teacher), "--student", str(tiny_teacher / "model"), "--out", str(out),

@@ -40,7 +40,7 @@ def test_kd_of_an_lm_against_itself_is_zero_at_every_position(setup):
 
 
 def test_distill_self_with_kd_only_stays_at_zero(setup):
-    res = distill(DistillConfig(out=str(setup / "o0"), teacher=str(setup / "teacher"), student=str(setup / "teacher"),
+    res = distill(str(setup / "teacher"), str(setup / "teacher"), DistillConfig(out=str(setup / "o0"),
                                 data=str(setup / "d.txt"), seq_len=8, ce=0.0, kd=1.0, cosine=0.0, fsp=0.0,
                                 epochs=1, batch_size=8, weight_decay=0.0, lr=1e-12, progress=False))
     # (lr ~0: Adam turns the float noise of a zero gradient into full-size steps)
@@ -50,7 +50,7 @@ def test_distill_self_with_kd_only_stays_at_zero(setup):
 
 
 def test_distill_a_pruned_lm_records_perplexity_and_reloads(setup):
-    res = distill(DistillConfig(out=str(setup / "o"), teacher=str(setup / "teacher"), student=str(setup / "student"),
+    res = distill(str(setup / "teacher"), str(setup / "student"), DistillConfig(out=str(setup / "o"),
                                 data=str(setup / "d.txt"), seq_len=8, epochs=2, batch_size=8, lr=1e-3,
                                 temperature=1.5, cosine=0.5, fsp=0.0, progress=False))
     rec = json.loads((setup / "o" / "distill.json").read_text())
@@ -67,5 +67,5 @@ def test_distill_a_pruned_lm_records_perplexity_and_reloads(setup):
 def test_distill_lm_refuses_the_centre_loss(setup):
     from lamina.errors import UsageError
     with pytest.raises(UsageError, match="centre"):
-        distill(DistillConfig(out=str(setup / "o2"), teacher=str(setup / "teacher"), student=str(setup / "student"),
+        distill(str(setup / "teacher"), str(setup / "student"), DistillConfig(out=str(setup / "o2"),
                               data=str(setup / "d.txt"), seq_len=8, center=0.1, progress=False))

@@ -103,7 +103,7 @@ def test_bad_text_input(tmp_path):
         load_corpus(str(tmp_path / "l.csv"))
     assert "--text-column" in str(e.value.fix)
     (tmp_path / "d").mkdir()
-    with pytest.raises(UsageError, match="document-per-file"):
+    with pytest.raises(UsageError, match="document.per.file"):
         load_corpus(str(tmp_path / "d"))
 
 

@@ -29,8 +29,7 @@ def test_prune_without_scores_equals_prune_with_an_explicit_analyze_of_the_same_
     capture(str(tiny_teacher), rows, CaptureConfig(out=str(run), progress=False))
     analyze(str(run), AnalyzeConfig(control=False, importance_samples=0, progress=False),
             model=str(tiny_teacher), data=rows)
-    ref = prune(str(tiny_teacher), None, PruneConfig(out=str(tmp_path / "ref"), scores=str(run / "scores.json"),
-                                                     drop_blocks=0.5))
+    ref = prune(str(tiny_teacher), str(run / "scores.json"), PruneConfig(out=str(tmp_path / "ref"), drop_blocks=0.5))
     a, b = plan["depth"], ref.plan["depth"]
     assert a["remove"] == b["remove"] and len(a["remove"]) == 1
     assert a["scores"].keys() == b["scores"].keys()

@@ -58,7 +58,7 @@ def _cut_finetune(tmp_path, tiny_dirs, sentences_csv, monkeypatch) -> tuple[Path
     restore = die_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         finetune(str(tiny_dirs["bert"]), str(sentences_csv), FinetuneConfig(
-            out=str(out), full=True, epochs=3, lr=3e-3, batch_size=16, patience=None, progress=False))
+            out=str(out), full=True, epochs=3, lr=3e-3, batch_size=16, patience=2, progress=False))
     restore()
     args = ["finetune", "--model", tiny_dirs["bert"], "--data", sentences_csv, "--out", out, "--full",
             "--epochs", "3", "--lr", "3e-3", "--batch-size", "16", "--no-progress", "--resume"]
@@ -139,7 +139,7 @@ def test_a_damaged_checkpoint_is_refused_and_an_intact_one_resumes(tmp_path, dam
     n3, o3, s3 = fresh()
     with pytest.raises(LaminaError, match="checkpoint cannot be resumed") as e:
         load_checkpoint(tmp_path, {"net": n3}, o3, s3)
-    assert "--resume" in str(e.value)
+    assert "--resume" in e.value.cli_text()
 
 
 # ---------------------------------------------------------------- 2. no code imported because a file names it
@@ -167,7 +167,7 @@ def test_a_saved_factory_is_not_imported_unless_the_user_names_it(tmp_path, monk
     monkeypatch.chdir(folder)
     with pytest.raises(UsageError) as e:
         lamina.load(folder)
-    msg = str(e.value)
+    msg = e.value.cli_text()
     assert not marker.exists()
     assert "evil_factory_a:build" in msg and "--trust-code" in msg and "PYTHONPATH" not in msg
     code, _, err = run(["capture", "--model", folder, "--data", "digits", "--limit", "20", "--out",
@@ -256,7 +256,7 @@ def test_a_manifest_path_out_of_the_store_is_refused(cnn_run, tmp_path, capsys):
     (cnn_run / "features" / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(LaminaError, match="points outside its folder") as e:
         FeatureStore.open(cnn_run)
-    assert "../../victim.npy" in str(e.value) and name in str(e.value)
+    assert "../../victim.npy" in e.value.cli_text() and name in e.value.cli_text()
     code, _, err = run(["analyze", cnn_run, "--no-control", "--no-importance", "--no-progress"], capsys)
     refused(code, err, "points outside its folder")
     # an interrupted store being resumed: refused before anything is written
@@ -307,7 +307,7 @@ def test_plausible_floats_written_into_a_layer_are_caught(cnn_run, capsys):
     store = FeatureStore.open(cnn_run)  # the size is right: opening is cheap and succeeds
     with pytest.raises(LaminaError, match="does not match its checksum") as e:
         store.load(name)
-    assert name in str(e.value) and "--overwrite" in str(e.value)
+    assert name in e.value.cli_text() and "--overwrite" in e.value.cli_text()
     with pytest.raises(LaminaError, match="does not match its checksum"):
         store.load(name, mmap=False)
     with pytest.raises(LaminaError, match="does not match its checksum"):
@@ -347,6 +347,6 @@ def test_truncated_or_missing_files_name_the_layer(cnn_run, capsys, damage):
     with pytest.raises(LaminaError, match=want) as e:
         FeatureStore.open(cnn_run)
     if damage != "labels":
-        assert f"layer {name!r}" in str(e.value)
+        assert f"layer {name!r}" in e.value.cli_text()
     code, _, err = run(["info", cnn_run], capsys)
     refused(code, err, want)

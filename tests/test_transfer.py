@@ -179,7 +179,7 @@ def test_bad_input_is_refused_clearly(bert_run, tiny_dirs, tmp_path):
                                                                              progress=False))
     with pytest.raises(UsageError, match="not captured") as e:
         transfer(few, TransferConfig(head="best", layers="blocks.0", **FAST), data=lt.tiny_text_dataset(40))
-    assert "blocks.1" in str(e.value)
+    assert "blocks.1" in e.value.cli_text()
     # side on a model whose blocks return one vector per sample: no tokens, no patches
     x = np.random.default_rng(0).normal(size=(60, 6)).astype(np.float32)
     y = np.arange(60) % 2
@@ -189,7 +189,7 @@ def test_bad_input_is_refused_clearly(bert_run, tiny_dirs, tmp_path):
     capture("test_transfer:vector_stack", ds, CaptureConfig(out=str(run), progress=False))
     with pytest.raises(UsageError, match="token- or patch-level") as e:
         transfer(run, TransferConfig(head="side", **FAST), data=ds)
-    assert "(B, T, D)" in str(e.value)
+    assert "(B, T, D)" in e.value.cli_text()
     res = transfer(run, TransferConfig(head="mix", **FAST), data=ds)  # pooled heads are fine there
     assert res.record["reload_check"]["max_abs_difference"] == 0.0
     # a model lamina could not save is refused before any training

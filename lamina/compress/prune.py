@@ -196,7 +196,7 @@ def _budget_flags(config: PruneConfig) -> str:
     flags = []
     for f in fields(PlanConfig):
         v = getattr(config, f.name)
-        if v is None or v is False or (f.name == "method" and v == "skip_nmse"):
+        if v is None or v is False or v == f.default:  # only what the user chose
             continue
         flag = "--" + f.name.replace("_", "-")
         flags.append(flag if v is True else f"{flag} {v}")

@@ -189,10 +189,7 @@ def distill(teacher, student=None, config: DistillConfig | None = None) -> Disti
             copy of the teacher).
         config: a :class:`DistillConfig`.
     """
-    if config is None:
-        raise UsageError("distill needs a DistillConfig", value=None, allowed="DistillConfig(out=..., ...)",
-                         fix="distill('teacher/', 'small/', DistillConfig(out='recovered/'))")
-    config = as_config(DistillConfig, config, "distill")
+    config = as_config(DistillConfig, config, "distill")  # None or anything else: a TypeError naming the class
     if (student is None) == (config.width is None):
         raise UsageError("give exactly one of a student and --width", value=(student, config.width),
                          allowed="--student small/ (a pruned model) or --width 0.25 (a narrow copy)",
@@ -339,7 +336,8 @@ def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size
     params = [p for p in student.module.parameters()] + [p for p in extra.parameters()]
     for p in params:
         p.requires_grad_(True)
-    settings = {**asdict(config), **{k: same_path(getattr(config, k)) for k in ("teacher", "student", "data")},
+    settings = {**asdict(config), "teacher": same_path(teacher_src), "student": same_path(student_src),
+                "data": same_path(config.data),
                 "teacher_fingerprint": teacher.fingerprint(),
                 "student_fingerprint": student.fingerprint(), "rows": rows_hash(task.ds, {**split, "train": train_rows})}
     check_resume(out, "distill", settings, config.resume, rank)  # before training writes anything
