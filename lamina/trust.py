@@ -87,6 +87,31 @@ def factory_allowed(spec: str, factory: str | None = None, trust_code: bool | No
     return spec == factory or spec in _NAMED or spec.partition(":")[0] == _OWN_FACTORIES
 
 
+def factory_of(spec: str) -> str | None:
+    """The ``module:function`` that ``load_model(spec)`` would import, or None (a bundled name or a folder)."""
+    spec = str(spec)
+    if Path(spec).exists():
+        return None
+    named, at, folder = spec.partition("@")
+    if at and ":" in named and Path(folder).is_dir():
+        return named
+    return spec if ":" in spec else None
+
+
+def check_spec_from_file(spec: str, where: str) -> None:
+    """Refuse a model spec read from a folder's file (a store manifest's ``model_spec``) that would import code,
+    unless the user named that factory or trusts code. Loading a folder it names is safe: that load applies
+    the same rules to the folder's own files."""
+    named = factory_of(spec)
+    if named is not None and not factory_allowed(named):
+        from .errors import UsageError
+        raise UsageError(f"{where} names code to import to rebuild the model, {named!r}; lamina imports code only "
+                         "when you name it", value=spec,
+                         allowed=f"name it yourself (Python: model={named!r}), or pass --trust-code "
+                                 "(trust_code) if you trust the folder's author",
+                         fix="or skip what needs the model again: --no-control --no-importance")
+
+
 def import_named(module: str):
     """Import a module the user named (``--model module:function``), from the installed packages and
     PYTHONPATH, else from the current folder (only for the module named: it is what the user asked for)."""

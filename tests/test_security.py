@@ -218,6 +218,27 @@ def test_python_m_lamina_inside_a_downloaded_folder_imports_nothing_from_it(tmp_
     assert not marker.exists()
 
 
+def test_a_store_manifest_naming_a_factory_is_not_imported_by_analyze(cnn_run, tmp_path, monkeypatch, capsys):
+    """analyze reloads the captured model (control, importance) from the manifest's model_spec: a downloaded
+    run whose manifest names a module:function must not make lamina import it."""
+    marker = tmp_path / "evil_factory_d-imported"
+    code_dir = tmp_path / "code"
+    code_dir.mkdir()
+    (code_dir / "evil_factory_d.py").write_text(FACTORY_SRC.format(marker=str(marker)))
+    monkeypatch.syspath_prepend(str(code_dir))
+    monkeypatch.chdir(code_dir)
+    path = cnn_run / "features" / "manifest.json"
+    man = json.loads(path.read_text())
+    man["model_spec"] = "evil_factory_d:build"
+    path.write_text(json.dumps(man))
+    code, _, err = run(["analyze", cnn_run, "--no-progress"], capsys)
+    refused(code, err, "evil_factory_d:build", "imports code only when you name it", "--trust-code", exit_code=2)
+    assert not marker.exists()
+    code, _, err = run(["analyze", cnn_run, "--no-progress", "--no-control", "--no-importance"], capsys)
+    assert code == 0, err  # nothing to reload: the store alone is analyzed
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("builder", ["hf:PretrainedConfig", "hf:os.system", "hf:AutoModel", "hf:__class__"])
 def test_hf_builder_names_only_model_classes_of_transformers(tmp_path, builder):
     folder = tmp_path / "m"
