@@ -61,6 +61,24 @@ def check_folder(root, names=None) -> None:
         base = root.resolve().parent.parent  # a Hugging Face cache snapshot: its files link into ../../blobs
     for name in names if names is not None else sorted(p.name for p in root.iterdir()):
         inside(base, str((root / name).relative_to(base)) if base != root else name, f"{name!r} in {root}")
+    if names is None:
+        _check_shard_index(root)
+
+
+def _check_shard_index(root: Path) -> None:
+    """The shard names a Hugging Face index (``*.index.json`` weight_map) gives must stay in the folder too."""
+    import json
+    for index in sorted(root.glob("*.index.json")):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
+        except (ValueError, AttributeError) as e:
+            raise LaminaError(f"{index.name} is not a weight index", value=str(index),
+                              allowed="a JSON object with a weight_map", fix="save the model again") from e
+        if not isinstance(weight_map, dict):
+            raise LaminaError(f"{index.name} has no weight_map object", value=str(index),
+                              allowed="a JSON object with a weight_map", fix="save the model again")
+        for shard in sorted(set(map(str, weight_map.values()))):
+            inside(root, shard, f"{index.name} weight_map shard")
 
 
 def sha256_of(path, chunk: int = 1 << 22) -> str:

@@ -316,6 +316,17 @@ def test_a_model_folder_with_a_symlink_out_is_refused(tmp_path):
         lamina.load(out)
 
 
+def test_a_hugging_face_shard_index_naming_a_file_outside_is_refused(tmp_path, tiny_dirs):
+    import shutil
+    folder = tmp_path / "hf"
+    shutil.copytree(tiny_dirs["bert"], folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"embeddings.word_embeddings.weight": "../../victim.safetensors"}}))
+    with pytest.raises(LaminaError, match="points outside its folder") as e:
+        lamina.load(folder)
+    assert "weight_map" in str(e.value) and "../../victim.safetensors" in str(e.value)
+
+
 # ---------------------------------------------------------------- 4. sizes on open, checksums on read
 
 def test_plausible_floats_written_into_a_layer_are_caught(cnn_run, capsys):
