@@ -60,12 +60,16 @@ def check_folder(root, names=None) -> None:
     if root.resolve().parent.name == "snapshots" and (root.resolve().parent.parent / "blobs").is_dir():
         base = root.resolve().parent.parent  # a Hugging Face cache snapshot: its files link into ../../blobs
     for name in names if names is not None else sorted(p.name for p in root.iterdir()):
-        inside(base, str((root / name).relative_to(base)) if base != root else name, f"{name!r} in {root}")
+        inside(base, _rel(root, base, name), f"{name!r} in {root}")
     if names is None:
-        _check_shard_index(root)
+        _check_shard_index(root, base)
 
 
-def _check_shard_index(root: Path) -> None:
+def _rel(root: Path, base: Path, name: str) -> str:
+    return name if base == root else str((root / name).relative_to(base))
+
+
+def _check_shard_index(root: Path, base: Path) -> None:
     """The shard names a Hugging Face index (``*.index.json`` weight_map) gives must stay in the folder too."""
     import json
     for index in sorted(root.glob("*.index.json")):
@@ -78,7 +82,7 @@ def _check_shard_index(root: Path) -> None:
             raise LaminaError(f"{index.name} has no weight_map object", value=str(index),
                               allowed="a JSON object with a weight_map", fix="save the model again")
         for shard in sorted(set(map(str, weight_map.values()))):
-            inside(root, shard, f"{index.name} weight_map shard")
+            inside(base, _rel(root, base, shard), f"{index.name} weight_map shard")
 
 
 def sha256_of(path, chunk: int = 1 << 22) -> str:

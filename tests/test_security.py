@@ -327,6 +327,24 @@ def test_a_hugging_face_shard_index_naming_a_file_outside_is_refused(tmp_path, t
     assert "weight_map" in str(e.value) and "../../victim.safetensors" in str(e.value)
 
 
+def test_a_hugging_face_cache_snapshot_may_link_into_its_blobs_only(tmp_path):
+    from lamina.trust import check_folder
+    repo = tmp_path / "models--org--name"
+    snap = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (repo / "blobs" / "1").write_text("{}")
+    (repo / "blobs" / "2").write_text(json.dumps({"weight_map": {"w": "model-1.safetensors"}}))
+    (repo / "blobs" / "3").write_bytes(b"x")
+    for name, blob in (("config.json", "1"), ("model.safetensors.index.json", "2"), ("model-1.safetensors", "3")):
+        (snap / name).symlink_to(Path("../../blobs") / blob)
+    check_folder(snap)  # the cache's own layout is accepted
+    (tmp_path / "secret").write_text("x")
+    (snap / "tokenizer.json").symlink_to(tmp_path / "secret")
+    with pytest.raises(LaminaError, match="points outside its folder"):
+        check_folder(snap)
+
+
 # ---------------------------------------------------------------- 4. sizes on open, checksums on read
 
 def test_plausible_floats_written_into_a_layer_are_caught(cnn_run, capsys):
