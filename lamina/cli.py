@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_LOADS_MODELS = ("capture", "finetune", "prune", "distill", "bench", "transfer")
+_LOADS_MODELS = ("capture", "analyze", "finetune", "prune", "distill", "bench", "transfer")
 
 
 def main(argv=None) -> int:

@@ -515,7 +515,12 @@ def load_lamina(path, blocks: str | None = None, *, factory: str | None = None, 
     tok = None
     if pre.get("modality") == "text":
         from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(path)
+        try:  # never trust_remote_code: a tokenizer config naming custom code is refused by transformers
+            tok = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, TypeError) as e:
+            raise LaminaError(f"the model folder's tokenizer cannot be loaded: {str(e)[:300]}", value=str(path),
+                              allowed="tokenizer files saved by tokenizer.save_pretrained",
+                              fix="save the model again with its tokenizer") from e
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
     name = path.parent.name if path.name == "model" and path.parent.name else path.name

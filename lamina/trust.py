@@ -60,7 +60,29 @@ def check_folder(root, names=None) -> None:
     if root.resolve().parent.name == "snapshots" and (root.resolve().parent.parent / "blobs").is_dir():
         base = root.resolve().parent.parent  # a Hugging Face cache snapshot: its files link into ../../blobs
     for name in names if names is not None else sorted(p.name for p in root.iterdir()):
-        inside(base, str((root / name).relative_to(base)) if base != root else name, f"{name!r} in {root}")
+        inside(base, _rel(root, base, name), f"{name!r} in {root}")
+    if names is None:
+        _check_shard_index(root, base)
+
+
+def _rel(root: Path, base: Path, name: str) -> str:
+    return name if base == root else str((root / name).relative_to(base))
+
+
+def _check_shard_index(root: Path, base: Path) -> None:
+    """The shard names a Hugging Face index (``*.index.json`` weight_map) gives must stay in the folder too."""
+    import json
+    for index in sorted(root.glob("*.index.json")):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
+        except (ValueError, AttributeError) as e:
+            raise LaminaError(f"{index.name} is not a weight index", value=str(index),
+                              allowed="a JSON object with a weight_map", fix="save the model again") from e
+        if not isinstance(weight_map, dict):
+            raise LaminaError(f"{index.name} has no weight_map object", value=str(index),
+                              allowed="a JSON object with a weight_map", fix="save the model again")
+        for shard in sorted(set(map(str, weight_map.values()))):
+            inside(base, _rel(root, base, shard), f"{index.name} weight_map shard")
 
 
 def sha256_of(path, chunk: int = 1 << 22) -> str:
@@ -85,6 +107,31 @@ def factory_allowed(spec: str, factory: str | None = None, trust_code: bool | No
     if trust_code or (trust_code is None and code_trusted()):
         return True
     return spec == factory or spec in _NAMED or spec.partition(":")[0] == _OWN_FACTORIES
+
+
+def factory_of(spec: str) -> str | None:
+    """The ``module:function`` that ``load_model(spec)`` would import, or None (a bundled name or a folder)."""
+    spec = str(spec)
+    if Path(spec).exists():
+        return None
+    named, at, folder = spec.partition("@")
+    if at and ":" in named and Path(folder).is_dir():
+        return named
+    return spec if ":" in spec else None
+
+
+def check_spec_from_file(spec: str, where: str) -> None:
+    """Refuse a model spec read from a folder's file (a store manifest's ``model_spec``) that would import code,
+    unless the user named that factory or trusts code. Loading a folder it names is safe: that load applies
+    the same rules to the folder's own files."""
+    named = factory_of(spec)
+    if named is not None and not factory_allowed(named):
+        from .errors import UsageError
+        raise UsageError(f"{where} names code to import to rebuild the model, {named!r}; lamina imports code only "
+                         "when you name it", value=spec,
+                         allowed=f"name it yourself (Python: model={named!r}), or pass --trust-code "
+                                 "(trust_code) if you trust the folder's author",
+                         fix="or skip what needs the model again: --no-control --no-importance")
 
 
 def import_named(module: str):

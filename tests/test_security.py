@@ -218,6 +218,27 @@ def test_python_m_lamina_inside_a_downloaded_folder_imports_nothing_from_it(tmp_
     assert not marker.exists()
 
 
+def test_a_store_manifest_naming_a_factory_is_not_imported_by_analyze(cnn_run, tmp_path, monkeypatch, capsys):
+    """analyze reloads the captured model (control, importance) from the manifest's model_spec: a downloaded
+    run whose manifest names a module:function must not make lamina import it."""
+    marker = tmp_path / "evil_factory_d-imported"
+    code_dir = tmp_path / "code"
+    code_dir.mkdir()
+    (code_dir / "evil_factory_d.py").write_text(FACTORY_SRC.format(marker=str(marker)))
+    monkeypatch.syspath_prepend(str(code_dir))
+    monkeypatch.chdir(code_dir)
+    path = cnn_run / "features" / "manifest.json"
+    man = json.loads(path.read_text())
+    man["model_spec"] = "evil_factory_d:build"
+    path.write_text(json.dumps(man))
+    code, _, err = run(["analyze", cnn_run, "--no-progress"], capsys)
+    refused(code, err, "evil_factory_d:build", "imports code only when you name it", "--trust-code", exit_code=2)
+    assert not marker.exists()
+    code, _, err = run(["analyze", cnn_run, "--no-progress", "--no-control", "--no-importance"], capsys)
+    assert code == 0, err  # nothing to reload: the store alone is analyzed
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("builder", ["hf:PretrainedConfig", "hf:os.system", "hf:AutoModel", "hf:__class__"])
 def test_hf_builder_names_only_model_classes_of_transformers(tmp_path, builder):
     folder = tmp_path / "m"
@@ -293,6 +314,35 @@ def test_a_model_folder_with_a_symlink_out_is_refused(tmp_path):
     (out / "model").symlink_to(tmp_path / "m", target_is_directory=True)
     with pytest.raises(LaminaError, match="points outside its folder"):
         lamina.load(out)
+
+
+def test_a_hugging_face_shard_index_naming_a_file_outside_is_refused(tmp_path, tiny_dirs):
+    import shutil
+    folder = tmp_path / "hf"
+    shutil.copytree(tiny_dirs["bert"], folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"embeddings.word_embeddings.weight": "../../victim.safetensors"}}))
+    with pytest.raises(LaminaError, match="points outside its folder") as e:
+        lamina.load(folder)
+    assert "weight_map" in str(e.value) and "../../victim.safetensors" in str(e.value)
+
+
+def test_a_hugging_face_cache_snapshot_may_link_into_its_blobs_only(tmp_path):
+    from lamina.trust import check_folder
+    repo = tmp_path / "models--org--name"
+    snap = repo / "snapshots" / "abc123"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (repo / "blobs" / "1").write_text("{}")
+    (repo / "blobs" / "2").write_text(json.dumps({"weight_map": {"w": "model-1.safetensors"}}))
+    (repo / "blobs" / "3").write_bytes(b"x")
+    for name, blob in (("config.json", "1"), ("model.safetensors.index.json", "2"), ("model-1.safetensors", "3")):
+        (snap / name).symlink_to(Path("../../blobs") / blob)
+    check_folder(snap)  # the cache's own layout is accepted
+    (tmp_path / "secret").write_text("x")
+    (snap / "tokenizer.json").symlink_to(tmp_path / "secret")
+    with pytest.raises(LaminaError, match="points outside its folder"):
+        check_folder(snap)
 
 
 # ---------------------------------------------------------------- 4. sizes on open, checksums on read

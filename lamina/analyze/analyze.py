@@ -175,6 +175,8 @@ def _reload(store: FeatureStore, model, data, runtime=None) -> tuple[LoadedModel
                              fix="pass the model to lamina.analyze(store, config, model=...), or disable "
                                  "importance and control (--no-importance --no-control)")
         model = man["model_spec"]
+        from ..trust import check_spec_from_file
+        check_spec_from_file(model, "the store's manifest.json (model_spec)")  # never import what a file names
     lm = load_model(model, blocks=cap.get("blocks"), runtime=runtime)
     if lm.fingerprint() != man.get("capture_key", {}).get("model"):
         raise UsageError("the model given is not the one the store was captured from (fingerprints differ)",

@@ -161,7 +161,9 @@ def _manifest(scores_path: Path) -> dict | None:
     path = run / "features" / "manifest.json"
     if not path.exists():
         return None
-    return read_json(path, "the scores run's feature store manifest", fix="capture the run again with --overwrite")
+    from ..store import read_manifest
+    from ..trust import inside
+    return read_manifest(inside(run, "features", "the scores run's features/ folder"))  # checked, not followed out
 
 
 def _calibration_batches(lm: LoadedModel, man: dict | None, scores: dict, config: PruneConfig,
