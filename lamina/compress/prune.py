@@ -120,7 +120,7 @@ class PruneResult:
     out: str
     plan_path: str
     model_path: str
-    plan: dict
+    plan: dict = field(repr=False)  # the whole plan.json: printed in full it buries the counts
     blocks_before: int
     blocks_after: int
     removed: list

@@ -102,7 +102,7 @@ class FinetuneResult:
     parameters: int
     trainable_parameters: int
     seconds: float
-    record: dict
+    record: dict = field(repr=False)  # all of finetune.json: printed in full it buries the numbers above
 
     def to_dict(self) -> dict:
         return asdict(self)
