@@ -170,15 +170,16 @@ _report.add_args = _report_args
 # ------------------------------------------------------------------ prune ----
 def _prune_args(p):
     from .compress import PruneConfig
-    p.add_argument("model", help="the model to prune: a `lamina finetune` OUT folder, minilm, a Hugging Face model "
-                                 "folder, ...")
+    p.add_argument("model", help="the model to prune: a `lamina finetune` OUT folder (scored on its own training "
+                                 "rows unless --scores is given), or minilm, a Hugging Face folder, ... with --scores")
     p.add_argument("--scores", default=None, help="scores.json written by `lamina analyze` for this very model; "
                                                    "without it, a fine-tuned model (a `lamina finetune` OUT) is "
                                                    "scored on --calibration-samples of its own training rows")
     add_config_args(p, PruneConfig)
 
 
-@verb("prune", "plan from RUN/scores.json and a budget, then save the smaller model -> OUT/plan.json, OUT/model")
+@verb("prune", "plan from block importance (--scores, or measured on a fine-tuned model's own rows) and a budget, "
+              "then save the smaller model -> OUT/plan.json, OUT/model")
 def _prune(ns):
     from .compress import PruneConfig, prune
     res = prune(ns.model, ns.scores, config_from_args(PruneConfig, ns))
@@ -304,8 +305,7 @@ def _distill(ns):
           f"{res.accuracy_retained:.1%})")
     print(f"model: {res.model_path}")
     print(f"record: {res.out}/distill.json")
-    _next(f"lamina bench {ns.teacher} {ns.student or res.out} {res.out}" if ns.student
-          else f"lamina bench {ns.teacher} {res.out}")
+    _next(" ".join(["lamina bench", ns.teacher] + ([ns.student] if ns.student else []) + [res.out]))
     return 0
 
 

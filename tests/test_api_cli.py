@@ -30,6 +30,7 @@ def test_a_dict_config_works_like_the_dataclass(run, tiny_dirs, tmp_path):
     out = tmp_path / "small"
     res = prune(str(tiny_dirs["bert"]), str(run / "scores.json"), {"out": str(out), "drop_blocks": 0.5})
     assert res.blocks_after == 1 and (out / "model").is_dir()
+    assert "lamina_plan" not in repr(res) and "blocks_after=1" in repr(res)  # compact: the plan is in res.plan
     r = report(str(run), {"out": str(tmp_path / "r.html")})
     assert r.plots > 0
 

@@ -135,3 +135,15 @@ def test_compare_json_is_shown_with_rows_and_columns_named(tmp_path):
     sec = html.split('<section id="compare">')[1].split("</section>")[0]
     assert "<strong>teacher</strong> (rows" in sec and "<strong>minilm</strong> (columns" in sec
     assert "0.810" in sec and "<svg" in sec
+
+
+def test_importance_says_when_the_plan_used_another_models_scores(flow, tmp_path):
+    root, stages = flow
+    run = tmp_path / "base-run"
+    run.mkdir()
+    (run / "scores.json").write_text(json.dumps(sample_scores(3, control=False)))  # another model's run
+    html, _ = render_html(run, ReportConfig(stages=(stages[1],)))
+    sec = html.split('<section id="importance">')[1].split("</section>")[0]
+    assert "was made from the importance of <strong>teacher</strong>" in sec
+    own, _ = render_html(root / "run", ReportConfig(stages=(stages[1],)))
+    assert "was made from the importance of" not in own  # the run is the pruned model itself

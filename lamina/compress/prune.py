@@ -47,7 +47,6 @@ from pathlib import Path
 
 from .._cliargs import as_config
 from ..errors import UsageError
-from ..files import read_json
 from ..runtime import Runtime
 from ..models import LoadedModel, load_model, save_json
 from ..runfolder import check_out, claim, plan_writes, record
@@ -125,7 +124,7 @@ class PruneResult:
     out: str
     plan_path: str
     model_path: str
-    plan: dict
+    plan: dict = field(repr=False)  # the whole plan.json: printed in full it buries the counts
     blocks_before: int
     blocks_after: int
     removed: list
