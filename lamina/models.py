@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -205,9 +206,11 @@ def _hf_dir(path: Path | str, blocks: str | None = None, rt: Runtime | None = No
         device = resolve_device(rt.device)
         compute = resolve_dtype(rt.torch_dtype, checkpoint_dtype(cfg))
         kw["dtype"] = torch.float32 if for_training else compute
-        if device.type != "cpu":
-            kw["device_map"] = str(device)
+        if device.type != "cpu" and importlib.util.find_spec("accelerate") is not None:
+            kw["device_map"] = str(device)  # weights go to the device as they are read
     module = cls.from_pretrained(path, config=cfg, **hub, **kw)  # the config once, not parsed again
+    if rt is not None and "device_map" not in kw and device.type != "cpu":
+        module.to(device)  # without accelerate: read on the CPU (in the target dtype), then moved
     module.eval()
     name = Path(str(path)).name if revision is None and Path(str(path)).exists() else str(path)
     tok = None
