@@ -292,3 +292,18 @@ def test_analyze_runs_knn_and_cka_on_the_gpu_path(tiny_dirs, tmp_path, monkeypat
     assert calls["cka_matrix_torch"] == 1 and calls["knn_accuracy_torch"] == len(ref["layers"])
     np.testing.assert_allclose(got["cka"], ref["cka"], rtol=1e-9)
     np.testing.assert_allclose(got["metrics"]["knn_acc"], ref["metrics"]["knn_acc"], atol=0.05)
+
+
+def test_prune_in_bfloat16_records_its_runtime(tiny_dirs, tmp_path):
+    from lamina import PruneConfig, prune
+    from lamina.analyze import AnalyzeConfig, analyze
+    csv = _rows(tiny_dirs, tmp_path, n=40)
+    run = tmp_path / "run"
+    capture(str(tiny_dirs["bert"]), str(csv), CaptureConfig(out=str(run), progress=False, torch_dtype="bfloat16"))
+    analyze(run, AnalyzeConfig(progress=False, control=False))
+    res = prune(str(tiny_dirs["bert"]), str(run / "scores.json"),
+                PruneConfig(out=str(tmp_path / "small"), drop_blocks=0.5, device="cpu", torch_dtype="bfloat16"))
+    plan = json.loads(open(res.plan_path).read())
+    assert plan["runtime"] == {**plan["runtime"], "device": "cpu", "dtype": "bfloat16"}
+    back = load_model(res.model_path, runtime=Runtime(device="cpu"))
+    assert back.dtype == torch.bfloat16 and back.blocks.n_blocks == 1  # saved as computed, in bfloat16

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from ..runtime import Runtime, describe
+from ..runtime import Runtime, describe, oom_message
 from ..models import load_model, save_json
 from ..task import TaskSpec, evaluate, read_task
 from ..threads import limit_threads
@@ -147,7 +147,8 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
                 for r in range(config.warmup + config.repeats):
                     order = range(len(lms)) if r % 2 == 0 else reversed(range(len(lms)))  # no fixed position
                     for i in order:
-                        t = _time(lms[i], inputs[i])
+                        with oom_message(bs, "--batch-sizes", lms[i].device):  # outside the timed call
+                            t = _time(lms[i], inputs[i])
                         if r >= config.warmup:
                             times[i].append(t)
                     if bar is not None:

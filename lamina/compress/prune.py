@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import UsageError
-from ..runtime import Runtime
+from ..runtime import Runtime, describe
 from ..models import LoadedModel, load_model, save_json
 from ..runfolder import check_out
 from ..savefmt import save, save_format
@@ -237,6 +237,7 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
                       "parameters_before": res.parameters_before, "parameters_after": res.parameters_after,
                       "blocks_container": res.model.blocks.container or None, "source": lm.source,
                       "format": fmt}
+    done["runtime"] = describe(lm.device, lm.dtype)
     save_json(plan_path, done)
     log.info("prune: %d -> %d blocks, %d -> %d parameters", n_before, n_after, res.parameters_before,
              res.parameters_after)

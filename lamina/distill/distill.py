@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from ..runtime import Runtime, describe, resolve_device
+from ..runtime import Runtime, describe, oom_message, resolve_device
 from ..models import LoadedModel, load_model, place, random_init, recalibrate_bn, save_json
 from ..task import TaskSpec, batches, check_classes, counts, evaluate, logits_of, num_classes, read_task
 from ..runfolder import check_out
@@ -277,7 +277,8 @@ def distill(teacher, student=None, config: DistillConfig | None = None) -> Disti
             extra["center"] = CenterLoss(len(ds.classes), s_f[-1].shape[1 if s_f[-1].dim() == 4 else -1])
 
     def step(rows, gbs):
-        s_logits, s_feats, t_logits, t_feats, mask = run(rows)
+        with oom_message(len(rows), "--batch-size", student.device):
+            s_logits, s_feats, t_logits, t_feats, mask = run(rows)
         cfeats = None
         if w.center > 0:
             last = s_feats[-1]
