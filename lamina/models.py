@@ -21,6 +21,7 @@ Sources:
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,10 +208,12 @@ def _hf_dir(path: Path | str, blocks: str | None = None, rt: Runtime | None = No
         device = resolve_device(rt.device)
         compute = resolve_dtype(rt.torch_dtype, checkpoint_dtype(cfg))
         kw["dtype"] = torch.float32 if for_training else compute
-        if device.type != "cpu":
-            kw["device_map"] = str(device)
+        if device.type != "cpu" and importlib.util.find_spec("accelerate") is not None:
+            kw["device_map"] = str(device)  # weights go to the device as they are read
     module, info = cls.from_pretrained(path, config=cfg, output_loading_info=True, **hub, **kw)  # config parsed once
     check_loaded_weights(path, module, info)  # transformers only warns, and fills the gaps with random weights
+    if rt is not None and "device_map" not in kw and device.type != "cpu":
+        module.to(device)  # without accelerate: read on the CPU (in the target dtype), then moved
     module.eval()
     name = Path(str(path)).name if revision is None and Path(str(path)).exists() else str(path)
     tok = None

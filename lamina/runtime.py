@@ -108,7 +108,9 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 def checkpoint_dtype(config) -> torch.dtype | None:
     """The dtype a Hugging Face config records (``dtype`` in transformers 5, ``torch_dtype`` before)."""
-    for name in ("dtype", "torch_dtype"):
+    # transformers 5 maps torch_dtype onto dtype (reading torch_dtype there warns); older ones have only it
+    names = ("dtype", "torch_dtype") if isinstance(config, dict) or not hasattr(config, "dtype") else ("dtype",)
+    for name in names:
         v = getattr(config, name, None) if not isinstance(config, dict) else config.get(name)
         if isinstance(v, torch.dtype):
             return v

@@ -249,3 +249,61 @@ def test_analyze_uses_the_capture_dtype(tiny_dirs, tmp_path):
     assert all(v is not None and np.isfinite(v) for v in scores["importance"]["skip_nmse"])
     with pytest.raises(UsageError, match="dtype the store was captured in"):
         analyze(run, AnalyzeConfig(progress=False, control=False, overwrite=True, torch_dtype="float16"))
+
+
+def test_gpu_metric_kernels_match_the_numpy_ones():
+    """k-NN and CKA with torch kernels (what analyze runs on a GPU), here on the CPU device."""
+    from lamina.analyze.metrics import cka_matrix, knn_accuracy
+    from lamina.analyze.metrics.torch_kernels import cka_matrix_torch, knn_accuracy_torch
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    wide = rng.normal(size=(300, 400)) + y[:, None] * 0.3  # N < D: the Gram form
+    narrow = rng.normal(size=(300, 20)) + y[:, None] * 0.5  # N > D: the feature form
+    zero_row = narrow.copy()
+    zero_row[5] = 0.0
+    dev = torch.device("cpu")
+    for x in (wide, narrow, zero_row):
+        for k in (1, 5, 10):
+            a = knn_accuracy(x[:200], y[:200], x[200:], y[200:], k=k)
+            b = knn_accuracy_torch(x[:200], y[:200], x[200:], y[200:], k, dev)
+            assert abs(a - b) <= 1 / 100, (k, a, b)
+    feats = [wide, narrow, wide @ rng.normal(size=(400, 50)), narrow * 3 + 1]
+    np.testing.assert_allclose(cka_matrix_torch(feats, dev), cka_matrix(feats), rtol=1e-9, atol=1e-12)
+
+
+def test_analyze_runs_knn_and_cka_on_the_gpu_path(tiny_dirs, tmp_path, monkeypatch):
+    """When --device resolves to a GPU, layer_metrics takes the torch kernels (the CPU device stands in)."""
+    from lamina.analyze import AnalyzeConfig, analyze
+    import importlib
+    an = importlib.import_module("lamina.analyze.analyze")  # `lamina.analyze` the attribute is the verb
+    tk = importlib.import_module("lamina.analyze.metrics.torch_kernels")
+    csv = _rows(tiny_dirs, tmp_path, n=60)
+    run = tmp_path / "run"
+    capture(str(tiny_dirs["bert"]), str(csv), CaptureConfig(out=str(run), progress=False))
+    ref = json.loads(open(analyze(run, AnalyzeConfig(progress=False, control=False, importance=False))
+                          .scores_path).read())
+    calls = Counter()
+    for name in ("knn_accuracy_torch", "cka_matrix_torch"):
+        real = getattr(tk, name)
+        monkeypatch.setattr(tk, name, lambda *a, _r=real, _n=name, **k: calls.update([_n]) or _r(*a, **k))
+    monkeypatch.setattr(an, "_metrics_device", lambda cfg: torch.device("cpu"))
+    got = json.loads(open(analyze(run, AnalyzeConfig(progress=False, control=False, importance=False,
+                                                     overwrite=True)).scores_path).read())
+    assert calls["cka_matrix_torch"] == 1 and calls["knn_accuracy_torch"] == len(ref["layers"])
+    np.testing.assert_allclose(got["cka"], ref["cka"], rtol=1e-9)
+    np.testing.assert_allclose(got["metrics"]["knn_acc"], ref["metrics"]["knn_acc"], atol=0.05)
+
+
+def test_prune_in_bfloat16_records_its_runtime(tiny_dirs, tmp_path):
+    from lamina import PruneConfig, prune
+    from lamina.analyze import AnalyzeConfig, analyze
+    csv = _rows(tiny_dirs, tmp_path, n=40)
+    run = tmp_path / "run"
+    capture(str(tiny_dirs["bert"]), str(csv), CaptureConfig(out=str(run), progress=False, torch_dtype="bfloat16"))
+    analyze(run, AnalyzeConfig(progress=False, control=False))
+    res = prune(str(tiny_dirs["bert"]), str(run / "scores.json"),
+                PruneConfig(out=str(tmp_path / "small"), drop_blocks=0.5, device="cpu", torch_dtype="bfloat16"))
+    plan = json.loads(open(res.plan_path).read())
+    assert plan["runtime"] == {**plan["runtime"], "device": "cpu", "dtype": "bfloat16"}
+    back = load_model(res.model_path, runtime=Runtime(device="cpu"))
+    assert back.dtype == torch.bfloat16 and back.blocks.n_blocks == 1  # saved as computed, in bfloat16

@@ -117,8 +117,16 @@ def _features(store: FeatureStore) -> list[np.ndarray]:
     return feats
 
 
-def layer_metrics(feats: list[np.ndarray], labels: np.ndarray, split: dict, cfg: AnalyzeConfig) -> tuple[dict, list]:
-    """Every per-layer metric of ``feats`` (L arrays (N, D)) and the (L, L) CKA matrix."""
+def layer_metrics(feats: list[np.ndarray], labels: np.ndarray, split: dict, cfg: AnalyzeConfig,
+                  device=None) -> tuple[dict, list]:
+    """Every per-layer metric of ``feats`` (L arrays (N, D)) and the (L, L) CKA matrix.
+
+    ``device`` (a torch.device): k-NN and CKA run there with torch kernels (analyze passes the GPU when
+    ``--device`` resolves to one); None keeps the NumPy versions (the CPU default). The probe's solver
+    runs on the CPU either way.
+    """
+    if device is not None:
+        from .metrics.torch_kernels import cka_matrix_torch, knn_accuracy_torch
     probes = probe_layers(feats, labels, split, Cs=cfg.cs, seed=cfg.seed, workers=cfg.probe_workers or None)
     tr, te = split["train"], split["test"]
     out: dict[str, list] = {k: [] for k in ("probe_acc", "probe_ci_low", "probe_ci_high", "probe_C", "knn_acc",
@@ -128,13 +136,14 @@ def layer_metrics(feats: list[np.ndarray], labels: np.ndarray, split: dict, cfg:
         out["probe_ci_low"].append(p.ci_low)
         out["probe_ci_high"].append(p.ci_high)
         out["probe_C"].append(p.C)
-        out["knn_acc"].append(knn_accuracy(x[tr], labels[tr], x[te], labels[te], k=cfg.knn_k))
+        out["knn_acc"].append(knn_accuracy(x[tr], labels[tr], x[te], labels[te], k=cfg.knn_k) if device is None
+                              else knn_accuracy_torch(x[tr], labels[tr], x[te], labels[te], cfg.knn_k, device))
         out["ncc_acc"].append(ncc_accuracy(x[tr], labels[tr], x[te], labels[te]))
         out["effective_rank"].append(effective_rank(x))
         sep = separability(x, labels)
         out["within_between_ratio"].append(sep["within_between_ratio"])
         out["cdnv"].append(sep["cdnv"])
-    cka = cka_matrix(feats)
+    cka = cka_matrix(feats) if device is None else cka_matrix_torch(feats, device)
     out["cka_to_last"] = [float(v) for v in cka[:, -1]]
     return {k: [_num(v) for v in vals] for k, vals in out.items()}, [[_num(v) for v in row] for row in cka]
 
@@ -151,6 +160,13 @@ def _importance_dict(res) -> dict:
             "skip_nmse": [opt(b.skip_importance) for b in res.blocks],
             "skippable": [b.skippable for b in res.blocks], "notes": [b.note for b in res.blocks],
             "target": res.target, "n_samples": res.n_samples}
+
+
+def _metrics_device(config: AnalyzeConfig):
+    """The GPU that k-NN and CKA run on, or None (the CPU: NumPy)."""
+    from ..runtime import resolve_device
+    dev = resolve_device(config.device)
+    return dev if dev.type in ("cuda", "mps") else None
 
 
 def _runtime(store: FeatureStore, config: AnalyzeConfig):
@@ -230,7 +246,7 @@ def _analyze(store: FeatureStore, run_dir: Path, path: Path, config: AnalyzeConf
     split = stratified_split(labels, config.fractions, seed=config.seed)
     feats = _features(store)
     log.info("analyze: %d layers x %d samples", len(feats), len(labels))
-    metrics, cka = layer_metrics(feats, labels, split, config)
+    metrics, cka = layer_metrics(feats, labels, split, config, _metrics_device(config))
     del feats
     man = store.manifest
     scores = {"lamina_version": man.get("lamina_version"), "model": man.get("model", {}),
@@ -278,7 +294,7 @@ def _control(lm, ds, few, store, run_dir: Path, split, config: AnalyzeConfig, kw
                       if k in cap}, overwrite=True, progress=config.progress)
     res = capture(rand, ds, ccfg)
     cstore = FeatureStore.open(res.store)
-    metrics, cka = layer_metrics(_features(cstore), cstore.labels, split, config)
+    metrics, cka = layer_metrics(_features(cstore), cstore.labels, split, config, _metrics_device(config))
     out = {"model": rand.name, "seed": config.seed, "metrics": metrics, "cka": cka, "importance": None}
     if config.importance:
         out["importance"] = _importance_dict(block_importance(rand, few, **kw))

@@ -30,7 +30,7 @@ import torch
 
 from .._cliargs import as_config
 from ..errors import UsageError
-from ..runtime import Runtime, describe
+from ..runtime import Runtime, describe, oom_message
 from ..models import load_model, save_json
 from ..runfolder import claim, plan_writes, record
 from ..task import TaskSpec, default_spec, make_task, read_task
@@ -154,7 +154,8 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
                 for r in range(config.warmup + config.repeats):
                     order = range(len(lms)) if r % 2 == 0 else reversed(range(len(lms)))  # no fixed position
                     for i in order:
-                        t = _time(lms[i], inputs[i])
+                        with oom_message(bs, "--batch-sizes", lms[i].device):  # outside the timed call
+                            t = _time(lms[i], inputs[i])
                         if r >= config.warmup:
                             times[i].append(t)
                     if bar is not None:

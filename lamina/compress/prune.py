@@ -47,7 +47,7 @@ from pathlib import Path
 
 from .._cliargs import as_config
 from ..errors import UsageError
-from ..runtime import Runtime
+from ..runtime import Runtime, describe
 from ..models import LoadedModel, load_model, save_json
 from ..runfolder import check_out, claim, plan_writes, record
 from ..savefmt import save_format
@@ -315,6 +315,7 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
                           "blocks_container": res.model.blocks.container or None, "source": lm.source,
                           "format": fmt, "scores": str(scores_path) if own or not isinstance(scores, dict) else None,
                           "scores_computed_by": "prune" if own else "analyze"}
+        done["runtime"] = describe(lm.device, lm.dtype)
         record(out, "prune", ["plan.json", "plan.json.tmp"])
         save_json(plan_path, done)
     log.info("prune: %d -> %d blocks, %d -> %d parameters", n_before, n_after, res.parameters_before,

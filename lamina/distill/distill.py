@@ -40,7 +40,7 @@ import torch
 from .._cliargs import as_config
 from ..errors import UsageError
 from ..files import read_json
-from ..runtime import Runtime, describe, resolve_device
+from ..runtime import Runtime, describe, oom_message, resolve_device
 from ..models import LoadedModel, load_model, place, random_init, recalibrate_bn, save_json
 from ..task import check_classes, default_spec, logits_of, make_task, num_classes, read_task
 from ..resume import RESUME, check_resume, rows_hash, same_path
@@ -305,7 +305,8 @@ def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size
             extra["center"] = CenterLoss(len(task.ds.classes), s_f[-1].shape[1 if s_f[-1].dim() == 4 else -1])
 
     def step(rows, gbs):
-        s_logits, s_feats, t_logits, t_feats, mask = run(rows)
+        with oom_message(len(rows), "--batch-size", student.device):
+            s_logits, s_feats, t_logits, t_feats, mask = run(rows)
         cfeats = None
         if w.center > 0:
             last = s_feats[-1]
