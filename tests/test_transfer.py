@@ -242,3 +242,17 @@ def test_cli_transfer(bert_run, tiny_dirs, sentences_csv, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--keep" in err and "Traceback" not in err
     assert main(["transfer", str(run), "--head", "mix"]) == 2  # already there, no --overwrite
+
+
+def test_report_draws_the_heads(bert_run):
+    from lamina.analyze import AnalyzeConfig, analyze
+    from lamina.report import ReportConfig, report
+    for head in ("mix", "select"):
+        transfer(bert_run, TransferConfig(head=head, overwrite=True, keep=0.1, **FAST))
+    if not (bert_run / "scores.json").exists():
+        analyze(bert_run, AnalyzeConfig(importance=False, control=False, progress=False))
+    res = report(bert_run, ReportConfig(overwrite=True) if "overwrite" in ReportConfig.__dataclass_fields__
+                 else ReportConfig())
+    html = open(res.path).read()
+    assert 'id="transfer"' in html and "Frozen-backbone heads" in html
+    assert "mix" in html and "select" in html and "95% interval" in html
