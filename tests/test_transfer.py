@@ -78,6 +78,17 @@ def test_select_keeping_every_feature_is_the_probe_of_the_concatenation(bert_run
     assert info["features_kept"] == int(np.ceil(0.05 * info["features_total"]))
     assert sum(info["kept_per_layer"].values()) == info["features_kept"] == head.linear.in_features
     assert reads == [n for n in store.layers if info["kept_per_layer"][n]]
+    # a layer with nothing kept is not read: the slim head equals the same head on the full concatenation
+    Z = dict(X, **{"zeros": torch.zeros_like(X["blocks.0"])})
+    names = ["embed", "zeros", "blocks.0", "blocks.1"]
+    head, reads, info = fit_select(Z, names, store.labels, split, few.loop(), 2, few)
+    assert "zeros" not in reads and info["kept_per_layer"]["zeros"] == 0
+    from lamina.transfer.heads import ConcatLinear
+    ref = ConcatLinear([Z[n].shape[1] for n in names], 2, info["kept_features"])
+    state = head.state_dict()
+    state["keep"] = ref.keep
+    ref.load_state_dict(state)
+    assert torch.equal(_logits(head, Z, reads), _logits(ref, Z, names))
 
 
 def test_side_never_changes_or_differentiates_the_backbone(bert_run, sentences_csv, tiny_dirs):
