@@ -11,7 +11,7 @@ one torch thread for every method:
   of the pretrained backbone over the teacher's rows (so every method is tested
   on the teacher's test rows), seeds 0 1 2: mean and spread of test accuracy,
   trainable parameters, training wall time (and the one-time capture time);
-- peak memory: each of full fine-tuning, side and mix runs in its own process (1 epoch; fine-tuning on 400 rows: parameters,
+- peak memory: full fine-tuning and side each run in their own process (1 epoch; fine-tuning on 400 rows: parameters,
   optimizer state and a batch's activations do not depend on the row count);
   peak RSS (the child's own VmHWM) minus that of a process that only loads
   the model and the data;
@@ -148,7 +148,7 @@ def _peak_rss(method: str, name: str, work: Path) -> int:
 def _memory(work: Path, name: str) -> dict:
     base = _peak_rss("baseline", name, work)
     out = {"baseline_peak_rss_bytes": base}
-    for m in ("full", "side", "mix"):
+    for m in ("full", "side"):
         peak = _peak_rss(m, name, work)
         out[m] = {"peak_rss_bytes": peak, "rise_bytes": max(0, peak - base)}
         print(f"{name} memory {m}: peak RSS {peak / 2**20:.0f} MiB (+{(peak - base) / 2**20:.0f} MiB)", flush=True)
@@ -157,7 +157,6 @@ def _memory(work: Path, name: str) -> dict:
 
 # ------------------------------------------------------------------ one model
 def run_model(work: Path, name: str, args) -> dict:
-    from lamina.transfer import TransferConfig, transfer
     t = _teacher(work, name)
     trec = json.loads((t / "finetune.json").read_text())
     full = {"accuracy": trec["test"]["accuracy"], "trainable_parameters": trec["trainable_parameters"],
@@ -167,9 +166,13 @@ def run_model(work: Path, name: str, args) -> dict:
     print(f"{name} head-only fine-tuning: acc {head_ft['accuracy']:.4f}, {head_ft['seconds']:.0f} s", flush=True)
     run = _run(work, name)
     capture_s = json.loads((run / "bench-settings.json").read_text())["seconds"]
-    heads = _cached(work / f"{name}-heads.json", args.reuse, lambda: _heads(run, t, name, args))
-    mem = _cached(work / f"{name}-memory.json", args.reuse, lambda: _memory(work, name))
-    speed = _cached(work / f"{name}-speed.json", args.reuse, lambda: _speed(t, heads, args))
+    heads = _cached(work / f"{name}-heads.json", args.reuse or args.assemble, lambda: _heads(run, t, name, args))
+    if args.assemble:  # what the earlier run measured, nothing new
+        mem, speed = (json.loads(f.read_text()) if f.exists() else None
+                      for f in (work / f"{name}-memory.json", work / f"{name}-speed.json"))
+    else:
+        mem = _cached(work / f"{name}-memory.json", args.reuse, lambda: _memory(work, name))
+        speed = _cached(work / f"{name}-speed.json", args.reuse, lambda: _speed(t, heads, args))
     return {"teacher": str(t), "task": trec["task"], "full_finetune": full, "head_finetune": head_ft,
             "capture_seconds": capture_s, "heads": heads, "memory": mem, "speed": speed,
             "seeds": list(args.seeds), "side_cache_mb": args.side_cache_mb}
@@ -244,12 +247,17 @@ def _targets(result: dict) -> dict:
         tf = b["seconds"]["mean"] / full["seconds"]
         tg[f"best_head_time_fraction_{m}"] = {"value": tf, "goal": "<= 0.10 (training only; the one-time capture "
                                                                   "is reported apart)", "met": tf <= 0.10}
-        mem = r["memory"]
-        sf = mem["side"]["rise_bytes"] / mem["full"]["rise_bytes"] if mem["full"]["rise_bytes"] else None
-        tg[f"side_memory_fraction_{m}"] = {"value": sf, "goal": "< 1 (peak RSS rise over a load-only process)",
+        mem = r["memory"] or {}
+        sf = mem["side"]["rise_bytes"] / mem["full"]["rise_bytes"] if mem.get("full", {}).get("rise_bytes") \
+            and "side" in mem else None
+        tg[f"side_memory_fraction_{m}"] = {"value": sf, "goal": "< 1 (peak RSS rise over a load-only process)"
+                                           + ("" if mem else "; not measured in this run"),
                                            "met": sf is not None and sf < 1}
         cut = [h for h in heads if heads[h]["deepest_block"] < heads[h]["n_blocks"] - 1]
-        if cut:
+        if cut and not r["speed"]:
+            tg[f"deploy_speedup_efficiency_{m}"] = {"value": None, "goal": ">= 0.9 at batch 32; not measured in "
+                                                                          "this run", "met": False}
+        elif cut:
             h = max(cut, key=lambda k: heads[k]["accuracy"]["mean"])
             eff = r["speed"][h]["speedup_efficiency"]["32"]
             tg[f"deploy_speedup_efficiency_{m}"] = {
@@ -273,7 +281,8 @@ def _write(r: dict) -> None:
              "RUN --head H --task TEACHER` on a capture of the pretrained backbone over the teacher's rows, so "
              "every accuracy is on the teacher's test rows. Full fine-tuning and frozen-head fine-tuning: 1 seed; "
              "heads: mean ± std over seeds " + ", ".join(str(s) for s in r.get("seeds", [])) + ". Rows: the finetune "
-             "benchmark's recipe on fewer rows (see `LIMITS` in bench/transfer.py) to fit the CPU budget. Time: training "
+             "benchmark's recipe on fewer rows (see `LIMITS` in bench/transfer.py) to fit the CPU budget. "
+             "Time: training "
              "wall time (heads from features in memory; the capture is a one-time cost shown apart). Memory: peak "
              "RSS of a process doing only that training (1 epoch; fine-tuning on 400 rows) minus that of a process "
              "that only loads the model and the data.", ""]
@@ -281,14 +290,15 @@ def _write(r: dict) -> None:
         e = r.get(m)
         if not e:
             continue
-        full, hf, mem = e["full_finetune"], e["head_finetune"], e["memory"]
+        full, hf, mem = e["full_finetune"], e["head_finetune"], e["memory"] or {}
         lines += [f"`{e.get('command', r['command'])}`:", "",
                   f"**{title}** ({full['test_rows']} test rows; capture of every layer "
                   f"{e['capture_seconds']:.0f} s, once for all heads):", "",
                   "| method | test accuracy | retained | trainable parameters | fraction | training s | fraction "
                   "| peak memory rise MiB | layers read | deepest block |", "|---|---|---|---|---|---|---|---|---|---|",
                   f"| full fine-tuning | {full['accuracy']:.4f} | 1.000 | {full['trainable_parameters']:,} | 1 | "
-                  f"{full['seconds']:.0f} | 1 | {mem['full']['rise_bytes'] / 2**20:.0f} | all | - |",
+                  f"{full['seconds']:.0f} | 1 | "
+                  + (f"{mem['full']['rise_bytes'] / 2**20:.0f}" if "full" in mem else "-") + " | all | - |",
                   f"| frozen-head fine-tuning | {hf['accuracy']:.4f} | {hf['accuracy'] / full['accuracy']:.3f} | "
                   f"{hf['trainable_parameters']:,} | {hf['trainable_parameters'] / full['trainable_parameters']:.4f} "
                   f"| {hf['seconds']:.0f} | {hf['seconds'] / full['seconds']:.3f} | "
@@ -298,7 +308,8 @@ def _write(r: dict) -> None:
             memh = f"{mem[h]['rise_bytes'] / 2**20:.0f}" if h in mem else "-"
             reads = v["layers"][0] if len(v["layers"]) == 1 else f"{len(v['layers'])} layers"
             lines.append(f"| {h} | {a['mean']:.4f} ± {a['std']:.4f} | {a['mean'] / full['accuracy']:.3f} | "
-                         f"{v['trainable_parameters']:,} | {v['trainable_parameters'] / full['trainable_parameters']:.4f}"
+                         f"{v['trainable_parameters']:,} | "
+                         f"{v['trainable_parameters'] / full['trainable_parameters']:.4f}"
                          f" | {v['seconds']['mean']:.1f} | {v['seconds']['mean'] / full['seconds']:.3f} | {memh} | "
                          f"{reads} | {v['deepest_block']} of {v['n_blocks']} |")
         if "mix_weights" in e["heads"]["mix"]:
@@ -310,9 +321,13 @@ def _write(r: dict) -> None:
                           f"{e['heads']['select']['features_total']} features, from: "
                       + ", ".join(f"{n} {c}" for n, c in k.items()) + "."]
         s = e["speed"]
+        if not s:
+            lines += ["", "Deployable models: speed not measured in this run.", ""]
+            continue
         lines += ["", "Deployable models against the teacher (`lamina.bench`, 1 thread, medians; teacher "
                   + ", ".join(f"{v:.1f} ms @ {b}" for b, v in s["teacher_latency_ms"].items()) + "):", "",
-                  "| head | parameter ratio | FLOP ratio | ideal speed-up | speed-up @1 | speed-up @32 | efficiency @32 |",
+                  "| head | parameter ratio | FLOP ratio | ideal speed-up | speed-up @1 | speed-up @32 "
+                  "| efficiency @32 |",
                   "|---|---|---|---|---|---|---|"]
         for h in e["heads"]:
             v = s[h]
@@ -333,6 +348,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=10, help="timed rounds per batch size")
     ap.add_argument("--side-cache-mb", type=int, default=512, help="transfer --side-cache-mb")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for every method (training and timing)")
+    ap.add_argument("--assemble", action="store_true", help="only assemble the results cached in --work")
     ap.add_argument("--reuse", action="store_true", help="reuse the heads, memory and speed results in --work")
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-efficientnet", action="store_true")

@@ -27,7 +27,8 @@ def transfer_section(d: dict, fmt: str) -> dict:
             ("pooling", d.get("pooling"))]
     if ref:
         info.append(("fine-tuning (same test rows)", f"{ref.get('mode')}: accuracy {ctx.fmt(ref.get('accuracy'))}, "
-                     f"{ctx.fmt(ref.get('trainable_parameters'))} trainable parameters, {ctx.fmt(ref.get('seconds'))} s"))
+                     f"{ctx.fmt(ref.get('trainable_parameters'))} trainable parameters, "
+                     f"{ctx.fmt(ref.get('seconds'))} s"))
     cols = ["head", "test accuracy", "95% interval", "trainable parameters", "training s", "peak memory MiB",
             "layers read", "deepest block", "deployed parameters"]
     rows = []
