@@ -166,7 +166,11 @@ def run_model(work: Path, name: str, args) -> dict:
     print(f"{name} head-only fine-tuning: acc {head_ft['accuracy']:.4f}, {head_ft['seconds']:.0f} s", flush=True)
     run = _run(work, name)
     capture_s = json.loads((run / "bench-settings.json").read_text())["seconds"]
-    heads = _cached(work / f"{name}-heads.json", args.reuse or args.assemble, lambda: _heads(run, t, name, args))
+    partial = work / f"{name}-heads.partial.json"
+    if args.assemble and not (work / f"{name}-heads.json").exists() and partial.exists():
+        heads = json.loads(partial.read_text())  # the seeds that finished
+    else:
+        heads = _cached(work / f"{name}-heads.json", args.reuse or args.assemble, lambda: _heads(run, t, name, args))
     if args.assemble:  # what the earlier run measured, nothing new
         mem, speed = (json.loads(f.read_text()) if f.exists() else None
                       for f in (work / f"{name}-memory.json", work / f"{name}-speed.json"))
@@ -186,11 +190,22 @@ def _heads(run: Path, t: Path, name: str, args) -> dict:
             r = transfer(str(run), TransferConfig(head=h, task=str(t), seed=seed, overwrite=True,
                                                   side_cache_mb=args.side_cache_mb))
             runs[h].append(r)
+            _summary(runs, work_of(run) / f"{name}-heads.partial.json")
             print(f"{name} {h:<7} seed {seed}: acc {r.test_accuracy:.4f}, {r.trainable_parameters:,} params, "
                   f"{r.seconds:.1f} s, reads {r.layers[0]}..{r.layers[-1]} (deepest block {r.deepest_block} "
                   f"of {r.n_blocks})", flush=True)
+    return _summary(runs)
+
+
+def work_of(run: Path) -> Path:
+    return run.parent
+
+
+def _summary(runs: dict, path: Path | None = None) -> dict:
     heads = {}
     for h, rs in runs.items():
+        if not rs:
+            continue
         last = rs[-1].record
         heads[h] = {"accuracy": _stats([r.test_accuracy for r in rs]),
                     "seconds": _stats([r.seconds for r in rs]),
@@ -200,6 +215,8 @@ def _heads(run: Path, t: Path, name: str, args) -> dict:
                     "deployed_parameters": last["deployed_parameters"], "model_path": rs[-1].model_path,
                     **{k: last[k] for k in ("mix_weights", "kept_per_layer", "features_kept", "features_total",
                                             "val_accuracy_per_layer", "side_width", "cached") if k in last}}
+    if path is not None:
+        path.write_text(json.dumps(heads, indent=2, default=float))
     return heads
 
 

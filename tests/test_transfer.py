@@ -101,6 +101,7 @@ def test_side_never_changes_or_differentiates_the_backbone(bert_run, sentences_c
     names = ["embed", "blocks.0", "blocks.1"]
     net, dep, info, extra, feats, _ = _train_side(lm, ds, names, split, store.labels, 2,
                                                   store.manifest["config"], cfg, cfg.loop())
+    assert len(net.down) == len(net.blocks) + 1 == len(names)  # it reads every layer
     backbone = dep.module.backbone
     assert all(p.requires_grad for p in backbone.parameters())  # frozen by detaching, not by a flag
     assert all(p.grad is None for p in backbone.parameters())
@@ -174,6 +175,7 @@ def test_side_on_a_cnn_a_decoder_and_a_vit(tmp_path, tiny_dirs, tiny_vit_dir, se
         res = transfer(run, TransferConfig(head="side", **FAST), model=model, data=data)
         assert res.record["reload_check"]["max_abs_difference"] == 0.0
         assert res.record["side_kind"] == ("conv_side" if name == "cnn" else "token_side")
+        assert len(res.record["token_shapes"]) == len(res.layers) == res.n_blocks + 1  # embed and every block
 
 
 def test_bad_input_is_refused_clearly(bert_run, tiny_dirs, tmp_path):
