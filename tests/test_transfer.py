@@ -78,6 +78,17 @@ def test_select_keeping_every_feature_is_the_probe_of_the_concatenation(bert_run
     assert info["features_kept"] == int(np.ceil(0.05 * info["features_total"]))
     assert sum(info["kept_per_layer"].values()) == info["features_kept"] == head.linear.in_features
     assert reads == [n for n in store.layers if info["kept_per_layer"][n]]
+    # a layer with nothing kept is not read: the slim head equals the same head on the full concatenation
+    Z = dict(X, **{"zeros": torch.zeros_like(X["blocks.0"])})
+    names = ["embed", "zeros", "blocks.0", "blocks.1"]
+    head, reads, info = fit_select(Z, names, store.labels, split, few.loop(), 2, few)
+    assert "zeros" not in reads and info["kept_per_layer"]["zeros"] == 0
+    from lamina.transfer.heads import ConcatLinear
+    ref = ConcatLinear([Z[n].shape[1] for n in names], 2, info["kept_features"])
+    state = head.state_dict()
+    state["keep"] = ref.keep
+    ref.load_state_dict(state)
+    assert torch.equal(_logits(head, Z, reads), _logits(ref, Z, names))
 
 
 def test_side_never_changes_or_differentiates_the_backbone(bert_run, sentences_csv, tiny_dirs):
@@ -90,6 +101,7 @@ def test_side_never_changes_or_differentiates_the_backbone(bert_run, sentences_c
     names = ["embed", "blocks.0", "blocks.1"]
     net, dep, info, extra, feats, _ = _train_side(lm, ds, names, split, store.labels, 2,
                                                   store.manifest["config"], cfg, cfg.loop())
+    assert len(net.down) == len(net.blocks) + 1 == len(names)  # it reads every layer
     backbone = dep.module.backbone
     assert all(p.requires_grad for p in backbone.parameters())  # frozen by detaching, not by a flag
     assert all(p.grad is None for p in backbone.parameters())
@@ -163,6 +175,7 @@ def test_side_on_a_cnn_a_decoder_and_a_vit(tmp_path, tiny_dirs, tiny_vit_dir, se
         res = transfer(run, TransferConfig(head="side", **FAST), model=model, data=data)
         assert res.record["reload_check"]["max_abs_difference"] == 0.0
         assert res.record["side_kind"] == ("conv_side" if name == "cnn" else "token_side")
+        assert len(res.record["token_shapes"]) == len(res.layers) == res.n_blocks + 1  # embed and every block
 
 
 def test_bad_input_is_refused_clearly(bert_run, tiny_dirs, tmp_path):
@@ -242,3 +255,17 @@ def test_cli_transfer(bert_run, tiny_dirs, sentences_csv, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--keep" in err and "Traceback" not in err
     assert main(["transfer", str(run), "--head", "mix"]) == 2  # already there, no --overwrite
+
+
+def test_report_draws_the_heads(bert_run):
+    from lamina.analyze import AnalyzeConfig, analyze
+    from lamina.report import ReportConfig, report
+    for head in ("mix", "select"):
+        transfer(bert_run, TransferConfig(head=head, overwrite=True, keep=0.1, **FAST))
+    if not (bert_run / "scores.json").exists():
+        analyze(bert_run, AnalyzeConfig(importance=False, control=False, progress=False))
+    res = report(bert_run, ReportConfig(overwrite=True) if "overwrite" in ReportConfig.__dataclass_fields__
+                 else ReportConfig())
+    html = open(res.path).read()
+    assert 'id="transfer"' in html and "Frozen-backbone heads" in html
+    assert "mix" in html and "select" in html and "95% interval" in html

@@ -22,7 +22,8 @@ from . import _plots as plots
 
 # (file, section id, heading), in pipeline order
 STAGE_FILES = (("finetune.json", "finetune", "Fine-tuning"), ("plan.json", "plan", "Compression plan"),
-               ("distill.json", "distill", "Distillation"), ("bench.json", "bench", "Speed and accuracy"))
+               ("distill.json", "distill", "Distillation"), ("bench.json", "bench", "Speed and accuracy"),
+               ("transfer.json", "transfer", "Frozen-backbone heads"))
 
 
 def stage_paths(run: Path, extra) -> list[tuple[Path, str, str]]:
@@ -45,6 +46,9 @@ def stage_paths(run: Path, extra) -> list[tuple[Path, str, str]]:
 
 def section(kind: str, data: dict, fmt: str) -> dict:
     """rows, tables and figure for one stage file."""
+    if kind == "transfer" and isinstance(data, dict) and "heads" in data:
+        from ._transfer import transfer_section
+        return transfer_section(data, fmt)
     if kind == "bench" and isinstance(data, dict) and "models" in data:
         return _bench(data, fmt)
     if kind in ("distill", "finetune") and isinstance(data, dict) and "history" in data:

@@ -23,7 +23,7 @@ class TokenFeatures:
         self.cache: dict[int, list] | None = None
         self.text = dep.modality == "text"
         probe, _ = self._compute(np.asarray(cache_rows[:2]))
-        self.shapes = [tuple(p[0].shape) for p in probe]
+        self.shapes = [tuple(t.shape) for t in probe[0]]  # one per layer (of the first row)
         per_row = 2 * sum(int(np.prod(s)) for s in self.shapes)  # float16; text rows are usually shorter
         self.estimated_mb = per_row * len(cache_rows) / 2 ** 20
         self.cached = self.estimated_mb <= cache_mb

@@ -96,10 +96,12 @@ def fit_select(X, layers, labels, split, loop, n_classes, cfg) -> tuple:
         i = int(np.searchsorted(bounds, k, side="right") - 1)
         remap.append(int(starts[reads.index(layers[i])] + k - offs[layers[i]]))
     slim = ConcatLinear([full.dims[layers.index(n)] for n in reads], n_classes, remap)
-    slim.load_state_dict(head.state_dict())
+    state = head.state_dict()
+    state["keep"] = slim.keep  # positions in the slim concatenation, not in the full one
+    slim.load_state_dict(state)
     head = slim
     return head, reads, {"history": hist, "selection_history": hist1, "features_total": total,
-                         "features_kept": len(kept), "kept_per_layer": per_layer,
+                         "features_kept": len(kept), "kept_per_layer": per_layer, "kept_features": keep,
                          "group_lasso": cfg.group_lasso, "keep": cfg.keep}
 
 

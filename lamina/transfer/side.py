@@ -56,6 +56,7 @@ class TokenSide(nn.Module):
         if mask is None:
             mask = torch.ones(feats[0].shape[:2], dtype=torch.bool, device=feats[0].device)
         mask = mask.bool()
+        _check(feats, self.dims)
         s = self.down[0](feats[0])
         for blk, down, h in zip(self.blocks, self.down[1:], feats[1:]):
             s = blk(s + down(h), src_key_padding_mask=~mask)
@@ -94,6 +95,7 @@ class ConvSide(nn.Module):
                 "dropout": self.dropout}
 
     def forward(self, feats: list[torch.Tensor], mask=None) -> torch.Tensor:
+        _check(feats, self.dims)
         s = self.down[0](feats[0])
         for blk, down, h in zip(self.blocks, self.down[1:], feats[1:]):
             h = down(h)
@@ -101,6 +103,11 @@ class ConvSide(nn.Module):
                 s = F.adaptive_avg_pool2d(s, h.shape[-2:])
             s = blk(s + h)
         return self.fc(self.drop(s.mean(dim=(2, 3))))
+
+
+def _check(feats: list, dims: list[int]) -> None:
+    if len(feats) != len(dims):  # zip() would silently read fewer layers
+        raise ValueError(f"the side network reads {len(dims)} layers but got {len(feats)}")
 
 
 def side_for(shapes: list[tuple], n_classes: int, fraction: float, dropout: float = 0.1) -> nn.Module:

@@ -256,7 +256,7 @@ def transfer(run, config: TransferConfig = TransferConfig(), *, model=None, data
                             "store_max_abs_difference": store_diff},
            "config": asdict(config), **{k: v for k, v in extra.items() if k != "history"},
            "history": extra.get("history")}
-    _write_record(run_dir, store, split, split_info, rec)
+    _write_record(run_dir, store, split, split_info, rec, _reference(config.task))
     update_run_config(run_dir, f"transfer.{config.head}", {"config": asdict(config), "model": str(out)})
     log.info("transfer %s: test accuracy %.4f, %d trainable parameters", config.head, test["accuracy"], trainable)
     return TransferResult(config.head, str(out), test["accuracy"], test["ci_low"], test["ci_high"], int(trainable),
@@ -281,7 +281,19 @@ def _train_side(lm, ds, names, split, labels, n_classes, cap, config, loop):
     return net, dep, info, extra, feats, mem
 
 
-def _write_record(run_dir: Path, store: FeatureStore, split: dict, split_info: dict, rec: dict) -> None:
+def _reference(task: str | None) -> dict | None:
+    """The fine-tuning that ``--task`` names, as a point to compare with (same test rows)."""
+    f = Path(task) / "finetune.json" if task else None
+    if f is None or not f.is_file():
+        return None
+    r = json.loads(f.read_text())
+    return {"folder": str(task), "mode": r.get("mode"), "accuracy": (r.get("test") or {}).get("accuracy"),
+            "trainable_parameters": r.get("trainable_parameters"), "parameters": r.get("parameters"),
+            "seconds": r.get("seconds")}
+
+
+def _write_record(run_dir: Path, store: FeatureStore, split: dict, split_info: dict, rec: dict,
+                  reference: dict | None) -> None:
     path = run_dir / RECORD
     old = json.loads(path.read_text()) if path.exists() else {}
     sizes = {k: int(len(v)) for k, v in split.items()}
@@ -293,7 +305,7 @@ def _write_record(run_dir: Path, store: FeatureStore, split: dict, split_info: d
     man = store.manifest
     save_json(path, {"lamina_transfer": 1, "model": man.get("model", {}), "data": man.get("data", {}),
                      "pooling": man.get("pooling"), "split": split_info, "split_sizes": sizes,
-                     "heads": keep, "versions": versions(),
+                     "heads": keep, "reference": reference or old.get("reference"), "versions": versions(),
                      "definitions": {
                          "test.accuracy": "accuracy on the test rows, 95% Wilson interval in ci_low/ci_high",
                          "trainable_parameters": "parameters of the trained head (select: the final head on the "
