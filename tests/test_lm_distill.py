@@ -69,3 +69,20 @@ def test_distill_lm_refuses_the_centre_loss(setup):
     with pytest.raises(UsageError, match="centre"):
         distill(DistillConfig(out=str(setup / "o2"), teacher=str(setup / "teacher"), student=str(setup / "student"),
                               data=str(setup / "d.txt"), seq_len=8, center=0.1, progress=False))
+
+
+def test_cli_bench_and_distill_an_lm_on_text(setup, capsys):
+    from lamina.cli import main
+    txt = str(setup / "d.txt")
+    assert main(["bench", str(setup / "teacher"), str(setup / "student"), "--data", txt, "--seq-len", "8",
+                 "--batch-sizes", "1", "--warmup", "0", "--repeats", "1", "--no-progress",
+                 "--out", str(setup / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "perple" in out and json.loads((setup / "b" / "bench.json").read_text())["task"]["kind"] == "lm"
+    assert main(["distill", "--teacher", str(setup / "teacher"), "--student", str(setup / "student"), "--data", txt,
+                 "--seq-len", "8", "--epochs", "1", "--batch-size", "8", "--fsp", "0", "--no-progress",
+                 "--out", str(setup / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "val ppl" in out and "test ppl" in out
+    assert main(["bench", str(setup / "teacher"), "--data", txt, "--seq-len", "65", "--out", str(setup / "b2")]) == 2
+    assert "context" in capsys.readouterr().err
