@@ -128,3 +128,6 @@ def test_shortlist_scores_fewer_sets_and_still_finds_the_identity_blocks():
     lm, batches = _lm("llama", layers=5, identity=(1, 3))
     res = joint_select(lm, batches, 2, list(range(5)), objective="nmse", shortlist=2)
     assert res["remove"] == [1, 3] and [len(r["candidates"]) for r in res["rounds"]] == [5, 2]
+    # the list refills from earlier rounds: every round has its full shortlist until the candidates run out
+    deep = joint_select(lm, batches, 4, list(range(5)), objective="nmse", shortlist=2)
+    assert [len(r["candidates"]) for r in deep["rounds"]] == [5, 2, 2, 2] and len(deep["remove"]) == 4

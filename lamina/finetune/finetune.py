@@ -17,6 +17,7 @@ so every accuracy in lamina is measured on the same test rows.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -24,13 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import UsageError
 from ..models import load_model, save_json
 from ..runfolder import check_out
 from ..savefmt import save
-from ..task import TASK_FILE, TaskSpec, counts, evaluate, logits_of
+from ..lm_task import LMTaskSpec
+from ..task import TASK_FILE, ClassificationTask, TaskSpec, is_causal_lm, make_task
 from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, world
 from .heads import attach_head, head_parameters
 
@@ -56,6 +57,8 @@ class FinetuneConfig:
     val: float = field(default=0.1, metadata={"help": "fraction of rows held out for validation (early stopping)"})
     test: float = field(default=0.2, metadata={"help": "fraction of rows held out for the test accuracy"})
     max_length: int = field(default=128, metadata={"help": "tokens per text (longer texts are truncated)"})
+    seq_len: int = field(default=128, metadata={
+        "help": "tokens per packed block when the model is a causal LM (it learns next tokens of the text)"})
     image_size: int | None = field(default=None, metadata={
         "help": "resize images to this side (default: the model's own, 224 for EfficientNet)"})
     text_column: str | None = field(default=None, metadata={"help": "text column of a table"})
@@ -108,17 +111,30 @@ def finetune(model, data: str, config: FinetuneConfig) -> FinetuneResult:
     t0 = time.perf_counter()
     out = Path(config.out)
     check_out(out, config.overwrite, config.resume, CHECKPOINT)
-    spec = TaskSpec(data=str(data), limit=config.limit, seed=config.seed, val=config.val, test=config.test,
-                    max_length=config.max_length, image_size=config.image_size, text_column=config.text_column,
-                    label_column=config.label_column)
-    ds, split = spec.load()
     base = load_model(model)
-    lm = attach_head(base, list(ds.classes))
-    if spec.image_size is None and lm.image_size:
-        spec = TaskSpec(**{**spec.to_dict(), "image_size": lm.image_size})
+    if is_causal_lm(base):  # a decoder LM learns next tokens of the text: no head to attach
+        if not config.full:
+            raise UsageError("fine-tuning a causal language model trains every weight", value=base.name,
+                             allowed="--full with a causal LM", fix="pass --full")
+        if config.label_column:
+            raise UsageError("a language model learns from text alone; --label-column does not apply",
+                             value=config.label_column, allowed="--text-column", fix="drop --label-column")
+        spec = LMTaskSpec(data=str(data), limit=config.limit, seed=config.seed, val=config.val, test=config.test,
+                          seq_len=config.seq_len, text_column=config.text_column)
+        task, lm = make_task(spec, base), base
+    else:
+        spec = TaskSpec(data=str(data), limit=config.limit, seed=config.seed, val=config.val, test=config.test,
+                        max_length=config.max_length, image_size=config.image_size, text_column=config.text_column,
+                        label_column=config.label_column)
+        ds, split = spec.load()
+        lm = attach_head(base, list(ds.classes))
+        if spec.image_size is None and lm.image_size:
+            spec = TaskSpec(**{**spec.to_dict(), "image_size": lm.image_size})
+        task = ClassificationTask(spec, ds, split)
+    split = task.split
     names = None
     if not config.full:
-        probe_batch = lm.batch(ds, split["train"][:2], spec.max_length, spec.image_size)
+        probe_batch = task.batch(lm, split["train"][:2])
         names = set(head_parameters(lm, probe_batch))
         if not names:
             raise UsageError("found no parameters after the last block to train as the head",
@@ -132,25 +148,25 @@ def finetune(model, data: str, config: FinetuneConfig) -> FinetuneResult:
     frozen = [lm.module.get_submodule(p) for p in lm.blocks.block_paths] if names is not None else []
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    ds_labels = torch.tensor(ds.labels)
 
     def step(rows, gbs):
         for m in frozen:  # a frozen backbone also keeps its dropout off
             m.eval()
-        z = logits_of(lm.forward(lm.batch(ds, rows, spec.max_length, spec.image_size)))
-        return F.cross_entropy(z.float(), ds_labels[rows], reduction="sum") / gbs, {}
+        out_ = lm.forward(task.batch(lm, rows))
+        return task.loss_sum(out_, rows) / (gbs * task.units_per_row), {}
 
     def validate(rows):
-        return counts(lm, ds, rows, spec)
+        return task.counts(lm, rows)
 
-    hist = fit({"model": lm.module}, params, step, split["train"], split["val"], validate, config.loop(),
+    loop = dataclasses.replace(config.loop(), best="accuracy" if task.higher_is_better else "loss")
+    hist = fit({"model": lm.module}, params, step, split["train"], split["val"], validate, loop,
                out, resume=config.resume, desc="finetune")
     for p in lm.module.parameters():
         p.requires_grad_(True)
-    test = evaluate(lm, ds, split["test"], spec)
+    test = task.evaluate(lm, split["test"])
     n_params = sum(p.numel() for p in lm.module.parameters())
-    rec = {"lamina_finetune": 1, "model": base.describe() | {"source": base.source}, "task": spec.to_dict(),
-           "classes": list(ds.classes),
+    rec = {"lamina_finetune": 1, "model": base.describe() | {"source": base.source}, "task": task.record(),
+           "classes": list(task.ds.classes) if task.kind == "classification" else None, "metric": task.metric,
            "split_sizes": {k: int(len(v)) for k, v in split.items()},
            "config": asdict(config), "mode": "full" if config.full else "head",
            "parameters": n_params, "trainable_parameters": sum(p.numel() for p in params),
