@@ -268,7 +268,7 @@ def _write(r: dict) -> None:
                       f"{d['tokens_per_s']['joint_22']:.1f} tokens/s ({d['speedup']:.2f}x).", ""]
     mm = r.get("minilm")
     if mm:
-        lines += [f"MiniLM on Rotten Tomatoes (`--minilm`; a teacher fine-tuned here on {mm['teacher']['limit']} rows, "
+        lines += [f"MiniLM on Rotten Tomatoes (`{mm.get('command', '--minilm')}`; a teacher fine-tuned here on {mm['teacher']['limit']} rows, "
                   f"{mm['teacher']['epochs']} epochs, max length {mm['teacher']['max_length']}: test accuracy "
                   f"{mm['teacher_test_accuracy']:.4f} on {mm['test_rows']} rows; not bench/prune.py's teacher), "
                   f"joint (nMSE of the logits on {mm['calibration_rows']} training rows) vs evenly spaced, no recovery:",
@@ -277,6 +277,11 @@ def _write(r: dict) -> None:
             lines.append(f"| {kept} of 6 | {d['joint']['accuracy']:.4f} | {d['joint']['remove']} | "
                          f"{d['even']['accuracy']:.4f} | {d['even']['remove']} |")
         lines.append("")
+    lines += ["Caveats: the held-out set is small (CPU time on a shared 2-core machine), so perplexity "
+              "differences of a few percent are within noise; the joint method and the importance scores see only the "
+              f"{t['calibration_blocks']} calibration blocks. Not measured: recovery by distillation (`kd_gap_recovered`, "
+              "`kd_minus_ce_log_ppl`: 3 seeds x 2 recipes of SmolLM2 training did not fit this machine's time; "
+              "`lamina distill --teacher smollm2 --student S --data debates` runs it).", ""]
     lines += ["Targets: " + "; ".join(f"`{k}` {v['value']:.3f} (goal {v['goal']}: {'met' if v['met'] else 'NOT met'})"
                                       for k, v in r["targets"].items()) + ".", ""]
     write_section("llm", lines)
