@@ -261,6 +261,10 @@ def _write(r: dict) -> None:
                                                           s["pruned_latency_ms"].items())
                   + f"; ideal speed-up {s['ideal_speedup']:.2f}, measured "
                   + ", ".join(f"{v:.2f} @ {k}" for k, v in s["speedup"].items()) + ".", ""]
+        lines += [f"Speed was measured with {s.get('command', 'the command above')} while the 2-core machine ran at a "
+                  "load average of about 15 (other sessions): a speed-up efficiency above 1 and a 22-block model "
+                  "decoding slower than the 30-block one are that noise, not properties of the models; rerun on a "
+                  "quiet machine before trusting these speed figures.", ""]
         if "decode" in s:
             d = s["decode"]
             lines += [f"Decode with the KV cache (greedy, batch 1, {d['prompt_tokens']}-token prompt, {d['new_tokens']} "
