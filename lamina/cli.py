@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 
 from ._cliargs import add_config_args, config_from_args
@@ -265,11 +266,12 @@ def _bench(ns):
     from .bench import BenchConfig, bench
     res = bench(ns.models, config_from_args(BenchConfig, ns))
     bss = list(res["models"][0]["latency"])
-    head = f"{'model':<28} {'params':>11} {'MFLOP/x':>9} {'acc':>6} " + " ".join(f"{'ms@' + b:>9}" for b in bss)
+    metric = res["models"][0].get("metric", "accuracy")  # perplexity for a language model
+    head = f"{'model':<28} {'params':>11} {'MFLOP/x':>9} {metric[:6]:>6} " + " ".join(f"{'ms@' + b:>9}" for b in bss)
     print(head + "  speed-up@" + bss[-1] + " (ideal)")
     for r in res["models"]:
         v = r["vs_first"]
-        acc = f"{r['accuracy']:.4f}" if r.get("accuracy") is not None else "  -   "
+        acc = f"{r[metric]:.4g}" if r.get(metric) is not None else "  -   "
         lat = " ".join(f"{r['latency'][b]['median_ms']:9.2f}" for b in bss)
         ideal = f"{v['ideal_speedup']:.2f}x" if v["ideal_speedup"] else "-"
         print(f"{str(r['model'])[-28:]:<28} {r['parameters']:>11,} {r['flops_per_sample'] / 1e6:9.1f} {acc:>6} {lat}"
@@ -297,12 +299,17 @@ def _distill(ns):
     res = distill(ns.teacher, ns.student, config_from_args(DistillConfig, ns))
     for e in res.record["history"]["epochs"]:
         parts = "  ".join(f"{k} {v:.4f}" for k, v in e["train"].items())
-        print(f"epoch {e['epoch']:>3}  {parts}  val acc {e['val_accuracy']:.4f}  ({e['seconds']:.0f} s)")
+        val = f"val ppl {math.exp(min(e['val_loss'], 700)):.3f}" if res.record.get("metric") == "perplexity" \
+            else f"val acc {e['val_accuracy']:.4f}"
+        print(f"epoch {e['epoch']:>3}  {parts}  {val}  ({e['seconds']:.0f} s)")
     p = res.record["parameters"]
     print(f"student     {p['student']:,} parameters ({p['student'] / p['teacher']:.1%} of the teacher's), "
           f"layer map {res.record['layer_map_source']}: {res.record['layer_map']}")
-    print(f"test acc    {res.test_accuracy:.4f} (teacher {res.teacher_test_accuracy:.4f}, retained "
-          f"{res.accuracy_retained:.1%})")
+    if res.record.get("metric") == "perplexity":
+        print(f"test ppl    {res.record['test']['perplexity']:.3f} (teacher {res.record['teacher_test']['perplexity']:.3f})")
+    else:
+        print(f"test acc    {res.test_accuracy:.4f} (teacher {res.teacher_test_accuracy:.4f}, retained "
+              f"{res.accuracy_retained:.1%})")
     print(f"model: {res.model_path}")
     print(f"record: {res.out}/distill.json")
     _next(" ".join(["lamina bench", ns.teacher] + ([ns.student] if ns.student else []) + [res.out]))

@@ -128,3 +128,25 @@ def test_shortlist_scores_fewer_sets_and_still_finds_the_identity_blocks():
     lm, batches = _lm("llama", layers=5, identity=(1, 3))
     res = joint_select(lm, batches, 2, list(range(5)), objective="nmse", shortlist=2)
     assert res["remove"] == [1, 3] and [len(r["candidates"]) for r in res["rounds"]] == [5, 2]
+    # the list refills from earlier rounds: every round has its full shortlist until the candidates run out
+    deep = joint_select(lm, batches, 4, list(range(5)), objective="nmse", shortlist=2)
+    assert [len(r["candidates"]) for r in deep["rounds"]] == [5, 2, 2, 2] and len(deep["remove"]) == 4
+
+
+def test_cli_prune_method_joint_records_every_candidate(tmp_path, tiny_dirs):
+    import json
+
+    from conftest import make_text_run
+
+    from lamina.cli import main
+    (tmp_path / "run").mkdir()
+    run, _ = make_text_run(tmp_path / "run", tiny_dirs["bert"], 40, seed=4, control=False, importance_samples=16)
+    out = tmp_path / "small"
+    assert main(["prune", str(tiny_dirs["bert"]), "--scores", str(run / "scores.json"), "--drop-blocks", "0.5",
+                 "--method", "joint", "--beam", "2", "--out", str(out)]) == 0
+    depth = json.loads((out / "plan.json").read_text())["depth"]
+    assert depth["method"] == "joint" and depth["beam"] == 2 and depth["joint"]["objective"] == "nmse"
+    (r1,) = depth["rounds"]
+    assert {tuple(c["remove"]) for c in r1["candidates"]} == {("blocks.0",), ("blocks.1",)}
+    best = min(r1["candidates"], key=lambda c: (c["score"], c["remove"]))
+    assert depth["remove"] == best["remove"]

@@ -69,3 +69,43 @@ def test_distill_lm_refuses_the_centre_loss(setup):
     with pytest.raises(UsageError, match="centre"):
         distill(str(setup / "teacher"), str(setup / "student"), DistillConfig(out=str(setup / "o2"),
                               data=str(setup / "d.txt"), seq_len=8, center=0.1, progress=False))
+
+
+def test_cli_bench_and_distill_an_lm_on_text(setup, capsys):
+    from lamina.cli import main
+    txt = str(setup / "d.txt")
+    assert main(["bench", str(setup / "teacher"), str(setup / "student"), "--data", txt, "--seq-len", "8",
+                 "--batch-sizes", "1", "--warmup", "0", "--repeats", "1", "--no-progress",
+                 "--out", str(setup / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "perple" in out and json.loads((setup / "b" / "bench.json").read_text())["task"]["kind"] == "lm"
+    assert main(["distill", "--teacher", str(setup / "teacher"), "--student", str(setup / "student"), "--data", txt,
+                 "--seq-len", "8", "--epochs", "1", "--batch-size", "8", "--fsp", "0", "--no-progress",
+                 "--out", str(setup / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "val ppl" in out and "test ppl" in out
+    assert main(["bench", str(setup / "teacher"), "--data", txt, "--seq-len", "65", "--out", str(setup / "b2")]) == 2
+    assert "context" in capsys.readouterr().err
+
+
+def test_finetune_an_lm_on_text_and_distill_reads_its_task(setup):
+    from lamina.finetune import FinetuneConfig, finetune
+    from lamina.errors import UsageError
+    txt = str(setup / "d.txt")
+    with pytest.raises(UsageError, match="--full"):
+        finetune(str(setup / "teacher"), txt, FinetuneConfig(out=str(setup / "ft0"), seq_len=8, progress=False))
+    res = finetune(str(setup / "teacher"), txt, FinetuneConfig(out=str(setup / "ft"), full=True, seq_len=8, epochs=2,
+                                                              batch_size=8, lr=1e-3, progress=False))
+    rec = json.loads((setup / "ft" / "finetune.json").read_text())
+    assert rec["task"]["kind"] == "lm" and rec["metric"] == "perplexity"
+    assert rec["history"]["best_val_loss"] == min(e["val_loss"] for e in rec["history"]["epochs"])
+    # the saved model reloads with the same test perplexity; distill finds the task without --data
+    back = load_model(res.model_path)
+    task = make_task(LMTaskSpec(**{k: v for k, v in rec["task"].items() if k not in ("documents", "blocks")}), back)
+    assert task.evaluate(back, task.split["test"])["perplexity"] == pytest.approx(rec["test"]["perplexity"], rel=1e-5)
+    before = load_model(str(setup / "teacher"))
+    assert rec["test"]["perplexity"] < task.evaluate(before, task.split["test"])["perplexity"]  # it learned
+    d = distill(DistillConfig(out=str(setup / "r"), teacher=str(setup / "ft"), student=str(setup / "student"),
+                              epochs=1, batch_size=8, fsp=0.0, progress=False))
+    assert d.record["task"] == rec["task"]
+    assert d.record["teacher_test"] == rec["test"]  # read from finetune.json: the same blocks

@@ -221,19 +221,24 @@ def joint_select(lm, batches, n_drop: int | None, candidates: list[int], *, beam
                     break
                 sets: list[tuple[int, ...]] = []
                 pool = candidates
-                if shortlist and rounds:  # the blocks whose addition hurt least last round, best first
-                    order = []
-                    for cand in rounds[-1]["candidates"]:
-                        for b in cand["remove"]:
-                            i = int(b.split(".")[1])
-                            if i not in order and all(i not in k for _, k in kept):
-                                order.append(i)
+                if shortlist and rounds:
+                    # blocks in the order of the latest round that scored them (best first), so the list
+                    # refills from earlier rankings as its blocks are taken
+                    order: list[int] = []
+                    for r in reversed(rounds):
+                        for cand in r["candidates"]:
+                            for blk in cand["remove"]:
+                                i = int(blk.split(".")[1])
+                                if i not in order and all(i not in k for _, k in kept):
+                                    order.append(i)
                     pool = order[:shortlist]
                 for _, s in kept:
                     for c in pool:
                         new = tuple(sorted(s + (c,)))
                         if c not in s and new not in sets:
                             sets.append(new)
+                if not sets:
+                    break
                 seen = dict(zip(sets, cal.scores([list(t) for t in sets])))
                 evals += len(sets)
                 block_evals += sum(n - min(t) - len(t) for t in sets)

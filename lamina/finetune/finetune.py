@@ -17,6 +17,7 @@ so every accuracy in lamina is measured on the same test rows.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -24,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .._cliargs import as_config
 from ..errors import UsageError
@@ -33,7 +33,8 @@ from ..models import load_model, place, save_json
 from ..resume import RESUME, check_resume, rows_hash, same_path
 from ..runfolder import check_out, claim, plan_writes, record
 from ..verify import save_checked
-from ..task import TASK_FILE, TaskSpec, counts, evaluate, logits_of
+from ..lm_task import LMTaskSpec
+from ..task import TASK_FILE, ClassificationTask, TaskSpec, is_causal_lm, make_task
 from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, remove_checkpoint, world
 from .heads import attach_head, head_parameters
 
@@ -61,6 +62,8 @@ class FinetuneConfig(Runtime):
     val: float = field(default=0.1, metadata={"help": "fraction of rows held out for validation (early stopping)"})
     test: float = field(default=0.2, metadata={"help": "fraction of rows held out for the test accuracy"})
     max_length: int = field(default=128, metadata={"help": "tokens per text (longer texts are truncated)"})
+    seq_len: int = field(default=128, metadata={
+        "help": "tokens per packed block when the model is a causal LM (it learns next tokens of the text)"})
     image_size: int | None = field(default=None, metadata={
         "help": "resize images to this side (default: the model's own, 224 for EfficientNet)"})
     text_column: str | None = field(default=None, metadata={"help": "text column of a table"})
@@ -143,17 +146,30 @@ def checkpoint_files() -> list[str]:
 def _finetune(model, data: str, config: FinetuneConfig, out: Path, rank: int, size: int) -> FinetuneResult:
     t0 = time.perf_counter()
     rt = config.runtime()
-    spec = TaskSpec(data=str(data), limit=config.limit, seed=config.seed, val=config.val, test=config.test,
-                    max_length=config.max_length, image_size=config.image_size, text_column=config.text_column,
-                    label_column=config.label_column, skip_bad_files=config.skip_bad_files)
-    ds, split = spec.load()
     base = load_model(model, runtime=rt, for_training=True)  # float32 weights; the forward autocasts
-    lm = place(attach_head(base, list(ds.classes)), rt, for_training=True)  # the new head joins the backbone
-    if spec.image_size is None and lm.image_size:
-        spec = TaskSpec(**{**spec.to_dict(), "image_size": lm.image_size})
+    if is_causal_lm(base):  # a decoder LM learns next tokens of the text: no head to attach
+        if not config.full:
+            raise UsageError("fine-tuning a causal language model trains every weight", value=base.name,
+                             allowed="--full with a causal LM", fix="pass --full")
+        if config.label_column:
+            raise UsageError("a language model learns from text alone; --label-column does not apply",
+                             value=config.label_column, allowed="--text-column", fix="drop --label-column")
+        spec = LMTaskSpec(data=str(data), limit=config.limit, seed=config.seed, val=config.val, test=config.test,
+                          seq_len=config.seq_len, text_column=config.text_column)
+        task, lm = make_task(spec, base), base
+    else:
+        spec = TaskSpec(data=str(data), limit=config.limit, seed=config.seed, val=config.val, test=config.test,
+                        max_length=config.max_length, image_size=config.image_size, text_column=config.text_column,
+                        label_column=config.label_column, skip_bad_files=config.skip_bad_files)
+        ds, split = spec.load()
+        lm = place(attach_head(base, list(ds.classes)), rt, for_training=True)  # the new head joins the backbone
+        if spec.image_size is None and lm.image_size:
+            spec = TaskSpec(**{**spec.to_dict(), "image_size": lm.image_size})
+        task = ClassificationTask(spec, ds, split)
+    split, ds = task.split, task.ds
     names = None
     if not config.full:
-        probe_batch = lm.batch(ds, split["train"][:2], spec.max_length, spec.image_size)
+        probe_batch = task.batch(lm, split["train"][:2])
         names = set(head_parameters(lm, probe_batch))
         if not names:
             raise UsageError("found no parameters after the last block to train as the head",
@@ -166,33 +182,35 @@ def _finetune(model, data: str, config: FinetuneConfig, out: Path, rank: int, si
             params.append(p)
     frozen = [lm.module.get_submodule(p) for p in lm.blocks.block_paths] if names is not None else []
     settings = {**asdict(config), "model": same_path(model), "model_fingerprint": base.fingerprint(),
-                "data": same_path(data), "rows": rows_hash(ds, split)}
+                "data": same_path(data), "rows": rows_hash(ds, getattr(task, "doc_split", None) or split)}
     check_resume(out, "finetune", settings, config.resume, rank)  # before training writes anything
     if rank == 0:
         record(out, "finetune", checkpoint_files())
-    ds_labels = torch.tensor(ds.labels, device=lm.device)
 
     def step(rows, gbs):
         for m in frozen:  # a frozen backbone also keeps its dropout off
             m.eval()
         with oom_message(len(rows), "--batch-size", lm.device):
-            z = logits_of(lm.forward(lm.batch(ds, rows, spec.max_length, spec.image_size)))
-        return F.cross_entropy(z.float(), ds_labels[rows], reduction="sum") / gbs, {}
+            out_ = lm.forward(task.batch(lm, rows))
+        return task.loss_sum(out_, rows) / (gbs * task.units_per_row), {}
 
     def validate(rows):
-        return counts(lm, ds, rows, spec)
+        return task.counts(lm, rows)
 
-    hist = fit({"model": lm.module}, params, step, split["train"], split["val"], validate, config.loop(),
+    loop = dataclasses.replace(config.loop(), best="accuracy" if task.higher_is_better else "loss")
+    hist = fit({"model": lm.module}, params, step, split["train"], split["val"], validate, loop,
                out, resume=config.resume, desc="finetune", device=lm.device, dtype=base.compute_dtype)
     for p in lm.module.parameters():
         p.requires_grad_(True)
-    test = evaluate(lm, ds, split["test"], spec)
+    test = task.evaluate(lm, split["test"])
     n_params = sum(p.numel() for p in lm.module.parameters())
-    warnings, probe = _warnings(hist, test, base, ds, config.probe_scores)
+    warnings, probe = _warnings(hist, test, base, ds, config.probe_scores) if task.kind == "classification" \
+        else ([], {"compared": False, "why": "a language-modelling task has no linear probe to compare with"})
     for w in warnings:
         log.warning("finetune: %s", w)
-    rec = {"lamina_finetune": 1, "model": base.describe() | {"source": base.source}, "task": spec.to_dict(),
-           "classes": list(ds.classes), "data": ds.describe(),
+    rec = {"lamina_finetune": 1, "model": base.describe() | {"source": base.source}, "task": task.record(),
+           "classes": list(ds.classes) if task.kind == "classification" else None, "metric": task.metric,
+           "data": ds.describe(),
            "split_sizes": {k: int(len(v)) for k, v in split.items()},
            "config": asdict(config), "runtime": describe(lm.device, base.compute_dtype),
            "mode": "full" if config.full else "head",
@@ -201,7 +219,7 @@ def _finetune(model, data: str, config: FinetuneConfig, out: Path, rank: int, si
            "probe_comparison": probe,
            "seconds": time.perf_counter() - t0}
     if rank == 0:
-        check = lm.batch(ds, (list(split["test"]) or list(split["train"]))[:8], spec.max_length, spec.image_size)
+        check = task.batch(lm, (list(split["test"]) or list(split["train"]))[:8])
         fmt, rec["reload_check"] = save_checked(lm, out / "model", base, check, stage="finetune")
         rec["format"] = fmt
         record(out, "finetune", [TASK_FILE, TASK_FILE + ".tmp"])
