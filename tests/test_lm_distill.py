@@ -92,7 +92,7 @@ def test_finetune_an_lm_on_text_and_distill_reads_its_task(setup):
     from lamina.finetune import FinetuneConfig, finetune
     from lamina.errors import UsageError
     txt = str(setup / "d.txt")
-    with pytest.raises(UsageError, match="--full"):
+    with pytest.raises(UsageError, match="full"):
         finetune(str(setup / "teacher"), txt, FinetuneConfig(out=str(setup / "ft0"), seq_len=8, progress=False))
     res = finetune(str(setup / "teacher"), txt, FinetuneConfig(out=str(setup / "ft"), full=True, seq_len=8, epochs=2,
                                                               batch_size=8, lr=1e-3, progress=False))
@@ -105,7 +105,7 @@ def test_finetune_an_lm_on_text_and_distill_reads_its_task(setup):
     assert task.evaluate(back, task.split["test"])["perplexity"] == pytest.approx(rec["test"]["perplexity"], rel=1e-5)
     before = load_model(str(setup / "teacher"))
     assert rec["test"]["perplexity"] < task.evaluate(before, task.split["test"])["perplexity"]  # it learned
-    d = distill(DistillConfig(out=str(setup / "r"), teacher=str(setup / "ft"), student=str(setup / "student"),
-                              epochs=1, batch_size=8, fsp=0.0, progress=False))
+    d = distill(str(setup / "ft"), str(setup / "student"),
+                DistillConfig(out=str(setup / "r"), epochs=1, batch_size=8, fsp=0.0, progress=False))
     assert d.record["task"] == rec["task"]
     assert d.record["teacher_test"] == rec["test"]  # read from finetune.json: the same blocks
