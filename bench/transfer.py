@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import TEACHERS, machine, merge_previous, save_result, write_section  # noqa: E402
 
 HEADS = ("last", "best", "mix", "select", "side")
+HERE_RESULTS = Path(__file__).resolve().parent / "results" / "transfer.json"
 # The finetune benchmark's recipe (bench/_common.py TEACHERS: data, epochs, lr, max_length / image size, the
 # split rule) on fewer rows, so that the whole comparison fits a CPU budget of ~30 minutes on two shared cores.
 LIMITS = {"minilm": 600, "efficientnet": 400}
@@ -256,8 +257,10 @@ def _targets(result: dict) -> dict:
         best = max(heads, key=lambda h: heads[h]["accuracy"]["mean"])
         b = heads[best]
         r["best_head"] = best
+        weak = "; full fine-tuning is under-trained at this size (see the note): not evidence" \
+            if full["accuracy"] < b["accuracy"]["mean"] else ""
         tg[f"best_head_retained_{m}"] = {"value": b["accuracy"]["mean"] / full["accuracy"],
-                                        "goal": f">= 0.98 (best head: {best})",
+                                        "goal": f">= 0.98 (best head: {best}){weak}",
                                         "met": b["accuracy"]["mean"] / full["accuracy"] >= 0.98}
         pf = b["trainable_parameters"] / full["trainable_parameters"]
         tg[f"best_head_param_fraction_{m}"] = {"value": pf, "goal": "<= 0.02", "met": pf <= 0.02}
@@ -279,7 +282,7 @@ def _targets(result: dict) -> dict:
             eff = r["speed"][h]["speedup_efficiency"]["32"]
             tg[f"deploy_speedup_efficiency_{m}"] = {
                 "value": eff, "goal": f">= 0.9 at batch 32 ({h}: blocks 0..{heads[h]['deepest_block']} of "
-                                      f"{heads[h]['n_blocks']})", "met": eff >= 0.9}
+                                      f"{heads[h]['n_blocks']})", "met": bool(eff >= 0.9)}
         last = heads["last"]["accuracy"]
         for h in beats:
             a = heads[h]["accuracy"]
@@ -302,7 +305,10 @@ def _write(r: dict) -> None:
              "Time: training "
              "wall time (heads from features in memory; the capture is a one-time cost shown apart). Memory: peak "
              "RSS of a process doing only that training (1 epoch; fine-tuning on 400 rows) minus that of a process "
-             "that only loads the model and the data.", ""]
+             "that only loads the model and the data. The two CPUs were shared with other jobs whose load "
+             "changed during the runs (load average 12-15 while the MiniLM full fine-tuning ran, 3-10 while "
+             "most heads ran), so the training-time fractions lean towards the heads by an unknown factor "
+             "(up to ~3x); accuracy, parameter and memory figures do not depend on it.", ""]
     for m, title in MODELS.items():
         e = r.get(m)
         if not e:
@@ -329,7 +335,12 @@ def _write(r: dict) -> None:
                          f"{v['trainable_parameters'] / full['trainable_parameters']:.4f}"
                          f" | {v['seconds']['mean']:.1f} | {v['seconds']['mean'] / full['seconds']:.3f} | {memh} | "
                          f"{reads} | {v['deepest_block']} of {v['n_blocks']} |")
-        if "mix_weights" in e["heads"]["mix"]:
+        best = max(e["heads"].values(), key=lambda v: v["accuracy"]["mean"])["accuracy"]["mean"]
+        if m == "efficientnet" and full["accuracy"] < best:
+            lines += ["", f"Note: full fine-tuning is below the frozen-backbone heads here: {e['task'].get('limit')} "
+                      "images at 64 px for the recipe's 3 epochs under-train it, so a retained ratio above 1 says "
+                      "this full fine-tuning is weak, not that a head beats a good one. The finetune benchmark's "
+                      "teacher (3000 images at 96 px, bench/results/distill.json) reaches 0.8917."]
             w = e["heads"]["mix"]["mix_weights"]
             lines += ["", "Mix weights (last seed): " + ", ".join(f"{k} {v:.2f}" for k, v in w.items()) + "."]
         if "kept_per_layer" in e["heads"]["select"]:
@@ -390,7 +401,12 @@ def main(argv=None) -> dict:
         if not getattr(args, f"skip_{m}"):
             result[m] = run_model(work, m, args)
     result["seconds"] = time.time() - t0
+    old = HERE_RESULTS.exists() and json.loads(HERE_RESULTS.read_text())
     merge_previous("transfer", result)
+    if args.assemble and old:  # assembled from cached stages: each part keeps the command that measured it
+        for m in MODELS:
+            if m in result and m in old and old[m].get("command"):
+                result[m]["command"] = old[m]["command"]
     result["targets"] = _targets(result)
     save_result("transfer", result)
     _write(result)
