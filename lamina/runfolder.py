@@ -159,6 +159,11 @@ def _listing(names: list[str]) -> str:
     return ", ".join(names[:_SHOW]) + more
 
 
+def _remove_path(p: Path) -> None:
+    import shutil
+    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
 def remove_owned(folder, rel: str) -> None:
     """Delete what lamina recorded at or under ``folder/rel`` (then the folders left empty); refuse, deleting
     nothing, when anything else is there. The only way lamina removes an earlier output."""
@@ -174,12 +179,14 @@ def remove_owned(folder, rel: str) -> None:
     if target.is_dir() and not target.is_symlink():
         for d in sorted((p for p in target.rglob("*") if p.is_dir() and not p.is_symlink()),
                         key=lambda p: -len(p.parts)):
-            if d.exists() and not any(_ignored(part) for part in d.relative_to(target).parts) and not any(d.iterdir()):
+            if d.exists() and not any(_ignored(part) for part in d.relative_to(target).parts) \
+                    and all(_ignored(p.name) for p in d.iterdir()):  # empty but for lamina's bookkeeping
+                for p in list(d.iterdir()):
+                    _remove_path(p)
                 d.rmdir()
         if all(_ignored(p.name) for p in target.iterdir()):  # left: lamina's bookkeeping and scratch only
-            import shutil
             for p in list(target.iterdir()):
-                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                _remove_path(p)
             target.rmdir()
     files = read_record(folder)
     gone = [k for k in files if (k == rel or k.startswith(rel.rstrip("/") + "/")) and not (folder / k).exists()]

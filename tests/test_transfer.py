@@ -269,3 +269,14 @@ def test_report_draws_the_heads(bert_run):
     html = open(res.path).read()
     assert 'id="transfer"' in html and "Frozen-backbone heads" in html
     assert "mix" in html and "select" in html and "95% interval" in html
+
+
+def test_overwrite_keeps_a_users_file(bert_run):
+    transfer(bert_run, TransferConfig(head="last", overwrite=True, **FAST))
+    mine = bert_run / "transfer" / "last" / "notes.txt"
+    mine.write_text("mine")
+    with pytest.raises(UsageError, match="lamina did not write"):
+        transfer(bert_run, TransferConfig(head="last", overwrite=True, **FAST))
+    assert mine.read_text() == "mine"
+    mine.unlink()
+    transfer(bert_run, TransferConfig(head="last", overwrite=True, **FAST))  # lamina's own head is replaced

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -161,7 +160,8 @@ def save_transfer(dep, path, classes: list[str], extra: dict | None = None) -> P
     from ..savefmt import save
     model: TransferModel = dep.module
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.transfer-tmp")
+    from ..runfolder import SCRATCH, swap_in
+    tmp = path.with_name(f".{path.name}{SCRATCH}")  # a lamina-reserved name: never a user's folder
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -181,9 +181,7 @@ def save_transfer(dep, path, classes: list[str], extra: dict | None = None) -> P
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    swap_in(tmp, path, "transfer")  # replaces only what lamina recorded there
     return path
 
 

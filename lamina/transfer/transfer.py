@@ -37,6 +37,7 @@ import torch
 from ..blocks import BlockMap, Tap, select_taps
 from ..errors import LaminaError, UsageError
 from ..models import save_json
+from ..runfolder import RUN_CONFIG, claim, plan_writes, record
 from ..runfolder import update_run_config, versions
 from ..store import FeatureStore
 from ..threads import limit_threads
@@ -191,6 +192,8 @@ def transfer(run, config: TransferConfig = TransferConfig(), *, model=None, data
     store = run if isinstance(run, FeatureStore) else FeatureStore.open(run)
     run_dir = store.root.parent
     out = _check_out(run_dir, config.head, config.overwrite)
+    writes = [f"transfer/{config.head}", RECORD]
+    plan_writes(run_dir, "transfer", writes, config.overwrite, merge=(RUN_CONFIG, RECORD))  # before the work
     side = config.head == "side"
     names = _layers(store, config.layers, side)
     split, split_info = split_rows(store, config.task, config.fractions, config.seed)
@@ -239,25 +242,29 @@ def transfer(run, config: TransferConfig = TransferConfig(), *, model=None, data
                           value=f"max |difference| {store_diff:.3g}", allowed=f"<= {tol:.3g}",
                           fix="capture the store again with this model and these settings (--max-length, "
                               "--image-size must match)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_transfer(dep, out, classes, {"trained_on": str(run_dir), "head_name": config.head})
-    back = load_transfer(out)
-    reload_diff = max_difference(dep, back, batch)
-    if not reload_diff <= 1e-5 * scale:
-        raise LaminaError("the saved model does not reproduce the trained one after reloading", value=reload_diff,
-                          allowed="identical outputs on the calibration batch", fix="report this as a bug")
-    rec = {"head": config.head, "test": test, "trainable_parameters": int(trainable),
-           "backbone_parameters": int(sum(p.numel() for p in info["backbone"].module.parameters())),
-           "deployed_parameters": int(sum(p.numel() for p in dep.module.parameters())),
-           "seconds": seconds, "peak_memory_bytes": int(mem.bytes), "peak_memory_method": mem.method,
-           "layers": reads, "deepest_block": info["deepest_block"], "n_blocks": info["n_blocks"],
-           "blocks_removed": info["removed"], "model_path": str(out),
-           "reload_check": {"rows": int(len(calib)), "max_abs_difference": reload_diff,
-                            "store_max_abs_difference": store_diff},
-           "config": asdict(config), **{k: v for k, v in extra.items() if k != "history"},
-           "history": extra.get("history")}
-    _write_record(run_dir, store, split, split_info, rec, _reference(config.task))
-    update_run_config(run_dir, f"transfer.{config.head}", {"config": asdict(config), "model": str(out)})
+    # one writer at a time; only lamina's own files are replaced (lamina.runfolder)
+    with claim(run_dir, "transfer", writes, config.overwrite, merge=(RUN_CONFIG, RECORD)):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_transfer(dep, out, classes, {"trained_on": str(run_dir), "head_name": config.head})
+        back = load_transfer(out)
+        reload_diff = max_difference(dep, back, batch)
+        if not reload_diff <= 1e-5 * scale:
+            raise LaminaError("the saved model does not reproduce the trained one after reloading",
+                              value=reload_diff, allowed="identical outputs on the calibration batch",
+                              fix="report this as a bug")
+        rec = {"head": config.head, "test": test, "trainable_parameters": int(trainable),
+               "backbone_parameters": int(sum(p.numel() for p in info["backbone"].module.parameters())),
+               "deployed_parameters": int(sum(p.numel() for p in dep.module.parameters())),
+               "seconds": seconds, "peak_memory_bytes": int(mem.bytes), "peak_memory_method": mem.method,
+               "layers": reads, "deepest_block": info["deepest_block"], "n_blocks": info["n_blocks"],
+               "blocks_removed": info["removed"], "model_path": str(out),
+               "reload_check": {"rows": int(len(calib)), "max_abs_difference": reload_diff,
+                                "store_max_abs_difference": store_diff},
+               "config": asdict(config), **{k: v for k, v in extra.items() if k != "history"},
+               "history": extra.get("history")}
+        record(run_dir, "transfer", [RECORD, RECORD + ".tmp"])
+        _write_record(run_dir, store, split, split_info, rec, _reference(config.task))
+        update_run_config(run_dir, f"transfer.{config.head}", {"config": asdict(config), "model": str(out)})
     log.info("transfer %s: test accuracy %.4f, %d trainable parameters", config.head, test["accuracy"], trainable)
     return TransferResult(config.head, str(out), test["accuracy"], test["ci_low"], test["ci_high"], int(trainable),
                           seconds, int(mem.bytes), reads, info["deepest_block"], info["n_blocks"], rec)
