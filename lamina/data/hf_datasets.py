@@ -116,21 +116,9 @@ def _from_hub(spec: str):
                          f"{text.splitlines()[0][:200] if text else type(err).__name__}") from err
 
 
-_GUESS_TEXT = ("text", "sentence", "review", "content", "document", "body", "question", "input")
-_GUESS_LABEL = ("label", "labels", "category", "class", "target", "y", "sentiment")
-
-
-def _pick(columns, given, guesses, role, flag, where) -> str:
-    if given is not None:
-        if given not in columns:
-            raise UsageError(f"the {role} column is not in {where}", value=given, allowed=", ".join(columns),
-                             fix=suggest(given, columns) or f"pass one of the columns with {flag}")
-        return given
-    for g in guesses:
-        if g in columns:
-            return g
-    raise UsageError(f"could not guess the {role} column of {where}", value=None, allowed=", ".join(columns),
-                     fix=f"name it with {flag} COLUMN")
+# the column guesses and the refusal are the table loader's (one rule for every tabular source)
+from .loaders import _GUESS_LABEL, _GUESS_TEXT  # noqa: E402
+from .loaders import _pick_column as _pick  # noqa: E402
 
 
 def load_hf(spec: str, text_column: str | None = None, label_column: str | None = None) -> Dataset:
