@@ -88,11 +88,11 @@ def convert(gguf: Path, dest: Path) -> None:
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     transformers.utils.logging.disable_progress_bar()
-    try:
-        import gguf as _gguf  # noqa: F401  transformers' GGUF reader needs it
-    except ImportError as e:
-        raise UsageError("reading a GGUF file needs the package 'gguf'", value=str(gguf),
-                         allowed="pip install gguf", fix="run `make install`, or `pip install gguf`") from e
+    import importlib.util
+    for pkg in ("gguf", "accelerate"):  # transformers' GGUF reader needs both
+        if importlib.util.find_spec(pkg) is None:
+            raise UsageError(f"reading a GGUF file needs the package '{pkg}'", value=str(gguf),
+                             allowed=f"pip install {pkg}", fix=f"run `make install`, or `pip install {pkg}`")
     folder, name = str(gguf.parent), gguf.name
     try:
         quant = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
