@@ -230,7 +230,8 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
     n_batches = (n + bs - 1) // bs
     unpooled_text = config.pooling == "none" and lm.modality == "text"
 
-    with Dist(dist_backend(lm.device)) as dist, claim(config.out, "capture", ["features", "config.json"], config.overwrite,
+    writes = ["features", "config.json"]
+    with Dist(dist_backend(lm.device)) as dist, claim(config.out, "capture", writes, config.overwrite,
                                                     resume=config.resume, rank=dist.rank, resumable=True):
         state = _prepare_folder(root, config, key, dist)
         if dist.rank == 0:

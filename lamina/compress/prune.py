@@ -3,8 +3,9 @@
 The stage behind ``lamina prune teacher/ --drop-blocks 0.5 --out small/`` (and
 ``lamina prune MODEL --scores RUN/scores.json ...`` for scores made by ``analyze``).
 
-``prune(model, scores, config)`` in Python. Without ``--scores`` (``scores=None``), a fine-tuned model (``lamina finetune``'s OUT, whose
-finetune.json records its task) is scored on its own training rows
+``prune(model, scores, config)`` in Python. Without ``--scores`` (``scores=None``), a
+fine-tuned model (``lamina finetune``'s OUT, whose finetune.json records its task)
+is scored on its own training rows
 (:mod:`lamina.compress._selfscore`): ``calibration_samples`` of them, the same
 block importance ``lamina analyze`` computes. The scores go to OUT/scores.json
 (with ``computed_by: prune``), so the report shows the importance of the model
@@ -269,7 +270,7 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
         man = None if isinstance(scores, dict) else _manifest(scores_path)
         blocks = ((man or {}).get("config") or {}).get("blocks")
         lm = load_model(model, blocks=blocks, runtime=config.runtime())
-        _check_same_model(lm, plan, model, config, scores_path)  # another model's scores: refused before anything is written
+        _check_same_model(lm, plan, model, config, scores_path)  # another model's scores: refused before writing
     check_plan(lm.module, plan)
     save_format(lm)  # a model lamina cannot save: refused before anything is written
     container = lm.blocks.container or None

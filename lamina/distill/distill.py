@@ -340,7 +340,8 @@ def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size
     settings = {**asdict(config), "teacher": same_path(teacher_src), "student": same_path(student_src),
                 "data": same_path(config.data),
                 "teacher_fingerprint": teacher.fingerprint(),
-                "student_fingerprint": student.fingerprint(), "rows": rows_hash(task.ds, getattr(task, "doc_split", None) or {**split, "train": train_rows})}
+                "student_fingerprint": student.fingerprint(),
+                "rows": rows_hash(task.ds, getattr(task, "doc_split", None) or {**split, "train": train_rows})}
     check_resume(out, "distill", settings, config.resume, rank)  # before training writes anything
     if rank == 0:
         record_files(out, "distill", checkpoint_files())
