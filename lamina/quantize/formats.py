@@ -24,6 +24,7 @@ gives the same module: the saved form is the float model plus the plan.
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 
 import torch
@@ -56,10 +57,27 @@ def parse_formats(spec) -> tuple[str, ...]:
     return tuple(items)
 
 
+def _torchao():
+    """``torchao.quantization``, imported without its import-time noise on a CPU build (GPU kernel libraries
+    it cannot load, no triton, torch.compile deprecation notes): none of it concerns the int8 CPU path."""
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import torchao.quantization as tq
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+    return tq
+
+
 def _torchao_config(fmt: str):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+    tq = _torchao()
+    Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig = (tq.Int8DynamicActivationInt8WeightConfig,
+                                                                  tq.Int8WeightOnlyConfig)
     if fmt == "int8dyn":
         return Int8DynamicActivationInt8WeightConfig()
     if fmt == "int8wo":
@@ -74,7 +92,7 @@ def linear_names(module: nn.Module) -> list[str]:
 
 def quantized_linear(linear: nn.Linear, fmt: str) -> nn.Linear:
     """A quantized copy of one Linear (the original is untouched)."""
-    from torchao.quantization import quantize_
+    quantize_ = _torchao().quantize_
     q = copy.deepcopy(linear)
     with torch.no_grad():
         quantize_(q, _torchao_config(fmt))
@@ -93,7 +111,7 @@ def swap(module: nn.Module, name: str, new: nn.Module) -> nn.Module:
 def apply_layers(module: nn.Module, layers: dict[str, str]) -> nn.Module:
     """Quantize, in place, each Linear named in ``layers`` (name -> format) with torchao's ``quantize_`` and a
     per-module filter; every other module is left as it is. Returns ``module``."""
-    from torchao.quantization import quantize_
+    quantize_ = _torchao().quantize_
     by_fmt: dict[str, set] = {}
     for name, fmt in layers.items():
         by_fmt.setdefault(fmt, set()).add(name)
