@@ -150,3 +150,13 @@ def test_no_linear_and_no_data(tiny_dirs, tmp_path):
         quantize(str(tiny_dirs["bert"]), QuantizeConfig(out=str(tmp_path / "b"), fraction=1.0))
     with pytest.raises(UsageError, match="max.drop needs validation rows"):
         quantize(str(tiny_dirs["bert"]), QuantizeConfig(out=str(tmp_path / "c"), max_drop=0.01, data="x.csv"))
+
+
+def test_a_tampered_plan_is_refused_on_loading(tiny_teacher, tmp_path):
+    out = tmp_path / "q"
+    quantize(str(tiny_teacher), QuantizeConfig(out=str(out), fraction=0.5, calibration_samples=16))
+    plan = json.loads((out / "quant_plan.json").read_text())
+    plan["layers"][0].update(name="os.system", quantized=True, format="int8dyn")
+    (out / "quant_plan.json").write_text(json.dumps(plan))
+    with pytest.raises(lamina.LaminaError, match="layer the model does not have"):
+        lamina.load_model(str(out))
