@@ -13,6 +13,7 @@ smaller, faster model for your task, with measurements that prove it.
     lamina.distill("teacher/", "small/", lamina.DistillConfig(out="recovered/"))
     lamina.bench(["teacher/", "recovered/"])        # -> recovered/bench.json
     lamina.transfer("run/", lamina.TransferConfig(head="mix"))  # -> run/transfer/mix, run/transfer.json
+    lamina.quantize("teacher/", lamina.QuantizeConfig(out="q/", fraction=0.8))  # least sensitive Linears -> int8
     model = lamina.load("small/")                    # any saved model, as an nn.Module (load_model: advanced)
 """
 
@@ -33,6 +34,7 @@ from .compress import PruneConfig, PruneResult, prune  # noqa: E402
 from .distill import DistillConfig, DistillResult, distill  # noqa: E402
 from .bench import BenchConfig, bench  # noqa: E402
 from .transfer import TransferConfig, TransferResult, transfer  # noqa: E402
+from .quantize import QuantizeConfig, QuantizeResult, quantize  # noqa: E402
 
 
 def load(path, *, factory: str | None = None, trust_code: bool | None = None):
@@ -47,4 +49,5 @@ __all__ = ["capture", "CaptureConfig", "CaptureResult", "analyze", "AnalyzeConfi
            "BlockMap", "Tap", "load_model", "LoadedModel", "load_data", "Dataset", "LaminaError",
            "UsageError", "__version__", "finetune", "FinetuneConfig", "FinetuneResult", "prune", "PruneConfig",
            "PruneResult", "distill", "DistillConfig", "DistillResult", "bench", "BenchConfig", "load",
-           "transfer", "TransferConfig", "TransferResult"]
+           "transfer", "TransferConfig", "TransferResult", "quantize", "QuantizeConfig",
+           "QuantizeResult"]

@@ -210,6 +210,34 @@ def _prune(ns):
     return 0
 
 
+# --------------------------------------------------------------- quantize ----
+def _quantize_args(p):
+    from .quantize import QuantizeConfig
+    p.add_argument("model", help="the model to quantize: a `lamina finetune` / prune / distill OUT folder "
+                                 "(calibrated on its own training rows), or minilm, a Hugging Face folder, ... "
+                                 "with --data")
+    add_config_args(p, QuantizeConfig)
+
+
+@verb("quantize", "int8 for the Linear layers whose quantization changes the output least, within a budget "
+                  "-> OUT/quant_plan.json, OUT/model")
+def _quantize(ns):
+    from .quantize import QuantizeConfig, quantize
+    res = quantize(ns.model, config_from_args(QuantizeConfig, ns))
+    print(f"layers      {len(res.quantized)} of {res.layers} Linear layers quantized "
+          f"({', '.join(res.plan['formats'])})")
+    if res.metric_drop is not None:
+        print(f"validation  measured drop {res.metric_drop:.4g} (allowed {res.plan['budget']['max_drop']})")
+    print(f"plan:  {res.plan_path}")
+    print(f"model: {res.out}  (lamina.load; reload checked, max abs diff "
+          f"{res.plan['reload_check']['max_abs_diff']:.3g})")
+    _next(f"lamina bench {ns.model} {res.out}")
+    return 0
+
+
+_quantize.add_args = _quantize_args
+
+
 def _next(cmd: str) -> None:
     """The command a user would run next (the CLI's last line; the API returns results instead)."""
     print(f"next: {cmd}")
@@ -407,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_LOADS_MODELS = ("capture", "analyze", "finetune", "prune", "distill", "bench", "transfer")
+_LOADS_MODELS = ("capture", "analyze", "finetune", "prune", "distill", "bench", "transfer", "quantize")
 
 
 def main(argv=None) -> int:

@@ -338,6 +338,9 @@ def load_model(spec, blocks: str | None = None, runtime: Runtime | None = None,
     elif Path(spec).is_dir():
         from .trust import check_folder
         path = Path(spec)
+        if (path / "quant_plan.json").exists() and (path / "model").is_dir():  # `lamina quantize` OUT
+            from .quantize import load_quantized
+            return load_quantized(path, runtime)
         if (path / "lamina_head.json").exists():  # a head on a truncated backbone (`lamina transfer`)
             from .transfer.deploy import load_transfer
             return load_transfer(path)

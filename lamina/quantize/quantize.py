@@ -1,0 +1,345 @@
+"""``quantize``: a model + a budget -> OUT/quant_plan.json and OUT/model (layer-wise mixed int8).
+
+``lamina quantize teacher/ --fraction 0.8 --out q/`` (Python: ``lamina.quantize("teacher/", QuantizeConfig(...))``).
+
+1. Sensitivity: every nn.Linear is quantized alone (a quantized copy swapped
+   in, then the float one put back) in each of ``--formats``, and the change of
+   the model's main output (logits, else last hidden state) on calibration
+   batches is measured as nMSE = sum (q - f)^2 / sum f^2 over all batches, the
+   way skip importance measures a removed block.
+2. Budget: layers are taken least sensitive first (a layer's score is its
+   smallest over the formats, and it gets that format). ``--fraction F``:
+   round(F x layers) of them. ``--max-drop D``: the largest count whose
+   validation metric (accuracy; perplexity for a language model) loses at
+   most D against float, found by bisection on the count (each tried count is
+   measured and recorded; the chosen one was measured, so the budget holds
+   after the fact even when the loss is not monotone in the count).
+3. Save: the float model (:func:`lamina.verify.save_checked`) plus
+   quant_plan.json; ``lamina.load_model(OUT)`` reloads the float model and
+   re-applies the plan (int8 quantization is a pure function of the float
+   weights: torchao's quantized tensors do not round-trip through safetensors
+   on torchao 0.18). Before returning, OUT is reloaded that way and compared
+   with the in-memory quantized model on a calibration batch; a mismatch
+   removes what was written and exits 1.
+
+Calibration rows: a fine-tuned / pruned / distilled folder's task record
+(its training rows; validation rows for ``--max-drop``), else ``--data``
+(+ ``--limit``). See :mod:`lamina.quantize.formats` for what runs fast here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .._cliargs import as_config
+from ..errors import LaminaError, UsageError
+from ..models import LoadedModel, load_model, save_json
+from ..runfolder import check_out, claim, plan_writes, record
+from ..runtime import Runtime, describe
+from ..verify import _main_output, save_checked
+from .formats import FORMATS, apply_layers, linear_names, parse_formats, quantized_linear, swap
+
+WRITES = ["quant_plan.json", "model"]
+PLAN_FILE = "quant_plan.json"
+RTOL = 1e-5  # reload check: the same float weights + the same plan give the same kernels' outputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig(Runtime):
+    """Settings of ``lamina quantize``."""
+
+    out: str = field(metadata={"help": "output folder: OUT/quant_plan.json (every layer's score and choice) and "
+                                       "OUT/model (the float model the plan is applied to on loading)"})
+    fraction: float | None = field(default=None, metadata={
+        "help": "share of the Linear layers to quantize, least sensitive first (0 to 1)"})
+    max_drop: float | None = field(default=None, metadata={
+        "help": "largest loss of validation accuracy (perplexity for a language model) allowed against float; "
+                "needs a model with a task record (a `lamina finetune` / prune / distill OUT)"})
+    formats: str = field(default="int8dyn", metadata={
+        "help": f"comma-separated formats a layer may take ({', '.join(FORMATS)}): int8dyn = int8 weights + "
+                f"per-token int8 activations, int8wo = int8 weights only"})
+    data: str | None = field(default=None, metadata={
+        "help": "calibration data when the model has no task record (bundled name, table, folder)"})
+    limit: int | None = field(default=None, metadata={"help": "rows of --data to read before calibration"})
+    calibration_samples: int = field(default=64, metadata={
+        "help": "rows on which each layer's sensitivity is measured (a few batches keep it cheap)"})
+    batch_size: int = field(default=32, metadata={"help": "rows per forward pass"})
+    max_length: int = field(default=128, metadata={"help": "tokens per text of --data (a task record has its own)"})
+    seed: int = field(default=0, metadata={"help": "seed of the calibration subsample of --data"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace the OUT/quant_plan.json and OUT/model lamina wrote (a file it did not write is never "
+                "touched)"})
+
+    def __post_init__(self):
+        if not self.out:
+            raise UsageError("--out is required", value=self.out, allowed="a path", fix="pass --out PATH")
+        if (self.fraction is None) == (self.max_drop is None):
+            raise UsageError("quantize needs exactly one budget", value={"fraction": self.fraction,
+                                                                         "max_drop": self.max_drop},
+                             allowed="--fraction F or --max-drop D", fix="e.g. --fraction 0.8")
+        if self.fraction is not None and not (isinstance(self.fraction, (int, float)) and 0 <= self.fraction <= 1):
+            raise UsageError("--fraction must be between 0 and 1", value=self.fraction, allowed="0 <= F <= 1",
+                             fix="e.g. --fraction 0.8")
+        if self.max_drop is not None and not (isinstance(self.max_drop, (int, float)) and self.max_drop >= 0):
+            raise UsageError("--max-drop must be >= 0", value=self.max_drop, allowed="a number >= 0",
+                             fix="e.g. --max-drop 0.01 (one accuracy point)")
+        for name in ("calibration_samples", "batch_size", "max_length"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer", value=v,
+                                 allowed="an integer >= 1", fix=f"e.g. --{name.replace('_', '-')} 32")
+        parse_formats(self.formats)
+
+
+@dataclass
+class QuantizeResult:
+    """What ``quantize`` wrote.
+
+    Attributes:
+        out: the output folder; ``lamina.load_model(out)`` gives the quantized model.
+        plan_path: OUT/quant_plan.json.
+        model_path: OUT/model (the float weights the plan is applied to).
+        plan: the whole quant_plan.json.
+        quantized: names of the quantized Linear layers; layers: how many Linear layers the model has.
+        metric_drop: measured validation loss of the metric (``--max-drop``; None with ``--fraction``).
+    """
+
+    out: str
+    plan_path: str
+    model_path: str
+    plan: dict = field(repr=False)
+    quantized: list
+    layers: int
+    metric_drop: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _run(lm: LoadedModel, batches) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return [_main_output(lm.forward(b)).detach().float() for b in batches]
+
+
+def nmse(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    """sum (got - ref)^2 / sum ref^2 over all batches (0 when nothing changed)."""
+    num = sum(float(((g - r) ** 2).sum()) for r, g in zip(ref, got))
+    den = sum(float((r ** 2).sum()) for r in ref)
+    return num / den if den > 0 else num
+
+
+def sensitivity(lm: LoadedModel, batches, formats=("int8dyn",)) -> dict[str, dict[str, float]]:
+    """{layer name: {format: nMSE of the main output with only that layer quantized}} on ``batches``.
+
+    Each layer is swapped for a quantized copy and put back, so ``lm`` is unchanged afterwards."""
+    lm.module.eval()
+    ref = _run(lm, batches)
+    scores: dict[str, dict[str, float]] = {}
+    for name in linear_names(lm.module):
+        orig = lm.module.get_submodule(name)
+        scores[name] = {}
+        for fmt in formats:
+            swap(lm.module, name, quantized_linear(orig, fmt))
+            try:
+                scores[name][fmt] = nmse(ref, _run(lm, batches))
+            finally:
+                swap(lm.module, name, orig)
+    return scores
+
+
+def order(scores: dict[str, dict[str, float]]) -> list[tuple[str, str, float]]:
+    """(layer, its best format, that score), least sensitive first (ties: module order)."""
+    names = list(scores)
+    best = [(n, *min(scores[n].items(), key=lambda kv: kv[1])) for n in names]
+    return sorted(best, key=lambda t: (t[2], names.index(t[0])))
+
+
+def quantized_copy(lm: LoadedModel, layers: dict[str, str]) -> LoadedModel:
+    out = copy.copy(lm)
+    out.module = apply_layers(copy.deepcopy(lm.module), layers).eval()
+    return out
+
+
+def _calibration(lm: LoadedModel, model, config: QuantizeConfig):
+    """(calibration batches, the task spec or None)."""
+    from ..compress._selfscore import task_of
+    spec = task_of(model)
+    if spec is not None:
+        from ..task import make_task
+        task = make_task(spec, lm)
+        rows = task.train_rows(config.calibration_samples, spec.seed)
+        return list(task.batches(lm, rows, config.batch_size)), (spec, task)
+    if not config.data:
+        raise UsageError("quantize needs calibration data: the model has no task record", value=str(model),
+                         allowed="a `lamina finetune` / prune / distill OUT folder, or --data DATA",
+                         fix=f"lamina quantize {model} --data rotten-tomatoes --limit 256 --fraction 0.8 --out Q")
+    from ..data import load_data, subsample
+    ds = subsample(load_data(config.data), config.limit, config.seed)
+    if config.calibration_samples < len(ds):
+        ds = subsample(ds, config.calibration_samples, config.seed, min_per_class=0)
+    n = len(ds)
+    return [lm.batch(ds, range(s, min(n, s + config.batch_size)), config.max_length)
+            for s in range(0, n, config.batch_size)], None
+
+
+def _metric(lm: LoadedModel, task) -> float:
+    spec, t = task
+    res = t.evaluate(lm, t.split["val"], 64)
+    return float(res[t.metric])
+
+
+def _drop(base: float, v: float, task) -> float:
+    return base - v if task[1].higher_is_better else v - base
+
+
+def _by_max_drop(lm, ranked, task, max_drop: float) -> tuple[int, float, list]:
+    """The largest count (bisection) whose measured validation drop is <= max_drop: (count, drop, tried)."""
+    base = _metric(lm, task)
+    tried: dict[int, float] = {}
+
+    def drop_at(k: int) -> float:
+        if k not in tried:
+            tried[k] = _drop(base, _metric(quantized_copy(lm, {n: f for n, f, _ in ranked[:k]}), task), task)
+        return tried[k]
+
+    lo, hi = 0, len(ranked)  # drop_at(lo) <= max_drop holds for lo = 0 by definition
+    if drop_at(hi) <= max_drop:
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if drop_at(mid) <= max_drop:
+            lo = mid
+        else:
+            hi = mid
+    log_ = [{"count": k, "drop": d} for k, d in sorted(tried.items())]
+    if lo == 0:
+        best = min(tried.items(), key=lambda kv: kv[1])
+        raise UsageError(f"no layer can be quantized within --max-drop {max_drop}: the least sensitive layer alone "
+                         f"loses {drop_at(1):.4g} {task[1].metric} on validation (best reachable: "
+                         f"{best[1]:.4g} with {best[0]} layer(s))", value=max_drop,
+                         allowed=f"--max-drop >= {drop_at(1):.4g}",
+                         fix=f"raise --max-drop to {drop_at(1):.4g} or more, or use --fraction")
+    return lo, tried[lo], log_ + [{"baseline": base}]
+
+
+def quantize(model, config: QuantizeConfig | None = None) -> QuantizeResult:
+    """Measure every Linear's sensitivity, quantize the least sensitive within the budget, save under config.out.
+
+    Args:
+        model: anything :func:`lamina.load_model` accepts; it is never modified.
+        config: a :class:`QuantizeConfig` (or a dict of its fields).
+
+    Raises UsageError before anything is written: OUT not empty (without ``overwrite``), no calibration data,
+    a format the CPU backend cannot run, a model with no Linear layer, a ``--max-drop`` no layer meets.
+    LaminaError (exit 1) when the reloaded model does not reproduce the quantized one.
+    """
+    if config is None:
+        raise UsageError("quantize needs a QuantizeConfig", value=None, allowed="QuantizeConfig(out=..., ...)",
+                         fix="quantize('teacher/', QuantizeConfig(out='q', fraction=0.8))")
+    config = as_config(QuantizeConfig, config, "quantize")
+    formats = parse_formats(config.formats)
+    out = Path(config.out)
+    plan_writes(out, "quantize", WRITES, config.overwrite)
+    check_out(out, config.overwrite)
+    lm = load_model(model, runtime=config.runtime())
+    names = linear_names(lm.module)
+    if not names:
+        raise UsageError("the model has no nn.Linear layer to quantize", value=lm.name,
+                         allowed="a model with Linear layers (transformers, classifier heads)",
+                         fix="quantize a transformer or a model with a Linear head")
+    from ..compress._selfscore import task_of
+    if config.max_drop is not None and task_of(model) is None:
+        raise UsageError("--max-drop needs validation rows: the model has no task record", value=str(model),
+                         allowed="a `lamina finetune` / prune / distill OUT folder", fix="use --fraction instead")
+    batches, task = _calibration(lm, model, config)
+    scores = sensitivity(lm, batches, formats)
+    ranked = order(scores)
+    search, drop = None, None
+    if config.fraction is not None:
+        count = int(round(config.fraction * len(ranked)))
+    else:
+        count, drop, search = _by_max_drop(lm, ranked, task, config.max_drop)
+    chosen = {n: f for n, f, _ in ranked[:count]}
+    qlm = quantized_copy(lm, chosen)
+    plan = {"formats": list(formats), "budget": {"fraction": config.fraction, "max_drop": config.max_drop},
+            "score": "nMSE of the model's main output (logits, else last hidden state) with only this layer "
+                     "quantized, on the calibration rows",
+            "calibration": {"rows": sum(int(next(iter(b.values())).shape[0]) for b in batches),
+                            "from": "task record (training rows)" if task else f"--data {config.data}"},
+            "task": task[0].to_dict() if task else None,
+            "layers": [{"name": n, "scores": scores[n], "quantized": n in chosen, "format": chosen.get(n),
+                        "rank": i} for i, (n, _, _) in enumerate(ranked)],
+            "count": count, "of": len(ranked), "validation_drop": drop, "search": search,
+            "model": lm.describe(), "source": str(model) if isinstance(model, (str, Path)) else lm.source,
+            "runtime": describe(lm.device, lm.dtype)}
+    plan_path, model_path = out / PLAN_FILE, out / "model"
+    with claim(out, "quantize", WRITES, config.overwrite):
+        fmt, plan["float_reload_check"] = save_checked(lm, model_path, lm, batches[0], stage="quantize")
+        plan["float_format"] = fmt
+        record(out, "quantize", [PLAN_FILE, PLAN_FILE + ".tmp"])
+        save_json(plan_path, plan)
+        try:
+            plan["reload_check"] = _reload_check(qlm, out, batches[0])
+        except BaseException:
+            plan_path.unlink(missing_ok=True)
+            shutil.rmtree(model_path, ignore_errors=True)
+            raise
+        save_json(plan_path, plan)
+    log.info("quantize: %d of %d Linear layers quantized", count, len(ranked))
+    return QuantizeResult(str(out), str(plan_path), str(model_path), plan, list(chosen), len(ranked), drop)
+
+
+def _reload_check(qlm: LoadedModel, out: Path, batch: dict) -> dict:
+    """Reload OUT the user's way (``lamina.load_model``) and compare with the in-memory quantized model."""
+    ref = _run(qlm, [batch])[0]
+    got = _run(load_model(out), [batch])[0]
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    diff = float((got - ref).abs().max()) if ref.numel() and got.shape == ref.shape else float("inf")
+    if not diff <= RTOL * scale + 1e-30:
+        raise LaminaError(f"the quantized model reloaded from {out} does not reproduce the in-memory one (max abs "
+                          f"difference {diff:.3g})", value=str(out), allowed=f"<= {RTOL * scale:.3g}",
+                          fix="report this to lamina with the model; nothing was kept")
+    return {"reloaded_with": "lamina.load_model", "max_abs_diff": diff, "max_abs_output": scale, "ok": True}
+
+
+def load_quantized(path, runtime: Runtime | None = None) -> LoadedModel:
+    """A quantize OUT folder: the float model in OUT/model with the plan in quant_plan.json re-applied.
+
+    The plan is untrusted input: every layer it names must be a Linear of the model and every format known."""
+    from ..files import read_json
+    from ..trust import check_folder
+    path = Path(path)
+    check_folder(path, [PLAN_FILE, "model"])
+    plan = read_json(path / PLAN_FILE, "the quantization plan", "quantize the model again")
+    layers = plan.get("layers") if isinstance(plan, dict) else None
+    if not isinstance(layers, list):
+        raise LaminaError("quant_plan.json has no layer list", value=str(path / PLAN_FILE),
+                          allowed="a quant_plan.json written by `lamina quantize`", fix="quantize the model again")
+    lm = load_model(path / "model", runtime=runtime)
+    lm.name = path.name
+    have = set(linear_names(lm.module))
+    chosen = {}
+    for e in layers:
+        if not isinstance(e, dict) or not e.get("quantized"):
+            continue
+        if e.get("name") not in have or e.get("format") not in FORMATS:
+            raise LaminaError("quant_plan.json names a layer the model does not have, or an unknown format",
+                              value=json.dumps(e)[:200], allowed=f"Linear layers of the model; formats {FORMATS}",
+                              fix="quantize the model again")
+        chosen[e["name"]] = e["format"]
+    want = (plan.get("model") or {}).get("fingerprint")
+    if want and lm.fingerprint() != want:
+        raise LaminaError("the float model in this folder is not the one the plan was made for (fingerprints "
+                          "differ)", value=str(path), allowed=want, fix="quantize the model again")
+    apply_layers(lm.module, chosen)
+    lm.module.eval()
+    return lm

@@ -1,0 +1,162 @@
+"""lamina.quantize: layer-wise mixed int8 by sensitivity (issue 16)."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lamina
+from lamina.errors import UsageError
+from lamina.quantize import QuantizeConfig, quantize, sensitivity
+from lamina.quantize.formats import apply_layers, linear_names
+from lamina.quantize.quantize import _run, quantized_copy
+
+
+def _batches(lm, csv, n=24, bs=12):
+    ds = lamina.load_data(str(csv))
+    return [lm.batch(ds, range(s, min(n, s + bs)), 32) for s in range(0, n, bs)]
+
+
+def _plain(m: nn.Module) -> bool:
+    return type(m.weight) is nn.Parameter
+
+
+def test_nothing_quantized_is_unchanged(tiny_teacher, tmp_path):
+    res = quantize(str(tiny_teacher), QuantizeConfig(out=str(tmp_path / "q"), fraction=0.0, calibration_samples=16))
+    assert res.quantized == [] and res.layers == len(res.plan["layers"]) > 0
+    a, b = lamina.load_model(str(tiny_teacher)), lamina.load_model(res.out)
+    assert all(_plain(b.module.get_submodule(n)) for n in linear_names(b.module))
+    sa, sb = a.module.state_dict(), b.module.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_one_layer_changes_only_that_module(tiny_dirs):
+    lm = lamina.load_model(str(tiny_dirs["bert"]))
+    names = linear_names(lm.module)
+    target = names[1]
+    q = quantized_copy(lm, {target: "int8dyn"})
+    before = dict(lm.module.named_modules())
+    for name, m in q.module.named_modules():
+        if name == target:
+            assert not _plain(m)
+            continue
+        ref = before[name]
+        assert type(m) is type(ref)
+        for (pn, p), (_, r) in zip(m.named_parameters(recurse=False),
+                                   ref.named_parameters(recurse=False)):
+            assert type(p) is type(r) and torch.equal(p, r), (name, pn)
+    assert _plain(lm.module.get_submodule(target))  # the source model is never modified
+
+
+def test_sensitivity_equals_naive_requantize_and_forward(tiny_dirs, sentences_csv):
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+    lm = lamina.load_model(str(tiny_dirs["bert"]))
+    batches = _batches(lm, sentences_csv)
+    got = sensitivity(lm, batches, ("int8dyn", "int8wo"))
+    ref = [o.numpy().astype(np.float64) for o in _run(lm, batches)]
+    cfgs = {"int8dyn": Int8DynamicActivationInt8WeightConfig, "int8wo": Int8WeightOnlyConfig}
+    assert list(got) == linear_names(lm.module)
+    for name in list(got)[::3]:  # a spread of layers keeps it quick
+        for fmt, cfg in cfgs.items():
+            m = copy.deepcopy(lm.module)
+            quantize_(m, cfg(), filter_fn=lambda mod, fqn: fqn == name)
+            q = copy.copy(lm)
+            q.module = m
+            out = [o.numpy().astype(np.float64) for o in _run(q, batches)]
+            want = sum(((o - r) ** 2).sum() for o, r in zip(out, ref)) / sum((r ** 2).sum() for r in ref)
+            assert got[name][fmt] == pytest.approx(want, rel=1e-5, abs=1e-12)
+            # an encoder layer changes the last hidden state; the pooler (not part of it) scores exactly 0
+            assert (want > 0) == ("encoder" in name), name
+    # the model is left as it was
+    assert all(_plain(lm.module.get_submodule(n)) for n in got)
+
+
+def test_max_drop_is_respected_on_validation(tiny_teacher, tmp_path):
+    from lamina.task import evaluate, read_task
+    res = quantize(str(tiny_teacher), QuantizeConfig(out=str(tmp_path / "q"), max_drop=0.02, calibration_samples=32))
+    spec = read_task(str(tiny_teacher))
+    ds, split = spec.load()
+    base = evaluate(lamina.load_model(str(tiny_teacher)), ds, split["val"], spec)["accuracy"]
+    got = evaluate(lamina.load_model(res.out), ds, split["val"], spec)["accuracy"]
+    assert base - got <= 0.02 + 1e-12
+    assert res.metric_drop == pytest.approx(base - got, abs=1e-12)
+    assert len(res.quantized) >= 1
+    plan = json.loads((tmp_path / "q" / "quant_plan.json").read_text())
+    ranks = sorted(plan["layers"], key=lambda e: e["rank"])
+    assert [e["quantized"] for e in ranks] == [True] * len(res.quantized) + [False] * (len(ranks) - len(res.quantized))
+    best = [min(e["scores"].values()) for e in ranks]
+    assert best == sorted(best)  # least sensitive first
+
+
+def test_fraction_save_reload_reproduces(tiny_dirs, sentences_csv, tmp_path):
+    out = tmp_path / "q"
+    res = quantize(str(tiny_dirs["bert"]), QuantizeConfig(out=str(out), fraction=0.5, data=str(sentences_csv),
+                                                          calibration_samples=24, formats="int8dyn,int8wo",
+                                                          max_length=32))
+    lm = lamina.load_model(str(tiny_dirs["bert"]))
+    n = len(linear_names(lm.module))
+    assert len(res.quantized) == round(0.5 * n)
+    plan = json.loads((out / "quant_plan.json").read_text())
+    chosen = {e["name"]: e["format"] for e in plan["layers"] if e["quantized"]}
+    assert set(chosen) == set(res.quantized) and plan["reload_check"]["ok"]
+    expect = quantized_copy(lm, chosen)
+    back = lamina.load_model(str(out))
+    b = _batches(lm, sentences_csv, n=8, bs=8)
+    assert torch.equal(_run(expect, b)[0], _run(back, b)[0])
+    assert not torch.equal(_run(lm, b)[0], _run(back, b)[0])
+    assert isinstance(lamina.load(str(out)), nn.Module)
+
+
+def test_cli(tiny_teacher, tmp_path, capsys):
+    from lamina.cli import main
+    assert main(["quantize", str(tiny_teacher), "--fraction", "0.25", "--calibration-samples", "16",
+                 "--out", str(tmp_path / "q")]) == 0
+    assert "Linear layers quantized" in capsys.readouterr().out
+    assert main(["quantize", str(tiny_teacher), "--fraction", "0.25", "--formats", "int4wo",
+                 "--out", str(tmp_path / "q2")]) == 2
+    assert not (tmp_path / "q2").exists()
+
+
+def test_budget_nothing_can_meet_names_best(tiny_teacher, tmp_path, monkeypatch):
+    import importlib
+    qq = importlib.import_module("lamina.quantize.quantize")  # the verb shadows the module as an attribute
+    # A stand-in metric that loses 0.1 per quantized layer: no layer fits --max-drop 0.05.
+    monkeypatch.setattr(qq, "_metric", lambda lm, task: 1.0 - 0.1 * sum(
+        not _plain(m) for m in lm.module.modules() if isinstance(m, nn.Linear)))
+    with pytest.raises(UsageError, match=r"best reachable: 0\.1 with 1 layer"):
+        quantize(str(tiny_teacher), QuantizeConfig(out=str(tmp_path / "q"), max_drop=0.05, calibration_samples=16))
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"fraction": 0.5, "formats": "int4wo"}, "int4 weight-only"),
+    ({"fraction": 0.5, "formats": "fp8"}, "unknown quantization format"),
+    ({}, "exactly one budget"),
+    ({"fraction": 0.5, "max_drop": 0.01}, "exactly one budget"),
+    ({"fraction": 1.5}, "between 0 and 1"),
+])
+def test_bad_settings(kw, match, tmp_path):
+    with pytest.raises(UsageError, match=match):
+        QuantizeConfig(out=str(tmp_path / "q"), **kw)
+
+
+def test_no_linear_and_no_data(tiny_dirs, tmp_path):
+    with pytest.raises(UsageError, match="no nn.Linear"):
+        quantize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)), QuantizeConfig(out=str(tmp_path / "a"), fraction=1.0))
+    with pytest.raises(UsageError, match="calibration data"):
+        quantize(str(tiny_dirs["bert"]), QuantizeConfig(out=str(tmp_path / "b"), fraction=1.0))
+    with pytest.raises(UsageError, match="max.drop needs validation rows"):
+        quantize(str(tiny_dirs["bert"]), QuantizeConfig(out=str(tmp_path / "c"), max_drop=0.01, data="x.csv"))
+
+
+def test_a_tampered_plan_is_refused_on_loading(tiny_teacher, tmp_path):
+    out = tmp_path / "q"
+    quantize(str(tiny_teacher), QuantizeConfig(out=str(out), fraction=0.5, calibration_samples=16))
+    plan = json.loads((out / "quant_plan.json").read_text())
+    plan["layers"][0].update(name="os.system", quantized=True, format="int8dyn")
+    (out / "quant_plan.json").write_text(json.dumps(plan))
+    with pytest.raises(lamina.LaminaError, match="layer the model does not have"):
+        lamina.load_model(str(out))
