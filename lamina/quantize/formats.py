@@ -68,6 +68,9 @@ def _torchao():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import torchao.quantization as tq
+    except ImportError as e:
+        raise UsageError("lamina quantize needs the package 'torchao'", value=str(e), allowed="torchao 0.18",
+                         fix="run `make install`, or `pip install 'lamina[quantize]'`") from e
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
