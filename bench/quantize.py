@@ -14,8 +14,8 @@ The pruned + distilled + int8 composition is not measured by this script (its ta
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import os
 import random
 import statistics
 import sys
@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
                                        "met": logit_nmse["mixed"] < min(rnmse)},
     }
     result = {"command": "PYTHONPATH=. python bench/quantize.py " + " ".join(argv or sys.argv[1:]),
-              "targets": targets, "machine": load0, "load_average_end": list(__import__("os").getloadavg()),
+              "targets": targets, "machine": load0, "load_average_end": list(os.getloadavg()),
               "teacher": str(args.teacher), "task": spec.to_dict(), "test_rows": int(len(split["test"])),
               "linear_layers": len(names), "quantized_layers": k, "quantize_seconds": round(quantize_s, 1),
               "accuracy": acc, "test_logit_nmse": logit_nmse, "prediction_agreement": agree, "latency_ms": lat, "speedup_b8": speed_b8,

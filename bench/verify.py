@@ -31,6 +31,7 @@ repeats is far larger than the check, so it is not the target.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -134,8 +135,8 @@ def main(argv=None) -> int:
         "machine": start | {"load_average_end": list(os.getloadavg())}, "seconds": time.perf_counter() - t0,
     }
     if args.out:
-        Path(args.out).write_text(__import__("json").dumps(result, indent=2))
-        print(__import__("json").dumps(result["targets"]))
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(json.dumps(result["targets"]))
         return 0
     save_result("verify", result)
     s = result["store"]

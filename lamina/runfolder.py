@@ -194,6 +194,17 @@ def remove_owned(folder, rel: str) -> None:
         _write_record(folder, {k: v for k, v in files.items() if k not in gone})
 
 
+def discard(path) -> None:
+    """Remove a model folder lamina has just written (a failed check must not leave it behind), deleting only
+    what lamina recorded there; never raises, so the error that led here is the one the user sees."""
+    path = Path(path)
+    try:
+        if os.path.lexists(path):
+            remove_owned(path.parent, path.name)
+    except (OSError, LaminaError):
+        pass
+
+
 def swap_in(tmp, dest, stage: str) -> None:
     """Move the folder ``tmp`` (just written) to ``dest``, replacing only what lamina recorded there.
 

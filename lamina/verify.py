@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -172,5 +171,6 @@ def save_checked(lm, dest, source, batch: dict | None, stage: str = "save") -> t
             return fmt, {**check_saved(lm, dest, batch, fmt), "batch": "synthetic (no calibration data)"}
         return fmt, check_saved(lm, dest, batch, fmt)
     except BaseException:
-        shutil.rmtree(dest, ignore_errors=True)
+        from .runfolder import discard
+        discard(dest)  # only what lamina just wrote there
         raise

@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,7 +40,7 @@ import torch
 from .._cliargs import as_config
 from ..errors import LaminaError, UsageError
 from ..models import LoadedModel, load_model, save_json
-from ..runfolder import check_out, claim, plan_writes, record
+from ..runfolder import check_out, claim, discard, plan_writes, record
 from ..runtime import Runtime, describe
 from ..verify import _main_output, save_checked
 from .formats import FORMATS, apply_layers, linear_names, parse_formats, quantized_linear, swap
@@ -291,7 +290,7 @@ def quantize(model, config: QuantizeConfig | None = None) -> QuantizeResult:
             plan["reload_check"] = _reload_check(qlm, out, batches[0])
         except BaseException:
             plan_path.unlink(missing_ok=True)
-            shutil.rmtree(model_path, ignore_errors=True)
+            discard(model_path)  # only what lamina just wrote there
             raise
         save_json(plan_path, plan)
     log.info("quantize: %d of %d Linear layers quantized", count, len(ranked))
