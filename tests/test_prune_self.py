@@ -71,3 +71,9 @@ def test_a_model_without_a_task_record_needs_scores(tiny_dirs, tmp_path):
     with pytest.raises(UsageError, match="task record") as e:
         prune(str(tiny_dirs["bert"]), None, PruneConfig(out=str(tmp_path / "s"), drop_blocks=0.5))
     assert "lamina analyze run" in str(e.value) and not (tmp_path / "s").exists()
+
+
+def test_a_model_that_does_not_exist_is_named_before_the_scores(tmp_path):
+    with pytest.raises(UsageError, match="neither a bundled name") as e:
+        prune(str(tmp_path / "nope"), None, PruneConfig(out=str(tmp_path / "s"), drop_blocks=0.5))
+    assert str(tmp_path / "nope") in str(e.value) and not (tmp_path / "s").exists()

@@ -252,6 +252,8 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
     check_out(out, config.overwrite)
     task = task_of(model) if own else None
     if own and task is None:
+        if isinstance(model, (str, Path)) and not Path(str(model)).exists():
+            load_model(model)  # a model that does not exist is named first (what, value, closest names)
         raise no_task_error(model, config.out, _budget_flags(config))
     if own:
         lm = load_model(model, runtime=config.runtime())
