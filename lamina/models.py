@@ -219,7 +219,7 @@ def _hf_dir(path: Path | str, blocks: str | None = None, rt: Runtime | None = No
     tok = None
     try:
         from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(path, **hub)
+        tok = AutoTokenizer.from_pretrained(path, config=cfg, **hub)  # the config already read: not parsed again
     except (OSError, ValueError, TypeError):
         tok = None
     if tok is not None:
