@@ -445,6 +445,9 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING, format="%(message)s")
+    if not ns.verbose:
+        from ._quiet import quiet_known_noise
+        quiet_known_noise()  # torchao's no-CUDA start-up lines, before anything imports transformers
     from .trust import trusting_code
     try:
         with trusting_code(getattr(ns, "trust_code", False)):
