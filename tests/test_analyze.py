@@ -29,6 +29,7 @@ def test_scores_json_has_every_metric_for_every_layer(text_run):
         assert len(s["metrics"][key]) == len(layers), key
         assert key in s["definitions"] or key.startswith("probe_ci") or key == "probe_C"
     assert s["split"]["n_train"] + s["split"]["n_val"] + s["split"]["n_test"] == 90
+    assert s["settings"]["metrics_device"] == {"probe": "cpu", "knn_cka": "cpu"}  # no GPU here
     lo, acc, hi = (np.array(s["metrics"][k]) for k in ("probe_ci_low", "probe_acc", "probe_ci_high"))
     assert (lo <= acc).all() and (acc <= hi).all()
     cka = np.array(s["cka"])

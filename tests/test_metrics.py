@@ -119,16 +119,18 @@ def test_solver_reaches_sklearns_optimum(n_classes):
         np.testing.assert_allclose(intercept, ref_intercept, atol=1e-4 * max(scale, 1))
 
 
+@pytest.mark.parametrize("device", [None, "cpu"])
 @pytest.mark.parametrize("n_classes, dims", [(2, (40, 40, 60)), (4, (40, 30, 60)), (2, (400, 500, 300))])
-def test_probe_layers_agrees_with_sklearn(n_classes, dims):
+def test_probe_layers_agrees_with_sklearn(n_classes, dims, device):
     """Per-C validation accuracy and the chosen test accuracy within 1 point, or one sample where
     a part is smaller than 100: on separable data (the N < D case) sklearn's lbfgs stops at its
-    tol=1e-4 short of the optimum, and moves one sample at C=100 (checked against tol=1e-8)."""
+    tol=1e-4 short of the optimum, and moves one sample at C=100 (checked against tol=1e-8).
+    ``device``: the device path (Gram, eigenbasis and solve in torch where the device is, as on a GPU)."""
     layers, y = _layers(n=600 if max(dims) < 100 else 300, dims=dims, n_classes=n_classes)
     layers[0][:, 3] = 7.0  # a constant feature: sklearn's StandardScaler convention (std -> 1)
     split = stratified_split(y, seed=1)
     cs = np.logspace(-3, 2, 6)
-    results = probe_layers(layers, y, split, Cs=cs)
+    results = probe_layers(layers, y, split, Cs=cs, device=device)
     for res, x in zip(results, layers):
         parts = _standardized(x, split)
         val, test = [], []
@@ -160,6 +162,38 @@ def test_float32_solver_lands_on_the_float64_optimum(n_classes):
     if n_classes > 2:  # defined up to a shared constant per sample
         logits64, logits32 = logits64 - logits64.mean(1, keepdims=True), logits32 - logits32.mean(1, keepdims=True)
     assert np.abs(logits32 - logits64).max() < 2e-3
+
+
+@pytest.mark.parametrize("n_classes, rows, dims", [(2, 300, 12), (4, 600, 40), (2, 30, 50)])
+def test_solver_makes_every_tensor_where_its_inputs_are(n_classes, rows, dims):
+    """On a GPU the solver must never make a tensor on the CPU (a device mismatch, or a silent copy).
+    Tested on this CPU-only machine: inside ``torch.device('meta')`` every tensor made without an
+    explicit device lands on 'meta', and mixing it with the CPU inputs raises. The result is the
+    plain run's, bit for bit. Covers binary, rotated multinomial, and the N < D basis."""
+    import torch
+    layers, y = _layers(n=rows, dims=(dims,), n_classes=n_classes, signal=(0.8,))
+    x = layers[0].astype(np.float32)
+    x = (x - x.mean(0)) / x.std(0)
+    args = (torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)), torch.from_numpy(1 / np.asarray(DEFAULT_CS)),
+            n_classes)
+    w, ok = fit_logistic(*args, tol=1e-4, max_iter=100)
+    with torch.device("meta"):
+        w_dev, ok_dev = fit_logistic(*args, tol=1e-4, max_iter=100)
+    assert w_dev.device.type == "cpu" and ok_dev == ok
+    assert torch.equal(w, w_dev)
+
+
+def test_probe_device_path_makes_every_tensor_on_its_device():
+    """The probe's device path (Gram, standardization, held-out logits in torch): the same check."""
+    import torch
+    layers, y = _layers(n=300, dims=(20, 30), n_classes=3)
+    split = stratified_split(y, seed=0)
+    ref = probe_layers(layers, y, split, device="cpu")
+    with torch.device("meta"):
+        got = probe_layers(layers, y, split, device="cpu")
+    assert [r.to_dict() for r in got] == [r.to_dict() for r in ref]
+    with pytest.raises(UsageError, match="float64"):
+        probe_layers(layers, y, split, device="mps")
 
 
 def test_rotated_multinomial_solve_lands_on_the_unrotated_optimum(monkeypatch):

@@ -122,12 +122,13 @@ def layer_metrics(feats: list[np.ndarray], labels: np.ndarray, split: dict, cfg:
     """Every per-layer metric of ``feats`` (L arrays (N, D)) and the (L, L) CKA matrix.
 
     ``device`` (a torch.device): k-NN and CKA run there with torch kernels (analyze passes the GPU when
-    ``--device`` resolves to one); None keeps the NumPy versions (the CPU default). The probe's solver
-    runs on the CPU either way.
+    ``--device`` resolves to one), and so does the probe's solver on a CUDA device (it needs float64, which
+    MPS lacks); None keeps the CPU versions (the default on the CPU).
     """
     if device is not None:
         from .metrics.torch_kernels import cka_matrix_torch, knn_accuracy_torch
-    probes = probe_layers(feats, labels, split, Cs=cfg.cs, seed=cfg.seed, workers=cfg.probe_workers or None)
+    probes = probe_layers(feats, labels, split, Cs=cfg.cs, seed=cfg.seed, workers=cfg.probe_workers or None,
+                          device=_probe_device(device))
     tr, te = split["train"], split["test"]
     out: dict[str, list] = {k: [] for k in ("probe_acc", "probe_ci_low", "probe_ci_high", "probe_C", "knn_acc",
                                             "ncc_acc", "effective_rank", "within_between_ratio", "cdnv")}
@@ -160,6 +161,11 @@ def _importance_dict(res) -> dict:
             "skip_nmse": [opt(b.skip_importance) for b in res.blocks],
             "skippable": [b.skippable for b in res.blocks], "notes": [b.note for b in res.blocks],
             "target": res.target, "n_samples": res.n_samples}
+
+
+def _probe_device(device):
+    """Where the probe's solver runs: a CUDA device, else None (the CPU; MPS has no float64)."""
+    return device if device is not None and device.type == "cuda" else None
 
 
 def _metrics_device(config: AnalyzeConfig):
@@ -246,7 +252,8 @@ def _analyze(store: FeatureStore, run_dir: Path, path: Path, config: AnalyzeConf
     split = stratified_split(labels, config.fractions, seed=config.seed)
     feats = _features(store)
     log.info("analyze: %d layers x %d samples", len(feats), len(labels))
-    metrics, cka = layer_metrics(feats, labels, split, config, _metrics_device(config))
+    mdev = _metrics_device(config)
+    metrics, cka = layer_metrics(feats, labels, split, config, mdev)
     del feats
     man = store.manifest
     scores = {"lamina_version": man.get("lamina_version"), "model": man.get("model", {}),
@@ -254,7 +261,9 @@ def _analyze(store: FeatureStore, run_dir: Path, path: Path, config: AnalyzeConf
               "split": {"fractions": list(config.fractions), "seed": config.seed,
                         **{f"n_{k}": int(len(v)) for k, v in split.items()}},
               "layers": store.layers, "settings": {"knn_k": config.knn_k, "Cs": list(config.cs),
-                                                   "importance_samples": config.importance_samples},
+                                                   "importance_samples": config.importance_samples,
+                                                   "metrics_device": {"probe": str(_probe_device(mdev) or "cpu"),
+                                                                      "knn_cka": str(mdev or "cpu")}},
               "definitions": dict(DEFINITIONS), "metrics": metrics, "cka": cka, "importance": None,
               "control": None, "versions": versions()}
     if config.importance or config.control:

@@ -123,8 +123,7 @@ def gram_basis(z: torch.Tensor, gram: torch.Tensor | None = None) -> tuple[torch
     n, d = z.shape
     if d <= n:
         if gram is None:
-            zn = z.numpy()
-            gram = torch.from_numpy(zn.T @ zn)
+            gram = torch.from_numpy(z.numpy().T @ z.numpy()) if z.device.type == "cpu" else z.T @ z
         ev, vecs = torch.linalg.eigh(gram)
         ev = ev.clamp_min(0)
     else:
@@ -133,7 +132,7 @@ def gram_basis(z: torch.Tensor, gram: torch.Tensor | None = None) -> tuple[torch
         keep = ev > 1e-10 * ev.max().clamp_min(1e-300)
         ev, vecs = ev[keep], (z64.T @ u[:, keep]) / ev[keep].sqrt()
     r = len(ev)
-    basis = torch.zeros(d + 1, r + 1, dtype=vecs.dtype)
+    basis = torch.zeros(d + 1, r + 1, dtype=vecs.dtype, device=z.device)
     basis[:d, :r] = vecs
     basis[d, r] = 1
     return basis, ev
@@ -148,14 +147,19 @@ def fit_logistic(z: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, n_classes:
     Returns W (P, Kq, D+1) float64, the last column the intercept (Kq = 1 for
     two classes), and whether every problem met the tolerance.
     """
-    return solve_logistic(torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1), y, lam, n_classes, tol, max_iter)
+    return solve_logistic(torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype, device=z.device)], 1), y, lam,
+                          n_classes, tol, max_iter)
 
 
 def solve_logistic(a: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, n_classes: int, tol: float,
            max_iter: int, gram: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
-    """``fit_logistic`` on the design a = [z, 1] (N, D+1); ``gram``: z^T z when the caller has it."""
+    """``fit_logistic`` on the design a = [z, 1] (N, D+1); ``gram``: z^T z when the caller has it.
+
+    Runs where ``a`` is (y, lam and gram on the same device): every tensor made here is made there, so on a
+    GPU the whole solve stays on it (float64 included, so not on Apple MPS).
+    """
     n, d1 = a.shape
-    dt = a.dtype
+    dt, dev = a.dtype, a.device
     basis, ev = gram_basis(a[:, :-1], gram)
     kq = 1 if n_classes == 2 else n_classes
     n_prob = lam.numel()
@@ -165,7 +169,9 @@ def solve_logistic(a: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, n_classe
     rotate = basis.shape[0] == basis.shape[1] and 2 * n_prob * kq * steps >= n
     back = None
     if rotate:
-        a, back, basis = torch.from_numpy(a.numpy() @ basis.numpy()), basis, None
+        # numpy's matmul on the CPU (MKL through torch measured slower for this shape), torch's elsewhere
+        rotated = torch.from_numpy(a.numpy() @ basis.numpy()) if dev.type == "cpu" else a @ basis
+        a, back, basis = rotated, basis, None
     counts = torch.bincount(y, minlength=n_classes).double()
     if kq == 1:
         target = y.double().view(1, 1, n)
@@ -173,12 +179,12 @@ def solve_logistic(a: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, n_classe
     else:
         target = torch.nn.functional.one_hot(y, kq).double().T.reshape(1, kq, n)
         b0 = torch.log(counts) - torch.log(counts).mean()
-    w_out = torch.zeros(n_prob, kq, d1, dtype=torch.float64)
+    w_out = torch.zeros(n_prob, kq, d1, dtype=torch.float64, device=dev)
     w_out[:, :, -1] = b0
-    converged = torch.zeros(n_prob, dtype=torch.bool)
-    act = torch.arange(n_prob)  # problems still in the batch
+    converged = torch.zeros(n_prob, dtype=torch.bool, device=dev)
+    act = torch.arange(n_prob, device=dev)  # problems still in the batch
     w = w_out.clone()
-    lam_pen = lam.view(-1, 1, 1) * torch.cat([torch.ones(d1 - 1), torch.zeros(1)]).double()  # free intercept
+    lam_pen = lam.view(-1, 1, 1) * _free_intercept(d1, dev)
     logits = w[:, :, -1:].expand(n_prob, kq, n).clone()  # A W (P, Kq, N), advanced with each step
     f = _objective(logits, target, w, lam_pen)
     for _ in range(max_iter):
@@ -217,6 +223,13 @@ def solve_logistic(a: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, n_classe
     return w_out, bool(converged.all())
 
 
+def _free_intercept(d1: int, dev) -> torch.Tensor:
+    """(D+1,) float64 ones with a 0 last: the penalty's mask (the intercept is not penalized)."""
+    m = torch.ones(d1, dtype=torch.float64, device=dev)
+    m[-1] = 0
+    return m
+
+
 def _objective(logits, target, w, lam_pen):
     """sum(log loss) + penalty per problem (P,), from logits (P, Kq, N)."""
     if logits.shape[1] == 1:
@@ -247,8 +260,7 @@ def newton_direction(a, basis, ev, prob, g, lam, floor, max_cg: int = 200):
         s_eig, s_vec = torch.linalg.eigh(s_mean)  # (P, K), (P, K, K); one eigenvalue ~0 (shift invariance)
         s_vec = s_vec.to(dt)
     precond = _kron_preconditioner(basis, ev, s_eig, s_vec, lam, n, dt)
-    lam_d = (lam.view(-1, 1, 1) * torch.cat([torch.ones(d1 - 1), torch.zeros(1)]).double()
-             ).to(dt).expand(n_prob, kq, d1).reshape(n_prob, -1)
+    lam_d = (lam.view(-1, 1, 1) * _free_intercept(d1, a.device)).to(dt).expand(n_prob, kq, d1).reshape(n_prob, -1)
     gnorm = torch.linalg.vector_norm(g, dim=1)
     # forcing term: loose solves far from the optimum, tighter near it (superlinear Newton);
     # 0.3 sqrt(|g| / N) measured fewest passes on MiniLM and synthetic features (1.0: +10%)
@@ -256,12 +268,12 @@ def newton_direction(a, basis, ev, prob, g, lam, floor, max_cg: int = 200):
     a_t = a.T
     res = -g
     x = torch.zeros_like(g)
-    ax = torch.zeros(n_prob, kq * n, dtype=dt)
+    ax = torch.zeros(n_prob, kq * n, dtype=dt, device=a.device)
     zr = precond(res)
     p_dir = zr
     rz = torch.linalg.vecdot(res, zr)
-    live = torch.ones(n_prob, dtype=torch.bool)
-    zero = torch.zeros((), dtype=dt)
+    live = torch.ones(n_prob, dtype=torch.bool, device=a.device)
+    zero = torch.zeros((), dtype=dt, device=a.device)
     for _ in range(max_cg):
         u = torch.mm(p_dir.view(-1, d1), a_t)  # (P Kq, N)
         if kq == 1:
@@ -299,7 +311,7 @@ def _kron_preconditioner(basis, ev, s_eig, s_vec, lam, n, dt):
     d1 = r + 1 if basis is None else basis.shape[0]
     full = basis is None or basis.shape[0] == basis.shape[1]
     s_pos = s_eig.clamp_min(0)
-    scale = torch.empty(n_prob, kq, r + 1, dtype=torch.float64)
+    scale = torch.empty(n_prob, kq, r + 1, dtype=torch.float64, device=ev.device)
     scale[:, :, :r] = 1 / (s_pos.unsqueeze(2) * ev.double() + lam.view(-1, 1, 1))
     # intercept: n S_mean is singular along (1, ..., 1) for K classes; residuals have no component
     # there (gradients and Hessian products sum to 0 over classes), so any finite fill is exact
@@ -334,8 +346,8 @@ def _armijo(logits, a_step, w, step, lam_pen, target, f, slope, shrink: float = 
 
     The logits move linearly with the step, so each trial costs no matmul.
     """
-    t = torch.ones(len(w), dtype=w.dtype)
-    ok = torch.zeros(len(w), dtype=torch.bool)
+    t = torch.ones(len(w), dtype=w.dtype, device=w.device)
+    ok = torch.zeros(len(w), dtype=torch.bool, device=w.device)
     f_ok = f.clone()
     for _ in range(tries):
         f_t = _objective(logits + t.view(-1, 1, 1) * a_step, target, w + t.view(-1, 1, 1) * step, lam_pen)

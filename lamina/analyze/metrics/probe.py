@@ -22,6 +22,12 @@ Design decisions:
   3x slower, while two layer workers make it 1.45x faster (MiniLM, 7 layers:
   0.68 s at torch's default threads, 0.21 s pinned, 0.14 s with 2 workers).
   The results do not depend on ``workers``: each layer is solved alone.
+- On a CUDA device (``device=``, what ``analyze --device cuda`` passes) the
+  same solver runs there: the rows are still gathered and centered with numpy
+  (they come from a memory-mapped store), then the Gram, the eigenbasis, every
+  pass and the held-out logits are torch on the device, float64 where the CPU
+  path has it. Every tensor the solver makes is made on its inputs' device
+  (tested on the CPU under ``torch.device('meta')``).
 """
 
 from __future__ import annotations
@@ -101,7 +107,8 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
 
 
 def probe_layers(features, labels, split: dict | None = None, Cs=DEFAULT_CS, seed: int = 0,
-                 tol: float = 1e-4, max_iter: int = 100, workers: int | None = None) -> list[ProbeResult]:
+                 tol: float = 1e-4, max_iter: int = 100, workers: int | None = None,
+                 device: torch.device | str | None = None) -> list[ProbeResult]:
     """Fit an L2 logistic-regression probe on every layer, choosing C on validation.
 
     Args:
@@ -117,6 +124,10 @@ def probe_layers(features, labels, split: dict | None = None, Cs=DEFAULT_CS, see
         max_iter: Newton iterations at most.
         workers: layers solved side by side, each on one thread; None: one per
             CPU this process may use, at most L. The results do not depend on it.
+        device: where the solver runs (a CUDA GPU for ``analyze --device cuda``); None: the CPU, with
+            numpy for the gathers and the Gram. The rows are gathered and standardized on the CPU either
+            way; the Gram, the eigenbasis, every Newton/CG pass and the held-out logits run on ``device``
+            (float64 weights, so not Apple MPS). Layers are solved one after the other there.
 
     Returns:
         One ``ProbeResult`` per layer, in order.
@@ -149,9 +160,15 @@ def probe_layers(features, labels, split: dict | None = None, Cs=DEFAULT_CS, see
         if len(np.shape(x)) != 2 or np.shape(x)[0] != len(y):
             raise UsageError(f"features[{i}] does not have one row per label", value=f"shape {np.shape(x)}",
                              allowed=f"({len(y)}, D)", fix="pass features and labels of the same samples")
-    task = _Task(parts, {p: torch.from_numpy(codes[idx].astype(np.int64)) for p, idx in parts.items()},
-                 np.concatenate([parts["val"], parts["test"]]), cs, len(classes), tol, max_iter)
-    n_workers = min(len(features), workers or _usable_cpus())
+    dev = None if device is None else torch.device(device)
+    if dev is not None and dev.type == "mps":
+        raise UsageError("the probe's solver needs float64, which Apple's MPS does not have", value=str(dev),
+                         allowed="cpu or a CUDA device", fix="leave the probe on the CPU (device=None)")
+    task = _Task(parts, {p: torch.from_numpy(codes[idx].astype(np.int64)).to(dev or "cpu")
+                         for p, idx in parts.items()},
+                 np.concatenate([parts["val"], parts["test"]]), cs, len(classes), tol, max_iter, dev)
+    # on a GPU the layers queue on one stream anyway: one worker, no CPU threads competing to feed it
+    n_workers = 1 if dev is not None else min(len(features), workers or _usable_cpus())
     with limit_threads(1):
         if n_workers == 1:
             return [task.layer(i, x) for i, x in enumerate(features)]
@@ -171,6 +188,7 @@ class _Task:
     n_classes: int
     tol: float
     max_iter: int
+    device: torch.device | None = None  # None: the CPU path (numpy Gram)
     local: threading.local = field(default_factory=threading.local)  # freed with the task, not kept per thread
 
     def layer(self, i: int, x) -> ProbeResult:
@@ -190,31 +208,45 @@ class _Task:
         z -= mean.astype(dtype)
         # the Gram of the centered rows (numpy's z.T @ z is a syrk, half a gemm) holds the variances:
         # exact zeros for constant columns (sklearn's rule below), no float32 overflow below |x| ~ 1e17
-        gram = z.T @ z if d <= n_train else None
-        var = np.diag(gram) if gram is not None else np.einsum("ij,ij->j", z, z, dtype=np.float64)
+        dev = self.device
+        if dev is None:
+            gram = z.T @ z if d <= n_train else None
+            var = np.diag(gram) if gram is not None else np.einsum("ij,ij->j", z, z, dtype=np.float64)
+        else:  # the same products on the device (the Gram is the O(N D^2) part)
+            design_t = torch.from_numpy(design).to(dev)
+            zt = design_t[:, :-1]
+            gram_t = zt.T @ zt if d <= n_train else None
+            var = (torch.diagonal(gram_t) if gram_t is not None else torch.einsum("ij,ij->j", zt.double(), zt.double())
+                   ).cpu().numpy()
         std = np.sqrt(var.astype(np.float64) / n_train)
         std[std <= 1e-12 * (1 + np.abs(mean))] = 1.0  # sklearn: a constant feature keeps scale 1
         inv = (1 / std).astype(dtype)
-        z *= inv
-        if gram is not None:
-            gram *= inv[:, None] * inv  # now the Gram of the standardized rows
-        w, converged = solve_logistic(torch.from_numpy(design), ys["train"], torch.from_numpy(1.0 / cs),
-                                      self.n_classes, self.tol, self.max_iter,
-                                      None if gram is None else torch.from_numpy(gram))
+        if dev is None:
+            z *= inv
+            if gram is not None:
+                gram *= inv[:, None] * inv  # now the Gram of the standardized rows
+            design_t, gram_t = torch.from_numpy(design), None if gram is None else torch.from_numpy(gram)
+        else:
+            inv_t = torch.from_numpy(inv).to(dev)
+            zt *= inv_t
+            if gram_t is not None:
+                gram_t *= inv_t[:, None] * inv_t
+        w, converged = solve_logistic(design_t, ys["train"], torch.from_numpy(1.0 / cs).to(dev or "cpu"),
+                                      self.n_classes, self.tol, self.max_iter, gram_t)
         if not converged:
             logger.warning("probe of layer %d: some C did not reach tol=%g in %d Newton steps", i, self.tol,
                            self.max_iter)
         # fold the standardization into the weights: the held-out rows are used as they are
-        coef = w[:, :, :-1] / torch.from_numpy(std)
-        bias = w[:, :, -1:] - coef @ torch.from_numpy(mean).view(-1, 1)
-        xho_t = torch.from_numpy(xho)
+        coef = w[:, :, :-1] / torch.from_numpy(std).to(w.device)
+        bias = w[:, :, -1:] - coef @ torch.from_numpy(mean).to(w.device).view(-1, 1)
+        xho_t = torch.from_numpy(xho).to(w.device)
         logits = torch.addmm(bias.reshape(-1, 1).to(xho_t.dtype), coef.reshape(-1, d).to(xho_t.dtype), xho_t.T)
         if not bool(torch.isfinite(logits).all()):  # a NaN or inf row makes NaN or inf logits
             as_matrix(x[held_out], f"features[{i}]")
         logits = logits.view(len(cs), -1, len(held_out))
         pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
-        val = (pred[:, :n_val] == ys["val"]).double().mean(1).numpy()
-        test = (pred[:, n_val:] == ys["test"]).double().mean(1).numpy()
+        val = (pred[:, :n_val] == ys["val"]).double().mean(1).cpu().numpy()
+        test = (pred[:, n_val:] == ys["test"]).double().mean(1).cpu().numpy()
         best = int(np.argmax(val))  # Cs ascending, argmax takes the first: strongest C among ties
         correct = int(round(test[best] * n_test))
         lo, hi = wilson_interval(correct, n_test)
