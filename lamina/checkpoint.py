@@ -8,7 +8,8 @@ anyone, so it must not be able to run code (a pickle can: ``torch.load`` with
                                       epoch's states, the optimizer's moments
     checkpoint.json                   the rest as strict JSON: epoch, history,
                                       scheduler state, optimizer param_groups,
-                                      the loop settings, the tensor file's name,
+                                      the float16 loss scaler's state, the
+                                      loop settings, the tensor file's name,
                                       size and sha256, and which tensor is which
 
 Writing is ordered so a crash never leaves a pair that looks complete: the
@@ -53,8 +54,12 @@ def remove_checkpoint(out) -> None:
 
 
 def save_checkpoint(out, epoch: int, modules: dict, opt, sched, hist: dict, best_state: dict | None,
-                    settings: dict) -> Path:
-    """Write the state after ``epoch`` (0-based) to ``out``; returns the JSON's path."""
+                    settings: dict, scaler=None) -> Path:
+    """Write the state after ``epoch`` (0-based) to ``out``; returns the JSON's path.
+
+    ``scaler``: the ``torch.amp.GradScaler`` of a float16 run (its loss scale and growth counter are
+    plain numbers; a disabled scaler's state is empty).
+    """
     out = Path(out)
     tensors: dict[str, torch.Tensor] = {}
     index: dict = {"modules": {}, "best": None, "optimizer": {}}
@@ -79,7 +84,8 @@ def save_checkpoint(out, epoch: int, modules: dict, opt, sched, hist: dict, best
     _fsync(tpath)
     meta = {"lamina_checkpoint": _FORMAT, "epoch": int(epoch), "tensors": name, "bytes": tpath.stat().st_size,
             "sha256": sha256_of(tpath), "index": index, "optimizer_param_groups": osd["param_groups"],
-            "optimizer_scalars": scalars, "scheduler": sched.state_dict(), "history": hist, "settings": settings}
+            "optimizer_scalars": scalars, "scheduler": sched.state_dict(), "history": hist, "settings": settings,
+            "grad_scaler": {} if scaler is None else dict(scaler.state_dict())}
     tmp = out / (CHECKPOINT + ".tmp")
     tmp.write_text(json.dumps(_plain(meta), allow_nan=False, indent=1))
     _fsync(tmp)
@@ -91,8 +97,8 @@ def save_checkpoint(out, epoch: int, modules: dict, opt, sched, hist: dict, best
     return out / CHECKPOINT
 
 
-def load_checkpoint(out, modules: dict, opt, sched) -> tuple[dict, dict | None, int]:
-    """Restore ``modules``, ``opt`` and ``sched`` from the checkpoint in ``out``.
+def load_checkpoint(out, modules: dict, opt, sched, scaler=None) -> tuple[dict, dict | None, int]:
+    """Restore ``modules``, ``opt``, ``sched`` (and the float16 ``scaler``) from the checkpoint in ``out``.
 
     Returns (history, best_state, epoch). Raises LaminaError for a checkpoint
     that is not one lamina wrote, is incomplete, altered, or of another run.
@@ -145,6 +151,8 @@ def load_checkpoint(out, modules: dict, opt, sched) -> tuple[dict, dict | None, 
                 or sched_state.get("lr_lambdas") != cur_sched.get("lr_lambdas"):
             raise ValueError("its scheduler state is not this run's schedule")
         sched.load_state_dict(sched_state)
+        if scaler is not None:
+            _load_scaler(scaler, meta.get("grad_scaler"))
         hist = meta["history"]
         if not isinstance(hist, dict) or not isinstance(hist.get("epochs"), list):
             raise ValueError("its history is not a lamina training history")
@@ -153,6 +161,26 @@ def load_checkpoint(out, modules: dict, opt, sched) -> tuple[dict, dict | None, 
     except Exception as e:  # noqa: BLE001 - every way an untrusted file can be wrong (safetensors' parse
         raise _refused(path, e) from e  # errors included) is a refused checkpoint, never a traceback
     return hist, best, epoch
+
+
+def _load_scaler(scaler, state) -> None:
+    """Give a float16 run back its loss scale and growth counter, so the resumed steps skip and grow as
+    the uninterrupted run's would (a fresh scale of 2^16 would skip steps the run did not)."""
+    if not scaler.is_enabled():
+        return  # float32 / bfloat16: no loss scale (a float16 run resumed so keeps its float32 weights)
+    if not state:
+        raise ValueError("it holds no float16 loss-scale state (the run was not float16, or an older lamina "
+                         "wrote it), so the resumed steps would not be the run's")
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    ok = (isinstance(state, dict) and set(state) == {"scale", "growth_factor", "backoff_factor", "growth_interval",
+                                                     "_growth_tracker"}
+          and all(num(v) for v in state.values()) and state["scale"] > 0 and state["growth_factor"] > 1
+          and 0 < state["backoff_factor"] < 1 and isinstance(state["growth_interval"], int)
+          and state["growth_interval"] > 0 and isinstance(state["_growth_tracker"], int)
+          and 0 <= state["_growth_tracker"] < state["growth_interval"])
+    if not ok:
+        raise ValueError("its float16 loss-scale state is not a GradScaler's")
+    scaler.load_state_dict(state)
 
 
 def _refused(path: Path, e: Exception) -> LaminaError:

@@ -153,7 +153,7 @@ def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: L
         if ckpt is None or not ckpt.exists():
             raise UsageError("nothing to resume: no checkpoint in the output folder", value=str(ckpt),
                              allowed="an OUT folder of an interrupted run", fix="run without --resume")
-        hist, best_state, last = load_checkpoint(out, modules, opt, sched)
+        hist, best_state, last = load_checkpoint(out, modules, opt, sched, scaler)
         start = last + 1
         hist["resumed_from"] = last
     val_rows = np.asarray(val_idx)[rank::size]
@@ -207,7 +207,7 @@ def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: L
             hist["stopped_early"] = True
         if ckpt is not None and rank == 0:
             save_checkpoint(out, epoch, modules, opt, sched, hist, best_state,
-                            {"loop": asdict(loop), "train_rows": len(train_idx), "val_rows": len(val_idx)})
+                            {"loop": asdict(loop), "train_rows": len(train_idx), "val_rows": len(val_idx)}, scaler)
         _barrier()
     if best_state is not None:
         for k, m in modules.items():

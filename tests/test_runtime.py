@@ -307,3 +307,59 @@ def test_prune_in_bfloat16_records_its_runtime(tiny_dirs, tmp_path):
     assert plan["runtime"] == {**plan["runtime"], "device": "cpu", "dtype": "bfloat16"}
     back = load_model(res.model_path, runtime=Runtime(device="cpu"))
     assert back.dtype == torch.bfloat16 and back.blocks.n_blocks == 1  # saved as computed, in bfloat16
+
+
+def test_float16_resume_restores_the_loss_scale(tiny_dirs, sentences_csv, tmp_path, monkeypatch):
+    """A float16 run's GradScaler state is checkpointed: the resumed run skips and scales exactly as the
+    uninterrupted one. The scale starts at 2^24 so float16 gradients overflow and the scale backs off in
+    the first epoch: a resume from a fresh 2^24 would skip steps the run did not."""
+    import lamina.runtime
+    from conftest import die_in_epoch
+    from lamina.finetune import FinetuneConfig, finetune
+    real = lamina.runtime.grad_scaler
+    monkeypatch.setattr(lamina.runtime, "grad_scaler", lambda d, t: torch.amp.GradScaler(
+        d.type, init_scale=2.0 ** 24, enabled=t == torch.float16))
+
+    def cfg(out, **kw):
+        return FinetuneConfig(out=str(out), full=True, epochs=2, lr=3e-3, batch_size=16, patience=None,
+                              progress=False, device="cpu", torch_dtype="float16", **kw)
+    ref = finetune(str(tiny_dirs["bert"]), str(sentences_csv), cfg(tmp_path / "ref"))
+    restore = die_in_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(str(tiny_dirs["bert"]), str(sentences_csv), cfg(tmp_path / "cut"))
+    restore()
+    saved = json.loads((tmp_path / "cut" / "checkpoint.json").read_text())["grad_scaler"]
+    assert 0 < saved["scale"] < 2.0 ** 24  # it backed off: the state carries information
+    res = finetune(str(tiny_dirs["bert"]), str(sentences_csv), cfg(tmp_path / "cut", resume=True))
+    assert res.record["history"]["resumed_from"] == 0
+    a, b = load_model(ref.model_path).module.state_dict(), load_model(res.model_path).module.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert res.record["history"]["epochs"] == [
+        {**e, "seconds": r["seconds"]} for e, r in zip(ref.record["history"]["epochs"], res.record["history"]["epochs"])]
+    monkeypatch.setattr(lamina.runtime, "grad_scaler", real)
+
+
+def _ckpt_parts():
+    lin = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(lin.parameters())
+    return lin, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+def test_checkpoint_loss_scale_round_trips_and_bad_ones_are_refused(tmp_path):
+    from lamina.checkpoint import load_checkpoint, save_checkpoint
+    hist = {"epochs": []}
+    lin, opt, sched = _ckpt_parts()
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.load_state_dict({**scaler.state_dict(), "scale": 1024.0, "_growth_tracker": 7})
+    save_checkpoint(tmp_path, 0, {"m": lin}, opt, sched, hist, None, {}, scaler)
+    back = torch.amp.GradScaler("cpu")
+    load_checkpoint(tmp_path, {"m": lin}, opt, sched, back)
+    assert back.state_dict() == scaler.state_dict() and back.get_scale() == 1024.0
+    load_checkpoint(tmp_path, {"m": lin}, opt, sched, torch.amp.GradScaler("cpu", enabled=False))  # bf16/fp32
+    meta = json.loads((tmp_path / "checkpoint.json").read_text())
+    for bad in ({**meta["grad_scaler"], "scale": -1.0}, {**meta["grad_scaler"], "_growth_tracker": "7"},
+                {"scale": 2.0}, {}):
+        (tmp_path / "checkpoint.json").write_text(json.dumps({**meta, "grad_scaler": bad}))
+        with pytest.raises(LaminaError, match="loss-scale"):
+            load_checkpoint(tmp_path, {"m": lin}, opt, sched, torch.amp.GradScaler("cpu"))
