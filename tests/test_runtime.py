@@ -363,3 +363,33 @@ def test_checkpoint_loss_scale_round_trips_and_bad_ones_are_refused(tmp_path):
         (tmp_path / "checkpoint.json").write_text(json.dumps({**meta, "grad_scaler": bad}))
         with pytest.raises(LaminaError, match="loss-scale"):
             load_checkpoint(tmp_path, {"m": lin}, opt, sched, torch.amp.GradScaler("cpu"))
+
+
+def test_distill_teacher_runs_in_the_compute_dtype(tiny_teacher, tmp_path, monkeypatch):
+    """--torch-dtype bfloat16: the frozen teacher is read and runs with bfloat16 weights; the student trains
+    float32 weights under autocast; distill.json's runtime says both. Its logits match a bfloat16 reference
+    of the teacher. (--width, EfficientNet only, slices its student from the float32 teacher first.)"""
+    import importlib
+    from lamina import DistillConfig, distill
+    dmod = importlib.import_module("lamina.distill.distill")  # lamina.distill is the verb
+    seen = []
+    real_load = dmod.load_model
+
+    def spy(spec, *a, **k):
+        lm = real_load(spec, *a, **k)
+        seen.append(lm)
+        return lm
+    monkeypatch.setattr(dmod, "load_model", spy)
+    res = distill(str(tiny_teacher), str(tiny_teacher / "model"),
+                  DistillConfig(out=str(tmp_path / "d"), epochs=1, lr=1e-3, batch_size=16,
+                                patience=None, progress=False, device="cpu", torch_dtype="bfloat16"))
+    teacher = seen[0]
+    assert {p.dtype for p in teacher.module.parameters()} == {torch.bfloat16}
+    assert res.record["runtime"]["dtype"] == "bfloat16" and res.record["runtime"]["teacher_dtype"] == "bfloat16"
+    assert res.record["runtime"]["student_weights_dtype"] == "float32"
+    back = load_model(res.model_path)
+    assert {p.dtype for p in back.module.parameters()} == {torch.float32}
+    ref = load_model(str(tiny_teacher), runtime=Runtime(device="cpu", torch_dtype="bfloat16"))
+    b = ref.batch(type("D", (), {"kind": "text", "inputs": ["the film was good", "a dull plot"]})(), [0, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(teacher.forward(b).logits, ref.forward(b).logits, rtol=0, atol=0)

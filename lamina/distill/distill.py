@@ -216,8 +216,10 @@ def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size
     t0 = time.perf_counter()
     rt = config.runtime()
     teacher_src = teacher
-    # float32 weights like the student's (a --width copy is sliced from them); the forward autocasts
-    teacher = load_model(teacher, runtime=rt, for_training=True)  # a missing or unreadable teacher is named first
+    # The teacher is never trained: it is read straight in the compute dtype (--torch-dtype; bfloat16 halves
+    # its memory), except for --width, whose student is sliced from the teacher's full-precision weights
+    # (the teacher is cast once the student exists).
+    teacher = load_model(teacher, runtime=rt, for_training=config.width is not None)  # a missing teacher is named first
     spec = read_task(teacher_src) if isinstance(teacher_src, (str, Path)) else None
     import dataclasses
     if spec is None:
@@ -243,6 +245,8 @@ def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size
     split = task.split
     student_src = student
     student, student_dir = _student(student, config, teacher, task)
+    if teacher.dtype != teacher.compute_dtype:
+        teacher = place(teacher, rt)  # the --width copy is made: the teacher now runs in the compute dtype
     if config.scratch:
         student = random_init(student, seed=config.seed)
     if not lm_task:
@@ -282,8 +286,10 @@ def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size
         mask = b.get("attention_mask")
         t_logits, t_feats = None, None
         if need_teacher:
+            tb = b if teacher.dtype == student.dtype else {  # float inputs (pixels) in the teacher's dtype
+                k: v.to(teacher.dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in b.items()}
             with torch.no_grad(), record(teacher.module, t_paths) as tf:
-                t_logits = logits_of(teacher.forward(b)).float()
+                t_logits = logits_of(teacher.forward(tb)).float()
                 t_feats = [tf[p] for p in t_paths]
         if need_feats:
             with record(student.module, s_paths) as sf:
@@ -359,7 +365,9 @@ def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size
            "parameters": {"teacher": sum(p.numel() for p in teacher.module.parameters()),
                           "student": sum(p.numel() for p in student.module.parameters())},
            "train_rows": len(train_rows), "notes": notes, "config": asdict(config),
-           "runtime": describe(student.device, teacher.compute_dtype), "history": hist, "test": test,
+           "runtime": {**describe(student.device, teacher.compute_dtype), "teacher_dtype": _dt(teacher.dtype),
+                       "student_weights_dtype": _dt(student.dtype)},
+           "history": hist, "test": test,
            "teacher_test": t_rec, "accuracy_retained": test["accuracy"] / t_rec["accuracy"] if t_rec["accuracy"] else None,
            "metric": task.metric,
            "model_path": str(out / "model"), "seconds": None}
@@ -375,6 +383,10 @@ def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size
         torch.distributed.barrier()
     return DistillResult(str(out), str(out / "model"), test["accuracy"], t_rec["accuracy"],
                          rec["accuracy_retained"], rec)
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _teacher_test(path, teacher, task) -> dict:
