@@ -15,7 +15,8 @@ that puts the file in the page cache, alternating lamina and plain:
 - plain+tokenizer (bfloat16 only): plain, then ``AutoTokenizer.from_pretrained(path)``, the same
   work as lamina's load (which reads the tokenizer of a text model too)
 
-for D in float32 and bfloat16. Figures are medians (and min-max) over the
+for D in float32 and bfloat16. For bfloat16 three more children time lamina's own
+steps alone after a plain load (folder checks, tokenizer, block discovery). Figures are medians (and min-max) over the
 repeats, the 1-minute load average recorded before and after each repeat. Peak RSS
 is the child's ``ru_maxrss`` after every weight was touched once (it counts the
 checkpoint pages mapped from the page cache too; transformers may map bfloat16
@@ -66,6 +67,8 @@ def child(kind: str, dtype: str, path: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
     from lamina.models import load_model
     from lamina.runtime import Runtime
+    if kind == "pieces":
+        return _pieces(dtype, path)
     base = _rss_now()
     cpu = time.process_time()
     t = time.perf_counter()
@@ -89,6 +92,28 @@ def child(kind: str, dtype: str, path: str) -> None:
     n = sum(p.numel() for p in m.parameters())
     print(json.dumps({"seconds": sec, "cpu_seconds": cpu, "peak_rss": peak, "load_peak_rss": load_peak,
                       "rss_before": base, "rss_after": after, "param_dtypes": dts, "parameters": n}))
+
+
+def _pieces(dtype: str, path: str) -> None:
+    """What lamina's load adds to from_pretrained, each step timed alone (first call in this process)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from lamina.blocks import find_blocks
+    from lamina.files import check_model_folder
+    from lamina.trust import check_folder
+
+    def timed(fn):
+        t = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - t
+    cfg = AutoConfig.from_pretrained(path)
+    m, load = timed(lambda: AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=getattr(torch, dtype)))
+    res = {"from_pretrained": load,
+           "check_folder": timed(lambda: check_folder(Path(path)))[1],
+           "check_model_folder": timed(lambda: check_model_folder(Path(path)))[1],
+           "tokenizer": timed(lambda: AutoTokenizer.from_pretrained(path, config=cfg))[1],
+           "find_blocks": timed(lambda: find_blocks(m))[1]}
+    print(json.dumps(res))
 
 
 def make_model(path: Path, size: str) -> int:
@@ -156,15 +181,20 @@ def run_part(dtype: str, path: Path, repeats: int) -> dict:
             print(f"{kind:<15} {dtype:<8} {res['seconds']:6.2f} s  cpu {res['cpu_seconds']:5.2f} s  "
                   f"peak {res['peak_rss'] / 2**30:5.2f} GiB  {res['param_dtypes']}", flush=True)
         load.append(list(os.getloadavg()))
-    return {"medians": {k: _summary(v) for k, v in runs.items()}, "load_average": load, "repeats": repeats}
+    out = {"medians": {k: _summary(v) for k, v in runs.items()}, "load_average": load, "repeats": repeats}
+    if dtype == "bfloat16":
+        pieces = [run_child("pieces", dtype, path) for _ in range(3)]
+        out["lamina_steps_seconds"] = {k: statistics.median(p[k] for p in pieces) for k in pieces[0]}
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default=str(Path(os.environ.get("TMPDIR", "/tmp")) / "lamina-bench-load"))
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--part", choices=("bfloat16", "float32", "all"), default="all",
-                    help="re-run one dtype only; the other's figures are kept from results/load.json")
+    ap.add_argument("--part", choices=("bfloat16", "float32", "all", "report"), default="all",
+                    help="re-run one dtype only (the other's figures are kept from results/load.json); report: "
+                         "only rewrite the summary and BENCHMARKS.md from the saved parts")
     ap.add_argument("--small", action="store_true", help="a 60M model (quick look; not the recorded figure)")
     ap.add_argument("--child", nargs=3, metavar=("KIND", "DTYPE", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -176,10 +206,11 @@ def main() -> None:
     path = Path(args.work) / size
     path.mkdir(parents=True, exist_ok=True)
     n = make_model(path, size)
-    _warm(path)
+    if args.part != "report":
+        _warm(path)
     prev = HERE / "results" / "load.json"
     parts = json.loads(prev.read_text()).get("parts", {}) if prev.exists() and not args.small else {}
-    for dtype in (("bfloat16", "float32") if args.part == "all" else (args.part,)):
+    for dtype in {"all": ("bfloat16", "float32"), "report": ()}.get(args.part, (args.part,)):
         parts[dtype] = run_part(dtype, path, args.repeats)
         parts[dtype]["command"] = "python bench/load.py" + (" --small" if args.small else "") + \
             f" --part {dtype} --repeats {args.repeats}"
@@ -195,6 +226,9 @@ def main() -> None:
     rss_ratio = lam["peak_rss"] / pl["peak_rss"]
     time_ratio = lam["seconds"] / pl["seconds"]
     cpu_ratio = lam["cpu_seconds"] / pl["cpu_seconds"]
+    # each repeat's lamina / plain (run one after the other): less exposed to load drifting over the run
+    paired = sorted(a["seconds"] / b["seconds"] for a, b in zip(lam["runs"], pl["runs"]))
+    extra_vs_plain = pltok["seconds"] / pl["seconds"]  # strictly more work than plain: < 1 means noise
     targets = {
         "bf16_peak_rss_over_weights": {"value": over, "goal": "<= 1.3", "met": over <= 1.3},
         "bf16_load_rss_vs_plain": {"value": rss_ratio, "goal": "<= 1.05", "met": rss_ratio <= 1.05},
@@ -204,24 +238,28 @@ def main() -> None:
            "rss_vs_plain": f32m["lamina"]["peak_rss"] / f32m["plain"]["peak_rss"],
            "time_vs_plain": f32m["lamina"]["seconds"] / f32m["plain"]["seconds"],
            "peak_rss_over_float32_weights": f32m["lamina"]["peak_rss"] / (4 * n)}
-    command = f"python bench/load.py --repeats {args.repeats}" + ("" if args.part == "all" else
-                                                                  " (parts run separately: see parts.*.command)")
+    command = (f"python bench/load.py --repeats {args.repeats}" if args.part == "all" else
+               " && ".join(parts[d]["command"] for d in ("bfloat16", "float32")))
     result = {"command": command, "targets": targets, "parameters": n, "bf16_weight_bytes": bf16_bytes,
               "checkpoint": "bfloat16 safetensors (random init, Llama config)",
               "bf16_cpu_time_vs_plain": cpu_ratio,
               "bf16_time_vs_plain_with_tokenizer": lam["seconds"] / pltok["seconds"],
+              "bf16_time_vs_plain_paired": {"median": statistics.median(paired), "min": paired[0],
+                                            "max": paired[-1]},
+              "bf16_plain_with_tokenizer_vs_plain": extra_vs_plain,
               "float32": f32, "parts": parts, "machine": machine()}
     if args.small:
         print(json.dumps(targets, indent=2))
         return  # the recorded figures are the 1B model's
     out = save_result("load", result)
     gib = 2 ** 30
+    steps = parts["bfloat16"]["lamina_steps_seconds"]
     reps = {d: parts[d]["repeats"] for d in parts}
     loads = [x for d in parts for x in parts[d]["load_average"]]
-    lines = [f"`python bench/load.py --repeats {args.repeats}` (or one `--part bfloat16|float32` at a time; "
-             f"results/load.json): a random-init Llama-config model of {n / 1e9:.2f}B parameters saved once in "
-             "bfloat16 safetensors, each load in a fresh child process after a warm-up read (page cache), the "
-             f"kinds alternated in a turning order, medians (min-max) of {reps['bfloat16']} (bfloat16) and "
+    lines = [f"`{command}` (`--part report` rewrites this from results/load.json): a random-init Llama-config "
+             f"model of {n / 1e9:.2f}B parameters saved once in bfloat16 safetensors, each load in a fresh child "
+             "process after a warm-up read (page cache), the kinds alternated in a turning order, medians "
+             f"(min-max) of {reps['bfloat16']} (bfloat16) and "
              f"{reps['float32']} (float32) repeats; {os.cpu_count()} CPUs shared with other jobs (1-minute load "
              f"average {min(x[0] for x in loads):.1f}-{max(x[0] for x in loads):.1f} during the runs).", "",
              "| load | dtype | seconds | CPU seconds | peak RSS (GiB) |", "|---|---|---|---|---|"]
@@ -230,7 +268,8 @@ def main() -> None:
             lines.append(f"| {kind} | {dt} | {v['seconds']:.2f} ({v['seconds_min_max'][0]:.2f}-"
                          f"{v['seconds_min_max'][1]:.2f}) | {v['cpu_seconds']:.2f} ({v['cpu_seconds_min_max'][0]:.2f}-"
                          f"{v['cpu_seconds_min_max'][1]:.2f}) | {v['peak_rss'] / gib:.2f} |")
-    overlap = lam["seconds_min_max"][0] <= pl["seconds_min_max"][1] and pl["seconds_min_max"][0] <= lam["seconds_min_max"][1]
+    (l_lo, l_hi), (p_lo, p_hi) = lam["seconds_min_max"], pl["seconds_min_max"]
+    overlap = l_lo <= p_hi and p_lo <= l_hi
     lines += ["", f"- bfloat16 peak RSS / bfloat16 weights ({bf16_bytes / gib:.2f} GiB): **{over:.2f}** "
               f"(goal <= 1.3, {'met' if over <= 1.3 else 'NOT met'}); the process's RSS before loading "
               f"(Python, torch, transformers) was {lam['rss_before'] / gib:.2f} GiB of it. Peak RSS is measured after "
@@ -243,9 +282,18 @@ def main() -> None:
                                  if overlap else "") +
               "lamina's load also reads the tokenizer (a text model is fed through it); against plain "
               f"`from_pretrained` + `AutoTokenizer.from_pretrained` its time is "
-              f"{lam['seconds'] / pltok['seconds']:.3f}x.",
+              f"{lam['seconds'] / pltok['seconds']:.3f}x. Per repeat (lamina / the plain load next to it): median "
+              f"{statistics.median(paired):.3f}x, {paired[0]:.3f}-{paired[-1]:.3f}x.",
+              *([f"- Noise check: plain + tokenizer, strictly more work than plain, took {extra_vs_plain:.3f}x plain's "
+                 "time: at this load the wall-clock ratios measure the machine's other jobs more than the loads. "
+                 "CPU time is the steadier figure."] if extra_vs_plain < 1 else []),
               f"- float32 (upcast from the bfloat16 file): lamina vs plain peak RSS {f32['rss_vs_plain']:.3f}x, "
-              f"time {f32['time_vs_plain']:.3f}x, CPU time {f32['cpu_time_vs_plain']:.3f}x."]
+              f"time {f32['time_vs_plain']:.3f}x, CPU time {f32['cpu_time_vs_plain']:.3f}x.",
+              "- What lamina adds to `from_pretrained`, each step timed alone in a fresh process after the load "
+              "(medians of 3): " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in steps.items()
+                                             if k != "from_pretrained") +
+              f"; {sum(v for k, v in steps.items() if k != 'from_pretrained') * 1e3:.1f} ms in all against "
+              f"{steps['from_pretrained']:.2f} s for `from_pretrained` itself.", ""]
     write_section("load", lines)
     print(f"wrote {out}")
     print(json.dumps(targets, indent=2))

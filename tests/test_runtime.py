@@ -335,8 +335,8 @@ def test_float16_resume_restores_the_loss_scale(tiny_dirs, sentences_csv, tmp_pa
     a, b = load_model(ref.model_path).module.state_dict(), load_model(res.model_path).module.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
-    assert res.record["history"]["epochs"] == [
-        {**e, "seconds": r["seconds"]} for e, r in zip(ref.record["history"]["epochs"], res.record["history"]["epochs"])]
+    ref_h, res_h = ref.record["history"]["epochs"], res.record["history"]["epochs"]
+    assert res_h == [{**e, "seconds": r["seconds"]} for e, r in zip(ref_h, res_h)]  # losses to the last bit
     monkeypatch.setattr(lamina.runtime, "grad_scaler", real)
 
 
