@@ -11,6 +11,9 @@ depth=4, ffn=0.5))`` writes a real smaller model M/model without training.
 from .budget import Budget, Grid, make_grid
 from .family import Family, keep_groups_
 from .order import block_order, order_, permute_channels_, permute_ffn_, permute_groups_
+from .train import ElasticConfig, ElasticResult, elastic, sandwich_loss
+from .extract import ExtractConfig, ExtractResult, elastic_extract
 
-__all__ = ["Budget", "Family", "Grid", "block_order", "keep_groups_", "make_grid", "order_", "permute_channels_",
-           "permute_ffn_", "permute_groups_"]
+__all__ = ["Budget", "ElasticConfig", "ElasticResult", "ExtractConfig", "ExtractResult", "Family", "Grid",
+           "block_order", "elastic", "elastic_extract", "keep_groups_", "make_grid", "order_",
+           "permute_channels_", "permute_ffn_", "permute_groups_", "sandwich_loss"]

@@ -158,7 +158,8 @@ class Family:
         if b == self.grid.full:
             return lm.forward(batch)
         skel = self.module(b)
-        skel.train(lm.module.training)
+        for m in skel.modules():  # not skel.train(): transformers would re-kernelize a meta-device model
+            m.training = lm.module.training
         tensors = self.tensors(b, train_buffers=lm.module.training)
         if "pixels" in batch:
             if lm.input_name:
