@@ -257,3 +257,25 @@ def test_pareto_and_pick_rules():
         pick(ms, True, params=0.5)
     # perplexity: lower is better
     assert pareto([{**m, "val_metric": 10 - m["val_metric"]} for m in ms], False) == [True, True, False]
+
+
+def test_a_cnn_with_batchnorm_channels_and_depth(tmp_path, capsys):
+    import numpy as np
+    from test_channels import FACTORY
+    ds = lt.tiny_image_dataset(60, size=16, classes=3)
+    np.savez(tmp_path / "imgs.npz", x=ds.inputs, y=ds.labels)
+    e = tmp_path / "E"
+    assert main(["elastic", "--teacher", FACTORY, "--data", str(tmp_path / "imgs.npz"), "--out", str(e),
+                 "--depths", "4,3", "--channels", "1,0.5", "--epochs", "1", "--batch-size", "16", "--lr", "1e-3",
+                 "--no-progress", "--latency-repeats", "2", "--calibration-samples", "16"]) == 0, \
+        capsys.readouterr().err
+    rec = json.loads((e / "elastic.json").read_text())
+    assert 1 not in rec["block_order"]  # the stride-2 block changes the resolution: it never goes
+    assert len(rec["members"]) == 4
+    parent = rec["members"][0]["parameters"]
+    assert all(m["parameters"] < parent for m in rec["members"][1:])
+    assert main(["elastic", "extract", str(e), "--out", str(tmp_path / "m"), "--depth", "3", "--channels", "0.5",
+                 "--trust-code"]) == 0, capsys.readouterr().err
+    x = json.loads((tmp_path / "m" / "extract.json").read_text())
+    assert x["format"] == "lamina" and x["bn_recalibrated"] and x["reload_check"]["ok"]
+    assert x["parameters"] == next(m["parameters"] for m in rec["members"] if m["depth"] == 3 and m["channels"] == 0.5)

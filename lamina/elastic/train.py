@@ -353,9 +353,14 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
         (t_flops if config.teacher_kd > 0 else 0.0)
     rec_members = score_members(fam, task, calib, split["val"], config) if rank == 0 else []
     t_val = task.evaluate(teacher, split["val"])
+    from ..distill.distill import _teacher_test
+    test, t_test = task.evaluate(parent, split["test"]), _teacher_test(teacher_src, teacher, task)
     rec = {"lamina_elastic": 1, "teacher": {"path": str(teacher_src), "val_metric": t_val[task.metric],
                                             "metric": task.metric,
                                             "parameters": sum(p.numel() for p in teacher.module.parameters())},
+           "test": test, "teacher_test": t_test,
+           "retained": (test[task.metric] / t_test[task.metric] if task.higher_is_better
+                        else t_test[task.metric] / test[task.metric]) if t_test[task.metric] else None,
            "task": task.record(), "metric": task.metric, "higher_is_better": task.higher_is_better,
            "grid": grid.to_dict(), "block_order": order,
            "block_order_names": [f"blocks.{j}" for j in order], "block_scores": block_scores,
