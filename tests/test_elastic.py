@@ -38,12 +38,13 @@ def _models():
     return {
         "bert": (wrap_module(lt.tiny_hf_model("bert", layers=3, head=True, seed=4)), _text_batch(), {"ffn"}),
         "llama-gqa": (wrap_module(lt.tiny_causal_lm("llama", layers=3, seed=5)), _text_batch(1), {"ffn", "heads"}),
+        "gpt2": (wrap_module(lt.tiny_causal_lm("gpt2", layers=2, seed=6)), _text_batch(2), {"ffn"}),
         "mbconv": (wrap_module(tiny_mbconv(), modality="image", image_size=16),
                    {"pixels": torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))}, {"channels"}),
     }
 
 
-@pytest.mark.parametrize("name", ["bert", "llama-gqa", "mbconv"])
+@pytest.mark.parametrize("name", ["bert", "llama-gqa", "gpt2", "mbconv"])
 def test_ordering_by_importance_keeps_the_function_and_sorts_every_prefix(name):
     lm, batch, axes = _models()[name]
     assert lm.module.config.num_key_value_heads == 2 if name == "llama-gqa" else True  # GQA: 4 heads, 2 groups
@@ -137,6 +138,7 @@ def test_the_full_member_alone_is_a_plain_distill_step(nodrop_teacher):
     assert float(loss) > 0
 
 
+@pytest.mark.slow
 def test_elastic_end_to_end_extract_and_select(tmp_path, nodrop_teacher, capsys):
     e = tmp_path / "E"
     assert main(["elastic", "--teacher", str(nodrop_teacher), "--out", str(e), "--depths", "2,1", "--widths",
@@ -183,6 +185,7 @@ def test_elastic_end_to_end_extract_and_select(tmp_path, nodrop_teacher, capsys)
     assert "fastest member" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_gives_the_same_weights(tmp_path, nodrop_teacher, monkeypatch):
     ref = elastic(str(nodrop_teacher), _cfg(tmp_path / "ref", epochs=3))
     restore = die_in_epoch(monkeypatch, 2)
@@ -196,6 +199,7 @@ def test_resume_after_a_kill_gives_the_same_weights(tmp_path, nodrop_teacher, mo
     assert res.record["training"]["resumed_from"] == 0
 
 
+@pytest.mark.slow
 def test_a_decoder_lm_with_grouped_query_attention(tmp_path):
     texts, _ = lt.tiny_sentences(80, seed=2)
     (tmp_path / "d.txt").write_text("\n".join(texts))
@@ -259,6 +263,7 @@ def test_pareto_and_pick_rules():
     assert pareto([{**m, "val_metric": 10 - m["val_metric"]} for m in ms], False) == [True, True, False]
 
 
+@pytest.mark.slow
 def test_a_cnn_with_batchnorm_channels_and_depth(tmp_path, capsys):
     import numpy as np
     from test_channels import FACTORY
@@ -281,6 +286,7 @@ def test_a_cnn_with_batchnorm_channels_and_depth(tmp_path, capsys):
     assert x["parameters"] == next(m["parameters"] for m in rec["members"] if m["depth"] == 3 and m["channels"] == 0.5)
 
 
+@pytest.mark.slow
 def test_two_torchrun_ranks_follow_one_rank(tmp_path, nodrop_teacher):
     import os
     import subprocess

@@ -378,7 +378,7 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
            "task": task.record(), "metric": task.metric, "higher_is_better": task.higher_is_better,
            "grid": grid.to_dict(), "block_order": order,
            "block_order_names": [f"blocks.{j}" for j in order], "block_scores": block_scores,
-           "ordered": sorted(ordered), "members": rec_members,
+           "ordered": sorted(ordered), "permutations": ordered, "members": rec_members,
            "training": {"steps": steps, "rows": rows_seen, "wall_s": wall, "flops": rows_seen * per_row,
                         "flops_per_row": {"full_forward": flops[grid.full], "teacher_forward": t_flops,
                                           "step_expected": per_row},
