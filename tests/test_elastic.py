@@ -183,6 +183,12 @@ def test_elastic_end_to_end_extract_and_select(tmp_path, nodrop_teacher, capsys)
     assert "not in the trained budget grid" in capsys.readouterr().err
     assert main(["elastic", "extract", str(e), "--out", str(tmp_path / "y"), "--latency-ms", "1e-9"]) == 2
     assert "fastest member" in capsys.readouterr().err
+    # a damaged elastic.json is a message, not a traceback
+    bad = json.loads((e / "elastic.json").read_text())
+    del bad["members"][1]["parameters"]
+    (e / "elastic.json").write_text(json.dumps(bad))
+    assert main(["elastic", "extract", str(e), "--out", str(tmp_path / "z"), "--params", "0.8"]) == 2
+    assert "incomplete or damaged" in capsys.readouterr().err
 
 
 @pytest.mark.slow
