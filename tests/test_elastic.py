@@ -315,3 +315,20 @@ def test_two_torchrun_ranks_follow_one_rank(tmp_path, nodrop_teacher):
     for k in ("loss", "full", "members"):
         assert b["history"]["epochs"][0]["train"][k] == pytest.approx(a["history"]["epochs"][0]["train"][k],
                                                                       rel=2e-3, abs=1e-5), k
+
+
+def test_configs_are_frozen_dataclasses_or_dicts():
+    with pytest.raises(TypeError, match=r"elastic\(\) takes its settings as a ElasticConfig"):
+        elastic("teacher/", 0.5)
+    with pytest.raises(TypeError, match=r"elastic_extract\(\) takes its settings as a ExtractConfig"):
+        elastic_extract("E/", ["out"])
+    with pytest.raises(UsageError, match="ElasticConfig has no setting 'width'"):
+        elastic("teacher/", {"out": "x", "width": "1,0.5"})
+    with pytest.raises(UsageError, match="widths takes kept fractions"):
+        ElasticConfig(out="x", widths="1,1.5")
+    with pytest.raises(UsageError, match="depths must be a comma-separated list of integers"):
+        ElasticConfig(out="x", depths="6,four")
+    assert ElasticConfig(out="x", depths=(6, 4), widths=[1, 0.5]).depths == (6, 4)  # Python lists work too
+    from dataclasses import FrozenInstanceError
+    with pytest.raises(FrozenInstanceError):
+        ElasticConfig(out="x").sampled = 3
