@@ -331,7 +331,7 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
             loss, parts = sandwich_loss(fam, task, b, rows, _same_draw(grid, config, rows, parent.device, size),
                                         config, t_logits)
         scale = len(rows) / gbs
-        return loss * scale, {k: torch.tensor(v * scale) for k, v in parts.items()}
+        return loss * scale, {k: torch.tensor(v * scale, device=loss.device) for k, v in parts.items()}
 
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in parent.module.modules())
 
