@@ -14,6 +14,8 @@ smaller, faster model for your task, with measurements that prove it.
     lamina.bench(["teacher/", "recovered/"])        # -> recovered/bench.json
     lamina.transfer("run/", lamina.TransferConfig(head="mix"))  # -> run/transfer/mix, run/transfer.json
     lamina.quantize("teacher/", lamina.QuantizeConfig(out="q/", fraction=0.8))  # least sensitive Linears -> int8
+    lamina.elastic("teacher/", lamina.ElasticConfig(out="E/", depths="6,4", widths="1,0.5"))  # nested family
+    lamina.elastic_extract("E/", lamina.ExtractConfig(out="half/", params=0.5))  # a member, no training
     model = lamina.load("small/")                    # any saved model, as an nn.Module (load_model: advanced)
 """
 
@@ -35,6 +37,7 @@ from .distill import DistillConfig, DistillResult, distill  # noqa: E402
 from .bench import BenchConfig, bench  # noqa: E402
 from .transfer import TransferConfig, TransferResult, transfer  # noqa: E402
 from .quantize import QuantizeConfig, QuantizeResult, quantize  # noqa: E402
+from .elastic import ElasticConfig, ElasticResult, ExtractConfig, ExtractResult, elastic, elastic_extract  # noqa: E402,I001
 
 
 def load(path, *, factory: str | None = None, trust_code: bool | None = None):
@@ -50,4 +53,5 @@ __all__ = ["capture", "CaptureConfig", "CaptureResult", "analyze", "AnalyzeConfi
            "UsageError", "__version__", "finetune", "FinetuneConfig", "FinetuneResult", "prune", "PruneConfig",
            "PruneResult", "distill", "DistillConfig", "DistillResult", "bench", "BenchConfig", "load",
            "transfer", "TransferConfig", "TransferResult", "quantize", "QuantizeConfig",
-           "QuantizeResult"]
+           "QuantizeResult", "elastic", "ElasticConfig", "ElasticResult", "elastic_extract", "ExtractConfig",
+           "ExtractResult"]

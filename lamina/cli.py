@@ -347,6 +347,69 @@ def _distill(ns):
 _distill.add_args = _distill_args
 
 
+# ---------------------------------------------------------------- elastic ----
+def _elastic_args(p):
+    from .elastic import ElasticConfig
+    p.add_argument("--teacher", required=True, help="the model to make elastic: a `lamina finetune` folder, a "
+                                                    "classifier folder with --data, or a causal LM with --data text")
+    add_config_args(p, ElasticConfig)
+
+
+@verb("elastic", "train one model whose nested sub-models (depth x widths) are all usable -> OUT/model, "
+                 "OUT/elastic.json; then `lamina elastic extract OUT ...`")
+def _elastic(ns):
+    from .elastic import ElasticConfig, elastic
+    res = elastic(ns.teacher, config_from_args(ElasticConfig, ns))
+    r = res.record
+    ppl = r["metric"] == "perplexity"
+    for e in r["history"]["epochs"]:
+        parts = "  ".join(f"{k} {v:.4f}" for k, v in e["train"].items())
+        val = f"val ppl {math.exp(min(e['val_loss'], 700)):.3f}" if ppl else f"val acc {e['val_accuracy']:.4f}"
+        print(f"epoch {e['epoch']:>3}  {parts}  {val}  ({e['seconds']:.0f} s)")
+    print(f"{'depth':>5} {'ffn':>5} {'heads':>5} {'chan':>5} {'parameters':>12} {'val ' + r['metric']:>15} "
+          f"{'latency ms':>11}  pareto")
+    for m in res.members:
+        print(f"{m['depth']:>5} {m['ffn']:>5g} {m['heads']:>5g} {m['channels']:>5g} {m['parameters']:>12,} "
+              f"{m['val_metric']:>15.4f} {m['latency_ms']:>11.3f}  {'*' if m['pareto'] else ''}")
+    t = r["training"]
+    print(f"teacher     val {r['metric']} {r['teacher']['val_metric']:.4f}; training {t['steps']} steps, "
+          f"{t['wall_s']:.0f} s, {t['flops']:.3g} FLOPs (estimated)")
+    print(f"model: {res.model_path}")
+    print(f"record: {res.out}/elastic.json")
+    _next(f"lamina elastic extract {res.out} --out small/ --params 0.5")
+    return 0
+
+
+_elastic.add_args = _elastic_args
+
+
+def _extract_args(p):
+    from .elastic import ExtractConfig
+    p.add_argument("elastic", help="the OUT folder of `lamina elastic`")
+    add_config_args(p, ExtractConfig)
+
+
+@verb("elastic-extract", "cut one member out of a `lamina elastic` family, no training -> OUT/model "
+                         "(also spelled `lamina elastic extract`)")
+def _extract(ns):
+    from .elastic import ExtractConfig, elastic_extract
+    res = elastic_extract(ns.elastic, config_from_args(ExtractConfig, ns))
+    b, r = res.budget, res.record
+    print(f"member      depth {b['depth']}, ffn {b['ffn']:g}, heads {b['heads']:g}, channels {b['channels']:g} "
+          f"(chosen by {res.chosen_by})")
+    print(f"parameters  {res.parameters:,} ({res.parameters / r['parent_parameters']:.1%} of the parent's)")
+    m = r.get("measured_in_family")
+    if m:
+        print(f"measured    val {m['metric']} {m['val_metric']:.4f}, {m['latency_ms']:.3f} ms at batch "
+              f"{m['latency_batch']} (lamina elastic)")
+    print(f"model: {res.model_path}  ({r['format']}; reload checked)")
+    _next(f"lamina bench {res.path}")
+    return 0
+
+
+_extract.add_args = _extract_args
+
+
 # --------------------------------------------------------------- transfer ----
 def _transfer_args(p):
     from .transfer import TransferConfig
@@ -435,11 +498,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_LOADS_MODELS = ("capture", "analyze", "finetune", "prune", "distill", "bench", "transfer", "quantize")
+_LOADS_MODELS = ("capture", "analyze", "finetune", "prune", "distill", "bench", "transfer", "quantize", "elastic",
+                 "elastic-extract")
 
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["elastic", "extract"]:  # the nested spelling of `lamina elastic-extract`
+        argv = ["elastic-extract", *argv[2:]]
     ns = parser.parse_args(argv)  # argparse exits 2 on unknown flags itself
     if not getattr(ns, "_fn", None):
         parser.print_help()

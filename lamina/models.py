@@ -292,7 +292,8 @@ def wrap_module(module: nn.Module, name: str = "", source: str = "python", block
 def _stage_name(lm: LoadedModel, path: Path) -> LoadedModel:
     """``teacher/model`` of a lamina stage is called 'teacher' (its folder), not 'model'."""
     if path.name == "model" and any((path.parent / f).exists() for f in ("finetune.json", "plan.json",
-                                                                            "distill.json")):
+                                                                            "distill.json", "elastic.json",
+                                                                            "extract.json")):
         lm.name = path.parent.name
     return lm
 

@@ -189,7 +189,8 @@ def read_task(model_dir, _depth: int = 0) -> TaskSpec | None:
             rec = read_json(cand, "the task record of a fine-tuned model").get("task")
             if rec:
                 return spec_from_record(rec)
-    for fname, key in (("plan.json", ("result", "source")), ("distill.json", ("task",))):
+    for fname, key in (("plan.json", ("result", "source")), ("distill.json", ("task",)), ("elastic.json", ("task",)),
+                       ("extract.json", ("task",))):
         f = p / fname
         if f.exists():
             rec = read_json(f)

@@ -1,0 +1,380 @@
+"""``elastic``: one training run that makes every budget of a grid (Nemotron Elastic, MatFormer, DynaBERT).
+
+``lamina elastic --teacher T --out E --depths 6,4,3 --widths 1,0.75,0.5 [--heads ...] [--channels ...]``
+(``elastic(teacher, config)`` in Python):
+
+1. **Order.** A copy of the teacher is permuted by importance (:mod:`lamina.elastic.order`) so every
+   prefix of an axis is its best subset; the copy is checked to compute what the teacher does.
+   Blocks are ranked for depth by skip importance.
+2. **Train.** Each step (sandwich rule, in-place distillation): the full member on the task loss
+   (+ ``teacher_kd`` x KD from the original teacher), then the smallest member and ``sampled``
+   random members of the grid, each on ``ce`` x task loss + ``kd`` x KD to the full member's
+   detached logits; one backward over the sum, one optimizer step on the shared weights. The
+   members are drawn from a generator seeded by (seed, the step's rows), so a resumed run draws
+   what the uninterrupted one did. Everything else is distill's loop (:func:`lamina.train.fit`):
+   the teacher's task record and split, checkpoints, ``--resume``, torchrun, early stopping on the
+   full member's validation metric.
+3. **Select.** Every member is extracted, its BatchNorm statistics re-estimated on calibration
+   rows, scored on the validation rows and timed on this machine (``latency_batch`` rows,
+   ``threads`` threads, members interleaved, median of ``latency_repeats``);
+   the Pareto front of metric against latency is marked (:mod:`lamina.elastic.select`).
+
+Writes E/model (the ordered, trained parent: the full member) and E/elastic.json.
+
+Training cost (``training`` in elastic.json): optimizer steps, wall seconds of the loop, and
+estimated FLOPs = training rows seen x (3 x forward FLOPs per row of each member trained per
+step, in expectation over the draw, + 1 x the teacher's forward when it is run). Forward FLOPs
+per row are counted by torch's FlopCounterMode on one calibration batch (``flops_per_row``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .._cliargs import as_config
+from ..errors import LaminaError, UsageError
+from ..models import LoadedModel, load_model, recalibrate_bn, save_json
+from ..resume import RESUME, check_resume, rows_hash, same_path
+from ..runfolder import check_out, claim, plan_writes
+from ..runfolder import record as record_files
+from ..runtime import Runtime, describe, oom_message, resolve_device
+from ..task import check_classes, default_spec, logits_of, make_task, num_classes, read_task
+from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, remove_checkpoint, world
+from ..verify import save_checked
+from .budget import Budget, Grid, kept_groups, make_grid
+from .family import Family
+from .order import block_order, check_depths, order_
+
+log = logging.getLogger(__name__)
+
+RECORD = "elastic.json"
+
+
+@dataclass(frozen=True)
+class ElasticConfig(Runtime):
+    """Settings of ``lamina elastic``."""
+
+    out: str = field(metadata={"help": "output folder: OUT/model (the trained parent), OUT/elastic.json"})
+    data: str | None = field(default=None, metadata={
+        "help": "data; default: the teacher's own (finetune.json), with its split. A causal LM teacher learns "
+                "next tokens of this text (packed blocks of --seq-len tokens, perplexity)"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per packed block when the task is language modelling"})
+    depths: str | None = field(default=None, metadata={
+        "help": "numbers of blocks the members keep, e.g. '6,4,3' (default: all; the full depth is always added)"})
+    widths: str | None = field(default=None, metadata={
+        "help": "kept fractions of the FFN neurons, e.g. '1,0.75,0.5' (default: 1; 1 is always added)"})
+    heads: str | None = field(default=None, metadata={
+        "help": "kept fractions of the attention key-value groups (Llama family; query heads move with their "
+                "group), e.g. '1,0.5' with 2 KV groups (default: 1)"})
+    channels: str | None = field(default=None, metadata={
+        "help": "kept fractions of EfficientNet's expanded MBConv channels, e.g. '1,0.75,0.5' (default: 1)"})
+    sampled: int = field(default=2, metadata={
+        "help": "random grid members trained each step besides the full and the smallest (sandwich rule)"})
+    ce: float = field(default=1.0, metadata={"help": "weight of the task loss of every member trained"})
+    kd: float = field(default=1.0, metadata={
+        "help": "weight of the in-place distillation of each sub-member from the full member's detached logits"})
+    teacher_kd: float = field(default=1.0, metadata={
+        "help": "weight of the full member's distillation from the original teacher (0: the teacher is not run)"})
+    temperature: float = field(default=2.0, metadata={"help": "softmax temperature of both KD losses (> 0)"})
+    epochs: int = field(default=3, metadata={"help": "passes over the training rows"})
+    lr: float = field(default=1e-4, metadata={"help": "peak AdamW learning rate (linear warm-up and decay)"})
+    batch_size: int = field(default=32, metadata={"help": "rows per optimizer step (over all ranks)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases and norms)"})
+    patience: int | None = field(default=2, metadata={
+        "help": "stop after this many epochs without a validation gain of the full member; the best epoch is kept"})
+    train_limit: int | None = field(default=None, metadata={
+        "help": "train on at most this many of the training rows (stratified); validation and test stay whole"})
+    seed: int = field(default=0, metadata={"help": "seed of the row order and of the members drawn each step"})
+    calibration_samples: int = field(default=256, metadata={
+        "help": "training rows that rank channels, heads and blocks, and re-estimate BatchNorm statistics"})
+    latency_batch: int = field(default=1, metadata={"help": "rows per forward when timing each member"})
+    latency_repeats: int = field(default=7, metadata={
+        "help": "timed forwards per member (members interleaved, after one warm-up round); the median is kept"})
+    threads: int | None = field(default=1, metadata={"help": "torch threads while timing members (None: as is)"})
+    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its checkpoint in OUT"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace what lamina wrote in OUT (a file it did not write is never touched)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar with the current losses"})
+
+    def __post_init__(self):
+        if not self.out:
+            raise UsageError("--out is required", value=self.out, allowed="a path", fix="pass --out PATH")
+        check_loop_args(self.epochs, self.lr, self.batch_size, self.patience)
+        if isinstance(self.sampled, bool) or not isinstance(self.sampled, int) or self.sampled < 0:
+            raise UsageError("--sampled must be a non-negative integer", value=self.sampled,
+                             allowed="0, 1, 2, ...", fix="--sampled 2")
+        for name in ("latency_batch", "latency_repeats", "calibration_samples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer", value=v,
+                                 allowed="an integer >= 1", fix=f"--{name.replace('_', '-')} 4")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise UsageError("--threads must be a positive integer", value=self.threads, allowed=">= 1",
+                             fix="--threads 1")
+        from ..distill.losses import LossWeights
+        LossWeights(ce=self.ce, kd=self.kd, temperature=self.temperature, cosine=0, fsp=0)  # validates them
+        if self.teacher_kd < 0:
+            raise UsageError("--teacher-kd must be >= 0", value=self.teacher_kd, allowed="a float >= 0",
+                             fix="--teacher-kd 1")
+        # the grid's own syntax is checked here; its fit to the model when the teacher is loaded
+        from .budget import parse_list
+        for text, flag, kind in ((self.depths, "--depths", int), (self.widths, "--widths", float),
+                                 (self.heads, "--heads", float), (self.channels, "--channels", float)):
+            if text is not None:
+                parse_list(text, flag, kind)
+
+    def loop(self) -> Loop:
+        return Loop(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay,
+                    patience=self.patience, seed=self.seed, progress=self.progress)
+
+
+@dataclass
+class ElasticResult:
+    """What ``elastic`` wrote (``elastic.json`` holds all of it)."""
+
+    out: str
+    model_path: str
+    members: list
+    record: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def writes() -> list[str]:
+    """What ``elastic`` writes in OUT."""
+    from ..finetune.finetune import checkpoint_files
+    return ["model", RECORD, *checkpoint_files(), RESUME]
+
+
+def elastic(teacher, config: ElasticConfig | None = None) -> ElasticResult:
+    """Train the nested family of ``teacher`` over the budget grid of ``config``; see the module doc.
+
+    Args:
+        teacher: a ``lamina finetune`` folder (its task record gives the data and split), a classifier folder
+            with ``config.data``, or a causal LM with ``config.data`` text.
+        config: an :class:`ElasticConfig`.
+    """
+    config = as_config(ElasticConfig, config, "elastic")
+    rt = config.runtime()
+    init_distributed(resolve_device(rt.device))
+    rank, size = world()
+    out = Path(config.out)
+    plan_writes(out, "elastic", writes(), config.overwrite, resume=config.resume, resumable=True)
+    check_out(out, config.overwrite, config.resume, CHECKPOINT)
+    with claim(out, "elastic", writes(), config.overwrite, resume=config.resume, resumable=True, rank=rank):
+        return _elastic(teacher, config, out, rank, size)
+
+
+def _task(teacher_src, teacher: LoadedModel, config: ElasticConfig):
+    spec = read_task(teacher_src) if isinstance(teacher_src, (str, Path)) else None
+    if spec is None:
+        if not config.data:
+            raise UsageError("the teacher has no task record, so the data is unknown", value=str(teacher_src),
+                             allowed="a `lamina finetune` folder, or --data", fix="pass --data DATA")
+        spec = default_spec(teacher, config.data, seq_len=config.seq_len)
+    elif config.data and config.data != spec.data:
+        spec = dataclasses.replace(spec, data=config.data, limit=None)
+    lm_task = getattr(spec, "kind", "classification") == "lm"
+    if not lm_task and num_classes(teacher) is None:
+        raise UsageError("the teacher is neither a classifier nor a causal language model lamina knows",
+                         value=str(teacher_src),
+                         allowed="a `lamina finetune` output, a *ForSequenceClassification/ImageClassification "
+                                 "folder, or a causal LM with --data text",
+                         fix="fine-tune it first: lamina finetune --model M --data D --out T")
+    if not lm_task and spec.image_size is None and teacher.image_size:
+        spec = dataclasses.replace(spec, image_size=teacher.image_size)
+    task = make_task(spec, teacher)
+    if not lm_task:
+        check_classes(num_classes(teacher), task.ds)
+    return task
+
+
+def _grid(parent: LoadedModel, config: ElasticConfig) -> Grid:
+    grid = make_grid(parent.blocks.n_blocks, config.depths, config.widths, config.heads, config.channels)
+    if len(grid.heads) > 1:
+        from ..compress.heads import _attn_blocks
+        _attn_blocks(parent.module, parent.blocks.container or None)
+        for f in grid.heads:
+            kept_groups(f, parent.module.config.num_key_value_heads)
+    return grid
+
+
+def _same_function(a: LoadedModel, b: LoadedModel, batch: dict) -> float:
+    """max |a - b| / max |a| of the two models' main outputs on ``batch`` (eval mode)."""
+    from ..verify import _run
+    x, y = _run(a, batch), _run(b, batch)
+    return float((x - y).abs().max() / x.abs().max().clamp_min(1e-30))
+
+
+class _Member:
+    """A budget of a family seen as something with ``forward(batch)`` (for FLOP counting)."""
+
+    def __init__(self, fam: Family, b: Budget):
+        self.fam, self.b = fam, b
+
+    def forward(self, batch):
+        return self.fam.forward(self.b, batch)
+
+
+def draw(grid: Grid, sampled: int, seed: int, rows) -> list[Budget]:
+    """The sub-members trained on ``rows`` besides the full one: the smallest, then ``sampled`` others drawn
+    without replacement by a generator seeded by (seed, the rows), so a resumed run draws the same."""
+    full, small = grid.full, grid.smallest
+    if small == full:
+        return []
+    pool = [b for b in grid.members() if b not in (full, small)]
+    k = min(sampled, len(pool))
+    rng = np.random.default_rng([seed, *(int(r) for r in np.asarray(rows)[:16])])
+    pick = sorted(rng.choice(len(pool), size=k, replace=False).tolist()) if k else []
+    return [small, *(pool[i] for i in pick)]
+
+
+def sandwich_loss(fam: Family, task, batch: dict, rows, members: list[Budget], config: ElasticConfig,
+                  teacher_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """The loss of one step (module doc): the full member's, plus each of ``members``' against it.
+
+    ``teacher_logits`` (B, K) / (B, T, V): the original teacher's, for the full member's KD (None: no KD).
+    Returns (the summed loss, a mean over rows; parts: 'full' and 'members' as floats).
+    """
+    from ..distill.losses import LossWeights, total_loss
+    z = logits_of(fam.forward(fam.grid.full, batch)).float()
+    pred, labels = task.align(z, rows)
+    t_pred = task.align(teacher_logits, rows)[0] if teacher_logits is not None else None
+    w_full = LossWeights(ce=config.ce, kd=config.teacher_kd if t_pred is not None else 0.0,
+                         temperature=config.temperature, cosine=0.0, fsp=0.0)
+    loss, parts = total_loss(w_full, student_logits=pred, teacher_logits=t_pred, labels=labels)
+    out = {"full": parts["total"]}
+    target = pred.detach()
+    w_sub = LossWeights(ce=config.ce, kd=config.kd, temperature=config.temperature, cosine=0.0, fsp=0.0)
+    sub = 0.0
+    for b in members:
+        zb = task.align(logits_of(fam.forward(b, batch)).float(), rows)[0]
+        lb, pb = total_loss(w_sub, student_logits=zb, teacher_logits=target, labels=labels)
+        loss = loss + lb
+        sub += pb["total"]
+    if members:
+        out["members"] = sub / len(members)
+    return loss, out
+
+
+def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int) -> ElasticResult:
+    import copy
+
+    from ..bench.bench import flops_per_sample
+    from ..finetune.finetune import checkpoint_files
+    from .select import score_members
+    t_start = time.perf_counter()
+    rt = config.runtime()
+    teacher = load_model(teacher_src, runtime=rt, for_training=True)
+    grid = _grid(teacher, config)  # a grid the model cannot have is refused before any data is read
+    task = _task(teacher_src, teacher, config)
+    split = task.split
+    parent = copy.copy(teacher)
+    parent.module = copy.deepcopy(teacher.module)
+    parent.name = f"{teacher.name} (elastic)"
+    container = parent.blocks.container or None
+    calib = list(task.batches(parent, split["train"][: config.calibration_samples], 32))
+    axes = {a for a, vals in (("ffn", grid.ffn), ("heads", grid.heads), ("channels", grid.channels))
+            if len(vals) > 1}
+    t0 = time.perf_counter()
+    ordered = order_(parent.module, calib, axes, container)
+    drift = _same_function(teacher, parent, calib[0])
+    if drift > 1e-4:
+        raise LaminaError("the model ordered by importance no longer computes what the teacher does",
+                          value=f"max relative difference {drift:.3g}", allowed="float rounding (<= 1e-4)",
+                          fix="this architecture's units cannot be permuted this way; report it")
+    order, block_scores = block_order(parent, calib) if len(grid.depths) > 1 else ([], {})
+    check_depths(grid.depths, order, parent.blocks.n_blocks)
+    order_seconds = time.perf_counter() - t0
+    fam = Family(parent, order, grid)
+    members = grid.members()
+    for b in members:
+        fam.module(b)  # every structure is built (and refused, when a config cannot express it) before training
+    probe = {k: v[:8] for k, v in calib[0].items()}
+    flops = {b: flops_per_sample(_Member(fam, b), probe) for b in members}
+    t_flops = flops_per_sample(teacher, probe)
+
+    teacher.module.eval()
+    for p in teacher.module.parameters():
+        p.requires_grad_(False)
+
+    def step(rows, gbs):
+        b = task.batch(parent, rows)
+        with oom_message(len(rows), "--batch-size", parent.device):
+            t_logits = None
+            if config.teacher_kd > 0:
+                with torch.no_grad():
+                    t_logits = logits_of(teacher.forward(b)).float()
+            loss, parts = sandwich_loss(fam, task, b, rows, draw(grid, config.sampled, config.seed, rows), config,
+                                        t_logits)
+        scale = len(rows) / gbs
+        return loss * scale, {k: torch.tensor(v * scale) for k, v in parts.items()}
+
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in parent.module.modules())
+
+    def validate(rows):
+        if has_bn:
+            recalibrate_bn(parent, calib)
+        return task.counts(parent, rows)
+
+    train_rows = task.train_rows(config.train_limit, config.seed)
+    params = list(parent.module.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    settings = {**asdict(config), "teacher": same_path(teacher_src), "data": same_path(config.data),
+                "teacher_fingerprint": teacher.fingerprint(),
+                "rows": rows_hash(task.ds, getattr(task, "doc_split", None) or {**split, "train": train_rows})}
+    check_resume(out, "elastic", settings, config.resume, rank)
+    if rank == 0:
+        record_files(out, "elastic", checkpoint_files())
+    loop = dataclasses.replace(config.loop(), best="accuracy" if task.higher_is_better else "loss")
+    t_fit = time.perf_counter()
+    hist = fit({"model": parent.module}, params, step, train_rows, split["val"], validate, loop, out,
+               resume=config.resume, desc="elastic", device=parent.device, dtype=teacher.compute_dtype)
+    wall = time.perf_counter() - t_fit
+    if has_bn:
+        recalibrate_bn(parent, calib)
+    steps = len(hist["epochs"]) * hist["steps_per_epoch"]
+    rows_seen = len(hist["epochs"]) * len(train_rows)
+    sub = draw(grid, 0, 0, [])  # the smallest, when there is one
+    pool = [b for b in members if b not in (grid.full, grid.smallest)]
+    k = min(config.sampled, len(pool))
+    per_row = 3 * flops[grid.full] + sum(3 * flops[b] for b in sub) + \
+        (k * 3 * float(np.mean([flops[b] for b in pool])) if k else 0.0) + \
+        (t_flops if config.teacher_kd > 0 else 0.0)
+    rec_members = score_members(fam, task, calib, split["val"], config) if rank == 0 else []
+    t_val = task.evaluate(teacher, split["val"])
+    rec = {"lamina_elastic": 1, "teacher": {"path": str(teacher_src), "val_metric": t_val[task.metric],
+                                            "metric": task.metric,
+                                            "parameters": sum(p.numel() for p in teacher.module.parameters())},
+           "task": task.record(), "metric": task.metric, "higher_is_better": task.higher_is_better,
+           "grid": grid.to_dict(), "block_order": order,
+           "block_order_names": [f"blocks.{j}" for j in order], "block_scores": block_scores,
+           "ordered": sorted(ordered), "members": rec_members,
+           "training": {"steps": steps, "rows": rows_seen, "wall_s": wall, "flops": rows_seen * per_row,
+                        "flops_per_row": {"full_forward": flops[grid.full], "teacher_forward": t_flops,
+                                          "step_expected": per_row},
+                        "members_per_step": 1 + len(sub) + k, "order_s": order_seconds,
+                        "resumed_from": hist.get("resumed_from")},
+           "history": hist, "config": asdict(config), "runtime": describe(parent.device, teacher.compute_dtype),
+           "train_rows": len(train_rows), "model_path": str(out / "model"), "seconds": None}
+    if rank == 0:
+        check = task.batch(parent, (list(split["test"]) or list(split["train"]))[:8])
+        rec["format"], rec["reload_check"] = save_checked(parent, out / "model", teacher, check, stage="elastic")
+        rec["seconds"] = time.perf_counter() - t_start
+        record_files(out, "elastic", [RECORD, RECORD + ".tmp"])
+        save_json(out / RECORD, rec, nulls=("history",))
+        remove_checkpoint(out)
+        (out / RESUME).unlink(missing_ok=True)
+    if size > 1:
+        torch.distributed.barrier()
+    return ElasticResult(str(out), str(out / "model"), rec_members, rec)

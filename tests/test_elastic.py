@@ -1,0 +1,259 @@
+"""Elastic models: ordering keeps the function (BERT, GQA Llama, MBConv CNN); every member extracted equals its
+in-family forward and reloads; the full budget is the parent exactly; a step of the full member alone is a
+plain distill step; a resumed run ends with the same weights; the selector picks by parameters and latency;
+bad input exits 2 with a message."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from lamina import UsageError
+from lamina import testing as lt
+from lamina.cli import main
+from lamina.elastic import (Budget, ElasticConfig, ExtractConfig, Family, Grid, block_order, elastic,
+                            elastic_extract, order_, sandwich_loss)
+from lamina.elastic.select import pareto, pick
+from lamina.models import load_model, wrap_module
+from conftest import die_in_epoch
+from test_channels import tiny_mbconv
+
+
+def _text_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 60, (3, 9), generator=g)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, 6:] = 0  # padding must not matter to ordering
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _out(lm, batch):
+    with torch.no_grad():
+        y = lm.forward(batch)
+    return getattr(y, "logits", y)
+
+
+def _models():
+    return {
+        "bert": (wrap_module(lt.tiny_hf_model("bert", layers=3, head=True, seed=4)), _text_batch(), {"ffn"}),
+        "llama-gqa": (wrap_module(lt.tiny_causal_lm("llama", layers=3, seed=5)), _text_batch(1), {"ffn", "heads"}),
+        "mbconv": (wrap_module(tiny_mbconv(), modality="image", image_size=16),
+                   {"pixels": torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))}, {"channels"}),
+    }
+
+
+@pytest.mark.parametrize("name", ["bert", "llama-gqa", "mbconv"])
+def test_ordering_by_importance_keeps_the_function_and_sorts_every_prefix(name):
+    lm, batch, axes = _models()[name]
+    assert lm.module.config.num_key_value_heads == 2 if name == "llama-gqa" else True  # GQA: 4 heads, 2 groups
+    before = _out(lm, batch)
+    done = order_(lm.module, [batch], axes, lm.blocks.container or None)
+    after = _out(lm, batch)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5 * float(before.abs().max()))
+    assert set(done) == axes
+    # scores of the ordered model are non-increasing: its prefixes are its most important units
+    from lamina.compress import channel_importance, ffn_importance, head_importance
+    if "ffn" in axes:
+        for s in ffn_importance(lm.module, [batch]):
+            assert torch.all(s[:-1] >= s[1:] - 1e-9)
+    if "heads" in axes:
+        for s in head_importance(lm.module, [batch]):
+            g = s.view(2, -1).sum(1)
+            assert g[0] >= g[1] - 1e-9
+    if "channels" in axes:
+        for s in channel_importance(lm.module, [batch]).values():
+            assert torch.all(s[:-1] >= s[1:] - 1e-9)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama-gqa", "mbconv"])
+def test_every_member_extracted_equals_its_in_family_forward_and_the_full_one_is_the_parent(name, tmp_path):
+    lm, batch, axes = _models()[name]
+    container = lm.blocks.container or None
+    order_(lm.module, [batch], axes, container)
+    order, _ = block_order(lm, [batch])
+    n = lm.blocks.n_blocks
+    grid = Grid((n, n - 1), (1.0, 0.5) if "ffn" in axes else (1.0,), (1.0, 0.5) if "heads" in axes else (1.0,),
+                (1.0, 0.5) if "channels" in axes else (1.0,))
+    fam = Family(lm, order, grid)
+    full = fam.extract(grid.full)
+    a, b = lm.module.state_dict(), full.module.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sizes = set()
+    for budget in grid.members():
+        sub = fam.extract(budget)
+        n_params = sum(p.numel() for p in sub.module.parameters())
+        assert n_params == fam.parameters(budget)
+        sizes.add(n_params)
+        torch.testing.assert_close(_out(sub, batch), fam.forward(budget, batch).__getattribute__("logits")
+                                   if hasattr(fam.forward(budget, batch), "logits") else fam.forward(budget, batch))
+    assert len(sizes) == len(grid.members())  # every member is a different, smaller model
+    if name != "mbconv":  # the Hugging Face config describes every member: save_pretrained + from_pretrained
+        sub = fam.extract(grid.smallest)
+        sub.module.save_pretrained(tmp_path / "m")
+        re = type(sub.module).from_pretrained(tmp_path / "m").eval()
+        torch.testing.assert_close(_out(wrap_module(re), batch), _out(sub, batch))
+
+
+def test_shared_weights_get_the_gradients_of_a_member():
+    lm, batch, axes = _models()["bert"]
+    order_(lm.module, [batch], axes)
+    grid = Grid((3, 2), (1.0, 0.5))
+    fam = Family(lm, [1, 0, 2], grid)
+    lm.module.train()
+    fam.forward(Budget(2, 0.5), batch).logits.sum().backward()
+    w = lm.module.bert.encoder.layer[0].intermediate.dense.weight.grad
+    assert w is not None and w[:32].abs().sum() > 0 and torch.all(w[32:] == 0)  # only the kept prefix
+    assert lm.module.bert.encoder.layer[1].intermediate.dense.weight.grad is None  # block 1 is dropped first
+
+
+def _cfg(out, **kw):
+    base = dict(out=str(out), depths="2,1", widths="1,0.5", epochs=2, lr=3e-3, batch_size=16, patience=None,
+                progress=False, latency_repeats=3, calibration_samples=32)
+    return ElasticConfig(**{**base, **kw})
+
+
+def test_the_full_member_alone_is_a_plain_distill_step(nodrop_teacher):
+    from lamina.distill.losses import LossWeights, total_loss
+    from lamina.task import logits_of, make_task, read_task
+    t = load_model(str(nodrop_teacher))
+    parent = copy.copy(t)
+    parent.module = copy.deepcopy(t.module)
+    with torch.no_grad():
+        for p in parent.module.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # a student that differs from its teacher
+    task = make_task(read_task(nodrop_teacher), t)
+    rows = task.split["train"][:8]
+    batch = task.batch(parent, rows)
+    fam = Family(parent, [], Grid((2,)))
+    cfg = _cfg("x", depths=None, widths=None, teacher_kd=0.7, ce=1.0, temperature=3.0)
+    with torch.no_grad():
+        t_logits = logits_of(t.forward(batch)).float()
+        loss, _ = sandwich_loss(fam, task, batch, rows, [], cfg, t_logits)
+        ref, _ = total_loss(LossWeights(ce=1.0, kd=0.7, temperature=3.0, cosine=0, fsp=0),
+                            student_logits=logits_of(parent.forward(batch)).float(), teacher_logits=t_logits,
+                            labels=task.align(t_logits, rows)[1])
+    assert float(loss) == pytest.approx(float(ref), rel=1e-6)
+    assert float(loss) > 0
+
+
+def test_elastic_end_to_end_extract_and_select(tmp_path, nodrop_teacher, capsys):
+    e = tmp_path / "E"
+    assert main(["elastic", "--teacher", str(nodrop_teacher), "--out", str(e), "--depths", "2,1", "--widths",
+                 "1,0.5", "--sampled", "1", "--epochs", "2", "--lr", "3e-3", "--batch-size", "16", "--no-progress",
+                 "--latency-repeats", "3", "--calibration-samples", "32"]) == 0
+    assert "pareto" in capsys.readouterr().out
+    rec = json.loads((e / "elastic.json").read_text())
+    assert rec["grid"] == {"depths": [2, 1], "widths": [1.0, 0.5], "heads": [1.0], "channels": [1.0]}
+    assert sorted(rec["block_order"]) == [0, 1] and rec["metric"] == "accuracy"
+    assert len(rec["members"]) == 4 and any(m["pareto"] for m in rec["members"])
+    for m in rec["members"]:
+        assert {"depth", "ffn", "heads", "channels", "parameters", "latency_ms", "latency_batch", "metric",
+                "val_metric", "pareto"} <= set(m)
+        assert m["latency_ms"] > 0 and 0 <= m["val_metric"] <= 1
+    assert rec["members"][0]["parameters"] == rec["teacher"]["parameters"]
+    assert rec["training"]["steps"] == 2 * rec["history"]["steps_per_epoch"] and rec["training"]["flops"] > 0
+    assert rec["training"]["members_per_step"] == 3  # full + smallest + 1 sampled
+    parent = load_model(str(e))
+    # full budget: the trained parent, exactly
+    res = elastic_extract(str(e), ExtractConfig(out=str(tmp_path / "full")))
+    a, b = parent.module.state_dict(), load_model(res.path).module.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a smaller member reloads with from_pretrained and equals the in-family forward
+    assert main(["elastic", "extract", str(e), "--out", str(tmp_path / "m"), "--depth", "1", "--ffn", "0.5"]) == 0
+    from transformers import AutoModelForSequenceClassification
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m" / "model").eval()
+    fam = Family(parent, rec["block_order"], Grid.from_dict(rec["grid"]))
+    from lamina.task import make_task, read_task
+    task = make_task(read_task(tmp_path / "m"), parent)  # the extracted member knows the teacher's task
+    batch = task.batch(parent, task.split["test"][:8])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(**batch).logits, fam.forward(Budget(1, 0.5), batch).logits)
+    # the selector: by parameters and by measured latency
+    half = elastic_extract(str(e), ExtractConfig(out=str(tmp_path / "p"), params=0.75))
+    assert half.parameters <= 0.75 * rec["members"][0]["parameters"]
+    fastest = min(rec["members"], key=lambda m: m["latency_ms"])
+    lat = elastic_extract(str(e), ExtractConfig(out=str(tmp_path / "l"), latency_ms=fastest["latency_ms"]))
+    chosen = [m for m in rec["members"] if m["latency_ms"] <= fastest["latency_ms"]]
+    assert lat.record["measured_in_family"]["val_metric"] == max(m["val_metric"] for m in chosen)
+    # bad input: a budget outside the trained grid, an unreachable latency
+    assert main(["elastic", "extract", str(e), "--out", str(tmp_path / "x"), "--ffn", "0.25"]) == 2
+    assert "not in the trained budget grid" in capsys.readouterr().err
+    assert main(["elastic", "extract", str(e), "--out", str(tmp_path / "y"), "--latency-ms", "1e-9"]) == 2
+    assert "fastest member" in capsys.readouterr().err
+
+
+def test_resume_after_a_kill_gives_the_same_weights(tmp_path, nodrop_teacher, monkeypatch):
+    ref = elastic(str(nodrop_teacher), _cfg(tmp_path / "ref", epochs=3))
+    restore = die_in_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        elastic(str(nodrop_teacher), _cfg(tmp_path / "cut", epochs=3))
+    restore()
+    res = elastic(str(nodrop_teacher), _cfg(tmp_path / "cut", epochs=3, resume=True))
+    a, b = load_model(ref.model_path).module.state_dict(), load_model(res.model_path).module.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert res.record["training"]["resumed_from"] == 0
+
+
+def test_a_decoder_lm_with_grouped_query_attention(tmp_path):
+    texts, _ = lt.tiny_sentences(80, seed=2)
+    (tmp_path / "d.txt").write_text("\n".join(texts))
+    t = lt.save_tiny_causal_lm(tmp_path / "teacher", layers=3)
+    res = elastic(str(t), _cfg(tmp_path / "E", data=str(tmp_path / "d.txt"), seq_len=8, depths="3,2",
+                               widths="1,0.5", heads="1,0.5", epochs=1, batch_size=8, lr=1e-3))
+    assert res.record["metric"] == "perplexity" and len(res.members) == 8
+    assert all(m["val_metric"] > 1 for m in res.members)
+    out = elastic_extract(res.out, ExtractConfig(out=str(tmp_path / "m"), depth=2, ffn=0.5, heads=0.5))
+    from transformers import AutoModelForCausalLM
+    cfg = AutoModelForCausalLM.from_pretrained(tmp_path / "m" / "model").config
+    assert (cfg.num_hidden_layers, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads) == \
+        (2, 32, 2, 1)
+    assert out.record["reload_check"]["ok"]
+
+
+def test_bad_input(tmp_path, nodrop_teacher, sentences_csv, capsys):
+    base = ["elastic", "--teacher", str(nodrop_teacher), "--no-progress", "--epochs", "1"]
+    # an empty grid axis
+    assert main(base + ["--out", str(tmp_path / "a"), "--widths", ""]) == 2
+    assert "empty" in capsys.readouterr().err
+    # more blocks than the teacher has
+    assert main(base + ["--out", str(tmp_path / "b"), "--depths", "5,1"]) == 2
+    # heads of a BERT: its config cannot express fewer heads of the same size
+    assert main(base + ["--out", str(tmp_path / "c"), "--heads", "1,0.5"]) == 2
+    assert "Llama" in capsys.readouterr().err
+    # a teacher that is neither a classifier nor an LM
+    lt.tiny_hf_model("bert").save_pretrained(tmp_path / "bare")
+    lt.tiny_tokenizer().save_pretrained(tmp_path / "bare")
+    assert main(["elastic", "--teacher", str(tmp_path / "bare"), "--data", str(sentences_csv), "--out",
+                 str(tmp_path / "d"), "--no-progress"]) == 2
+    assert "neither a classifier nor a causal language model" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+    # a head fraction that does not keep whole KV groups (2 groups: 0.75 is 1.5 of them)
+    t = lt.save_tiny_causal_lm(tmp_path / "lm", layers=2)
+    texts, _ = lt.tiny_sentences(40, seed=1)
+    (tmp_path / "d.txt").write_text("\n".join(texts))
+    assert main(["elastic", "--teacher", str(t), "--data", str(tmp_path / "d.txt"), "--out", str(tmp_path / "e"),
+                 "--heads", "1,0.75", "--no-progress"]) == 2
+    assert "whole number of key-value groups" in capsys.readouterr().err
+    # not an elastic folder
+    assert main(["elastic", "extract", str(tmp_path), "--out", str(tmp_path / "f")]) == 2
+    # two ways of naming the budget
+    with pytest.raises(UsageError):
+        ExtractConfig(out="x", depth=1, params=0.5)
+
+
+def test_pareto_and_pick_rules():
+    ms = [{"depth": 2, "ffn": 1.0, "heads": 1.0, "channels": 1.0, "parameters": 100, "val_metric": 0.9,
+           "latency_ms": 10.0},
+          {"depth": 1, "ffn": 1.0, "heads": 1.0, "channels": 1.0, "parameters": 60, "val_metric": 0.8,
+           "latency_ms": 5.0},
+          {"depth": 2, "ffn": 0.5, "heads": 1.0, "channels": 1.0, "parameters": 70, "val_metric": 0.7,
+           "latency_ms": 6.0}]
+    assert pareto(ms, True) == [True, True, False]
+    assert pick(ms, True, latency_ms=6.5)["parameters"] == 60
+    assert pick(ms, True, params=0.7)["parameters"] == 60
+    with pytest.raises(UsageError):
+        pick(ms, True, params=0.5)
+    # perplexity: lower is better
+    assert pareto([{**m, "val_metric": 10 - m["val_metric"]} for m in ms], False) == [True, True, False]
