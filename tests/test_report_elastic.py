@@ -24,11 +24,13 @@ def _family(seed: int = 0, n: int = 12) -> dict:
         members.append({"depth": depth, "ffn": ffn, "heads": 1.0, "channels": None,
                         "parameters": int(11_000_000 + 11_000_000 * size),
                         "latency_ms": float(2 + 20 * size * rng.uniform(0.7, 1.3)), "latency_batch": 8,
-                        "metric": float(0.6 + 0.2 * size + rng.normal(0, 0.02)), "val_metric": 0.7,
-                        "pareto": False})
+                        "latency_threads": 1, "metric": "accuracy",
+                        "val_metric": float(0.6 + 0.2 * size + rng.normal(0, 0.02)), "pareto": False,
+                        "pareto_parameters": False})
     return {"grid": {"depths": [6, 4, 3], "widths": [1, 0.75, 0.5, 0.25]}, "block_order": [0, 5, 1, 4, 2, 3],
             "members": members, "training": {"steps": 120, "wall_s": 300.5, "flops": 1.2e15},
-            "teacher": "teacher/", "runtime": {"threads": 1, "device": "cpu"}}
+            "teacher": {"path": "teacher/"}, "metric": "accuracy", "higher_is_better": True,
+            "runtime": {"device": "cpu"}}
 
 
 def _brute_front(xs, ys) -> set[int]:
@@ -76,7 +78,7 @@ def test_section_shows_every_member_and_the_exact_front(tmp_path):
     assert "elastic" in info["sections"] and "Elastic family: elastic" in html
     sec = html.split('<section id="elastic">')[1].split("</section>")[0]
     m = fam["members"]
-    acc = [x["metric"] for x in m]
+    acc = [x["val_metric"] for x in m]
     for prefix, xs in (("lat", [x["latency_ms"] for x in m]), ("par", [x["parameters"] for x in m])):
         want = _brute_front(xs, acc)
         assert 0 < len(want) < len(m)  # a real test: some members are dominated
@@ -92,11 +94,12 @@ def test_section_shows_every_member_and_the_exact_front(tmp_path):
 
 def test_front_of_ties_and_duplicates_matches_brute_force(tmp_path):
     fam = _family(seed=3, n=6)
-    fam["members"][1].update(latency_ms=fam["members"][0]["latency_ms"], metric=fam["members"][0]["metric"])
-    fam["members"][2].update(latency_ms=fam["members"][0]["latency_ms"], metric=fam["members"][0]["metric"] - 0.1)
+    first = fam["members"][0]
+    fam["members"][1].update(latency_ms=first["latency_ms"], val_metric=first["val_metric"])
+    fam["members"][2].update(latency_ms=first["latency_ms"], val_metric=first["val_metric"] - 0.1)
     run, stages = _run(tmp_path, fam)
     html, _ = render_html(run, ReportConfig(stages=tuple(stages[:1])))
-    xs, ys = [x["latency_ms"] for x in fam["members"]], [x["metric"] for x in fam["members"]]
+    xs, ys = [x["latency_ms"] for x in fam["members"]], [x["val_metric"] for x in fam["members"]]
     got = {int(i) for i in re.findall(r'id="elastic-lat-front-(\d+)"', html)}
     assert got == _brute_front(xs, ys) and {0, 1} <= got and 2 not in got
 
@@ -105,7 +108,8 @@ def test_front_of_ties_and_duplicates_matches_brute_force(tmp_path):
     (lambda d: d.pop("members"), "'members' is not a non-empty list"),
     (lambda d: d["members"][2].update(latency_ms="fast"), "members[2].latency_ms is not a positive number"),
     (lambda d: d["members"][0].update(parameters=-5), "members[0].parameters is not a positive number"),
-    (lambda d: d["members"][1].update(metric=None, val_metric=None), "members[1] has neither metric nor val_metric"),
+    (lambda d: d["members"][1].pop("val_metric"), "members[1].val_metric is not a finite number"),
+    (lambda d: d.update(higher_is_better="yes"), "'higher_is_better' is not true or false"),
     (lambda d: d["members"].__setitem__(3, [1, 2]), "members[3] is not an object"),
 ])
 def test_malformed_elastic_json_is_refused_with_a_message(edit, needle):
@@ -133,16 +137,48 @@ def test_invalid_json_and_non_finite_values_are_refused(tmp_path):
     html, _ = render_html(run, ReportConfig(stages=tuple(stages)))
     assert 'class="problem"' in html.split('<section id="elastic">')[1].split("</section>")[0]
     fam = _family()
-    fam["members"][0]["metric"] = float("nan")
-    with pytest.raises(LaminaError, match=re.escape("members[0].metric is not a finite number")):
+    fam["members"][0]["val_metric"] = float("nan")
+    with pytest.raises(LaminaError, match=re.escape("members[0].val_metric is not a finite number")):
         parse_elastic(fam)
 
 
-def test_validation_metric_is_drawn_only_when_a_test_metric_is_missing(tmp_path):
-    fam = _family()
-    fam["members"][4]["metric"] = None
-    members, key = parse_elastic(fam)
-    assert key == "val_metric"
+def test_a_lower_is_better_metric_keeps_the_low_values_on_the_front(tmp_path):
+    fam = _family(seed=5)
+    fam.update(metric="perplexity", higher_is_better=False)
+    for x in fam["members"]:
+        x.update(metric="perplexity", val_metric=1 / x["val_metric"] * 10)
+    members, metric, hib = parse_elastic(fam)
+    assert metric == "perplexity" and hib is False
     run, stages = _run(tmp_path, fam)
     html, _ = render_html(run, ReportConfig(stages=tuple(stages[:1])))
-    assert "validation accuracy" in html.split('<section id="elastic">')[1]
+    par = [x["parameters"] for x in members]
+    got = {int(i) for i in re.findall(r'id="elastic-par-front-(\d+)"', html)}
+    assert got == _brute_front(par, [-x["val_metric"] for x in members])
+    assert got != _brute_front(par, [x["val_metric"] for x in members])
+    assert "lower is better" in html
+
+
+def test_a_real_elastic_run_and_a_separate_student_in_one_report(tmp_path, nodrop_teacher):
+    """What `lamina elastic` writes is what the section reads: no problem, the front as elastic.json marks it."""
+    e, small, rec = tmp_path / "E", tmp_path / "small", tmp_path / "recovered"
+    assert main(["elastic", "--teacher", str(nodrop_teacher), "--out", str(e), "--depths", "2,1", "--widths",
+                 "1,0.5", "--sampled", "1", "--epochs", "1", "--lr", "3e-3", "--batch-size", "16", "--no-progress",
+                 "--latency-repeats", "2", "--calibration-samples", "32"]) == 0
+    assert main(["prune", str(nodrop_teacher), "--drop-blocks", "0.5", "--calibration-samples", "32",
+                 "--out", str(small)]) == 0
+    assert main(["distill", "--teacher", str(nodrop_teacher), "--student", str(small), "--out", str(rec),
+                 "--epochs", "1", "--lr", "3e-3", "--batch-size", "16", "--no-progress"]) == 0
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "scores.json").write_text(json.dumps(sample_scores(4, control=False)))
+    out = tmp_path / "r.html"
+    assert main(["report", str(run), "--stages", str(e), str(nodrop_teacher), str(small), str(rec),
+                 "--out", str(out)]) == 0
+    sec = out.read_text().split('<section id="elastic">')[1].split("</section>")[0]
+    assert 'class="problem"' not in sec and "<svg" in sec
+    fam = json.loads((e / "elastic.json").read_text())["members"]
+    got = {int(i) for i in re.findall(r'id="elastic-lat-front-(\d+)"', sec)}
+    assert got == _brute_front([m["latency_ms"] for m in fam], [m["val_metric"] for m in fam])
+    assert got == {i for i, m in enumerate(fam) if m["pareto"]}  # lamina elastic's own front agrees
+    # the teacher and the distilled student (the pruned one has no accuracy of its own until benched)
+    assert len(re.findall(r'id="elastic-par-separate-\d+"', sec)) == 2 and "<td>recovered</td>" in sec

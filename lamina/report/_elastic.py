@@ -12,9 +12,12 @@ counterpart), found the way the "Which model" section finds models
 timed it at the family's batch size, since latencies at other batch sizes are
 not comparable.
 
-The accuracy is each member's ``metric`` (its test accuracy); when a family
-records only ``val_metric`` for some member, every member is drawn by its
-validation metric instead and the axis says so, never a mix of the two.
+The members are drawn by their validation metric (``val_metric``: what
+``lamina elastic`` scores every member by, and what ``extract --params`` /
+``--latency-ms`` ranks by; lamina elastic does not touch the test rows), the
+separately made models by their test metric, and the axis says so. When the
+metric is lower-is-better (``higher_is_better: false``, a perplexity), the
+front keeps the low values.
 
 elastic.json is checked before anything is drawn: a file whose members are
 missing, or whose parameters, latency or accuracy are not finite numbers of
@@ -46,8 +49,8 @@ def _refuse(what: str, value) -> LaminaError:
     return LaminaError(f"elastic.json refused: {what}", value=value, fix=_FIX)
 
 
-def parse_elastic(d) -> tuple[list[dict], str]:
-    """The members of elastic.json, checked, and which accuracy they are drawn by ('metric' or 'val_metric').
+def parse_elastic(d) -> tuple[list[dict], str, bool]:
+    """The members of elastic.json, checked; the metric's name; whether higher is better.
 
     Raises LaminaError naming the first malformed member and field.
     """
@@ -57,25 +60,23 @@ def parse_elastic(d) -> tuple[list[dict], str]:
     if not isinstance(members, list) or not members:
         raise _refuse("'members' is not a non-empty list", ctx.fmt(members) if not isinstance(members, list)
                       else "[]")
+    hib = d.get("higher_is_better", True)
+    if not isinstance(hib, bool):
+        raise _refuse("'higher_is_better' is not true or false", hib)
     for i, m in enumerate(members):
         if not isinstance(m, dict):
             raise _refuse(f"members[{i}] is not an object", m)
         for key in ("parameters", "latency_ms"):
             if not _number(m.get(key), positive=True):
                 raise _refuse(f"members[{i}].{key} is not a positive number", m.get(key))
+        if not _number(m.get("val_metric"), positive=False):
+            raise _refuse(f"members[{i}].val_metric is not a finite number", m.get("val_metric"))
         if m.get("latency_batch") is not None and not (isinstance(m["latency_batch"], int)
                                                        and not isinstance(m["latency_batch"], bool)
                                                        and m["latency_batch"] >= 1):
             raise _refuse(f"members[{i}].latency_batch is not a positive integer", m["latency_batch"])
-        for key in ("metric", "val_metric"):
-            if m.get(key) is not None and not _number(m[key], positive=False):
-                raise _refuse(f"members[{i}].{key} is not a finite number", m[key])
-    for key in ("metric", "val_metric"):
-        if all(m.get(key) is not None for m in members):
-            return members, key
-    missing = next(i for i, m in enumerate(members) if m.get("metric") is None)
-    raise _refuse(f"members[{missing}] has neither metric nor val_metric, and every member needs one of them "
-                  "(the same one)", {k: members[missing].get(k) for k in ("metric", "val_metric")})
+    name = d.get("metric") if isinstance(d.get("metric"), str) else members[0].get("metric")
+    return members, name if isinstance(name, str) and name else "accuracy", hib
 
 
 def _label(m: dict) -> str:
@@ -97,17 +98,19 @@ def _grid(g) -> str:
 def elastic_section(d, fmt: str, points: list[dict] | None = None) -> dict:
     """rows, tables and figure for elastic.json; ``problem`` (and nothing drawn) when it is malformed."""
     try:
-        members, key = parse_elastic(d)
+        members, metric, hib = parse_elastic(d)
     except LaminaError as e:
         return {"rows": [], "tables": [], "figure": None, "problem": e.cli_text().replace("\n", " ")}
-    acc_label = "test accuracy" if key == "metric" else "validation accuracy"
+    # the members carry their validation score (what the selector ranks by); the separate models their test score
+    acc_label = f"{metric} (members: validation; made separately: test)"
     batches = {m.get("latency_batch") for m in members}
     batch = batches.pop() if len(batches) == 1 else None
     sep = [p for p in points or () if p.get("kind") in SEPARATE_KINDS and p.get("accuracy") is not None]
     lat = [m["latency_ms"] for m in members]
     par = [m["parameters"] for m in members]
-    acc = [m[key] for m in members]
-    on_lat, on_par = front(lat, acc), front(par, acc)
+    acc = [m["val_metric"] for m in members]
+    good = acc if hib else [-a for a in acc]  # front() keeps the high values: a loss or perplexity is negated
+    on_lat, on_par = front(lat, good), front(par, good)
 
     tr = d.get("training") if isinstance(d.get("training"), dict) else {}
     rt = d.get("runtime") if isinstance(d.get("runtime"), dict) else {}
@@ -116,34 +119,36 @@ def elastic_section(d, fmt: str, points: list[dict] | None = None) -> dict:
             ("grid", _grid(d.get("grid"))),
             ("members", f"{len(members)}; on the front: {sum(on_lat)} by latency, {sum(on_par)} by parameters"),
             ("latency measured", f"median at batch {batch if batch is not None else 'per member (differs)'}"
-             + (f", {rt.get('threads')} thread(s)" if rt.get("threads") else "")
+             + (f", {members[0]['latency_threads']} thread(s)" if members[0].get("latency_threads") else "")
              + (f", {rt.get('device')}" if rt.get("device") else "")),
             ("training", ", ".join(f"{k} {ctx.fmt(tr.get(k))}" for k in ("steps", "wall_s", "flops")
                                    if tr.get(k) is not None) or "—"),
-            ("accuracy drawn", f"each member's {key} ({acc_label})")]
+            ("drawn", f"each member's validation {metric} ({'higher' if hib else 'lower'} is better; what "
+                      "`extract --params/--latency-ms` ranks by), against the test metric of the models made "
+                      "separately")]
     if sep:
         rows.append(("separate models beside it", ", ".join(f"{p['name']} ({p['kind']})" for p in sep)))
     cols = ["member", "depth", "FFN", "heads", "channels", "parameters", f"latency ms @ {batch}" if batch else
-            "latency ms", acc_label, "validation", "on the front (by)", "elastic.json front"]
+            "latency ms", f"validation {metric}", "on the front (by)", "elastic.json front (latency, parameters)"]
     trows = []
-    for i in sorted(range(len(members)), key=lambda i: -acc[i]):
+    for i in sorted(range(len(members)), key=lambda i: -good[i]):
         m = members[i]
         by = [n for n, on in (("latency", on_lat[i]), ("parameters", on_par[i])) if on]
         trows.append([_label(m), ctx.fmt(m.get("depth")), ctx.fmt(m.get("ffn")), ctx.fmt(m.get("heads")),
                       ctx.fmt(m.get("channels")), ctx.fmt(int(m["parameters"])), ctx.fmt(float(m["latency_ms"])),
-                      ctx.fmt(m.get("metric")), ctx.fmt(m.get("val_metric")), ", ".join(by) or "no",
-                      ctx.fmt(m.get("pareto"))])
+                      ctx.fmt(m["val_metric"]), ", ".join(by) or "no",
+                      f"{ctx.fmt(m.get('pareto'))}, {ctx.fmt(m.get('pareto_parameters'))}"])
     tables = [{"title": "Every member of the family", "columns": cols, "rows": trows}]
     if sep:
         tables.append({"title": "Made separately (prune + distill; the teacher for the full budget)",
-                       "columns": ["model", "stage", "test accuracy", "parameters",
+                       "columns": ["model", "stage", f"test {metric}", "parameters",
                                    f"latency ms @ {batch}" if batch else "latency ms"],
                        "rows": [[p["name"], p["kind"], ctx.fmt(p["accuracy"]),
                                  ctx.fmt(int(p["parameters"])) if p.get("parameters") is not None else "—",
                                  ctx.fmt(p["latency"].get(str(batch))) if batch is not None
                                  and str(batch) in (p.get("latency") or {}) else "not benched at this batch"]
                                 for p in sep]})
-    fig = _figure(members, acc, acc_label, batch, sep, on_lat, on_par)
+    fig = _figure(members, acc, acc_label, batch, sep, on_lat, on_par)  # the y axis as measured, not negated
     return {"rows": [(k, v if isinstance(v, str) else ctx.fmt(v)) for k, v in rows], "tables": tables,
             "figure": plots.render(fig, fmt, "elastic family: accuracy against latency and parameters"),
             "problem": None}
@@ -164,7 +169,8 @@ def _panel(ax, xs, acc, on, labels, prefix: str, sep_pts: list[tuple[str, float,
     for j, (name, x, y) in enumerate(sep_pts):
         ax.plot([x], [y], "D", markersize=6.5, zorder=4, color=plots.EXTRA[1], markeredgecolor="white",
                 gid=f"elastic-{prefix}-separate-{j}", label="made separately" if j == 0 else None)
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, -10), fontsize=7.5, color=plots.EXTRA[1])
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(-6, 4), ha="right", fontsize=7.5,
+                    color=plots.EXTRA[1])  # left of its point: the family labels sit to the right
     ys = list(acc) + [y for _, _, y in sep_pts]
     lo, hi = min(ys), max(ys)
     pad = max(0.01, (hi - lo) * 0.12)

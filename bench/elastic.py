@@ -1,0 +1,391 @@
+"""One elastic run against separately pruned + distilled models at the same budgets (issue 15).
+
+For MiniLM on Rotten Tomatoes and EfficientNet-Lite0 on Fashion-MNIST (teachers
+fine-tuned here with the recipe of ``bench/_common.py``, at reduced sizes: see
+REDUCED), three budgets: the full model, about 2/3 and about 1/2 of the
+parameters (MiniLM: 4 and 3 of 6 blocks = 2/3 and 1/2 of the encoder's
+parameters; the 11.7 M embedding parameters stay in every budget.
+EfficientNet-Lite0: 62% and 43% of every MBConv block's expanded channels =
+2/3 and 1/2 of all parameters).
+
+Parts (``--part``; each writes bench/results/elastic.json as it finishes):
+
+- ``separate``: ``lamina prune`` of the teacher (skip-nMSE blocks / activation
+  channels, from one capture + analyze of the teacher) and ``lamina distill``
+  (CE + logit KD + SKT cosine + FSP: distill's defaults, the recipe of
+  BENCHMARKS.md "distill") per budget and seed. The full budget's separate
+  counterpart is the teacher itself.
+- ``elastic``: one ``lamina elastic`` run per seed over a grid holding the
+  three budgets, the three members cut out with ``lamina elastic extract``,
+  each evaluated on the teacher's test rows (the rows distill evaluates on).
+- ``selector``: ``lamina elastic extract --latency-ms X`` with X between two
+  members' recorded latencies, the chosen model's latency measured again with
+  ``lamina bench`` at the elastic run's batch size and thread count.
+
+Training cost of a route, per seed: wall seconds measured in this process
+(the scores run, prune and distill for the separate route; the elastic run for
+the other) and FLOPs = trained rows x (3 x student forward FLOPs + teacher
+forward FLOPs) per sample for distill (forward + backward ~ 3 forwards; the
+teacher only runs forward), FLOPs from elastic.json ``training.flops`` for the
+elastic run. The teacher's own fine-tuning is shared by both routes and counted
+in neither. ``cost_ratio`` = elastic cost / summed separate cost of the 2/3 and
+1/2 budgets; met when both the wall-time and the FLOP ratio are <= 0.5.
+
+Usage: python bench/elastic.py [--work DIR] [--part separate|elastic|selector ...]
+       [--model minilm|efficientnet ...] [--seeds 0 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import HERE, TEACHERS, machine, save_result, scores, teacher, write_section  # noqa: E402
+
+from lamina.bench import BenchConfig, bench, flops_per_sample  # noqa: E402
+from lamina.compress import PruneConfig, prune  # noqa: E402
+from lamina.distill import DistillConfig, distill  # noqa: E402
+from lamina.models import load_model  # noqa: E402
+from lamina.task import evaluate, make_task, read_task  # noqa: E402
+
+# Reduced sizes: the recipe of bench/_common.py on fewer rows and shorter inputs, so that 2 models x
+# (2 budgets x 3 seeds of distill + 3 elastic runs) fit in about an hour of two shared CPU cores.
+REDUCED = {
+    "minilm": ("minilm", "rotten-tomatoes", dict(full=True, epochs=2, lr=1e-4, limit=1000, max_length=32)),
+    "efficientnet": ("efficientnet-lite0", "fashion-mnist",
+                     dict(full=True, epochs=2, lr=5e-4, limit=1000, image_size=64)),
+}
+# budget -> prune settings (separate route) and the `lamina elastic extract` axes of the same budget
+BUDGETS = {
+    "minilm": {"2/3": (dict(drop_blocks=2 / 6), ["--depth", "4"]),
+               "1/2": (dict(drop_blocks=3 / 6), ["--depth", "3"])},
+    "efficientnet": {"2/3": (dict(channels=0.38), ["--channels", "0.62"]),
+                     "1/2": (dict(channels=0.57), ["--channels", "0.43"])},
+}
+GRID = {"minilm": ["--depths", "6,4,3"], "efficientnet": ["--channels", "1,0.62,0.43"]}
+SCORES = {"minilm": dict(limit=400, importance_samples=256), "efficientnet": dict(limit=300, importance_samples=128)}
+RECIPE = {"minilm": dict(lr=1e-4), "efficientnet": dict(lr=2e-3, taps="stages")}
+RECIPE_CLI = {"minilm": ["--lr", "1e-4"], "efficientnet": ["--lr", "2e-3"]}  # the same learning rates
+RESULT = HERE / "results" / "elastic.json"
+
+
+def _name(model: str) -> str:
+    return f"elastic-{model}"  # its own teacher folder: the full-size teachers of _common keep their settings
+
+
+def _stats(xs: list[float]) -> dict:
+    xs = [float(x) for x in xs]
+    return {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+            "min": min(xs), "max": max(xs), "values": xs, "n": len(xs)}
+
+
+def _commit(model: str, key: str, value) -> dict:
+    """Write ``value`` as results[model][key] (re-reading the file under a lock: parts may run in parallel
+    processes), recompute the targets, rewrite BENCHMARKS.md's section."""
+    from filelock import FileLock
+    RESULT.parent.mkdir(exist_ok=True)
+    with FileLock(str(RESULT) + ".lock"):
+        result = json.loads(RESULT.read_text()) if RESULT.exists() else {}
+        result.setdefault(model, {})[key] = value
+        result["machine"] = {**machine(), "load_average_now": list(os.getloadavg())}
+        result["targets"] = targets(result)
+        save_result("elastic", result)
+        _write(result)
+    return result
+
+
+def _flops(model_dir, spec, rows) -> float:
+    lm = load_model(str(model_dir))
+    lm.module.eval()
+    return flops_per_sample(lm, make_task(spec, lm).batch(lm, rows))
+
+
+def _test_accuracy(model_dir, ds, split, spec) -> float:
+    return evaluate(load_model(str(model_dir)), ds, split["test"], spec)["accuracy"]
+
+
+def _teacher(work: Path, model: str):
+    TEACHERS[_name(model)] = REDUCED[model]
+    t0 = time.perf_counter()
+    t = teacher(work, _name(model))
+    rec = json.loads((t / "finetune.json").read_text())
+    spec = read_task(t)
+    ds, split = spec.load()
+    return t, rec, spec, ds, split, time.perf_counter() - t0
+
+
+def run_separate(work: Path, model: str, args) -> None:
+    t, t_rec, spec, ds, split, _ = _teacher(work, model)
+    sample = list(split["train"][:32])
+    f_teacher = _flops(t, spec, sample)
+    _commit(model, "teacher", {"path": str(t), "test_accuracy": t_rec["test"]["accuracy"], "test_rows": len(split["test"]),
+                       "train_rows": len(split["train"]), "settings": REDUCED[model][2],
+                       "parameters": sum(p.numel() for p in load_model(str(t)).module.parameters()),
+                       "flops_per_sample": f_teacher})
+    # the scores run (capture + analyze) is made once and serves both budgets: timed when made, its time kept
+    stamp = work / f"{_name(model)}-scores-seconds.json"
+    t0 = time.perf_counter()
+    sc = scores(work, _name(model), t, **SCORES[model])
+    if not stamp.exists() or time.perf_counter() - t0 > 5:
+        stamp.write_text(json.dumps({"seconds": time.perf_counter() - t0}))
+    sep = {"scores_seconds": json.loads(stamp.read_text())["seconds"], "budgets": {}, "epochs": args.epochs,
+           "recipe": RECIPE[model]}
+    for budget, (pcfg, _) in BUDGETS[model].items():
+        tag = budget.replace("/", "of")
+        pruned = work / f"{_name(model)}-pruned-{tag}"
+        t0 = time.perf_counter()
+        prune(str(t), str(sc), PruneConfig(out=str(pruned), overwrite=True, **pcfg))
+        prune_s = time.perf_counter() - t0
+        f_student = _flops(pruned, spec, sample)
+        b = sep["budgets"].setdefault(budget, {"seeds": {}})
+        removed = (json.loads((pruned / "plan.json").read_text()).get("depth") or {}).get("remove")
+        b.update({"prune": pcfg, "prune_seconds": prune_s, "flops_per_sample": f_student,
+                  "removed": removed,
+                  "no_recovery_accuracy": _test_accuracy(pruned, ds, split, spec)})
+        for seed in args.seeds:
+            out = work / f"{_name(model)}-distill-{tag}-s{seed}"
+            cfg = DistillConfig(out=str(out), epochs=args.epochs, seed=seed, patience=None, overwrite=True,
+                                progress=False, **RECIPE[model])
+            rec = _finished(out / "distill.json", cfg)  # a run finished with these settings is kept (resume)
+            if rec is None:
+                rec = distill(str(t), str(pruned), cfg).record
+            hist = rec["history"]
+            epochs = len(hist["epochs"])
+            rows = rec["train_rows"] * epochs
+            b["parameters"] = rec["parameters"]["student"]
+            b["seeds"][str(seed)] = {
+                "path": str(out), "test_accuracy": rec["test"]["accuracy"], "distill_seconds": rec["seconds"],
+                "wall_s": rec["seconds"] + prune_s, "steps": hist["steps_per_epoch"] * epochs, "trained_rows": rows,
+                "flops": rows * (3 * f_student + f_teacher),
+                "val_accuracy": [e["val_accuracy"] for e in hist["epochs"]]}
+            print(f"{model} separate {budget} seed {seed}: test acc {rec['test']['accuracy']:.4f} "
+                  f"({rec['seconds']:.0f} s)", flush=True)
+            b["summary"] = _stats([s["test_accuracy"] for s in b["seeds"].values()])
+            sep["command"] = _command()
+            _commit(model, "separate", sep)
+
+
+def _finished(path: Path, cfg) -> dict | None:
+    from dataclasses import asdict
+    if not path.exists():
+        return None
+    rec = json.loads(path.read_text())
+    want = {k: v for k, v in asdict(cfg).items() if k not in ("overwrite", "progress", "resume")}
+    return rec if all(rec.get("config", {}).get(k) == v for k, v in want.items()) else None
+
+
+def _cli(*argv: str) -> float:
+    """Run ``lamina ARGV`` as a user would; its wall seconds."""
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "lamina", *argv], env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"lamina {' '.join(argv)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def run_elastic(work: Path, model: str, args) -> None:
+    t, t_rec, spec, ds, split, _ = _teacher(work, model)
+    old = (_load().get(model) or {}).get("elastic") or {}
+    el = {"seeds": old.get("seeds", {}) if old.get("epochs") == args.elastic_epochs else {},
+          "epochs": args.elastic_epochs, "sampled": args.sampled}
+    for seed in args.seeds:
+        e = work / f"{_name(model)}-elastic-s{seed}"
+        argv = ["elastic", "--teacher", str(t), "--out", str(e), "--epochs", str(args.elastic_epochs), "--sampled",
+                str(args.sampled), "--seed", str(seed), "--overwrite", "--no-progress",
+                *GRID[model], *RECIPE_CLI[model]]
+        wall = _cli(*argv)
+        rec = json.loads((e / "elastic.json").read_text())
+        members = {}
+        points = {"full": []} | {b: axes for b, (_, axes) in BUDGETS[model].items()}
+        for budget, axes in points.items():
+            out = work / f"{_name(model)}-elastic-s{seed}-{budget.replace('/', 'of')}"
+            _cli("elastic", "extract", str(e), "--out", str(out), *axes, "--overwrite")
+            lm = load_model(str(out / "model") if (out / "model").is_dir() else str(out))
+            acc = evaluate(lm, ds, split["test"], spec)["accuracy"]
+            members[budget] = {"path": str(out), "test_accuracy": acc,
+                               "parameters": sum(p.numel() for p in lm.module.parameters())}
+            print(f"{model} elastic seed {seed} {budget}: test acc {acc:.4f}", flush=True)
+        tr = rec.get("training", {})
+        el["seeds"][str(seed)] = {"path": str(e), "wall_s": wall, "training": tr, "flops": tr.get("flops"),
+                                  "members": members, "grid": rec.get("grid"), "runtime": rec.get("runtime"),
+                                  "family": rec.get("members")}
+        el["command"] = _command()
+        el["argv"] = argv
+        _commit(model, "elastic", el)
+
+
+def _load() -> dict:
+    return json.loads(RESULT.read_text()) if RESULT.exists() else {}
+
+
+def run_selector(work: Path, model: str, args) -> None:
+    el = (_load().get(model) or {}).get("elastic", {}).get("seeds", {})
+    if not el:
+        raise SystemExit(f"--part selector needs --part elastic of {model} first")
+    seed, rec = sorted(el.items())[0]
+    e = Path(rec["path"])
+    fam = json.loads((e / "elastic.json").read_text())
+    lats = sorted({m["latency_ms"] for m in fam["members"]})
+    # a target between the fastest member and the next: the selector must give up accuracy to meet it
+    target = (lats[0] + lats[1]) / 2 if len(lats) > 1 else lats[0] * 1.1
+    out = work / f"{_name(model)}-selected"
+    _cli("elastic", "extract", str(e), "--out", str(out), "--latency-ms", f"{target:.4f}", "--overwrite")
+    bs = int(fam["members"][0].get("latency_batch") or 1)
+    threads = fam["members"][0].get("latency_threads")
+    mdir = str(out / "model") if (out / "model").is_dir() else str(out)
+    res = bench([mdir], BenchConfig(out=str(work / f"{_name(model)}-selected-bench"), batch_sizes=(bs,),
+                                    repeats=args.repeats, threads=threads, accuracy=False, overwrite=True,
+                                    progress=False))
+    lat = res["models"][0]["latency"][str(bs)]
+    _commit(model, "selector", {
+        "elastic_run": str(e), "target_ms": target, "batch": bs, "threads": threads, "measured_ms": lat["median_ms"],
+        "measured_iqr_ms": [lat["p25_ms"], lat["p75_ms"]], "met": lat["median_ms"] <= target,
+        "member_latencies_ms": lats, "command": _command(), "load_average": list(os.getloadavg())})
+
+
+def targets(r: dict) -> dict:
+    out = {}
+    for model in ("minilm", "efficientnet"):
+        m = r.get(model) or {}
+        sep, el, t = m.get("separate"), m.get("elastic"), m.get("teacher")
+        if sep and el and el.get("seeds"):
+            gaps, ratios = [], []
+            for seed, e in el["seeds"].items():
+                for budget, b in sep["budgets"].items():
+                    s = b["seeds"].get(seed)
+                    if s and budget in e["members"]:
+                        gaps.append(s["test_accuracy"] - e["members"][budget]["test_accuracy"])
+            # per budget: mean over seeds of separate minus elastic; the largest shortfall
+            per = {}
+            for budget, b in sep["budgets"].items():
+                ev = [e["members"][budget]["test_accuracy"] for e in el["seeds"].values() if budget in e["members"]]
+                if ev and b.get("summary"):
+                    per[budget] = b["summary"]["mean"] - statistics.mean(ev)
+            if per:
+                gap = max(per.values())
+                out[f"max_gap_vs_separate_{model}"] = {"value": gap, "goal": "<= 0.01 (mean over seeds)",
+                                                       "met": gap <= 0.01}
+            for seed, e in el["seeds"].items():
+                s_wall = sep["scores_seconds"] + sum(b["seeds"][seed]["wall_s"] for b in sep["budgets"].values()
+                                                     if seed in b["seeds"])
+                s_flops = sum(b["seeds"][seed]["flops"] for b in sep["budgets"].values() if seed in b["seeds"])
+                ratios.append((e["wall_s"] / s_wall, (e["flops"] / s_flops) if e.get("flops") else None))
+            w = statistics.mean(x[0] for x in ratios)
+            fl = [x[1] for x in ratios if x[1] is not None]
+            f = statistics.mean(fl) if fl else None
+            worst = max(w, f) if f is not None else w
+            out[f"cost_ratio_{model}"] = {"value": worst, "goal": "<= 0.5 (the larger of the wall-time and FLOP "
+                                          "ratios, mean over seeds)", "met": worst <= 0.5 and f is not None,
+                                          "wall_ratio": w, "flop_ratio": f}
+        if el and el.get("seeds") and t:
+            full = [e["members"]["full"]["test_accuracy"] for e in el["seeds"].values() if "full" in e["members"]]
+            if full:
+                v = statistics.mean(full) / t["test_accuracy"]
+                out[f"full_member_retained_{model}"] = {"value": v, "goal": ">= 0.99", "met": v >= 0.99}
+        s = m.get("selector")
+        if s:
+            out[f"selector_latency_met_{model}"] = {"value": int(s["met"]), "goal": "1 (re-measured <= target)",
+                                                    "met": bool(s["met"])}
+    return out
+
+
+def _command() -> str:
+    return "python bench/elastic.py " + " ".join(sys.argv[1:])
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default="bench-work", help="folder for teachers, students and elastic runs")
+    ap.add_argument("--part", nargs="+", choices=("separate", "elastic", "selector"),
+                    default=["separate", "elastic", "selector"])
+    ap.add_argument("--model", nargs="+", choices=tuple(REDUCED), default=list(REDUCED))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=2, help="epochs of every distill run")
+    ap.add_argument("--elastic-epochs", type=int, default=1, help="epochs of every elastic run")
+    ap.add_argument("--sampled", type=int, default=1, help="random sub-models per elastic step (--sampled)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in this process")
+    ap.add_argument("--repeats", type=int, default=15, help="timed rounds when the selector's choice is re-measured")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    for model in args.model:
+        for part in ("separate", "elastic", "selector"):
+            if part in args.part:
+                {"separate": run_separate, "elastic": run_elastic, "selector": run_selector}[part](work, model, args)
+    return _load()
+
+
+def _fmt_stats(s: dict | None) -> str:
+    return "–" if not s else f"{s['mean']:.4f} ± {s['std']:.4f} ({s['min']:.4f}–{s['max']:.4f})"
+
+
+def _write(r: dict) -> None:
+    mach = r.get("machine", {})
+    lines = [f"Results: `bench/results/elastic.json` ({mach.get('cpus')} shared CPUs, torch {mach.get('torch')}, "
+             f"load average {', '.join(f'{x:.1f}' for x in mach.get('load_average_start', []))} at the last start). "
+             "Reduced sizes (two shared cores): " + "; ".join(
+                 f"{m}: teacher {REDUCED[m][2]}" for m in REDUCED) + f". Test accuracy on the teacher's held-out rows; "
+             "mean ± std (min–max) over seeds.", ""]
+    for model in ("minilm", "efficientnet"):
+        m = r.get(model)
+        if not m:
+            continue
+        t = m.get("teacher", {})
+        sep, el = m.get("separate"), m.get("elastic")
+        lines += [f"**{model}**: teacher {t.get('test_accuracy', float('nan')):.4f} on {t.get('test_rows')} test rows, "
+                  f"{t.get('parameters')} parameters.", ""]
+        lines += ["| budget | parameters (separate / elastic) | separate: prune + distill | elastic member | "
+                  "no recovery |", "|---|---|---|---|---|"]
+        budgets = ["full"] + list(BUDGETS[model])
+        for b in budgets:
+            sb = (sep or {}).get("budgets", {}).get(b, {})
+            ev = [e["members"][b] for e in (el or {}).get("seeds", {}).values() if b in e.get("members", {})]
+            sacc = _fmt_stats(sb.get("summary")) if b != "full" else f"{t.get('test_accuracy', float('nan')):.4f} (the teacher)"
+            eacc = _fmt_stats(_stats([x["test_accuracy"] for x in ev])) if ev else "–"
+            params = f"{sb.get('parameters', t.get('parameters') if b == 'full' else '–')} / " + (
+                str(ev[0]["parameters"]) if ev else "–")
+            nr = f"{sb['no_recovery_accuracy']:.4f}" if sb.get("no_recovery_accuracy") is not None else "–"
+            lines.append(f"| {b} | {params} | {sacc} | {eacc} | {nr} |")
+        lines.append("")
+        if sep:
+            per_seed = []
+            for seed in sorted({s for b in sep["budgets"].values() for s in b["seeds"]}):
+                w = sep["scores_seconds"] + sum(b["seeds"][seed]["wall_s"] for b in sep["budgets"].values()
+                                                if seed in b["seeds"])
+                f = sum(b["seeds"][seed]["flops"] for b in sep["budgets"].values() if seed in b["seeds"])
+                per_seed.append(f"seed {seed}: {w:.0f} s, {f:.3g} FLOPs")
+            lines += [f"Separate route cost (scores run {sep['scores_seconds']:.0f} s, shared by both budgets, + prune "
+                      "+ distill of each budget): " + "; ".join(per_seed) + f". Command: `{sep.get('command')}`.", ""]
+        if el and el.get("seeds"):
+            lines += ["Elastic route cost: " + "; ".join(
+                f"seed {s}: {e['wall_s']:.0f} s, {e['flops'] if e.get('flops') is not None else 'no'} FLOPs, "
+                f"{(e.get('training') or {}).get('steps')} steps" for s, e in el["seeds"].items())
+                + f". Command: `{el.get('command')}` (runs `lamina {' '.join(el.get('argv', []))}`).", ""]
+        s = m.get("selector")
+        if s:
+            lines += [f"Selector: `extract --latency-ms {s['target_ms']:.2f}` (members' recorded latencies "
+                      + ", ".join(f"{x:.2f}" for x in s["member_latencies_ms"]) + f" ms at batch {s['batch']}); "
+                      f"the chosen model re-measured by `lamina bench`: {s['measured_ms']:.2f} ms (IQR "
+                      f"{s['measured_iqr_ms'][0]:.2f}–{s['measured_iqr_ms'][1]:.2f}) -> "
+                      f"{'met' if s['met'] else 'NOT met'}.", ""]
+    tg = r.get("targets") or {}
+    if tg:
+        lines += ["| target | value | goal | met |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['value']:.4f} | {v['goal']} | {'yes' if v['met'] else 'NO'} |" for k, v in tg.items()]
+        lines.append("")
+    write_section("elastic", lines)
+
+
+if __name__ == "__main__":
+    main()
