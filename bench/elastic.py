@@ -95,7 +95,10 @@ def _commit(model: str, key: str, value) -> dict:
     RESULT.parent.mkdir(exist_ok=True)
     with FileLock(str(RESULT) + ".lock"):
         result = json.loads(RESULT.read_text()) if RESULT.exists() else {}
-        result.setdefault(model, {})[key] = value
+        old = result.setdefault(model, {}).get(key)
+        if key == "elastic" and old and all(old.get(k) == value.get(k) for k in ("epochs", "sampled")):
+            value = {**value, "seeds": {**old["seeds"], **value["seeds"]}}  # seeds run by parallel processes
+        result[model][key] = value
         result["machine"] = {**machine(), "load_average_now": list(os.getloadavg())}
         result["targets"] = targets(result)
         save_result("elastic", result)
@@ -202,11 +205,16 @@ def _cli(*argv: str) -> float:
 
 def run_elastic(work: Path, model: str, args) -> None:
     t, t_rec, spec, ds, split, _ = _teacher(work, model)
-    old = (_load().get(model) or {}).get("elastic") or {}
-    el = {"seeds": old.get("seeds", {}) if old.get("epochs") == args.elastic_epochs else {},
-          "epochs": args.elastic_epochs, "sampled": args.sampled}
+    el = {"seeds": {}, "epochs": args.elastic_epochs, "sampled": args.sampled}
     for seed in args.seeds:
         e = work / f"{_name(model)}-elastic-s{seed}"
+        side = work / f"{_name(model)}-elastic-s{seed}.bench.json"  # this seed's numbers, beside lamina's folder
+        if side.exists():
+            done = json.loads(side.read_text())
+            if done.get("epochs") == args.elastic_epochs and done.get("sampled") == args.sampled:
+                el["seeds"][str(seed)] = done["record"]  # measured by an earlier invocation: kept
+                _commit(model, "elastic", el)
+                continue
         argv = ["elastic", "--teacher", str(t), "--out", str(e), "--epochs", str(args.elastic_epochs), "--sampled",
                 str(args.sampled), "--seed", str(seed), "--overwrite", "--no-progress",
                 *GRID[model], *RECIPE_CLI[model]]
@@ -226,6 +234,8 @@ def run_elastic(work: Path, model: str, args) -> None:
         el["seeds"][str(seed)] = {"path": str(e), "wall_s": wall, "training": tr, "flops": tr.get("flops"),
                                   "members": members, "grid": rec.get("grid"), "runtime": rec.get("runtime"),
                                   "family": rec.get("members")}
+        side.write_text(json.dumps({"epochs": args.elastic_epochs, "sampled": args.sampled,
+                                    "record": el["seeds"][str(seed)]}))
         el["command"] = _command()
         el["argv"] = argv
         _commit(model, "elastic", el)
