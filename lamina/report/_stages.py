@@ -23,7 +23,8 @@ from . import _plots as plots
 # (file, section id, heading), in pipeline order
 STAGE_FILES = (("finetune.json", "finetune", "Fine-tuning"), ("plan.json", "plan", "Compression plan"),
                ("distill.json", "distill", "Distillation"), ("bench.json", "bench", "Speed and accuracy"),
-               ("transfer.json", "transfer", "Frozen-backbone heads"))
+               ("transfer.json", "transfer", "Frozen-backbone heads"),
+               ("elastic.json", "elastic", "Elastic family"))
 
 
 def stage_paths(run: Path, extra) -> list[tuple[Path, str, str]]:
@@ -44,8 +45,11 @@ def stage_paths(run: Path, extra) -> list[tuple[Path, str, str]]:
     return out
 
 
-def section(kind: str, data: dict, fmt: str) -> dict:
-    """rows, tables and figure for one stage file."""
+def section(kind: str, data: dict, fmt: str, points: list[dict] | None = None) -> dict:
+    """rows, tables and figure for one stage file (``points``: the run's models, for elastic's comparison)."""
+    if kind == "elastic":
+        from ._elastic import elastic_section
+        return elastic_section(data, fmt, points)
     if kind == "transfer" and isinstance(data, dict) and "heads" in data:
         from ._transfer import transfer_section
         return transfer_section(data, fmt)

@@ -173,13 +173,13 @@ def _figures(s, fmt: str) -> dict:
     return out
 
 
-def _stages(run: Path, extra, fmt: str) -> list[dict]:
+def _stages(run: Path, extra, fmt: str, points: list[dict]) -> list[dict]:
     out = []
     for path, sid, heading in stage_paths(run, extra):
         data, problem = _read_optional(path)
         if data is None and problem is None:
             continue
-        body = section(sid.split("-")[0], data, fmt) if data is not None else {"rows": [], "tables": [],
+        body = section(sid.split("-")[0], data, fmt, points) if data is not None else {"rows": [], "tables": [],
                                                                                 "figure": None}
         shown = path.name if path.parent == run else str(path)
         plan_model = data.get("model") if sid.startswith("plan") and isinstance(data, dict) else None
@@ -239,8 +239,8 @@ def render_html(run: str | Path, config: ReportConfig = ReportConfig()) -> tuple
     config_bytes = (run / "config.json").read_bytes() if run_config is not None else None
 
     figures = _figures(s, config.plots)
-    stages = _stages(run, config.stages, config.plots)
     points = pareto.collect(run, config.stages)
+    stages = _stages(run, config.stages, config.plots, points)
     trade = pareto.figure(points, config.plots) if points else None
     comparison = _comparison(run, config.plots)
     settings = []

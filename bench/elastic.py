@@ -1,0 +1,423 @@
+"""One elastic run against separately pruned + distilled models at the same budgets (issue 15).
+
+For MiniLM on Rotten Tomatoes and EfficientNet-Lite0 on Fashion-MNIST (teachers
+fine-tuned here with the recipe of ``bench/_common.py``, at reduced sizes: see
+REDUCED), three budgets: the full model, about 2/3 and about 1/2 of the
+parameters (MiniLM: 4 and 3 of 6 blocks = 2/3 and 1/2 of the encoder's
+parameters; the 11.7 M embedding parameters stay in every budget.
+EfficientNet-Lite0: 62% and 43% of every MBConv block's expanded channels =
+2/3 and 1/2 of all parameters).
+
+Parts (``--part``; each writes bench/results/elastic.json as it finishes):
+
+- ``separate``: ``lamina prune`` of the teacher (skip-nMSE blocks / activation
+  channels, from one capture + analyze of the teacher) and ``lamina distill``
+  (CE + logit KD + SKT cosine + FSP: distill's defaults, the recipe of
+  BENCHMARKS.md "distill") per budget and seed. The full budget's separate
+  counterpart is the teacher itself.
+- ``elastic``: one ``lamina elastic`` run per seed over a grid holding the
+  three budgets, the three members cut out with ``lamina elastic extract``,
+  each evaluated on the teacher's test rows (the rows distill evaluates on).
+- ``selector``: ``lamina elastic extract --latency-ms X`` with X between two
+  members' recorded latencies, the chosen model's latency measured again with
+  ``lamina bench`` at the elastic run's batch size and thread count.
+
+Training cost of a route, per seed: wall seconds measured in this process
+(the scores run, prune and distill for the separate route; the elastic run for
+the other) and FLOPs = trained rows x (3 x student forward FLOPs + teacher
+forward FLOPs) per sample for distill (forward + backward ~ 3 forwards; the
+teacher only runs forward), FLOPs from elastic.json ``training.flops`` for the
+elastic run. The teacher's own fine-tuning is shared by both routes and counted
+in neither. ``cost_ratio`` = elastic cost / summed separate cost of the 2/3 and
+1/2 budgets; met when both the wall-time and the FLOP ratio are <= 0.5.
+
+Usage: python bench/elastic.py [--work DIR] [--part separate|elastic|selector ...]
+       [--model minilm|efficientnet ...] [--seeds 0 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import HERE, TEACHERS, machine, save_result, scores, teacher, write_section  # noqa: E402
+
+from lamina.bench import BenchConfig, bench, flops_per_sample  # noqa: E402
+from lamina.compress import PruneConfig, prune  # noqa: E402
+from lamina.distill import DistillConfig, distill  # noqa: E402
+from lamina.models import load_model  # noqa: E402
+from lamina.task import evaluate, make_task, read_task  # noqa: E402
+
+# Reduced sizes: the recipe of bench/_common.py on fewer rows and shorter inputs, so that 2 models x
+# (2 budgets x 3 seeds of distill + 3 elastic runs) fit in about an hour of two shared CPU cores.
+REDUCED = {
+    "minilm": ("minilm", "rotten-tomatoes", dict(full=True, epochs=2, lr=1e-4, limit=1000, max_length=32)),
+    "efficientnet": ("efficientnet-lite0", "fashion-mnist",
+                     dict(full=True, epochs=2, lr=5e-4, limit=1000, image_size=64)),
+}
+# budget -> prune settings (separate route) and the `lamina elastic extract` axes of the same budget
+BUDGETS = {
+    "minilm": {"2/3": (dict(drop_blocks=2 / 6), ["--depth", "4"]),
+               "1/2": (dict(drop_blocks=3 / 6), ["--depth", "3"])},
+    "efficientnet": {"2/3": (dict(channels=0.38), ["--channels", "0.62"]),
+                     "1/2": (dict(channels=0.57), ["--channels", "0.43"])},
+}
+GRID = {"minilm": ["--depths", "6,4,3"], "efficientnet": ["--channels", "1,0.62,0.43"]}
+SCORES = {"minilm": dict(limit=400, importance_samples=256), "efficientnet": dict(limit=300, importance_samples=128)}
+RECIPE = {"minilm": dict(lr=1e-4), "efficientnet": dict(lr=2e-3, taps="stages")}
+RECIPE_CLI = {"minilm": ["--lr", "1e-4"], "efficientnet": ["--lr", "2e-3"]}  # the same learning rates
+RESULT = HERE / "results" / "elastic.json"
+
+
+def _name(model: str) -> str:
+    return f"elastic-{model}"  # its own teacher folder: the full-size teachers of _common keep their settings
+
+
+def _stats(xs: list[float]) -> dict:
+    xs = [float(x) for x in xs]
+    return {"mean": statistics.mean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+            "min": min(xs), "max": max(xs), "values": xs, "n": len(xs)}
+
+
+def _commit(model: str, key: str, value) -> dict:
+    """Write ``value`` as results[model][key] (re-reading the file under a lock: parts may run in parallel
+    processes), recompute the targets, rewrite BENCHMARKS.md's section."""
+    from filelock import FileLock
+    RESULT.parent.mkdir(exist_ok=True)
+    with FileLock(str(RESULT) + ".lock"):
+        result = json.loads(RESULT.read_text()) if RESULT.exists() else {}
+        old = result.setdefault(model, {}).get(key)
+        if key == "elastic" and old and all(old.get(k) == value.get(k) for k in ("epochs", "sampled")):
+            value = {**value, "seeds": {**old["seeds"], **value["seeds"]}}  # seeds run by parallel processes
+        result[model][key] = value
+        result["machine"] = {**machine(), "load_average_now": list(os.getloadavg())}
+        result["targets"] = targets(result)
+        save_result("elastic", result)
+        _write(result)
+    return result
+
+
+def _flops(model_dir, spec, rows) -> float:
+    lm = load_model(str(model_dir))
+    lm.module.eval()
+    return flops_per_sample(lm, make_task(spec, lm).batch(lm, rows))
+
+
+def _test_accuracy(model_dir, ds, split, spec) -> float:
+    return evaluate(load_model(str(model_dir)), ds, split["test"], spec)["accuracy"]
+
+
+def _teacher(work: Path, model: str):
+    TEACHERS[_name(model)] = REDUCED[model]
+    t0 = time.perf_counter()
+    t = teacher(work, _name(model))
+    rec = json.loads((t / "finetune.json").read_text())
+    spec = read_task(t)
+    ds, split = spec.load()
+    return t, rec, spec, ds, split, time.perf_counter() - t0
+
+
+def run_separate(work: Path, model: str, args) -> None:
+    t, t_rec, spec, ds, split, _ = _teacher(work, model)
+    sample = list(split["train"][:32])
+    f_teacher = _flops(t, spec, sample)
+    _commit(model, "teacher", {"path": str(t), "test_accuracy": t_rec["test"]["accuracy"], "test_rows": len(split["test"]),
+                       "train_rows": len(split["train"]), "settings": REDUCED[model][2],
+                       "parameters": sum(p.numel() for p in load_model(str(t)).module.parameters()),
+                       "flops_per_sample": f_teacher})
+    # the scores run (capture + analyze) is made once and serves both budgets: timed when made, its time kept
+    stamp = work / f"{_name(model)}-scores-seconds.json"
+    t0 = time.perf_counter()
+    sc = scores(work, _name(model), t, **SCORES[model])
+    if not stamp.exists() or time.perf_counter() - t0 > 5:
+        stamp.write_text(json.dumps({"seconds": time.perf_counter() - t0}))
+    sep = {"scores_seconds": json.loads(stamp.read_text())["seconds"], "budgets": {}, "epochs": args.epochs,
+           "recipe": RECIPE[model]}
+    pruned, prune_s, f_student = {}, {}, {}
+    for budget, (pcfg, _) in BUDGETS[model].items():
+        tag = budget.replace("/", "of")
+        pruned[budget] = work / f"{_name(model)}-pruned-{tag}"
+        t0 = time.perf_counter()
+        prune(str(t), str(sc), PruneConfig(out=str(pruned[budget]), overwrite=True, **pcfg))
+        prune_s[budget] = time.perf_counter() - t0
+        f_student[budget] = _flops(pruned[budget], spec, sample)
+        removed = (json.loads((pruned[budget] / "plan.json").read_text()).get("depth") or {}).get("remove")
+        sep["budgets"][budget] = {"seeds": {}, "prune": pcfg, "prune_seconds": prune_s[budget],
+                                  "flops_per_sample": f_student[budget], "removed": removed,
+                                  "no_recovery_accuracy": _test_accuracy(pruned[budget], ds, split, spec)}
+    # seeds finished by an earlier invocation (another --seeds) are kept: their distill.json is read again
+    done = {int(p.name.rsplit("-s", 1)[1]) for p in work.glob(f"{_name(model)}-distill-*-s*")
+            if (p / "distill.json").exists()}
+    for seed in sorted(set(args.seeds) | done):  # seed-major: a cut-short run still covers every budget
+        for budget in BUDGETS[model]:
+            b = sep["budgets"][budget]
+            out = work / f"{_name(model)}-distill-{budget.replace('/', 'of')}-s{seed}"
+            cfg = DistillConfig(out=str(out), epochs=args.epochs, seed=seed, patience=None, overwrite=True,
+                                progress=False, **RECIPE[model])
+            rec = _finished(out / "distill.json", cfg)  # a run finished with these settings is kept (resume)
+            if rec is None:
+                if seed not in args.seeds:
+                    continue
+                rec = distill(str(t), str(pruned[budget]), cfg).record
+            hist = rec["history"]
+            epochs = len(hist["epochs"])
+            rows = rec["train_rows"] * epochs
+            b["parameters"] = rec["parameters"]["student"]
+            b["seeds"][str(seed)] = {
+                "path": str(out), "test_accuracy": rec["test"]["accuracy"], "distill_seconds": rec["seconds"],
+                "wall_s": rec["seconds"] + prune_s[budget], "steps": hist["steps_per_epoch"] * epochs,
+                "trained_rows": rows, "flops": rows * (3 * f_student[budget] + f_teacher),
+                "val_accuracy": [e["val_accuracy"] for e in hist["epochs"]]}
+            print(f"{model} separate {budget} seed {seed}: test acc {rec['test']['accuracy']:.4f} "
+                  f"({rec['seconds']:.0f} s)", flush=True)
+            b["summary"] = _stats([s["test_accuracy"] for s in b["seeds"].values()])
+            sep["command"] = _command()
+            _commit(model, "separate", sep)
+
+
+def _finished(path: Path, cfg) -> dict | None:
+    from dataclasses import asdict
+    if not path.exists():
+        return None
+    rec = json.loads(path.read_text())
+    want = {k: v for k, v in asdict(cfg).items() if k not in ("overwrite", "progress", "resume")}
+    return rec if all(rec.get("config", {}).get(k) == v for k, v in want.items()) else None
+
+
+def _cli(*argv: str) -> float:
+    """Run ``lamina ARGV`` as a user would; its wall seconds."""
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "lamina", *argv], env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"lamina {' '.join(argv)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def run_elastic(work: Path, model: str, args) -> None:
+    t, t_rec, spec, ds, split, _ = _teacher(work, model)
+    el = {"seeds": {}, "epochs": args.elastic_epochs, "sampled": args.sampled}
+    for seed in args.seeds:
+        e = work / f"{_name(model)}-elastic-s{seed}"
+        side = work / f"{_name(model)}-elastic-s{seed}.bench.json"  # this seed's numbers, beside lamina's folder
+        if side.exists():
+            done = json.loads(side.read_text())
+            if done.get("epochs") == args.elastic_epochs and done.get("sampled") == args.sampled:
+                el["seeds"][str(seed)] = done["record"]  # measured by an earlier invocation: kept
+                _commit(model, "elastic", el)
+                continue
+        argv = ["elastic", "--teacher", str(t), "--out", str(e), "--epochs", str(args.elastic_epochs), "--sampled",
+                str(args.sampled), "--seed", str(seed), "--overwrite", "--no-progress",
+                *GRID[model], *RECIPE_CLI[model]]
+        wall = _cli(*argv)
+        rec = json.loads((e / "elastic.json").read_text())
+        members = {}
+        points = {"full": []} | {b: axes for b, (_, axes) in BUDGETS[model].items()}
+        for budget, axes in points.items():
+            out = work / f"{_name(model)}-elastic-s{seed}-{budget.replace('/', 'of')}"
+            _cli("elastic", "extract", str(e), "--out", str(out), *axes, "--overwrite")
+            lm = load_model(str(out / "model") if (out / "model").is_dir() else str(out))
+            acc = evaluate(lm, ds, split["test"], spec)["accuracy"]
+            members[budget] = {"path": str(out), "test_accuracy": acc,
+                               "parameters": sum(p.numel() for p in lm.module.parameters())}
+            print(f"{model} elastic seed {seed} {budget}: test acc {acc:.4f}", flush=True)
+        tr = rec.get("training", {})
+        el["seeds"][str(seed)] = {"path": str(e), "wall_s": wall, "training": tr, "flops": tr.get("flops"),
+                                  "members": members, "grid": rec.get("grid"), "runtime": rec.get("runtime"),
+                                  "family": rec.get("members")}
+        side.write_text(json.dumps({"epochs": args.elastic_epochs, "sampled": args.sampled,
+                                    "record": el["seeds"][str(seed)]}))
+        el["command"] = _command()
+        el["argv"] = argv
+        _commit(model, "elastic", el)
+
+
+def _load() -> dict:
+    return json.loads(RESULT.read_text()) if RESULT.exists() else {}
+
+
+def run_selector(work: Path, model: str, args) -> None:
+    el = (_load().get(model) or {}).get("elastic", {}).get("seeds", {})
+    if not el:
+        raise SystemExit(f"--part selector needs --part elastic of {model} first")
+    seed, rec = sorted(el.items())[0]
+    e = Path(rec["path"])
+    fam = json.loads((e / "elastic.json").read_text())
+    lats = sorted({m["latency_ms"] for m in fam["members"]})
+    # a target between the fastest member and the next: the selector must give up accuracy to meet it
+    target = (lats[0] + lats[1]) / 2 if len(lats) > 1 else lats[0] * 1.1
+    out = work / f"{_name(model)}-selected"
+    _cli("elastic", "extract", str(e), "--out", str(out), "--latency-ms", f"{target:.4f}", "--overwrite")
+    bs = int(fam["members"][0].get("latency_batch") or 1)
+    threads = fam["members"][0].get("latency_threads")
+    mdir = str(out / "model") if (out / "model").is_dir() else str(out)
+    res = bench([mdir], BenchConfig(out=str(work / f"{_name(model)}-selected-bench"), batch_sizes=(bs,),
+                                    repeats=args.repeats, threads=threads, accuracy=False, overwrite=True,
+                                    progress=False))
+    lat = res["models"][0]["latency"][str(bs)]
+    _commit(model, "selector", {
+        "elastic_run": str(e), "target_ms": target, "batch": bs, "threads": threads, "measured_ms": lat["median_ms"],
+        "measured_iqr_ms": [lat["p25_ms"], lat["p75_ms"]], "met": lat["median_ms"] <= target,
+        "member_latencies_ms": lats, "command": _command(), "load_average": list(os.getloadavg())})
+
+
+def targets(r: dict) -> dict:
+    out = {}
+    for model in ("minilm", "efficientnet"):
+        m = r.get(model) or {}
+        sep, el, t = m.get("separate"), m.get("elastic"), m.get("teacher")
+        if sep and el and el.get("seeds"):
+            # per budget: mean over seeds of the separate model minus the elastic member; the largest shortfall
+            per = {}
+            for budget, b in sep["budgets"].items():
+                ev = [e["members"][budget]["test_accuracy"] for e in el["seeds"].values() if budget in e["members"]]
+                if ev and b.get("summary"):
+                    per[budget] = b["summary"]["mean"] - statistics.mean(ev)
+            if per:
+                gap = max(per.values())
+                out[f"max_gap_vs_separate_{model}"] = {"value": gap, "goal": "<= 0.01 (mean over seeds)",
+                                                       "met": gap <= 0.01, "per_budget": per}
+            ratios = []
+            for seed, e in el["seeds"].items():  # a seed counts when both routes finished every budget
+                if not all(seed in b["seeds"] for b in sep["budgets"].values()):
+                    continue
+                s_wall = sep["scores_seconds"] + sum(b["seeds"][seed]["wall_s"] for b in sep["budgets"].values())
+                s_flops = sum(b["seeds"][seed]["flops"] for b in sep["budgets"].values())
+                ratios.append((e["wall_s"] / s_wall, e["flops"] / s_flops))
+            if ratios:
+                w = statistics.mean(x[0] for x in ratios)
+                f = statistics.mean(x[1] for x in ratios)
+                out[f"cost_ratio_{model}"] = {"value": max(w, f), "goal": "<= 0.5 (the larger of the wall-time and "
+                                              "FLOP ratios, mean over seeds)", "met": max(w, f) <= 0.5,
+                                              "wall_ratio": w, "flop_ratio": f, "seeds": len(ratios)}
+        if el and el.get("seeds") and t:
+            full = [e["members"]["full"]["test_accuracy"] for e in el["seeds"].values() if "full" in e["members"]]
+            if full:
+                v = statistics.mean(full) / t["test_accuracy"]
+                out[f"full_member_retained_{model}"] = {"value": v, "goal": ">= 0.99", "met": v >= 0.99}
+        s = m.get("selector")
+        if s:
+            out[f"selector_latency_met_{model}"] = {"value": int(s["met"]), "goal": "1 (re-measured <= target)",
+                                                    "met": bool(s["met"])}
+    return out
+
+
+def _command() -> str:
+    return "python bench/elastic.py " + " ".join(sys.argv[1:])
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default="bench-work", help="folder for teachers, students and elastic runs")
+    ap.add_argument("--part", nargs="+", choices=("separate", "elastic", "selector"),
+                    default=["separate", "elastic", "selector"])
+    ap.add_argument("--model", nargs="+", choices=tuple(REDUCED), default=list(REDUCED))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=2, help="epochs of every distill run")
+    ap.add_argument("--elastic-epochs", type=int, default=1, help="epochs of every elastic run")
+    ap.add_argument("--sampled", type=int, default=1, help="random sub-models per elastic step (--sampled)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in this process")
+    ap.add_argument("--repeats", type=int, default=15, help="timed rounds when the selector's choice is re-measured")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    for model in args.model:
+        for part in ("separate", "elastic", "selector"):
+            if part in args.part:
+                {"separate": run_separate, "elastic": run_elastic, "selector": run_selector}[part](work, model, args)
+    return _load()
+
+
+def _fmt_stats(s: dict | None) -> str:
+    return "–" if not s else f"{s['mean']:.4f} ± {s['std']:.4f} ({s['min']:.4f}–{s['max']:.4f})"
+
+
+def _settings(model: str) -> str:
+    kw = REDUCED[model][2]
+    size = f"max {kw['max_length']} tokens" if "max_length" in kw else f"{kw['image_size']} px"
+    return f"{REDUCED[model][0]} on {REDUCED[model][1]}: {kw['limit']} rows (70/10/20 split), {size}"
+
+
+def _write(r: dict) -> None:
+    mach = r.get("machine", {})
+    lines = [f"Results: `bench/results/elastic.json` ({mach.get('cpus')} shared CPUs, torch {mach.get('torch')}, "
+             f"1 torch thread per process; load average at the last write "
+             f"{', '.join(f'{x:.1f}' for x in mach.get('load_average_now', []))}). Reduced sizes for two shared "
+             "cores, teachers fine-tuned here for 2 epochs (the full-size teachers of bench/_common.py take "
+             "~30 min each on these cores): " + "; ".join(_settings(m) for m in REDUCED)
+             + ". Test accuracy on the teacher's held-out rows; mean ± std (min–max) over seeds.", ""]
+    for model in ("minilm", "efficientnet"):
+        m = r.get(model)
+        if not m:
+            continue
+        t = m.get("teacher", {})
+        sep, el = m.get("separate"), m.get("elastic")
+        tp = t.get("parameters")
+        lines += [f"**{model}**: teacher {t.get('test_accuracy', float('nan')):.4f} on {t.get('test_rows')} test rows, "
+                  f"{tp:,} parameters.", ""]
+        lines += ["| budget | parameters, separate / elastic (ratio) | separate: prune + distill | elastic member | "
+                  "separate, no recovery |", "|---|---|---|---|---|"]
+        for b in ["full"] + list(BUDGETS[model]):
+            sb = (sep or {}).get("budgets", {}).get(b, {})
+            ev = [e["members"][b] for e in (el or {}).get("seeds", {}).values() if b in e.get("members", {})]
+            sacc = _fmt_stats(sb.get("summary")) if b != "full" else f"{t.get('test_accuracy', float('nan')):.4f} (the teacher)"
+            eacc = _fmt_stats(_stats([x["test_accuracy"] for x in ev])) if ev else "–"
+            sp = tp if b == "full" else sb.get("parameters")
+            ep = ev[0]["parameters"] if ev else None
+            params = (f"{sp:,}" if sp else "–") + " / " + (f"{ep:,}" if ep else "–") + (
+                f" ({(sp or ep) / tp:.3f})" if (sp or ep) and tp else "")
+            nr = f"{sb['no_recovery_accuracy']:.4f}" if sb.get("no_recovery_accuracy") is not None else "–"
+            lines.append(f"| {b} | {params} | {sacc} | {eacc} | {nr} |")
+        lines.append("")
+        if sep:
+            per_seed = []
+            for seed in sorted({s for b in sep["budgets"].values() for s in b["seeds"]}):
+                w = sep["scores_seconds"] + sum(b["seeds"][seed]["wall_s"] for b in sep["budgets"].values()
+                                                if seed in b["seeds"])
+                f = sum(b["seeds"][seed]["flops"] for b in sep["budgets"].values() if seed in b["seeds"])
+                per_seed.append(f"seed {seed}: {w:.0f} s, {f:.3g} FLOPs")
+            lines += [f"Separate route ({sep.get('epochs')} distill epochs, {sep.get('recipe')}; cost = the scores run "
+                      f"({sep['scores_seconds']:.0f} s, shared by both budgets) + prune + distill of each budget): "
+                      + "; ".join(per_seed) + f". Command: `{sep.get('command')}`.", ""]
+        if el and el.get("seeds"):
+            lines += [f"Elastic route ({el.get('epochs')} epoch(s), --sampled {el.get('sampled')}; cost = the whole "
+                      "`lamina elastic` call, ordering and the selector's scoring and timing of every member "
+                      "included): " + "; ".join(
+                          f"seed {s}: {e['wall_s']:.0f} s, {e['flops']:.3g} FLOPs, "
+                          f"{(e.get('training') or {}).get('steps')} steps" for s, e in el["seeds"].items())
+                      + f". Command: `{el.get('command')}` (runs `lamina {' '.join(el.get('argv', []))}` per seed, "
+                      "then `lamina elastic extract` per budget).", ""]
+        s = m.get("selector")
+        if s:
+            lines += [f"Selector: `lamina elastic extract --latency-ms {s['target_ms']:.2f}` (members' latencies in "
+                      "elastic.json " + ", ".join(f"{x:.2f}" for x in s["member_latencies_ms"])
+                      + f" ms at batch {s['batch']}, {s['threads']} thread(s)); the chosen model re-measured by "
+                      f"`lamina bench`: median {s['measured_ms']:.2f} ms (IQR {s['measured_iqr_ms'][0]:.2f}–"
+                      f"{s['measured_iqr_ms'][1]:.2f}) -> {'met' if s['met'] else 'NOT met'}.", ""]
+    tg = r.get("targets") or {}
+    if tg:
+        lines += ["| target | value | goal | met |", "|---|---|---|---|"]
+        for k, v in tg.items():
+            extra = (f" (wall {v['wall_ratio']:.3f}, FLOPs {v['flop_ratio']:.3f})" if "wall_ratio" in v
+                     and v.get("flop_ratio") is not None else "")
+            lines.append(f"| {k} | {v['value']:.4f}{extra} | {v['goal']} | {'yes' if v['met'] else 'NO'} |")
+        lines.append("")
+    lines += NOTES
+    write_section("elastic", lines)
+
+
+NOTES = []  # filled in by hand below once the numbers are in (kept here so a re-run keeps them)
+
+
+if __name__ == "__main__":
+    main()
