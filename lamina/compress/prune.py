@@ -255,9 +255,10 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
         if isinstance(model, (str, Path)) and not Path(str(model)).exists():
             load_model(model)  # a model that does not exist is named first (what, value, closest names)
         raise no_task_error(model, config.out, _budget_flags(config))
+    own_labels = None  # class labels of the calibration rows (a classifier scored on its own task)
     if own:
         lm = load_model(model, runtime=config.runtime())
-        data, own_batches = self_scores(lm, task, config.calibration_samples)
+        data, own_batches, own_labels = self_scores(lm, task, config.calibration_samples)
         scores_path, man = out / "scores.json", None
     else:
         scores_path = Path("<scores dict>") if isinstance(scores, dict) else Path(scores)
@@ -289,7 +290,7 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
     else:
         batches = _calibration_batches(lm, man, data, config, scores_path) if calibrate else None
     if needs_model(plan):  # iterative rounds / parameter target: chosen now, so plan.json records the choice
-        plan = choose_blocks(lm, plan, batches)
+        plan = choose_blocks(lm, plan, batches, labels=own_labels)
         if is_empty(plan):
             raise UsageError("the model already meets the parameter target, so the budget removes nothing",
                              value=config.target_params,
