@@ -120,6 +120,8 @@ def _print_scores(path) -> None:
         c = ctrl.get("probe_acc", [None] * len(s["layers"]))[i]
         print(f"{name:<12} {f(m['probe_acc'][i])} {f(c)} {f(m['knn_acc'][i])} {f(m['ncc_acc'][i])} "
               f"{f(m['cka_to_last'][i]):>8} {f(bi.get(name))} {f(skip.get(name))}")
+    for note in s.get("notes") or []:
+        print(f"note: {note}")
     print(f"scores: {path}")
 
 
