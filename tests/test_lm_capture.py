@@ -56,3 +56,19 @@ def test_capture_text_refuses_a_label_column_and_empty_text(lm_and_text, tmp_pat
     (tmp_path / "e.txt").write_text("\n  \n")
     assert main(["capture", "--model", str(model), "--data", str(tmp_path / "e.txt"), "--out", str(tmp_path / "R3")]) == 2
     assert "no text" in capsys.readouterr().err
+
+
+def test_prune_jointly_from_a_text_run(lm_and_text, tmp_path, capsys):
+    """A scores run captured on a .txt gives the joint method its calibration rows (the LM's token loss)."""
+    from lamina.cli import main
+    model, txt = lm_and_text
+    run = tmp_path / "R"
+    assert main(["capture", "--model", str(model), "--data", str(txt), "--pooling", "mean", "--limit", "24",
+                 "--out", str(run), "--no-progress"]) == 0
+    assert main(["analyze", str(run), "--no-control", "--importance-samples", "16", "--no-progress"]) == 0
+    out = tmp_path / "small"
+    assert main(["prune", str(model), "--scores", str(run / "scores.json"), "--drop-blocks", "0.34",
+                 "--method", "joint", "--calibration-samples", "16", "--out", str(out)]) == 0
+    depth = json.loads((out / "plan.json").read_text())["depth"]
+    assert depth["joint"]["objective"] == "loss" and len(depth["remove"]) == 1
+    assert len(depth["rounds"][0]["candidates"]) == 3

@@ -168,7 +168,8 @@ def _manifest(scores_path: Path) -> dict | None:
 
 def _calibration_batches(lm: LoadedModel, man: dict | None, scores: dict, config: PruneConfig,
                          scores_path: Path, n_rows: int | None = None) -> list:
-    from ..data import load_data, subsample
+    from ..data import subsample
+    from ..data.text import load_for_capture
     if man is None or not man.get("data_spec"):
         why = "has no features/manifest.json next to it" if man is None else "was captured from in-memory data"
         raise UsageError(f"--ffn / --heads / --channels / --method iterative need calibration data, but the "
@@ -176,8 +177,8 @@ def _calibration_batches(lm: LoadedModel, man: dict | None, scores: dict, config
                          allowed="scores.json inside a run folder captured from a data path or bundled name",
                          fix="pass the scores.json of such a run, or prune blocks by their scores (--drop-blocks)")
     cap = man.get("config", {})
-    ds = subsample(load_data(man["data_spec"], cap.get("text_column"), cap.get("label_column"),
-                             cap.get("skip_bad_files", False)), cap.get("limit"), cap.get("seed", 0))
+    ds = subsample(load_for_capture(man["data_spec"], cap.get("text_column"), cap.get("label_column"),
+                                    cap.get("skip_bad_files", False)), cap.get("limit"), cap.get("seed", 0))
     n_rows = n_rows or config.calibration_samples
     if n_rows < len(ds):
         ds = subsample(ds, n_rows, scores.get("seed", 0) or 0, min_per_class=0)
