@@ -454,8 +454,9 @@ def _write(r: dict) -> None:
                             if old else ""))
         lines.append("")
         if old:
-            lines += ["Why the logit nMSE lost at 3 of 6: this teacher's test loss is about 0.6 (ln 2 = 0.69 is "
-                      "chance), so its logits carry little margin; over all 20 sets of 3 blocks the set with the "
+            lines += ["Why the logit nMSE lost at 3 of 6 (an exhaustive check of all 20 sets of 3 blocks, run once "
+                      "by hand on this teacher, not by this script): its test loss is about 0.6 (ln 2 = 0.69 is "
+                      "chance), so its logits carry little margin; the set with the "
                       "lowest logit nMSE ([1, 2, 3]) and the one with the lowest label cross-entropy on the "
                       "calibration rows ([0, 2, 3]) scored 0.625 and 0.619 on test, while the error rate on the same "
                       "calibration rows ranked the evenly spaced set [1, 3, 4] first (0.706 on test). Confidence "
@@ -483,8 +484,9 @@ def _write(r: dict) -> None:
                   f"KD − CE per seed (paired): mean {sm['kd_minus_ce']:+.4f}, std {sm['kd_minus_ce_std']:.4f} nats. "
                   f"The token budget is what fitted this shared 2-core machine (a training step took "
                   f"{np.median([x['train_seconds'] / x['steps'] for x in rc['runs'].values()]):.0f} s, median over "
-                  f"runs, at a load average of {rc.get('loadavg', [float('nan')])[0]:.0f} from other sessions); it "
-                  "is far below the issue's intent (hundreds of thousands "
+                  + (f"runs, at a load average of {rc['loadavg'][0]:.0f} from other sessions); it " if "loadavg" in rc
+                     else "runs, while other sessions kept the load average at 17-21 by `uptime`); it ")
+                  + "is far below the issue's intent (hundreds of thousands "
                   "of tokens), so these numbers say how the first few steps go, not where recovery ends. "
                   "`python bench/llm.py --part recovery --recovery-steps N --recovery-batch B` reruns it with a "
                   "larger budget (finished runs of the same settings are kept).", ""]
