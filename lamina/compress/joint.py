@@ -312,8 +312,10 @@ def joint_select(lm, batches, n_drop: int | None, candidates: list[int], *, beam
                 block_evals += sum(n - min(t) - len(t) for t in todo)
                 got[best[1]] = best[0]
                 for name, t in named.items():
+                    if t not in got:  # fewer candidates than the budget's even spacing needs
+                        continue
                     seeded.append({"name": name, **_record(t, got[t])})
-                    if (got[t], t) < (best[0], best[1]):  # ties: the search's set, else the smaller set
+                    if got[t] < best[0]:  # strictly better: ties keep the search's set (then 'even')
                         best, chosen_by = (got[t], t), name
     finally:
         for m, t in flags:
