@@ -120,6 +120,8 @@ def _print_scores(path) -> None:
         c = ctrl.get("probe_acc", [None] * len(s["layers"]))[i]
         print(f"{name:<12} {f(m['probe_acc'][i])} {f(c)} {f(m['knn_acc'][i])} {f(m['ncc_acc'][i])} "
               f"{f(m['cka_to_last'][i]):>8} {f(bi.get(name))} {f(skip.get(name))}")
+    for note in s.get("notes") or []:
+        print(f"note: {note}")
     print(f"scores: {path}")
 
 
@@ -304,6 +306,12 @@ def _bench(ns):
         ideal = f"{v['ideal_speedup']:.2f}x" if v["ideal_speedup"] else "-"
         print(f"{str(r['model'])[-28:]:<28} {r['parameters']:>11,} {r['flops_per_sample'] / 1e6:9.1f} {acc:>6} {lat}"
               f"  {v['speedup'][bss[-1]]:.2f}x ({ideal})")
+    for r in res["models"]:
+        if "decode" in r:
+            d = r["decode"]
+            print(f"decode {str(r['model'])[-28:]:<28} {d['tokens_per_s']:8.1f} tokens/s ({d['new_tokens']} new "
+                  f"after {d['prompt_tokens']}, greedy, KV cache; "
+                  f"{'same tokens without the cache' if d['same_tokens_without_cache'] else 'DIFFERS without the cache'})")
     print(f"bench: {res['path']}")
     _next("lamina report RUN --stages " + " ".join(ns.models) + "  (RUN: a `lamina analyze` run folder)")
     return 0

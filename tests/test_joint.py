@@ -150,3 +150,65 @@ def test_cli_prune_method_joint_records_every_candidate(tmp_path, tiny_dirs):
     assert {tuple(c["remove"]) for c in r1["candidates"]} == {("blocks.0",), ("blocks.1",)}
     best = min(r1["candidates"], key=lambda c: (c["score"], c["remove"]))
     assert depth["remove"] == best["remove"]
+
+
+def test_seed_sets_are_scored_and_never_beaten_by_the_returned_set():
+    from lamina.compress.plan import even_pick
+    lm, batches = _lm("llama", layers=6)
+    res = joint_select(lm, batches, 3, list(range(6)), objective="nmse", shortlist=1)
+    seeded = {s["name"]: s for s in res["seeded"]}
+    assert set(seeded) == {"even", "best_alone"}
+    assert seeded["even"]["remove"] == [f"blocks.{i}" for i in even_pick(list(range(6)), 3)]
+    alone = sorted(res["rounds"][0]["candidates"], key=lambda c: (c["score"], c["remove"]))[:3]
+    assert seeded["best_alone"]["remove"] == sorted((c["remove"][0] for c in alone), key=lambda b: int(b[7:]))
+    with torch.inference_mode():
+        cal = _Calib(lm, batches, "nmse")
+        for s in seeded.values():  # each seed's recorded score is its own set's score
+            assert s["score"] == pytest.approx(cal.score([int(b[7:]) for b in s["remove"]]), rel=1e-9)
+    assert all(res["score"] <= s["score"] for s in seeded.values())
+    chosen = res["chosen_by"]
+    if chosen != "search":
+        assert [f"blocks.{i}" for i in res["remove"]] == seeded[chosen]["remove"]
+    off = joint_select(lm, batches, 3, list(range(6)), objective="nmse", shortlist=1, seeds=False)
+    assert off["seeded"] == [] and off["chosen_by"] == "search" and res["score"] <= off["score"]
+
+
+def test_accuracy_objective_equals_the_error_rate_recomputed_by_hand():
+    from lamina.testing import tiny_hf_model
+    m = tiny_hf_model("bert", layers=4, seed=3, head=True)
+    lm = wrap_module(m, modality="text")
+    g = torch.Generator().manual_seed(5)
+    batches = [{"input_ids": torch.randint(4, 64, (6, 8), generator=g),
+                "attention_mask": torch.ones(6, 8, dtype=torch.long)} for _ in range(2)]
+    labels = [torch.randint(0, 2, (6,), generator=g) for _ in batches]
+    res = joint_select(lm, batches, 2, list(range(4)), labels=labels)
+    assert res["objective"] == "accuracy"
+    m.eval()
+    for cand in res["rounds"][1]["candidates"] + res["seeded"]:
+        remove = [int(b[7:]) for b in cand["remove"]]
+        wrong = ce = 0.0
+        with torch.no_grad(), bypass(m, remove, lm.blocks):
+            for b, y in zip(batches, labels):
+                z = m(**b).logits.double()
+                wrong += float((z.argmax(-1) != y).sum())
+                ce += float(torch.nn.functional.cross_entropy(z, y, reduction="sum"))
+        assert cand["score"] == pytest.approx(wrong / 12, abs=1e-12)
+        assert cand["label_loss"] == pytest.approx(ce / 12, rel=1e-5)
+    best = min(res["rounds"][1]["candidates"] + res["seeded"], key=lambda c: (c["score"], c["label_loss"]))
+    assert (res["score"], res["label_loss"]) == (best["score"], pytest.approx(best["label_loss"]))
+    with pytest.raises(UsageError, match="label"):
+        joint_select(lm, batches, 2, list(range(4)), labels=labels[:1])
+    with pytest.raises(UsageError, match="labels"):
+        joint_select(lm, batches, 2, list(range(4)), objective="accuracy")
+
+
+def test_prune_a_fine_tuned_classifier_jointly_scores_by_error_rate_on_its_rows(tiny_teacher, tmp_path):
+    import json
+
+    from lamina.cli import main
+    out = tmp_path / "small"
+    assert main(["prune", str(tiny_teacher), "--drop-blocks", "0.5", "--method", "joint", "--out", str(out)]) == 0
+    depth = json.loads((out / "plan.json").read_text())["depth"]
+    assert depth["joint"]["objective"] == "accuracy" and depth["joint"]["chosen_by"] in ("search", "even", "best_alone")
+    assert all(0 <= c["score"] <= 1 and "label_loss" in c for c in depth["rounds"][0]["candidates"])
+    assert {s["name"] for s in depth["joint"]["seeded"]} == {"even", "best_alone"}

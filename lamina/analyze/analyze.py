@@ -26,7 +26,7 @@ import numpy as np
 
 from .._cliargs import as_config
 from ..capture import CaptureConfig, capture
-from ..data import Dataset, load_data, subsample
+from ..data import Dataset, subsample
 from ..errors import UsageError
 from ..runtime import Runtime, describe, oom_message
 from ..models import LoadedModel, load_model, random_init, save_json
@@ -127,11 +127,18 @@ def layer_metrics(feats: list[np.ndarray], labels: np.ndarray, split: dict, cfg:
     """
     if device is not None:
         from .metrics.torch_kernels import cka_matrix_torch, knn_accuracy_torch
+    out: dict[str, list] = {k: [] for k in ("probe_acc", "probe_ci_low", "probe_ci_high", "probe_C", "knn_acc",
+                                            "ncc_acc", "effective_rank", "within_between_ratio", "cdnv")}
+    if labels is None:  # unlabelled text: only the label-free metrics (effective rank, CKA)
+        for k in out:
+            out[k] = [effective_rank(x) for x in feats] if k == "effective_rank" else [None] * len(feats)
+        cka = cka_matrix(feats) if device is None else cka_matrix_torch(feats, device)
+        out["cka_to_last"] = [float(v) for v in cka[:, -1]]
+        return {k: [None if v is None else _num(v) for v in vals] for k, vals in out.items()}, \
+            [[_num(v) for v in row] for row in cka]
     probes = probe_layers(feats, labels, split, Cs=cfg.cs, seed=cfg.seed, workers=cfg.probe_workers or None,
                           device=_probe_device(device))
     tr, te = split["train"], split["test"]
-    out: dict[str, list] = {k: [] for k in ("probe_acc", "probe_ci_low", "probe_ci_high", "probe_C", "knn_acc",
-                                            "ncc_acc", "effective_rank", "within_between_ratio", "cdnv")}
     for x, p in zip(feats, probes):
         out["probe_acc"].append(p.test_accuracy)
         out["probe_ci_low"].append(p.ci_low)
@@ -147,6 +154,19 @@ def layer_metrics(feats: list[np.ndarray], labels: np.ndarray, split: dict, cfg:
     cka = cka_matrix(feats) if device is None else cka_matrix_torch(feats, device)
     out["cka_to_last"] = [float(v) for v in cka[:, -1]]
     return {k: [_num(v) for v in vals] for k, vals in out.items()}, [[_num(v) for v in row] for row in cka]
+
+
+UNLABELLED_NOTE = ("the data has no labels (text read as a corpus: a .txt file or 'debates'), so the "
+                   "label-dependent metrics (probe, k-NN and nearest-centre accuracy, separability) are not "
+                   "computed; effective rank, CKA and block importance are")
+
+
+def _plain_split(n: int, config) -> dict:
+    """A seeded train/val/test split of ``n`` unlabelled samples (recorded like the stratified one)."""
+    perm = np.random.default_rng(config.seed).permutation(n)
+    a = int(round(config.fractions[0] * n))
+    b = a + int(round(config.fractions[1] * n))
+    return {"train": np.sort(perm[:a]), "val": np.sort(perm[a:b]), "test": np.sort(perm[b:])}
 
 
 def _num(v):
@@ -210,8 +230,9 @@ def _reload(store: FeatureStore, model, data, runtime=None) -> tuple[LoadedModel
                              value=man.get("data", {}).get("name"), allowed="data=... passed to analyze()",
                              fix="pass the dataset to lamina.analyze(..., data=...), or --no-importance --no-control")
         data = man["data_spec"]
-    ds = subsample(load_data(data, cap.get("text_column"), cap.get("label_column"), cap.get("skip_bad_files", False)),
-                   cap.get("limit"), cap.get("seed", 0))
+    from ..data.text import load_for_capture
+    ds = subsample(load_for_capture(data, cap.get("text_column"), cap.get("label_column"),
+                                    cap.get("skip_bad_files", False)), cap.get("limit"), cap.get("seed", 0))
     if list(ds.ids) != list(store.ids):
         raise UsageError("the reloaded data are not the samples in the store", value=ds.name,
                          allowed="the dataset (and --limit/--seed) used for the capture",
@@ -248,12 +269,18 @@ def writes(config: AnalyzeConfig) -> list[str]:
 
 def _analyze(store: FeatureStore, run_dir: Path, path: Path, config: AnalyzeConfig, model, data,
              t0: float) -> AnalyzeResult:
+    from ..data.text import is_unlabelled
     labels = store.labels
-    split = stratified_split(labels, config.fractions, seed=config.seed)
+    unlabelled = is_unlabelled(labels)
+    split = _plain_split(len(labels), config) if unlabelled else stratified_split(labels, config.fractions,
+                                                                                   seed=config.seed)
     feats = _features(store)
     log.info("analyze: %d layers x %d samples", len(feats), len(labels))
     mdev = _metrics_device(config)
-    metrics, cka = layer_metrics(feats, labels, split, config, mdev)
+    metrics, cka = layer_metrics(feats, None if unlabelled else labels, split, config, mdev)
+    notes = [UNLABELLED_NOTE] if unlabelled else []
+    if unlabelled:
+        log.warning("analyze: %s", UNLABELLED_NOTE)
     del feats
     man = store.manifest
     scores = {"lamina_version": man.get("lamina_version"), "model": man.get("model", {}),
@@ -265,7 +292,7 @@ def _analyze(store: FeatureStore, run_dir: Path, path: Path, config: AnalyzeConf
                                                    "metrics_device": {"probe": str(_probe_device(mdev) or "cpu"),
                                                                       "knn_cka": str(mdev or "cpu")}},
               "definitions": dict(DEFINITIONS), "metrics": metrics, "cka": cka, "importance": None,
-              "control": None, "versions": versions()}
+              "control": None, "versions": versions(), "notes": notes}
     if config.importance or config.control:
         lm, ds = _reload(store, model, data, _runtime(store, config))
         scores["runtime"] = describe(lm.device, lm.dtype)
@@ -303,7 +330,9 @@ def _control(lm, ds, few, store, run_dir: Path, split, config: AnalyzeConfig, kw
                       if k in cap}, overwrite=True, progress=config.progress)
     res = capture(rand, ds, ccfg)
     cstore = FeatureStore.open(res.store)
-    metrics, cka = layer_metrics(_features(cstore), cstore.labels, split, config, _metrics_device(config))
+    from ..data.text import is_unlabelled
+    y = None if is_unlabelled(cstore.labels) else cstore.labels
+    metrics, cka = layer_metrics(_features(cstore), y, split, config, _metrics_device(config))
     out = {"model": rand.name, "seed": config.seed, "metrics": metrics, "cka": cka, "importance": None}
     if config.importance:
         out["importance"] = _importance_dict(block_importance(rand, few, **kw))

@@ -33,7 +33,7 @@ from ..errors import UsageError
 from ..runtime import Runtime, describe, oom_message
 from ..models import load_model, save_json
 from ..runfolder import claim, plan_writes, record
-from ..task import TaskSpec, default_spec, make_task, read_task
+from ..task import TaskSpec, default_spec, is_causal_lm, make_task, read_task
 from ..threads import limit_threads
 
 
@@ -55,6 +55,9 @@ class BenchConfig(Runtime):
         "help": "at most this many test rows for accuracy (default: all)"})
     seq_len: int = field(default=128, metadata={
         "help": "tokens per packed block when a causal LM is measured on --data text (perplexity)"})
+    decode_tokens: int = field(default=32, metadata={
+        "help": "causal LMs: tokens generated greedily (KV cache, batch 1, the first test block as prompt) per "
+                "decode timing, reported as tokens/s; 0 skips decode"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing OUT/bench.json"})
     progress: bool = field(default=True, metadata={"help": "show progress"})
 
@@ -63,7 +66,7 @@ class BenchConfig(Runtime):
         if not bs or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in bs):
             raise UsageError("--batch-sizes must be positive integers", value=bs, allowed="e.g. 1 8 32",
                              fix="--batch-sizes 1 8 32")
-        for name, lo in (("warmup", 0), ("repeats", 1)):
+        for name, lo in (("warmup", 0), ("repeats", 1), ("decode_tokens", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise UsageError(f"--{name} must be an integer >= {lo}", value=v, allowed=f">= {lo}",
@@ -106,6 +109,52 @@ def _time(lm, batch) -> float:
     if cuda:
         torch.cuda.synchronize(lm.device)
     return time.perf_counter() - t
+
+
+def _generate(lm, prompt: dict, new: int, cache: bool) -> torch.Tensor:
+    tok = lm.tokenizer
+    pad = getattr(tok, "pad_token_id", None)
+    pad = getattr(tok, "eos_token_id", None) if pad is None else pad
+    # min_new_tokens = max_new_tokens: every model generates exactly ``new`` tokens (an early EOS would
+    # make a faster-looking model); greedy, so the tokens are a function of the weights alone
+    return lm.module.generate(input_ids=prompt["input_ids"], attention_mask=prompt.get("attention_mask"),
+                              max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=cache,
+                              pad_token_id=0 if pad is None else pad)
+
+
+def _decode(lms, prompt: dict, config: BenchConfig) -> list[dict]:
+    """Greedy decode tokens/s per model (KV cache on), timed in interleaved rounds like the latency.
+
+    Each model's cached tokens are also compared once with a no-cache run (untimed): a pruned model
+    whose cache is wrong would otherwise look fast and be useless.
+    """
+    new = config.decode_tokens
+    times: list[list[float]] = [[] for _ in lms]
+    outs = [None] * len(lms)
+    for r in range(config.warmup + config.repeats):
+        order = range(len(lms)) if r % 2 == 0 else reversed(range(len(lms)))
+        for i in order:
+            lm = lms[i]
+            cuda = lm.device.type == "cuda"
+            p = {k: v.to(lm.device) for k, v in prompt.items()}
+            if cuda:
+                torch.cuda.synchronize(lm.device)
+            t = time.perf_counter()
+            outs[i] = _generate(lm, p, new, cache=True)
+            if cuda:
+                torch.cuda.synchronize(lm.device)
+            if r >= config.warmup:
+                times[i].append(time.perf_counter() - t)
+    res = []
+    n_prompt = int(prompt["input_ids"].shape[1])
+    for lm, ts, out in zip(lms, times, outs):
+        plain = _generate(lm, {k: v.to(lm.device) for k, v in prompt.items()}, new, cache=False)
+        q = np.percentile(ts, [25, 50, 75])
+        res.append({"prompt_tokens": n_prompt, "new_tokens": int(out.shape[1]) - n_prompt, "batch": 1,
+                    "tokens_per_s": (int(out.shape[1]) - n_prompt) / q[1], "median_ms": q[1] * 1000,
+                    "p25_ms": q[0] * 1000, "p75_ms": q[2] * 1000, "repeats": len(ts),
+                    "same_tokens_without_cache": bool(torch.equal(out.cpu(), plain.cpu()))})
+    return res
 
 
 def bench(models, config: BenchConfig = BenchConfig()) -> dict:
@@ -167,6 +216,10 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
                                                "repeats": len(ts)}
             if bar is not None:
                 bar.close()
+            if config.decode_tokens and all(is_causal_lm(lm) for lm in lms):
+                prompt = task.batch(lms[0], test[:1])
+                for rec, d in zip(recs, _decode(lms, prompt, config)):
+                    rec["decode"] = d
     if config.accuracy:
         acc_rows = test if not config.accuracy_limit else test[: config.accuracy_limit]
         for rec, lm in zip(recs, lms):
@@ -186,6 +239,8 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
             "speedup_efficiency": {bs: s / ideal for bs, s in speed.items()} if ideal else None,
             "accuracy_retained": (rec["accuracy"] / ref["accuracy"] if config.accuracy and ref["accuracy"]
                                   else None)}
+        if "decode" in rec and "decode" in ref:
+            rec["vs_first"]["decode_speedup"] = rec["decode"]["tokens_per_s"] / ref["decode"]["tokens_per_s"]
         if config.accuracy and task.metric != "accuracy":
             rec["vs_first"][f"{task.metric}_ratio"] = rec[task.metric] / ref[task.metric]
     result = {"lamina_bench": 1, "task": task.record(), "test_rows": int(len(test)),

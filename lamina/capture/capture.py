@@ -27,7 +27,7 @@ import torch
 from .. import __version__
 from .._cliargs import as_config
 from ..blocks import select_taps
-from ..data import Dataset, check_labels, load_data, subsample
+from ..data import Dataset, check_labels, subsample
 from ..errors import LaminaError, UsageError
 from ..runtime import Runtime, describe, dist_backend, oom_message
 from ..models import LoadedModel, load_model
@@ -217,9 +217,11 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
     if config.blocks and lm.blocks.container != config.blocks and isinstance(model, LoadedModel):
         from ..blocks import find_blocks
         lm = replace(lm, blocks=find_blocks(lm.module, config.blocks))  # never touch the caller's object
-    ds = subsample(load_data(data, config.text_column, config.label_column, config.skip_bad_files), config.limit,
-                   config.seed)
-    check_labels(ds)
+    from ..data.text import load_for_capture
+    ds = subsample(load_for_capture(data, config.text_column, config.label_column, config.skip_bad_files),
+                   config.limit, config.seed)
+    if not ds.meta.get("unlabelled"):  # unlabelled text (a .txt, 'debates'): features for geometry and importance
+        check_labels(ds)
     if len(ds) < 2:
         raise UsageError("the dataset is too small to capture", value=len(ds), allowed=">= 2 samples",
                          fix="use more data")

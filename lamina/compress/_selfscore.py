@@ -17,6 +17,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from ..errors import UsageError
 from ..task import TaskSpec, read_task
 
@@ -50,8 +53,9 @@ def no_task_error(model, out: str, budget: str) -> UsageError:
             f"lamina prune {model} --scores run/scores.json {budget} --out {out}")
 
 
-def self_scores(lm, spec: TaskSpec, samples: int, progress: bool = False) -> tuple[dict, list]:
-    """(a scores dict with ``importance`` measured on the task's calibration rows, those rows' batches)."""
+def self_scores(lm, spec: TaskSpec, samples: int, progress: bool = False) -> tuple[dict, list, list | None]:
+    """(a scores dict with ``importance`` measured on the task's calibration rows, those rows' batches,
+    their labels per batch (None for a task without class labels))."""
     from ..analyze.analyze import _importance_dict, _imp_def
     from ..analyze.importance import block_importance
     rows = calibration_rows(spec, samples)
@@ -64,4 +68,8 @@ def self_scores(lm, spec: TaskSpec, samples: int, progress: bool = False) -> tup
               "definitions": {"block_influence": _imp_def("block_influence"), "skip_nmse": _imp_def("skip_importance")},
               "computed_by": "prune", "rows": {"task": spec.to_dict(), "split": "train", "n": len(rows),
                                                "seed": spec.seed}}
-    return scores, batches
+    from ..task import is_causal_lm
+    y = getattr(rows, "labels", None)
+    labels = None if y is None or is_causal_lm(lm) else [
+        torch.as_tensor(np.asarray(y[s:s + BATCH_SIZE])) for s in range(0, len(rows), BATCH_SIZE)]
+    return scores, batches, labels

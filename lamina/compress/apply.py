@@ -161,13 +161,14 @@ def apply_(module: nn.Module, plan: dict, batches=None, blocks: str | None = Non
     return done
 
 
-def choose_blocks(model, plan: dict, batches=None, blocks: str | None = None) -> dict:
+def choose_blocks(model, plan: dict, batches=None, blocks: str | None = None, labels=None) -> dict:
     """``plan`` with a depth choice that needs the model made (iterative rounds, parameter target).
 
     The plan's width parts are carried out on a copy first, so blocks are
     scored and counted on the model they will be removed from; ``model`` is
     untouched and the returned plan is still pure (``applied`` false): apply
     it with :func:`apply`. Plans whose blocks are already chosen come back as they are.
+    ``labels`` (one tensor per batch, classifiers): the joint method scores sets by their error rate.
     """
     module = model.module if isinstance(model, LoadedModel) else model
     if blocks is None and isinstance(model, LoadedModel) and model.blocks.container:
@@ -180,7 +181,7 @@ def choose_blocks(model, plan: dict, batches=None, blocks: str | None = None) ->
     work = copy.deepcopy(module)
     if plan.get("ffn") or plan.get("heads") or plan.get("channels"):
         _apply_width_(work, plan, copy.deepcopy(plan), batches, blocks)
-    out["depth"] = choose_depth(work, plan["depth"], batches, blocks, params_before)
+    out["depth"] = choose_depth(work, plan["depth"], batches, blocks, params_before, labels=labels)
     return out
 
 

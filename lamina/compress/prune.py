@@ -168,7 +168,8 @@ def _manifest(scores_path: Path) -> dict | None:
 
 def _calibration_batches(lm: LoadedModel, man: dict | None, scores: dict, config: PruneConfig,
                          scores_path: Path, n_rows: int | None = None) -> list:
-    from ..data import load_data, subsample
+    from ..data import subsample
+    from ..data.text import load_for_capture
     if man is None or not man.get("data_spec"):
         why = "has no features/manifest.json next to it" if man is None else "was captured from in-memory data"
         raise UsageError(f"--ffn / --heads / --channels / --method iterative need calibration data, but the "
@@ -176,8 +177,8 @@ def _calibration_batches(lm: LoadedModel, man: dict | None, scores: dict, config
                          allowed="scores.json inside a run folder captured from a data path or bundled name",
                          fix="pass the scores.json of such a run, or prune blocks by their scores (--drop-blocks)")
     cap = man.get("config", {})
-    ds = subsample(load_data(man["data_spec"], cap.get("text_column"), cap.get("label_column"),
-                             cap.get("skip_bad_files", False)), cap.get("limit"), cap.get("seed", 0))
+    ds = subsample(load_for_capture(man["data_spec"], cap.get("text_column"), cap.get("label_column"),
+                                    cap.get("skip_bad_files", False)), cap.get("limit"), cap.get("seed", 0))
     n_rows = n_rows or config.calibration_samples
     if n_rows < len(ds):
         ds = subsample(ds, n_rows, scores.get("seed", 0) or 0, min_per_class=0)
@@ -255,9 +256,10 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
         if isinstance(model, (str, Path)) and not Path(str(model)).exists():
             load_model(model)  # a model that does not exist is named first (what, value, closest names)
         raise no_task_error(model, config.out, _budget_flags(config))
+    own_labels = None  # class labels of the calibration rows (a classifier scored on its own task)
     if own:
         lm = load_model(model, runtime=config.runtime())
-        data, own_batches = self_scores(lm, task, config.calibration_samples)
+        data, own_batches, own_labels = self_scores(lm, task, config.calibration_samples)
         scores_path, man = out / "scores.json", None
     else:
         scores_path = Path("<scores dict>") if isinstance(scores, dict) else Path(scores)
@@ -289,7 +291,7 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
     else:
         batches = _calibration_batches(lm, man, data, config, scores_path) if calibrate else None
     if needs_model(plan):  # iterative rounds / parameter target: chosen now, so plan.json records the choice
-        plan = choose_blocks(lm, plan, batches)
+        plan = choose_blocks(lm, plan, batches, labels=own_labels)
         if is_empty(plan):
             raise UsageError("the model already meets the parameter target, so the budget removes nothing",
                              value=config.target_params,

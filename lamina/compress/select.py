@@ -70,12 +70,14 @@ def _iterative(module: nn.Module, container: str, cands: list[int], n_drop: int 
 
 
 def choose_depth(module: nn.Module, depth: dict, batches=None, blocks: str | None = None,
-                 params_before: int | None = None) -> dict:
+                 params_before: int | None = None, labels=None) -> dict:
     """``depth`` (a plan's depth part) with ``remove`` chosen on ``module``; ``module`` is not modified.
 
     ``module`` is the model blocks will be removed from (width pruning already
     done); ``params_before`` the unpruned model's parameter count (the base
-    of a fractional target; default: ``module``'s). Raises UsageError when a
+    of a fractional target; default: ``module``'s); ``labels`` the class
+    labels of the calibration batches (one tensor per batch), which the joint
+    method scores sets on when given (error rate) instead of the output change. Raises UsageError when a
     parameter target cannot be reached.
     """
     out = copy.deepcopy(depth)
@@ -111,9 +113,10 @@ def choose_depth(module: nn.Module, depth: dict, batches=None, blocks: str | Non
         from .joint import joint_select
         lm = LoadedModel(module, "joint", "python", "array", bmap)
         res = joint_select(lm, batches, None if fits else depth["n_removed"], cands, beam=depth.get("beam", 1),
-                           fits=fits)
+                           fits=fits, labels=labels)
         drop, rounds = res["remove"], res["rounds"]
-        out["joint"] = {k: res[k] for k in ("objective", "score", "set_evaluations", "cost_forwards", "seconds")}
+        out["joint"] = {k: res[k] for k in ("objective", "score", "chosen_by", "seeded", "set_evaluations",
+                                            "cost_forwards", "seconds")}
     elif method == "iterative":
         drop, rounds = _iterative(module, bmap.container, cands, None if fits else depth["n_removed"], fits, batches, n)
         if fits is None and len(drop) < depth["n_removed"]:

@@ -97,6 +97,28 @@ def _table_text(path: Path, text_column: str | None) -> Dataset:
     return ds
 
 
+def is_text_spec(spec) -> bool:
+    """Whether ``spec`` names text without labels that only :func:`load_corpus` reads (a .txt file, or
+    the bundled 'debates'); 'rotten-tomatoes' and tables stay labelled data for capture."""
+    return not isinstance(spec, Dataset) and (str(spec) == "debates" or str(spec).lower().endswith(".txt"))
+
+
+def load_for_capture(spec, text_column=None, label_column=None, skip_bad_files: bool = False) -> Dataset:
+    """What capture and analyze read: unlabelled text (:func:`is_text_spec`) or labelled data (load_data)."""
+    from .loaders import load_data
+    if is_text_spec(spec):
+        if label_column:
+            raise UsageError("text without labels has no label column", value=label_column,
+                             allowed="no --label-column with a .txt file or 'debates'", fix="drop --label-column")
+        return load_corpus(spec, text_column)
+    return load_data(spec, text_column, label_column, skip_bad_files)
+
+
+def is_unlabelled(labels) -> bool:
+    """A capture of unlabelled text stores one class for every sample: nothing to classify."""
+    return len(np.unique(np.asarray(labels))) < 2
+
+
 def load_corpus(spec, text_column: str | None = None, document_per_file: bool = False) -> Dataset:
     """Unlabelled documents from a bundled name, a .txt file, a folder of .txt files, or a table."""
     if isinstance(spec, Dataset):

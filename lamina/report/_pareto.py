@@ -17,6 +17,11 @@ over a stage's own numbers, since all its models are measured on the same rows.
 
 The front: a model is on it when no other model is at least as accurate and
 at most as costly, and strictly better in one of the two.
+
+Language models: when every point has a test perplexity (finetune/distill
+records of an LM task, bench.json of causal LMs), perplexity takes
+accuracy's place (axis, table, tiles) and lower is better; the front is then
+"no other model at most as perplexed and at most as costly".
 """
 
 from __future__ import annotations
@@ -71,7 +76,8 @@ def _records(f: Path, d) -> list[dict]:
             name = Path(str(m["model"])).name
             name = Path(str(m["model"])).parent.name if name == "model" else name
             out.append({"key": _key(m["model"]), "name": name or str(m["model"]), "source": f.name,
-                        "accuracy": _num(m.get("accuracy")), "parameters": _num(m.get("parameters")),
+                        "accuracy": _num(m.get("accuracy")), "perplexity": _num(m.get("perplexity")),
+                        "parameters": _num(m.get("parameters")),
                         "latency": {b: v for b, v in lat.items() if v is not None}, "bench": True})
         return out
     if f.name == "plan.json":
@@ -84,7 +90,8 @@ def _records(f: Path, d) -> list[dict]:
         params = params.get("student")
     params = _num(params)
     if f.name in KINDS:
-        return [{**base, "kind": KINDS[f.name], "accuracy": acc, "parameters": params}]
+        ppl = _num(test.get("perplexity")) if test else None
+        return [{**base, "kind": KINDS[f.name], "accuracy": acc, "perplexity": ppl, "parameters": params}]
     if f.name in ("scores.json", "config.json", "compare.json") or acc is None or params is None:
         return []
     return [{**base, "kind": f.stem, "accuracy": acc, "parameters": params}]  # a later stage's record
@@ -102,15 +109,29 @@ def collect(run: Path, extra) -> list[dict]:
         for f in sorted(folder.glob("*.json")):
             for r in _records(f, _read(f)):
                 p = points.setdefault(r["key"], {"name": r["name"], "kind": None, "accuracy": None,
-                                                 "parameters": None, "latency": {}, "sources": []})
+                                                 "perplexity": None, "parameters": None, "latency": {},
+                                                 "sources": []})
                 p["sources"].append(f"{folder.name}/{r['source']}")
                 if r.get("kind") and not p["kind"]:
                     p["kind"] = r["kind"]
-                for k in ("accuracy", "parameters"):
+                for k in ("accuracy", "perplexity", "parameters"):
                     if r.get(k) is not None and (p[k] is None or r.get("bench")):
                         p[k] = r[k]
                 p["latency"].update(r.get("latency") or {})
     return [p for p in points.values() if p["accuracy"] is not None]
+
+
+def metric_of(points: list[dict]) -> str:
+    """'perplexity' when every point is a language model's (lower is better), else 'accuracy'."""
+    return "perplexity" if points and all(p.get("perplexity") is not None for p in points) else "accuracy"
+
+
+def _up(p: dict, metric: str) -> float:
+    """The point's quality as 'higher is better' (the front's convention)."""
+    return -p[metric] if metric == "perplexity" else p[metric]
+
+
+LABELS = {"accuracy": "test accuracy", "perplexity": "test perplexity (lower is better)"}
 
 
 def front(xs: list[float], ys: list[float]) -> list[bool]:
@@ -129,13 +150,15 @@ def batch_size(points: list[dict]) -> str | None:
     return max(common, key=lambda b: int(b) if b.isdigit() else 0) if common else None
 
 
-def _axis(ax, pts: list[dict], xs: list[float], prefix: str, xlabel: str, log: bool) -> None:
-    ys = [p["accuracy"] for p in pts]
-    on = front(xs, ys)
+def _axis(ax, pts: list[dict], xs: list[float], prefix: str, xlabel: str, log: bool,
+          metric: str = "accuracy") -> None:
+    ys = [p[metric] for p in pts]
+    on = front(xs, [_up(p, metric) for p in pts])
     order = sorted((i for i in range(len(pts)) if on[i]), key=lambda i: xs[i])
     if len(order) > 1:
         ax.step([xs[i] for i in order], [ys[i] for i in order], where="post", color=plots.MAIN, alpha=0.45,
-                linewidth=1.5, zorder=2, label="front (no model both faster/smaller and more accurate)")
+                linewidth=1.5, zorder=2, label="front (no model both faster/smaller and more accurate)"
+                if metric == "accuracy" else "front (no model both faster/smaller and less perplexed)")
     for i, p in enumerate(pts):
         ax.plot([xs[i]], [ys[i]], "o", markersize=7, zorder=3, gid=f"{prefix}-point-{i}",
                 color=plots.MAIN if on[i] else plots.CONTROL, markeredgecolor="white")
@@ -147,8 +170,13 @@ def _axis(ax, pts: list[dict], xs: list[float], prefix: str, xlabel: str, log: b
         ax.xaxis.set_major_formatter(plain)
         ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(LABELS[metric])
     lo, hi = min(ys), max(ys)
+    if metric == "perplexity":  # unbounded above; the best (lowest) model at the bottom
+        pad = max(0.5, (hi - lo) * 0.15)
+        ax.set_ylim(max(0.0, lo - pad), hi + pad)
+        ax.margins(x=0.18)
+        return
     pad = max(0.02, (hi - lo) * 0.15)
     ax.set_ylim(lo - pad, hi + pad)  # room above the best point for its label
     if hi <= 1:  # an accuracy: no tick above 1
@@ -163,6 +191,7 @@ def figure(points: list[dict], fmt: str) -> dict | None:
     bs = batch_size(points)
     timed = [p for p in points if bs is not None and bs in p["latency"]]
     sized = [p for p in points if p["parameters"] is not None]
+    metric = metric_of(points)
     scale, unit = (1e6, "millions") if any(p["parameters"] >= 1e6 for p in sized) else (1e3, "thousands")
     panels = [(timed, [p["latency"][bs] for p in timed], "lat", f"median latency at batch {bs}, ms (log)", True)] \
         if timed else []
@@ -174,28 +203,29 @@ def figure(points: list[dict], fmt: str) -> dict | None:
             fig = Figure(figsize=(4.4 * len(panels), 3.3), layout="constrained")
             axes = np.atleast_1d(fig.subplots(1, len(panels)))
             for ax, (pts, xs, prefix, label, log) in zip(axes, panels):
-                _axis(ax, pts, xs, prefix, label, log)
-            fig.suptitle("Accuracy against cost: up and to the left is better", x=0.01, ha="left",
+                _axis(ax, pts, xs, prefix, label, log, metric)
+            fig.suptitle("Accuracy against cost: up and to the left is better" if metric == "accuracy" else
+                         "Perplexity against cost: down and to the left is better", x=0.01, ha="left",
                          fontsize=10, fontweight="bold")
             handles, labels = axes[0].get_legend_handles_labels()
             if handles:
                 fig.legend(handles, labels, loc="outside lower center", fontsize=8)
-            markup = plots.render(fig, fmt, "test accuracy against latency and parameters, one point per model")
-    lat_on = dict(zip([id(p) for p in timed], front([p["latency"][bs] for p in timed], [p["accuracy"] for p in timed]))) \
-        if timed else {}
-    par_on = dict(zip([id(p) for p in sized], front([p["parameters"] for p in sized], [p["accuracy"] for p in sized])))
+            markup = plots.render(fig, fmt, f"{LABELS[metric]} against latency and parameters, one point per model")
+    lat_on = dict(zip([id(p) for p in timed], front([p["latency"][bs] for p in timed],
+                                                    [_up(p, metric) for p in timed]))) if timed else {}
+    par_on = dict(zip([id(p) for p in sized], front([p["parameters"] for p in sized], [_up(p, metric) for p in sized])))
     rows = []
-    for p in sorted(points, key=lambda p: -p["accuracy"]):
+    for p in sorted(points, key=lambda p: -_up(p, metric)):
         on = [x for x, d in (("latency", lat_on), ("parameters", par_on)) if d.get(id(p))]
-        rows.append([p["name"], p["kind"] or "", ctx.fmt(p["accuracy"]),
+        rows.append([p["name"], p["kind"] or "", ctx.fmt(p[metric]),
                      ctx.fmt(int(p["parameters"])) if p["parameters"] is not None else "–",
                      ctx.fmt(p["latency"].get(bs)) if bs and bs in p["latency"] else "not benched",
                      ", ".join(on) if on else "no", ", ".join(dict.fromkeys(p["sources"]))])
-    table = {"title": "Every model", "columns": ["model", "stage", "test accuracy", "parameters",
+    table = {"title": "Every model", "columns": ["model", "stage", LABELS[metric], "parameters",
                                                  f"ms @ batch {bs}" if bs else "latency", "on the front (by)",
                                                  "from"], "rows": rows}
     return {"figure": markup if markup is None else Markup(markup), "table": table, "n": len(points),
-            "batch": bs, "benched": len(timed)}
+            "batch": bs, "benched": len(timed), "metric": metric}
 
 
 def _count(n: float) -> str:
@@ -205,12 +235,13 @@ def _count(n: float) -> str:
 def cards(points: list[dict], bs: str | None) -> list[dict]:
     """Summary tiles: one per model, accuracy first, with its cost."""
     out = []
+    metric = metric_of(points)
     for p in points:
         cost = []
         if p["parameters"] is not None:
             cost.append(f"{_count(p['parameters'])} parameters")
         if bs and bs in p["latency"]:
             cost.append(f"{p['latency'][bs]:.1f} ms @ batch {bs}")
-        out.append({"label": f"{p['kind'] or 'model'}: {p['name']}", "value": ctx.fmt(p["accuracy"]),
-                    "note": "test accuracy" + (", " + ", ".join(cost) if cost else "")})
+        out.append({"label": f"{p['kind'] or 'model'}: {p['name']}", "value": ctx.fmt(p[metric]),
+                    "note": LABELS[metric] + (", " + ", ".join(cost) if cost else "")})
     return out

@@ -66,16 +66,22 @@ def section(kind: str, data: dict, fmt: str, points: list[dict] | None = None) -
 def _bench(d: dict, fmt: str) -> dict:
     models = d["models"]
     bss = list(models[0]["latency"])
+    # a language model is judged by perplexity (lower is better), and by decode speed beside prefill
+    lm = models[0].get("metric") == "perplexity"
+    quality = ["perplexity (lower is better)", "perplexity ratio"] if lm else ["accuracy", "accuracy kept"]
+    decode = all("decode" in m for m in models)
     cols = ["model", "parameters", "parameter ratio", "FLOPs / sample", "FLOP ratio", "ideal speed-up"] \
-        + [f"speed-up @{b}" for b in bss] + [f"efficiency @{bss[-1]}", "accuracy", "accuracy kept"]
+        + [f"speed-up @{b}" for b in bss] + [f"efficiency @{bss[-1]}"] + quality \
+        + (["decode tokens/s", "decode speed-up"] if decode else [])
     rows = []
     for m in models:
         v = m["vs_first"]
         eff = (v.get("speedup_efficiency") or {}).get(bss[-1])
+        q = [m.get("perplexity"), v.get("perplexity_ratio")] if lm else [m.get("accuracy"), v.get("accuracy_retained")]
         rows.append([Path(str(m["model"])).name or m["model"], ctx.fmt(m["parameters"]), ctx.fmt(v["parameter_ratio"]),
                      ctx.fmt(float(m["flops_per_sample"])), ctx.fmt(v["flop_ratio"]), ctx.fmt(v["ideal_speedup"])]
-                    + [ctx.fmt(v["speedup"][b]) for b in bss] + [ctx.fmt(eff), ctx.fmt(m.get("accuracy")),
-                                                                 ctx.fmt(v.get("accuracy_retained"))])
+                    + [ctx.fmt(v["speedup"][b]) for b in bss] + [ctx.fmt(eff)] + [ctx.fmt(x) for x in q]
+                    + ([ctx.fmt(m["decode"]["tokens_per_s"]), ctx.fmt(v.get("decode_speedup"))] if decode else []))
     lat = [[Path(str(m["model"])).name or m["model"]] + [
         f"{ctx.fmt(m['latency'][b]['median_ms'])} ({ctx.fmt(m['latency'][b]['p25_ms'])}–"
         f"{ctx.fmt(m['latency'][b]['p75_ms'])})" for b in bss] for m in models]
@@ -118,13 +124,17 @@ def _training(kind: str, d: dict, fmt: str) -> dict:
     h = d["history"]
     ep = h.get("epochs") or []
     test = d.get("test") or {}
-    info = [("test accuracy", ctx.fmt(test.get("accuracy"))), ("test rows", ctx.fmt(test.get("n"))),
+    lm = d.get("metric") == "perplexity"  # a language model: perplexity first, accuracy is next-token accuracy
+    info = ([("test perplexity (lower is better)", ctx.fmt(test.get("perplexity")))] if lm else []) + [
+            ("test next-token accuracy" if lm else "test accuracy", ctx.fmt(test.get("accuracy"))),
+            ("test rows", ctx.fmt(test.get("n"))),
             ("best epoch", ctx.fmt(h.get("best_epoch"))), ("best validation accuracy", ctx.fmt(h.get("best_val_accuracy"))),
             ("stopped early", _stopped(h, d)), ("ranks", ctx.fmt(h.get("world_size")))]
     if kind == "distill":
         p = d.get("parameters") or {}
         info = [("teacher", d.get("teacher")), ("student", d.get("student")),
-                ("teacher test accuracy", ctx.fmt((d.get("teacher_test") or {}).get("accuracy"))),
+                ("teacher test perplexity" if lm else "teacher test accuracy",
+                 ctx.fmt((d.get("teacher_test") or {}).get("perplexity" if lm else "accuracy"))),
                 ("accuracy retained", ctx.fmt(d.get("accuracy_retained"))),
                 ("parameters", f"{ctx.fmt(p.get('student'))} of {ctx.fmt(p.get('teacher'))}"),
                 ("layer map", f"{d.get('layer_map_source')}: {ctx.fmt(d.get('layer_map'))}"),
