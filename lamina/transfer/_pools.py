@@ -88,7 +88,9 @@ def store_rows(store, name: str, rows, lengths: np.ndarray | None) -> tuple[torc
     n = torch.as_tensor(lengths[np.asarray(rows)])
     T = int(n.max()) if len(n) else 0
     mask = (torch.arange(T).unsqueeze(0) < n.unsqueeze(1)).long()
-    return x[:, :T], mask
+    # a capture batch pads to its own longest row, so the store holds the pad tokens' outputs there: zero them,
+    # as a batch of these rows alone would have nothing there
+    return x[:, :T] * mask.unsqueeze(-1).to(x.dtype), mask
 
 
 def pooled_from_store(store, names: list[str], ways: list[str], chunk: int = 256) -> dict[str, torch.Tensor]:

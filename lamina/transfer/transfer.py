@@ -220,7 +220,7 @@ def transfer(run, config: TransferConfig = TransferConfig(), *, model=None, data
     side = config.head == "side"
     names = _layers(store, config.layers, side)
     split, split_info = split_rows(store, config.task, config.fractions, config.seed)
-    lm, ds = reload_model_and_data(store, model, data)
+    lm, ds = reload_model_and_data(store, model, data, config.trust_remote_code)
     save_format(_backbone_of(lm))  # refuses, before any training, a model lamina could not save
     labels = store.labels
     classes = store.classes or [str(c) for c in ds.classes]
