@@ -243,6 +243,7 @@ def _summary(runs: dict, path: Path | None = None) -> dict:
         if h.startswith("select"):  # what validation chose, per seed
             heads[h]["chosen"] = [{"keep": r.record["keep"], "group_lasso": r.record["group_lasso"],
                                    "features_kept": r.record["features_kept"]} for r in rs]
+            heads[h]["tried"] = [r.record["tried"] for r in rs]  # validation accuracy of every pair, per seed
     if path is not None:
         path.write_text(json.dumps(heads, indent=2, default=float))
     return heads
@@ -290,7 +291,6 @@ def _deploy_parts(work: Path, args) -> dict:
     dep = load_model(heads["best"]["model_path"]).module.eval()
     deepest = heads["best"]["deepest_block"]
     parts = ["stem"] + [f"blocks.{i}" for i in range(len(teacher._blocks))] + ["head"]
-    clock: dict[str, float] = {}
     marks: list = []
 
     def pre(name):
@@ -500,6 +500,9 @@ def _write(r: dict) -> None:
                 lines += ["", f"`{h}` ({v.get('pooling', 'mean')}) chose on validation, per seed: "
                           + "; ".join(f"keep {c['keep']}, group lasso {c['group_lasso']:g} ({c['features_kept']} "
                                       f"of {v['features_total']} features)" for c in v["chosen"])
+                          + (". Validation accuracy by kept fraction (mean over penalties and seeds): " + ", ".join(
+                              f"{k} {statistics.mean(t['val_accuracy'] for ts in v['tried'] for t in ts if t['keep'] == k):.3f}"
+                              for k in sorted({t["keep"] for ts in v["tried"] for t in ts})) if v.get("tried") else "")
                           + (". Kept features per pooling (last seed): " + ", ".join(
                               f"{k} {n}" for k, n in v["kept_per_pooling"].items()) if v.get("kept_per_pooling")
                              else "") + "."]
