@@ -104,3 +104,42 @@ def pooled_from_store(store, names: list[str], ways: list[str], chunk: int = 256
             parts.append(pool_many(x, ways, mask))
         out[name] = torch.cat(parts)
     return out
+
+
+def pooled_inputs(store, names: list[str], head: str, asked: str | None) -> tuple[str, dict]:
+    """(pooling spec of the deployable model, ``{layer: (N, D) float32}``) for the heads on pooled features."""
+    stored = store.manifest.get("pooling", "mean")
+    shapes = {n: tuple(store.manifest["layers"][n]["shape"][1:]) for n in names}
+    if stored == "none":
+        ways = parse(asked or "mean")
+        check_ways(ways, shapes)
+        return "+".join(ways), pooled_from_store(store, names, ways)
+    flat = [n for n, sh in shapes.items() if len(sh) != 1]
+    if flat:  # a none store says so above; this is a pooled store with an unpooled layer
+        raise UsageError(f"--head {head} needs pooled features, one vector per sample",
+                         value=f"{flat[0]}: {list(shapes[flat[0]])}",
+                         allowed="a store captured with --pooling mean, cls, last or none",
+                         fix="capture again with --pooling mean, or use --head side")
+    if asked is not None and parse(asked) != [stored]:
+        raise UsageError("the store holds one pooling only, so the head cannot pool another way",
+                         value=asked, allowed=stored,
+                         fix="capture with --pooling none to pool each layer several ways (--pooling mean,max), "
+                             f"or leave --pooling out to use the store's {stored}")
+    return stored, {n: torch.from_numpy(np.array(store.load(n), dtype=np.float32)) for n in names}
+
+
+def kept_per_way(kept: list[int], names: list[str], X: dict, pooling: str, store) -> dict:
+    """How many kept features come from each pooling way (a layer's vector is its ways side by side)."""
+    ways = parse(pooling)
+    out = dict.fromkeys(ways, 0)
+    start = 0
+    for n in names:
+        sh = store.manifest["layers"][n]["shape"][1:]
+        unit = sh[0] if len(sh) == 3 else sh[-1]  # channels of a map, width of a token
+        widths = [4 * unit if w == "mean2x2" else unit for w in ways]
+        bounds = np.cumsum([start] + widths)
+        for k in kept:
+            if bounds[0] <= k < bounds[-1]:
+                out[ways[int(np.searchsorted(bounds, k, side="right")) - 1]] += 1
+        start += X[n].shape[1]
+    return out

@@ -50,7 +50,7 @@ from ..store import FeatureStore
 from ..threads import limit_threads
 from ..train import Loop, check_loop_args
 from ._memory import PeakMemory
-from ._pools import check_ways, parse, pooled_from_store
+from ._pools import kept_per_way, parse, pooled_inputs
 from ._rows import reload_model_and_data, split_rows
 from ._store_heads import FITTERS
 from ._train import test_record, train_head
@@ -235,14 +235,14 @@ def transfer(run, config: TransferConfig = TransferConfig(), *, model=None, data
                                                             loop, store if stored == "none" else None, at)
         reads = names
     else:
-        pooling, X = _pooled(store, names, config)
+        pooling, X = pooled_inputs(store, names, config.head, config.pooling)
         # the kernels of a head on pooled features are tiny: one thread on the CPU (threads.py says why)
         with PeakMemory(str(at[0])) as mem, limit_threads(1):
             head, reads, extra = FITTERS[config.head](X, names, labels, split, loop, n_classes, config, at=at)
         head.cpu()
         extra["pooling"] = pooling
         if "kept_features" in extra and "+" in pooling:
-            extra["kept_per_pooling"] = _kept_per_way(extra["kept_features"], names, X, pooling, store)
+            extra["kept_per_pooling"] = kept_per_way(extra["kept_features"], names, X, pooling, store)
         dep, info = build_deployable(lm, head, reads, pooling)
 
         def feats_of(rows):
@@ -314,45 +314,6 @@ def _train_side(lm, ds, names, split, labels, n_classes, cap, config, loop, none
              "cached": feats.cached, "cache_estimate_mb": feats.estimated_mb,
              "token_source": "store" if none_store is not None else "backbone"}
     return net, dep, info, extra, feats, mem
-
-
-def _pooled(store: FeatureStore, names: list[str], config: TransferConfig) -> tuple[str, dict]:
-    """(pooling spec of the deployable model, ``{layer: (N, D) float32}``) for the heads on pooled features."""
-    stored = store.manifest.get("pooling", "mean")
-    shapes = {n: tuple(store.manifest["layers"][n]["shape"][1:]) for n in names}
-    if stored == "none":
-        ways = parse(config.pooling or "mean")
-        check_ways(ways, shapes)
-        return "+".join(ways), pooled_from_store(store, names, ways)
-    flat = [n for n, sh in shapes.items() if len(sh) != 1]
-    if flat:  # a none store says so above; this is a pooled store with an unpooled layer
-        raise UsageError(f"--head {config.head} needs pooled features, one vector per sample",
-                         value=f"{flat[0]}: {list(shapes[flat[0]])}",
-                         allowed="a store captured with --pooling mean, cls, last or none",
-                         fix="capture again with --pooling mean, or use --head side")
-    if config.pooling is not None and parse(config.pooling) != [stored]:
-        raise UsageError("the store holds one pooling only, so the head cannot pool another way",
-                         value=config.pooling, allowed=stored,
-                         fix="capture with --pooling none to pool each layer several ways (--pooling mean,max), "
-                             f"or leave --pooling out to use the store's {stored}")
-    return stored, {n: torch.from_numpy(np.array(store.load(n), dtype=np.float32)) for n in names}
-
-
-def _kept_per_way(kept: list[int], names: list[str], X: dict, pooling: str, store) -> dict:
-    """How many kept features come from each pooling way (a layer's vector is its ways side by side)."""
-    ways = parse(pooling)
-    out = dict.fromkeys(ways, 0)
-    start = 0
-    for n in names:
-        sh = store.manifest["layers"][n]["shape"][1:]
-        unit = sh[0] if len(sh) == 3 else sh[-1]  # channels of a map, width of a token
-        widths = [4 * unit if w == "mean2x2" else unit for w in ways]
-        bounds = np.cumsum([start] + widths)
-        for k in kept:
-            if bounds[0] <= k < bounds[-1]:
-                out[ways[int(np.searchsorted(bounds, k, side="right")) - 1]] += 1
-        start += X[n].shape[1]
-    return out
 
 
 def _reference(task: str | None) -> dict | None:
