@@ -232,6 +232,7 @@ def _summary(runs: dict, path: Path | None = None) -> dict:
             continue
         last = rs[-1].record
         heads[h] = {"accuracy": _stats([r.test_accuracy for r in rs]),
+                    "val_accuracy": [r.record["history"]["best_val_accuracy"] for r in rs],
                     "seconds": _stats([r.seconds for r in rs]),
                     "trainable_parameters": rs[-1].trainable_parameters,
                     "peak_memory_in_process_bytes": rs[-1].peak_memory_bytes,
@@ -382,6 +383,18 @@ def _ms(xs: list[float]) -> dict:
 
 
 # ------------------------------------------------------------------ targets and section
+def _by_validation(heads: dict) -> dict | None:
+    """Per seed, the head with the best validation accuracy (ties: fewer trainable parameters) and its test
+    accuracy: a choice among heads that never looks at the test rows."""
+    if not all(v.get("val_accuracy") for v in heads.values()):
+        return None
+    n = min(len(v["val_accuracy"]) for v in heads.values())
+    picks = [max(heads, key=lambda h: (heads[h]["val_accuracy"][i], -heads[h]["trainable_parameters"]))
+             for i in range(n)]
+    acc = [heads[h]["accuracy"]["values"][i] for i, h in enumerate(picks)]
+    return {"heads": picks, "accuracy": _stats(acc)}
+
+
 def _targets(result: dict) -> dict:
     tg = {}
     beats = {h: [] for h in ("mix", "select", "side", *EXTRA)}
@@ -390,6 +403,7 @@ def _targets(result: dict) -> dict:
         if not r:
             continue
         full, heads = r["full_finetune"], r["heads"]
+        r["chosen_by_validation"] = _by_validation(heads)
         best = max(heads, key=lambda h: heads[h]["accuracy"]["mean"])
         b = heads[best]
         r["best_head"] = best
@@ -494,6 +508,11 @@ def _write(r: dict) -> None:
             lines += ["", f"Select kept {e['heads']['select']['features_kept']} of "
                           f"{e['heads']['select']['features_total']} features, from: "
                       + ", ".join(f"{n} {c}" for n, c in k.items()) + "."]
+        cv = e.get("chosen_by_validation")
+        if cv:
+            lines += ["", f"Choosing the head by validation accuracy, per seed ({', '.join(cv['heads'])}), gives test "
+                      f"accuracy {cv['accuracy']['mean']:.4f} ± {cv['accuracy']['std']:.4f} "
+                      f"({cv['accuracy']['mean'] / full['accuracy']:.3f} of full fine-tuning)."]
         for h in ("select", "select_multipool"):
             v = e["heads"].get(h)
             if v and v.get("chosen"):
