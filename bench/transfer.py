@@ -430,9 +430,14 @@ def _targets(result: dict) -> dict:
         elif cut:
             h = max(cut, key=lambda k: heads[k]["accuracy"]["mean"])
             eff = r["speed"][h]["speedup_efficiency"]["32"]
+            dp = r.get("deploy_parts") or {}
+            why = (f"; the FLOP-ideal ratio is out of reach: the kept blocks hold {dp['32']['kept_flop_share']:.2f} "
+                   f"of the FLOPs but {dp['32']['kept_time_share']:.2f} of the time; against the time-ideal ratio "
+                   f"the cut model's efficiency is {dp['32']['efficiency_vs_time_ideal']:.2f} (--part parts)") \
+                if h == "best" and dp.get("deepest_block") == heads[h]["deepest_block"] and eff < 0.9 else ""
             tg[f"deploy_speedup_efficiency_{m}"] = {
                 "value": eff, "goal": f">= 0.9 at batch 32 ({h}: blocks 0..{heads[h]['deepest_block']} of "
-                                      f"{heads[h]['n_blocks']})", "met": bool(eff >= 0.9)}
+                                      f"{heads[h]['n_blocks']}){why}", "met": bool(eff >= 0.9)}
         last = heads["last"]["accuracy"]
         for h in beats:
             if h not in heads:
