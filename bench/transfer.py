@@ -181,6 +181,11 @@ def run_model(work: Path, name: str, args) -> dict:
             "seconds": trec["seconds"], "parameters": trec["parameters"], "test_rows": trec["test"]["n"],
             "epochs_run": len(trec["history"]["epochs"]), "best_epoch": trec["history"]["best_epoch"],
             "steps_per_epoch": trec["history"].get("steps_per_epoch")}
+    short = work / f"{name}-full-3ep" / "finetune.json"  # the recipe's 3 epochs on these rows, kept for contrast
+    if short.exists():
+        sr = json.loads(short.read_text())
+        full["recipe_3_epochs"] = {"accuracy": sr["test"]["accuracy"], "seconds": sr["seconds"],
+                                   "folder": str(short.parent)}
     print(f"{name} full fine-tuning: acc {full['accuracy']:.4f}, {full['seconds']:.0f} s", flush=True)
     head_ft = _head_ft(work, name)
     print(f"{name} head-only fine-tuning: acc {head_ft['accuracy']:.4f}, {head_ft['seconds']:.0f} s", flush=True)
@@ -499,6 +504,13 @@ def _write(r: dict) -> None:
                          f" | {v['seconds']['mean']:.1f} | {v['seconds']['mean'] / full['seconds']:.3f} | {memh} | "
                          f"{reads} | {v['deepest_block']} of {v['n_blocks']} |")
         best = max(e["heads"].values(), key=lambda v: v["accuracy"]["mean"])["accuracy"]["mean"]
+        n_test = full["test_rows"]
+        half = 1.96 * (full["accuracy"] * (1 - full["accuracy"]) / n_test) ** 0.5
+        lines += ["", f"Full fine-tuning: {full['epochs_run']} epochs of {full['steps_per_epoch']} steps (best "
+                  f"validation epoch {full['best_epoch']}), test accuracy {full['accuracy']:.4f} ± {half:.3f} "
+                  f"(95%, {n_test} rows)" + (f"; the recipe's 3 epochs on the same rows gave "
+                                              f"{full['recipe_3_epochs']['accuracy']:.4f}"
+                                              if full.get("recipe_3_epochs") else "") + "."]
         if full["accuracy"] < best:
             lines += ["", f"Note: full fine-tuning ({full['epochs_run']} epochs of {full['steps_per_epoch']} steps, "
                       f"best epoch {full['best_epoch']}) is below the best frozen-backbone head here: on "
