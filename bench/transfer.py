@@ -21,7 +21,7 @@ one torch thread for every method:
 Writes bench/results/transfer.json (top-level `targets`) and the "## transfer"
 section of BENCHMARKS.md.
 Usage: python bench/transfer.py [--work DIR] [--seeds 0 1 2] [--skip-minilm] [--skip-efficientnet]
-       [--part heads|memory|speed|parts] [--reuse] [--assemble]
+       [--part heads memory speed parts] [--reuse] [--assemble]
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def run_model(work: Path, name: str, args) -> dict:
     capture_s = json.loads((run / "bench-settings.json").read_text())["seconds"]
 
     def again(part: str) -> bool:  # reuse what --work holds unless this part is asked for (or nothing is)
-        return not args.assemble and (args.part == part if args.part else not args.reuse)
+        return not args.assemble and (part in args.part if args.part else not args.reuse)
 
     partial = work / f"{name}-heads.partial.json"
     if args.assemble and not (work / f"{name}-heads.json").exists() and partial.exists():
@@ -603,8 +603,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads for every method (training and timing)")
     ap.add_argument("--assemble", action="store_true", help="only assemble the results cached in --work")
     ap.add_argument("--reuse", action="store_true", help="reuse the heads, memory and speed results in --work")
-    ap.add_argument("--part", choices=PARTS, help="measure only this part again (heads, memory, speed, or the "
-                                                  "per-part time of the truncated EfficientNet); reuse the rest")
+    ap.add_argument("--part", choices=PARTS, nargs="+", help=(
+        "measure only these parts again (heads, memory, speed, or parts: the per-part time of the truncated "
+        "EfficientNet); reuse the rest from --work"))
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-efficientnet", action="store_true")
     ap.add_argument("--probe", help=argparse.SUPPRESS)
