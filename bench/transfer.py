@@ -147,8 +147,8 @@ def _probe(method: str, name: str, work: Path) -> None:
     run = work / f"mem-{name}-{method}-run"
     if run.exists():
         shutil.rmtree(run)
-    run.mkdir()
-    os.symlink((src / "features").resolve(), run / "features")
+    # a copy of the capture without its heads (a symlinked features/ is refused: it points out of the run)
+    shutil.copytree(src, run, ignore=shutil.ignore_patterns("transfer", "transfer.json"))
     transfer(str(run), TransferConfig(head=method, task=str(t), epochs=1, overwrite=True))
 
 
