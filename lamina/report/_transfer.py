@@ -38,7 +38,8 @@ def transfer_section(d: dict, fmt: str) -> dict:
         rows.append([h, ctx.fmt(t["accuracy"]), f"{ctx.fmt(t['ci_low'])}–{ctx.fmt(t['ci_high'])}",
                      ctx.fmt(r["trainable_parameters"]), ctx.fmt(r["seconds"]),
                      ctx.fmt(r["peak_memory_bytes"] / 2 ** 20),
-                     layers[0] if len(layers) == 1 else f"{len(layers)} ({layers[0]} … {layers[-1]})",
+                     (layers[0] if len(layers) == 1 else f"{len(layers)} ({layers[0]} … {layers[-1]})")
+                     + (f", pooled {r['pooling']}" if r.get("pooling") and r["pooling"] != d.get("pooling") else ""),
                      f"{r['deepest_block']} of {r['n_blocks']}", ctx.fmt(r.get("deployed_parameters"))])
     fig = plots.render(_figure(heads, ref), fmt, "frozen-backbone heads") if heads else None
     return {"rows": [(k, v if isinstance(v, str) else ctx.fmt(v)) for k, v in info],
@@ -76,8 +77,13 @@ def _figure(heads: dict, ref: dict) -> Figure:
             e.bar(range(len(k)), list(k.values()), color=colors["select"], zorder=3)
             e.set_xticks(range(len(k)), list(k), rotation=60, fontsize=7)
             sel = heads["select"]
+            ways = sel.get("kept_per_pooling")
             e.set_title(f"select: where the {sel.get('features_kept')} kept features (of "
-                        f"{sel.get('features_total')}) come from")
+                        f"{sel.get('features_total')}) come from\nkeep {sel.get('keep')}, group lasso "
+                        f"{sel.get('group_lasso')}" + (" (chosen on validation)" if sel.get("chosen_on_validation")
+                                                       else "")
+                        + ("; per pooling: " + ", ".join(f"{w} {n}" for w, n in ways.items()) if ways else ""),
+                        fontsize=9)
         else:
             e.set_title("select: not trained")
         return fig

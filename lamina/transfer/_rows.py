@@ -56,8 +56,11 @@ def split_rows(store, task: str | None, fractions, seed: int) -> tuple[dict, dic
     return rows, {"source": "task", "task": str(task), **spec.to_dict()}
 
 
-def reload_model_and_data(store, model=None, data=None):
-    """The model the store was captured from (fingerprint checked) and the store's samples, in store order."""
+def reload_model_and_data(store, model=None, data=None, trust_remote_code: bool = False):
+    """The model the store was captured from (fingerprint checked) and the store's samples, in store order.
+
+    The model loads on the CPU in the capture's dtype (so its fingerprint is the capture's); ``transfer``
+    moves what runs on ``--device`` itself."""
     man = store.manifest
     cap = man.get("config", {})
     if model is None:
@@ -66,7 +69,9 @@ def reload_model_and_data(store, model=None, data=None):
             raise UsageError("this store was captured from a Python model object, so transfer cannot reload it",
                              value=man.get("model", {}).get("name"), allowed="model=... passed to transfer()",
                              fix="pass the model: lamina.transfer(run, config, model=...)")
-    lm = load_model(model, blocks=cap.get("blocks"))
+    from ..runtime import Runtime
+    lm = load_model(model, blocks=cap.get("blocks"), runtime=Runtime(
+        device="cpu", torch_dtype=cap.get("torch_dtype", "auto"), trust_remote_code=trust_remote_code))
     if lm.fingerprint() != man.get("capture_key", {}).get("model"):
         raise UsageError("the model is not the one the store was captured from (fingerprints differ)",
                          value=lm.name, allowed=man.get("model", {}).get("name"),

@@ -1,4 +1,7 @@
-"""Token-level block outputs for ``side``, from the frozen backbone, cached when they fit.
+"""Token-level block outputs for ``side``: from a ``--pooling none`` store, or the frozen backbone.
+
+:class:`StoreTokens` reads them from a store captured with ``--pooling none``
+(no backbone pass at all). :class:`TokenFeatures` computes them:
 
 The backbone runs under ``torch.no_grad`` in eval mode and its outputs are
 detached in the hooks, so no gradient can reach it. Each row's outputs are
@@ -13,12 +16,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..runtime import autocast
+from ._pools import store_rows
+
 
 class TokenFeatures:
     """``rows_input(rows) -> (feats: list of (B, T, D) or (B, C, H, W), mask (B, T) or None)``."""
 
-    def __init__(self, dep, ds, max_length: int, image_size, batch_size: int, cache_rows, cache_mb: int):
+    def __init__(self, dep, ds, max_length: int, image_size, batch_size: int, cache_rows, cache_mb: int,
+                 at=(torch.device("cpu"), torch.float32)):
         self.dep, self.ds = dep, ds
+        self.device, self.dtype = at
+        dep.module.to(self.device)
         self.max_length, self.image_size, self.batch_size = max_length, image_size, batch_size
         self.cache: dict[int, list] | None = None
         self.text = dep.modality == "text"
@@ -34,19 +43,23 @@ class TokenFeatures:
     def _compute(self, rows: np.ndarray):
         """Per row, per layer: float tensors (T_i, D) or (C, H, W); and per row its token count."""
         b = self.dep.batch(self.ds, rows, self.max_length, self.image_size)
+        b = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
         model = self.dep.module
         was = model.training
         model.eval()
         try:
-            if "pixels" in b:
-                feats = model.features(b["pixels"]) if not self.dep.input_name else \
-                    model.features(**{self.dep.input_name: b["pixels"]})
-                n = [None] * len(rows)
-            else:
-                feats = model.features(**b)
-                n = b["attention_mask"].sum(1).tolist() if "attention_mask" in b else [feats[0].shape[1]] * len(rows)
+            with autocast(self.device, self.dtype):
+                if "pixels" in b:
+                    feats = model.features(b["pixels"]) if not self.dep.input_name else \
+                        model.features(**{self.dep.input_name: b["pixels"]})
+                    n = [None] * len(rows)
+                else:
+                    feats = model.features(**b)
+                    n = b["attention_mask"].sum(1).tolist() if "attention_mask" in b else \
+                        [feats[0].shape[1]] * len(rows)
         finally:
             model.train(was)
+        feats = [f.float().cpu() for f in feats]  # rows are kept (and padded) on the CPU; batches go to the head
         per = [[f[i, : n[i]] if n[i] is not None else f[i] for f in feats] for i in range(len(rows))]
         return per, n
 
@@ -78,3 +91,39 @@ class TokenFeatures:
                 mask[i, : p[j].shape[0]] = 1
             feats.append(x)
         return feats, mask
+
+    def to_cpu(self) -> None:
+        """After training: the backbone back on the CPU, where the saved model is checked."""
+        self.dep.module.to("cpu")
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+
+
+class StoreTokens:
+    """The same ``rows_input`` as :class:`TokenFeatures`, read from a ``--pooling none`` store.
+
+    Text rows are trimmed to the batch's longest real row (``lengths.npy``)
+    with a (B, T) mask, as the tokenizer pads a batch; feature maps are read
+    as stored. Nothing is cached: the operating system's page cache holds the
+    store's files between epochs.
+    """
+
+    cached = True  # the store is the cache
+
+    def __init__(self, store, names: list[str]):
+        self.store, self.names = store, list(names)
+        self.lengths = store.lengths
+        self.shapes = [tuple(store.manifest["layers"][n]["shape"][1:]) for n in self.names]
+        if self.lengths is not None:  # per-row shape of the first row, as TokenFeatures reports it
+            self.shapes = [(int(self.lengths[0]), *s[1:]) for s in self.shapes]
+        self.estimated_mb = 0.0
+
+    def __call__(self, rows):
+        feats, mask = [], None
+        for n in self.names:
+            x, m = store_rows(self.store, n, rows, self.lengths)
+            feats.append(x)
+            mask = m if m is not None else mask
+        return feats, mask
+
+    def to_cpu(self) -> None:
+        pass

@@ -3,7 +3,7 @@
 :class:`TransferModel` wraps the (truncated) backbone and a head. Its
 ``forward`` takes the backbone's own inputs (``input_ids`` / ``attention_mask``
 ..., or an image tensor), records the taps the head reads (pooled as the store
-was, or token-level for ``side``), stops the backbone right after the deepest
+was, one way or several side by side, or token-level for ``side``), stops the backbone right after the deepest
 of them (so nothing after it runs: no later block, no final norm, no original
 classifier) and returns the head's (B, K) class scores.
 
@@ -34,9 +34,10 @@ import torch
 import torch.nn as nn
 
 from ..blocks import Tap, find_blocks
-from ..capture.hooks import _block_input, _first_tensor, pool
+from ..capture.hooks import POOLINGS, _block_input, _first_tensor, pool
 from ..errors import LaminaError, UsageError
 from ..store.store import sha256_file
+from ._pools import parse, pool_many
 
 SPEC = "lamina_head.json"
 HEAD_WEIGHTS = "head.safetensors"
@@ -69,7 +70,8 @@ class TransferModel(nn.Module):
         handles = []
 
         def keep(name, x):
-            out[name] = pool(x.detach(), self.pooling, mask)
+            out[name] = pool(x.detach(), self.pooling, mask) if self.pooling in POOLINGS \
+                else pool_many(x.detach(), parse(self.pooling), mask)  # several ways: 'mean+max' (_pools)
             if name == last:
                 raise _Stop
 
@@ -213,6 +215,8 @@ def load_transfer(path):
         if need not in {r.split("/")[0] for r in spec.get("checksums") or {}}:
             raise LaminaError("the model folder records no checksum for a file it needs", value=need,
                               allowed="a folder written by lamina transfer", fix="save the model again")
+    if spec.get("pooling") not in POOLINGS:
+        parse(str(spec.get("pooling")))  # several ways ('mean+max'), each one lamina knows, or a clear refusal
     base = load_model(str(path / "backbone"))
     head = build_head(spec["head"])
     try:

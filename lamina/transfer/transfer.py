@@ -10,8 +10,14 @@ captured run and writes:
 
 Design decisions:
 - ``last``, ``best``, ``mix`` and ``select`` train on the store's pooled
-  features alone (seconds); ``side`` needs token-level block outputs and runs
-  the frozen backbone for them (cached in memory when they fit).
+  features alone (seconds). A store captured with ``--pooling none`` is pooled
+  here, as many ways as ``--pooling`` asks (Head2Toe's multi-pooling, see
+  ``_pools``); a pooled store offers its own pooling only.
+- ``side`` needs token-level block outputs: it reads them from a ``--pooling
+  none`` store when the run has one, else runs the frozen backbone for them
+  (cached in memory when they fit).
+- ``--device``: heads (and ``side``'s backbone passes) run there; the saved
+  model and every check after training are on the CPU.
 - Rows: the task of a ``lamina finetune`` folder (``--task``), mapped onto the
   store by sample id, so heads and fine-tuning share their test rows; without
   it, analyze's split of the store (see ``_rows``).
@@ -37,12 +43,14 @@ import torch
 from ..blocks import BlockMap, Tap, select_taps
 from ..errors import LaminaError, UsageError
 from ..models import save_json
+from ..runtime import Runtime, check_runtime, resolve_device, resolve_dtype
 from ..runfolder import RUN_CONFIG, claim, plan_writes, record
 from ..runfolder import update_run_config, versions
 from ..store import FeatureStore
 from ..threads import limit_threads
 from ..train import Loop, check_loop_args
 from ._memory import PeakMemory
+from ._pools import kept_per_way, parse, pooled_inputs
 from ._rows import reload_model_and_data, split_rows
 from ._store_heads import FITTERS
 from ._train import test_record, train_head
@@ -56,7 +64,7 @@ RECORD = "transfer.json"
 
 
 @dataclass(frozen=True)
-class TransferConfig:
+class TransferConfig(Runtime):
     """Settings of ``lamina transfer``."""
 
     head: str = field(default="mix", metadata={"choices": HEADS, "help": (
@@ -81,9 +89,16 @@ class TransferConfig:
         "help": "stop after this many epochs without a validation gain (the best epoch is kept)"})
     hidden: int | None = field(default=None, metadata={"help": "mix: an MLP head with this hidden width "
                                                                "(default: linear)"})
-    keep: float = field(default=0.01, metadata={"help": "select: fraction of all features kept (0 < keep <= 1)"})
-    group_lasso: float = field(default=1e-3, metadata={
-        "help": "select: strength of the per-feature group-lasso penalty that ranks the features"})
+    pooling: str | None = field(default=None, metadata={
+        "help": "pooled heads: how each layer is pooled, one way or several joined by ',' (mean, max, cls, last "
+                "for token sequences; mean, max, mean2x2 for CNN maps); several ways need a store captured "
+                "with --pooling none (default: the store's own pooling; mean for a none store)"})
+    keep: float | None = field(default=None, metadata={
+        "help": "select: fraction of all features kept (0 < keep <= 1); default: chosen on validation among "
+                "0.01 0.02 0.05 0.1 0.2 0.5"})
+    group_lasso: float | None = field(default=None, metadata={
+        "help": "select: strength of the per-feature group-lasso penalty that ranks the features; default: "
+                "chosen on validation among 1e-3 1e-2 1e-1"})
     side_width: float = field(default=0.125, metadata={
         "help": "side: width of the side network as a fraction of the backbone's (multiple of 8, at least 8)"})
     side_cache_mb: int = field(default=512, metadata={
@@ -98,10 +113,18 @@ class TransferConfig:
             raise UsageError("unknown head", value=self.head, allowed=", ".join(HEADS),
                              fix=suggest(self.head, HEADS) or "--head mix")
         check_loop_args(self.epochs if self.epochs is not None else 1, self.lr, self.batch_size, self.patience)
-        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
+        check_runtime(self)
+        if self.pooling is not None:
+            parse(self.pooling)
+            if self.head == "side":
+                raise UsageError("--pooling is for the heads on pooled features; side reads token-level outputs",
+                                 value=self.pooling, allowed="--head last, best, mix or select",
+                                 fix="leave --pooling out for --head side")
+        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, (int, float))
+                                      or not 0 < self.keep <= 1):
             raise UsageError("--keep must be a fraction of the features in (0, 1]", value=self.keep,
                              allowed="0 < keep <= 1", fix="--keep 0.01 keeps 1% of the features (Head2Toe's range)")
-        if not self.group_lasso >= 0:
+        if self.group_lasso is not None and not self.group_lasso >= 0:
             raise UsageError("--group-lasso must be >= 0", value=self.group_lasso, allowed=">= 0",
                              fix="--group-lasso 1e-3")
         if not 0 < self.side_width <= 1:
@@ -197,30 +220,29 @@ def transfer(run, config: TransferConfig = TransferConfig(), *, model=None, data
     side = config.head == "side"
     names = _layers(store, config.layers, side)
     split, split_info = split_rows(store, config.task, config.fractions, config.seed)
-    lm, ds = reload_model_and_data(store, model, data)
+    lm, ds = reload_model_and_data(store, model, data, config.trust_remote_code)
     save_format(_backbone_of(lm))  # refuses, before any training, a model lamina could not save
     labels = store.labels
     classes = store.classes or [str(c) for c in ds.classes]
     n_classes = len(classes)
     cap = store.manifest.get("config", {})
-    pooling = store.manifest.get("pooling", "mean")
+    stored = store.manifest.get("pooling", "mean")
     loop = config.loop()
+    at = (resolve_device(config.device), resolve_dtype(config.torch_dtype, None))
     t0 = time.perf_counter()
     if side:
         head, dep, info, extra, feats_of, mem = _train_side(lm, ds, names, split, labels, n_classes, cap, config,
-                                                            loop)
+                                                            loop, store if stored == "none" else None, at)
         reads = names
     else:
-        for n in names:
-            if len(store.manifest["layers"][n]["shape"]) != 2:
-                raise UsageError(f"--head {config.head} needs pooled features, one vector per sample",
-                                 value=f"{n}: {store.manifest['layers'][n]['shape']}",
-                                 allowed="a store captured with --pooling mean, cls or last",
-                                 fix="capture again with --pooling mean, or use --head side")
-        X = {n: torch.from_numpy(np.array(store.load(n), dtype=np.float32)) for n in names}
-        # the kernels of a head on pooled features are tiny: one thread (threads.py says why)
-        with PeakMemory() as mem, limit_threads(1):
-            head, reads, extra = FITTERS[config.head](X, names, labels, split, loop, n_classes, config)
+        pooling, X = pooled_inputs(store, names, config.head, config.pooling)
+        # the kernels of a head on pooled features are tiny: one thread on the CPU (threads.py says why)
+        with PeakMemory(str(at[0])) as mem, limit_threads(1):
+            head, reads, extra = FITTERS[config.head](X, names, labels, split, loop, n_classes, config, at=at)
+        head.cpu()
+        extra["pooling"] = pooling
+        if "kept_features" in extra and "+" in pooling:
+            extra["kept_per_pooling"] = kept_per_way(extra["kept_features"], names, X, pooling, store)
         dep, info = build_deployable(lm, head, reads, pooling)
 
         def feats_of(rows):
@@ -270,21 +292,27 @@ def transfer(run, config: TransferConfig = TransferConfig(), *, model=None, data
                           seconds, int(mem.bytes), reads, info["deepest_block"], info["n_blocks"], rec)
 
 
-def _train_side(lm, ds, names, split, labels, n_classes, cap, config, loop):
-    from ._side_train import TokenFeatures
+def _train_side(lm, ds, names, split, labels, n_classes, cap, config, loop, none_store=None,
+                at=(torch.device("cpu"), torch.float32)):
+    from ._side_train import StoreTokens, TokenFeatures
     from .side import side_for
     dep, info = build_deployable(lm, torch.nn.Identity(), names, "none")
-    with PeakMemory() as mem:
-        cache_rows = np.concatenate([split["train"], split["val"]])
-        feats = TokenFeatures(dep, ds, cap.get("max_length", 128), cap.get("image_size"), config.batch_size,
-                              cache_rows, config.side_cache_mb)
+    with PeakMemory(str(at[0])) as mem:
+        if none_store is not None:  # the token-level outputs are on disk already: no backbone pass at all
+            feats = StoreTokens(none_store, names)
+        else:
+            cache_rows = np.concatenate([split["train"], split["val"]])
+            feats = TokenFeatures(dep, ds, cap.get("max_length", 128), cap.get("image_size"), config.batch_size,
+                                  cache_rows, config.side_cache_mb, at)
         torch.manual_seed(loop.seed)
         net = side_for(feats.shapes, n_classes, config.side_width)
-        dep.module.head = net
-        hist = train_head(net, list(net.parameters()), feats, labels, split, loop)
-    net.eval()
+        hist = train_head(net, list(net.parameters()), feats, labels, split, loop, device=at[0], dtype=at[1])
+    net.cpu().eval()
+    dep.module.head = net
+    feats.to_cpu()
     extra = {"history": hist, "side_width": net.width, "side_kind": net.kind, "token_shapes": feats.shapes,
-             "cached": feats.cached, "cache_estimate_mb": feats.estimated_mb}
+             "cached": feats.cached, "cache_estimate_mb": feats.estimated_mb,
+             "token_source": "store" if none_store is not None else "backbone"}
     return net, dep, info, extra, feats, mem
 
 
