@@ -225,3 +225,15 @@ def test_latency_budget_measures_real_time(tiny_teacher, tmp_path):
                                                      latency_batch_size=4, latency_repeats=2))
     assert res.quantized == [] and 0 < res.plan["latency"]["float_ms"] < 1e6  # float already meets it
     assert res.plan["latency"]["batch"]["input_ids"][0] == 4
+
+
+def test_bench_of_a_quantize_folder_scores_its_sources_test_rows(tiny_teacher, tmp_path):
+    from lamina.bench import BenchConfig, bench
+    from lamina.task import evaluate, read_task
+    res = quantize(str(tiny_teacher), QuantizeConfig(out=str(tmp_path / "q"), fraction=0.5, calibration_samples=16))
+    got = bench([res.out], BenchConfig(out=str(tmp_path / "b"), batch_sizes=(2,), warmup=0, repeats=1,
+                                       progress=False))
+    spec = read_task(str(tiny_teacher))
+    ds, split = spec.load()
+    assert got["test_rows"] == len(split["test"])
+    assert got["models"][0]["accuracy"] == evaluate(lamina.load_model(res.out), ds, split["test"], spec)["accuracy"]
