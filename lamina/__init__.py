@@ -13,7 +13,7 @@ smaller, faster model for your task, with measurements that prove it.
     lamina.distill("teacher/", "small/", lamina.DistillConfig(out="recovered/"))
     lamina.bench(["teacher/", "recovered/"])        # -> recovered/bench.json
     lamina.transfer("run/", lamina.TransferConfig(head="mix"))  # -> run/transfer/mix, run/transfer.json
-    lamina.quantize("teacher/", lamina.QuantizeConfig(out="q/", fraction=0.8))  # least sensitive Linears -> int8
+    lamina.quantize("teacher/", lamina.QuantizeConfig(out="q/", fraction=0.8))  # least sensitive Linears -> bf16 (or int8)
     lamina.elastic("teacher/", lamina.ElasticConfig(out="E/", depths="6,4", widths="1,0.5"))  # nested family
     lamina.elastic_extract("E/", lamina.ExtractConfig(out="half/", params=0.5))  # a member, no training
     model = lamina.load("small/")                    # any saved model, as an nn.Module (load_model: advanced)

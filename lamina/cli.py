@@ -221,7 +221,7 @@ def _quantize_args(p):
     add_config_args(p, QuantizeConfig)
 
 
-@verb("quantize", "int8 for the Linear layers whose quantization changes the output least, within a budget "
+@verb("quantize", "bf16 / int8 for the Linear layers whose quantization changes the output least, within a budget "
                   "-> OUT/quant_plan.json, OUT/model")
 def _quantize(ns):
     from .quantize import QuantizeConfig, quantize
@@ -230,6 +230,9 @@ def _quantize(ns):
           f"({', '.join(res.plan['formats'])})")
     if res.metric_drop is not None:
         print(f"validation  measured drop {res.metric_drop:.4g} (allowed {res.plan['budget']['max_drop']})")
+    if res.plan.get("latency"):
+        lat = res.plan["latency"]
+        print(f"latency     measured {lat['measured_ms']:.4g} ms (goal {lat['goal_ms']:g}; float {lat['float_ms']:.4g})")
     print(f"plan:  {res.plan_path}")
     print(f"model: {res.out}  (lamina.load; reload checked, max abs diff "
           f"{res.plan['reload_check']['max_abs_diff']:.3g})")

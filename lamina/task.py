@@ -179,7 +179,8 @@ def read_task(model_dir, _depth: int = 0) -> TaskSpec | None:
 
     A ``lamina finetune`` folder records it in finetune.json; a ``lamina prune``
     output points at its source model (plan.json), a ``lamina distill`` output
-    at its teacher (distill.json); both are followed.
+    at its teacher (distill.json), a ``lamina quantize`` output records its
+    calibration task or its source model (quant_plan.json); all are followed.
     """
     p = Path(str(model_dir))
     if _depth > 4 or not p.is_dir():
@@ -190,7 +191,7 @@ def read_task(model_dir, _depth: int = 0) -> TaskSpec | None:
             if rec:
                 return spec_from_record(rec)
     for fname, key in (("plan.json", ("result", "source")), ("distill.json", ("task",)), ("elastic.json", ("task",)),
-                       ("extract.json", ("task",))):
+                       ("extract.json", ("task",)), ("quant_plan.json", ("task",)), ("quant_plan.json", ("source",))):
         f = p / fname
         if f.exists():
             rec = read_json(f)

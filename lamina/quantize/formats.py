@@ -1,24 +1,40 @@
-"""Which int8 formats ``lamina quantize`` applies, and applying a per-layer plan with torchao.
+"""Which formats ``lamina quantize`` applies, and applying a per-layer plan.
 
-Measured here (torch 2.13.0+cpu, torchao 0.18, AVX512-VNNI, shared 2-core
-machine; the real MiniLM, batch 8 x 64 tokens, one thread, 5 runs after 2
-warm-ups): float32 164 ms; torchao ``Int8DynamicActivationInt8WeightConfig``
-197 ms (0.83x, last hidden state cosine 0.996); ``Int8WeightOnlyConfig``
-169 ms (0.97x, cosine 0.999). So on this CPU neither torchao int8 format is
-faster than float32 on MiniLM's small matrices (384 x 384 / 1536): what they
-buy today is smaller weights and a per-layer accuracy budget, not speed
-(ASSETS.md's earlier run saw 1.1-1.2x for the dynamic format). The speed-up
-``torch.ao.quantization.quantize_dynamic`` shows comes from its fbgemm
-kernels with one per-tensor activation scale (hence its larger error, cosine
-0.936); that API is deprecated, so lamina does not build on it.
+Measured here (torch 2.13.0+cpu, torchao 0.18, a Sapphire Rapids Xeon with
+AVX512-VNNI, AVX512-BF16 and AMX; shared 2-core machine under load 7-21; the
+fine-tuned MiniLM, batch 8 x 64 tokens, one thread, interleaved medians; the
+probe script and every number are in BENCHMARKS.md "quantize"):
+
+- ``bf16`` (the Linear's weights in bfloat16, its GEMM run by oneDNN on AMX,
+  the output cast back to float32): 2.5x faster than float32 for the whole
+  model in bf16, eager or compiled, logits cosine 0.99999. Per Linear
+  (512 x 384 x 1536) 3.5x. It needs no compile and no calibration, so it is
+  the default format.
+- torchao ``Int8DynamicActivationInt8WeightConfig`` (``int8dyn``): 0.8x in
+  eager. The int8 GEMM itself is fast here (``torch._int_mm`` on AMX: 1 ms
+  against 17 ms float32 for 512 x 384 x 1536), but the per-token activation
+  quantization before it (``quantize_affine``: divide, round, add the zero
+  point, clamp, cast: separate eager kernels through a tensor subclass) costs
+  about 10x the GEMM; the profile shows one ``aten::add`` alone at half the
+  layer's time. Under ``torch.compile`` (with and without inductor freezing
+  and torchao's x86 lowering passes registered) it stayed at 0.6-0.7x, so
+  compiling does not rescue it on this build; it stays as a format for its
+  4x smaller weights, not for speed.
+- torchao ``Int8WeightOnlyConfig`` (``int8wo``): 0.85-1.05x (the weight is
+  cast back to float on every call).
+- ``torch.ao.quantization.quantize_dynamic`` (fbgemm, one activation scale
+  per tensor): 1.4-1.6x under load (3.5-4.9x on a quiet machine), logits
+  cosine 0.990: fast because fbgemm fuses the activation quantization into
+  its kernel, but deprecated, so lamina does not build on it.
 
 ``Int4WeightOnlyConfig`` on this CPU left a Linear's outputs bit-identical to
 float32 (it did not quantize anything usable here), so ``int4wo`` is refused
 on the CPU with a message rather than silently doing nothing.
 
-Quantizing is a pure function of the float weights (dynamic activation scales
-are computed per call), so a plan applied twice to the same float weights
-gives the same module: the saved form is the float model plus the plan.
+Every format is a pure function of the float weights (dynamic activation
+scales are computed per call; bf16 is a rounding), so a plan applied twice
+to the same float weights gives the same module: the saved form is the
+float model plus the plan.
 """
 
 from __future__ import annotations
@@ -32,10 +48,29 @@ from torch import nn
 
 from ..errors import UsageError
 
-FORMATS = ("int8dyn", "int8wo")  # what runs on the CPU backend, fastest-intended first
+FORMATS = ("bf16", "int8dyn", "int8wo")  # what runs on the CPU backend, fastest here first
 KNOWN = FORMATS + ("int4wo",)
-_HELP = {"int8dyn": "int8 weights + int8 activations quantized per token at run time",
+_HELP = {"bf16": "bfloat16 weights and GEMM (AMX / AVX512-BF16), float32 output",
+         "int8dyn": "int8 weights + int8 activations quantized per token at run time",
          "int8wo": "int8 weights, float activations"}
+log = logging.getLogger(__name__)
+
+
+class BF16Linear(nn.Linear):
+    """A Linear whose weights are bfloat16 and whose GEMM runs in bfloat16; it takes and returns the caller's
+    dtype, so it drops into a float32 model layer by layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+def bf16_is_fast() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AMX or AVX512-BF16); without them oneDNN emulates
+    bf16 and the format is slower than float32."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # a torch without these probes: assume not
+        return False
 
 
 def parse_formats(spec) -> tuple[str, ...]:
@@ -51,6 +86,8 @@ def parse_formats(spec) -> tuple[str, ...]:
         if f not in FORMATS:
             raise UsageError("unknown quantization format", value=f,
                              allowed="; ".join(f"{k} ({v})" for k, v in _HELP.items()), fix="e.g. --formats int8dyn")
+    if "bf16" in items and not bf16_is_fast():
+        log.warning("this CPU has no AMX / AVX512-BF16: bf16 layers will run, but slower than float32")
     if len(set(items)) != len(items):
         raise UsageError("--formats names a format twice", value=spec, allowed=", ".join(FORMATS),
                          fix="name each format once")
@@ -93,8 +130,16 @@ def linear_names(module: nn.Module) -> list[str]:
     return [n for n, m in module.named_modules() if isinstance(m, nn.Linear) and n]
 
 
+def _bf16(linear: nn.Linear) -> BF16Linear:
+    q = copy.deepcopy(linear).to(torch.bfloat16)
+    q.__class__ = BF16Linear  # same parameters and names, bf16 forward
+    return q
+
+
 def quantized_linear(linear: nn.Linear, fmt: str) -> nn.Linear:
     """A quantized copy of one Linear (the original is untouched)."""
+    if fmt == "bf16":
+        return _bf16(linear)
     quantize_ = _torchao().quantize_
     q = copy.deepcopy(linear)
     with torch.no_grad():
@@ -112,12 +157,17 @@ def swap(module: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 def apply_layers(module: nn.Module, layers: dict[str, str]) -> nn.Module:
-    """Quantize, in place, each Linear named in ``layers`` (name -> format) with torchao's ``quantize_`` and a
-    per-module filter; every other module is left as it is. Returns ``module``."""
-    quantize_ = _torchao().quantize_
+    """Quantize, in place, each Linear named in ``layers`` (name -> format): bf16 layers are swapped for their
+    :class:`BF16Linear` copies, int8 ones go through torchao's ``quantize_`` with a per-module filter; every other
+    module is left as it is. Returns ``module``."""
     by_fmt: dict[str, set] = {}
     for name, fmt in layers.items():
         by_fmt.setdefault(fmt, set()).add(name)
+    for name in sorted(by_fmt.pop("bf16", ())):
+        swap(module, name, _bf16(module.get_submodule(name)))
+    if not by_fmt:
+        return module
+    quantize_ = _torchao().quantize_
     with torch.no_grad():
         for fmt, names in by_fmt.items():
             quantize_(module, _torchao_config(fmt),

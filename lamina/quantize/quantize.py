@@ -14,6 +14,10 @@
    most D against float, found by bisection on the count (each tried count is
    measured and recorded; the chosen one was measured, so the budget holds
    after the fact even when the loss is not monotone in the count).
+   ``--latency-ms X``: the smallest count whose measured latency (median wall
+   time of one forward of ``--latency-batch-size`` calibration rows) is at
+   most X, by bisection with every tried count timed and recorded; when even
+   every layer quantized misses X, a UsageError names the best reachable.
 3. Save: the float model (:func:`lamina.verify.save_checked`) plus
    quant_plan.json; ``lamina.load_model(OUT)`` reloads the float model and
    re-applies the plan (int8 quantization is a pure function of the float
@@ -63,9 +67,16 @@ class QuantizeConfig(Runtime):
     max_drop: float | None = field(default=None, metadata={
         "help": "largest loss of validation accuracy (perplexity for a language model) allowed against float; "
                 "needs a model with a task record (a `lamina finetune` / prune / distill OUT)"})
-    formats: str = field(default="int8dyn", metadata={
-        "help": f"comma-separated formats a layer may take ({', '.join(FORMATS)}): int8dyn = int8 weights + "
-                f"per-token int8 activations, int8wo = int8 weights only"})
+    latency_ms: float | None = field(default=None, metadata={
+        "help": "latency goal in milliseconds for one forward of --latency-batch-size calibration rows: the least "
+                "sensitive layers are quantized until the measured latency meets it (each tried count measured)"})
+    latency_batch_size: int = field(default=8, metadata={"help": "rows per forward timed for --latency-ms"})
+    latency_repeats: int = field(default=7, metadata={
+        "help": "timed forwards per tried count for --latency-ms (after one warm-up; the median is compared)"})
+    formats: str = field(default="bf16", metadata={
+        "help": f"comma-separated formats a layer may take ({', '.join(FORMATS)}): bf16 = bfloat16 weights and "
+                f"GEMM (the fast one on CPUs with AMX / AVX512-BF16), int8dyn = int8 weights + per-token int8 "
+                f"activations, int8wo = int8 weights only (smaller, not faster on this CPU)"})
     data: str | None = field(default=None, metadata={
         "help": "calibration data when the model has no task record (bundled name, table, folder)"})
     limit: int | None = field(default=None, metadata={"help": "rows of --data to read before calibration"})
@@ -81,17 +92,20 @@ class QuantizeConfig(Runtime):
     def __post_init__(self):
         if not self.out:
             raise UsageError("--out is required", value=self.out, allowed="a path", fix="pass --out PATH")
-        if (self.fraction is None) == (self.max_drop is None):
-            raise UsageError("quantize needs exactly one budget", value={"fraction": self.fraction,
-                                                                         "max_drop": self.max_drop},
-                             allowed="--fraction F or --max-drop D", fix="e.g. --fraction 0.8")
+        budgets = {"fraction": self.fraction, "max_drop": self.max_drop, "latency_ms": self.latency_ms}
+        if sum(v is not None for v in budgets.values()) != 1:
+            raise UsageError("quantize needs exactly one budget", value=budgets,
+                             allowed="--fraction F, --max-drop D or --latency-ms X", fix="e.g. --fraction 0.8")
+        if self.latency_ms is not None and not (isinstance(self.latency_ms, (int, float)) and self.latency_ms > 0):
+            raise UsageError("--latency-ms must be > 0", value=self.latency_ms, allowed="milliseconds > 0",
+                             fix="e.g. --latency-ms 50")
         if self.fraction is not None and not (isinstance(self.fraction, (int, float)) and 0 <= self.fraction <= 1):
             raise UsageError("--fraction must be between 0 and 1", value=self.fraction, allowed="0 <= F <= 1",
                              fix="e.g. --fraction 0.8")
         if self.max_drop is not None and not (isinstance(self.max_drop, (int, float)) and self.max_drop >= 0):
             raise UsageError("--max-drop must be >= 0", value=self.max_drop, allowed="a number >= 0",
                              fix="e.g. --max-drop 0.01 (one accuracy point)")
-        for name in ("calibration_samples", "batch_size", "max_length"):
+        for name in ("calibration_samples", "batch_size", "max_length", "latency_batch_size", "latency_repeats"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive integer", value=v,
@@ -230,6 +244,56 @@ def _by_max_drop(lm, ranked, task, max_drop: float) -> tuple[int, float, list]:
     return lo, tried[lo], log_ + [{"baseline": base}]
 
 
+def latency_ms(lm: LoadedModel, batch: dict, repeats: int) -> float:
+    """Median wall time in ms of ``repeats`` forwards of ``batch`` after one untimed warm-up."""
+    import statistics
+    import time
+    times = []
+    with torch.inference_mode():
+        lm.forward(batch)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            lm.forward(batch)
+            times.append(1000 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def _by_latency(lm, ranked, batch, goal: float, repeats: int) -> tuple[int, float, list]:
+    """The smallest count (least sensitive first) whose measured latency meets ``goal``: (count, ms, tried).
+
+    Bisection on the count, every tried count measured and recorded; the returned count was itself measured to
+    meet the goal (latency need not be monotone in the count on a loaded machine)."""
+    tried: dict[int, float] = {}
+
+    def ms_at(k: int) -> float:
+        if k not in tried:
+            tried[k] = latency_ms(quantized_copy(lm, {n: f for n, f, _ in ranked[:k]}), batch, repeats)
+        return tried[k]
+
+    lo, hi = 0, len(ranked)
+    if ms_at(0) <= goal:
+        hi = 0
+    elif ms_at(hi) > goal:
+        k, best = min(tried.items(), key=lambda kv: kv[1])
+        raise UsageError(f"no count of quantized layers meets --latency-ms {goal:g}: float {tried[0]:.4g} ms, all "
+                         f"{len(ranked)} layers {tried[len(ranked)]:.4g} ms (best reachable: {best:.4g} ms with {k} "
+                         f"layer(s), batch {_rows(batch)}, {torch.get_num_threads()} thread(s))", value=goal,
+                         allowed=f"--latency-ms >= {best:.4g} on this machine now",
+                         fix=f"raise --latency-ms to {best:.4g} or more, prune the model first, or lower "
+                             f"--latency-batch-size")
+    while hi - lo > 1:  # ms_at(lo) > goal >= ms_at(hi)
+        mid = (lo + hi) // 2
+        if ms_at(mid) <= goal:
+            hi = mid
+        else:
+            lo = mid
+    return hi, tried[hi], [{"count": k, "latency_ms": v} for k, v in sorted(tried.items())]
+
+
+def _rows(batch: dict) -> int:
+    return int(next(iter(batch.values())).shape[0])
+
+
 def quantize(model, config: QuantizeConfig | None = None) -> QuantizeResult:
     """Measure every Linear's sensitivity, quantize the least sensitive within the budget, save under config.out.
 
@@ -262,14 +326,21 @@ def quantize(model, config: QuantizeConfig | None = None) -> QuantizeResult:
     batches, task = _calibration(lm, model, config)
     scores = sensitivity(lm, batches, formats)
     ranked = order(scores)
-    search, drop = None, None
+    search, drop, latency = None, None, None
     if config.fraction is not None:
         count = int(round(config.fraction * len(ranked)))
-    else:
+    elif config.max_drop is not None:
         count, drop, search = _by_max_drop(lm, ranked, task, config.max_drop)
+    else:
+        timed = {k: v[:config.latency_batch_size] for k, v in batches[0].items()}  # calibration rows
+        count, ms, search = _by_latency(lm, ranked, timed, config.latency_ms, config.latency_repeats)
+        latency = {"goal_ms": config.latency_ms, "measured_ms": ms, "float_ms": search[0]["latency_ms"],
+                   "batch": {k: list(v.shape) for k, v in timed.items()}, "threads": torch.get_num_threads(),
+                   "repeats": config.latency_repeats, "statistic": "median after one warm-up, wall time"}
     chosen = {n: f for n, f, _ in ranked[:count]}
     qlm = quantized_copy(lm, chosen)
-    plan = {"formats": list(formats), "budget": {"fraction": config.fraction, "max_drop": config.max_drop},
+    plan = {"formats": list(formats), "budget": {"fraction": config.fraction, "max_drop": config.max_drop,
+                                                 "latency_ms": config.latency_ms},
             "score": "nMSE of the model's main output (logits, else last hidden state) with only this layer "
                      "quantized, on the calibration rows",
             "calibration": {"rows": sum(int(next(iter(b.values())).shape[0]) for b in batches),
@@ -277,7 +348,7 @@ def quantize(model, config: QuantizeConfig | None = None) -> QuantizeResult:
             "task": task[0].to_dict() if task else None,
             "layers": [{"name": n, "scores": scores[n], "quantized": n in chosen, "format": chosen.get(n),
                         "rank": i} for i, (n, _, _) in enumerate(ranked)],
-            "count": count, "of": len(ranked), "validation_drop": drop, "search": search,
+            "count": count, "of": len(ranked), "validation_drop": drop, "latency": latency, "search": search,
             "model": lm.describe(), "source": str(model) if isinstance(model, (str, Path)) else lm.source,
             "runtime": describe(lm.device, lm.dtype)}
     plan_path, model_path = out / PLAN_FILE, out / "model"
