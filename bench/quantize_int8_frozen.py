@@ -12,7 +12,7 @@ from pathlib import Path
 import torchao.quantization as tq
 import torch._inductor.config as ic
 from torch._dynamo.utils import counters
-import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # registers x86 passes
+import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  registers x86 passes
 import lamina
 from lamina.task import read_task
 ic.freezing = True
