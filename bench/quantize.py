@@ -123,7 +123,9 @@ def part_latency(args, res):
             print(f"latency b{bs} t{th}: " + ", ".join(f"{k} {v['median_ms']:.1f}" for k, v in
                                                       lat[f'b{bs}_t{th}'].items() if k != "load_average"), flush=True)
     res["latency_ms"] = lat
-    res["latency_settings"] = {"repeats": args.repeats, "warmup": 1, "tokens": "up to 64 (padded to the longest row)",
+    res["latency_settings"] = {"repeats": args.repeats, "warmup": 1,
+                               "tokens": f"up to {min(spec.max_length, 64)} (the task's max length, at most 64; "
+                                         f"padded to the longest row)",
                                "statistic": "median of interleaved repeats, min-max beside it"}
 
 
@@ -192,7 +194,9 @@ def main(argv=None) -> dict:
 
 
 def _write(r: dict) -> None:
-    lines = [f"Commands: " + "; ".join(f"{p}: `{c}`" for p, c in r["commands"].items()), "",
+    cmds = set(r["commands"].values())
+    lines = [(f"Command (every part): `{cmds.pop()}`" if len(cmds) == 1 else
+              "Commands: " + "; ".join(f"{p}: `{c}`" for p, c in r["commands"].items())), "",
              f"Teacher: MiniLM fine-tuned on {r.get('task', {}).get('limit')} Rotten Tomatoes rows "
              f"(max length {r.get('task', {}).get('max_length')}); student: its 3-of-6 block prune, distilled "
              f"(CE + KD + SKT, 2 epochs); {r.get('test_rows')} test rows. Format: {r['formats']} "
@@ -208,8 +212,10 @@ def _write(r: dict) -> None:
         ln = r["test_logit_nmse"].get(m)
         lines.append(f"| {m} | {a:.4f} | {'-' if ln is None else f'{ln:.2e}'} | " + " | ".join(cells) + " |")
     loads = {k: v.get("load_average", [None])[0] for k, v in lat.items()}
-    lines += ["", f"Latency: median (min-max) of {r.get('latency_settings', {}).get('repeats')} interleaved "
-                  f"repeats after a warm-up; 1-minute load average during each setting: "
+    ls = r.get("latency_settings", {})
+    lines += ["", f"Latency: median (min-max) of {ls.get('repeats')} interleaved repeats after a warm-up, the first "
+                  f"test rows, {ls.get('tokens', 'up to 32 tokens (the task max length)')} tokens; 1-minute load "
+                  f"average during each setting: "
                   + ", ".join(f"{k} {v:.1f}" for k, v in loads.items() if v is not None) + ".", "",
               "Targets (bench/results/quantize.json):", ""]
     for k, v in r["targets"].items():

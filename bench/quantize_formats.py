@@ -9,7 +9,7 @@ passes registered; fp32_c / fp32_f = the compiled float baselines. Batch 1 and 8
 tokens), one and two threads, medians of REP interleaved rounds after two warm-ups (compile time excluded and
 printed). Appends to bench/results/quantize_formats.json; BENCHMARKS.md "quantize" quotes it.
 """
-import copy, json, os, statistics, sys, time, warnings, logging
+import copy, json, os, statistics, sys, time, warnings
 warnings.simplefilter("ignore")
 import torch
 from torch import nn
@@ -39,11 +39,8 @@ def is_linear(m, fqn): return isinstance(m, nn.Linear)
 
 def build(name):
     m = copy.deepcopy(fp)
-    ctx = None
     if name.startswith("ao_dyn"):
         tq.quantize_(m, tq.Int8DynamicActivationInt8WeightConfig(), filter_fn=is_linear)
-    elif name.startswith("ao_dyn_pt"):
-        pass
     elif name.startswith("ao_wo"):
         tq.quantize_(m, tq.Int8WeightOnlyConfig(), filter_fn=is_linear)
     elif name.startswith("legacy"):
@@ -53,7 +50,7 @@ def build(name):
     if name.endswith("_f"):
         import torch._inductor.config as ic
         ic.freezing = True
-        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # registers the x86 int8 lowering passes
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  registers the x86 int8 lowering passes
         m = torch.compile(m, dynamic=False)
     if name.endswith("_c"):
         m = torch.compile(m, dynamic=False)

@@ -232,7 +232,8 @@ def _quantize(ns):
         print(f"validation  measured drop {res.metric_drop:.4g} (allowed {res.plan['budget']['max_drop']})")
     if res.plan.get("latency"):
         lat = res.plan["latency"]
-        print(f"latency     measured {lat['measured_ms']:.4g} ms (goal {lat['goal_ms']:g}; float {lat['float_ms']:.4g})")
+        print(f"latency     measured {lat['measured_ms']:.4g} ms (goal {lat['goal_ms']:g}; "
+              f"float {lat['float_ms']:.4g})")
     print(f"plan:  {res.plan_path}")
     print(f"model: {res.out}  (lamina.load; reload checked, max abs diff "
           f"{res.plan['reload_check']['max_abs_diff']:.3g})")

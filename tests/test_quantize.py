@@ -11,7 +11,7 @@ from torch import nn
 import lamina
 from lamina.errors import UsageError
 from lamina.quantize import QuantizeConfig, quantize, sensitivity
-from lamina.quantize.formats import apply_layers, linear_names
+from lamina.quantize.formats import linear_names
 from lamina.quantize.quantize import _run, quantized_copy
 
 

@@ -6,20 +6,24 @@ fine-tuned MiniLM, batch 8 x 64 tokens, one thread, interleaved medians; the
 probe script and every number are in BENCHMARKS.md "quantize"):
 
 - ``bf16`` (the Linear's weights in bfloat16, its GEMM run by oneDNN on AMX,
-  the output cast back to float32): 2.5x faster than float32 for the whole
-  model in bf16, eager or compiled, logits cosine 0.99999. Per Linear
-  (512 x 384 x 1536) 3.5x. It needs no compile and no calibration, so it is
-  the default format.
+  the output cast back to float32): the whole model in bf16 runs 2.3-2.6x
+  faster than float32, eager or compiled, logits cosine 0.99999; every Linear
+  alone in bf16 (the rest float32, casts around each layer) 1.7-1.9x. It needs
+  no compile and no calibration, so it is the default format.
 - torchao ``Int8DynamicActivationInt8WeightConfig`` (``int8dyn``): 0.8x in
   eager. The int8 GEMM itself is fast here (``torch._int_mm`` on AMX: 1 ms
   against 17 ms float32 for 512 x 384 x 1536), but the per-token activation
   quantization before it (``quantize_affine``: divide, round, add the zero
   point, clamp, cast: separate eager kernels through a tensor subclass) costs
   about 10x the GEMM; the profile shows one ``aten::add`` alone at half the
-  layer's time. Under ``torch.compile`` (with and without inductor freezing
-  and torchao's x86 lowering passes registered) it stayed at 0.6-0.7x, so
-  compiling does not rescue it on this build; it stays as a format for its
-  4x smaller weights, not for speed.
+  layer's time. ``torch.compile`` with inductor freezing, after importing
+  ``torchao.quantization.pt2e.quantizer.x86_inductor_quantizer`` (which
+  registers the x86 lowering passes), fuses that quantization and rewrites
+  all 38 int8 GEMMs to oneDNN ``qlinear_pointwise`` with prepacked weights:
+  2.0-2.1x, still below bf16 eager in the same run (2.3-2.6x), after 4 min of
+  compiling per input shape on this machine; plain ``torch.compile`` without
+  freezing stays at 0.6-0.7x. So int8dyn stays, eager, as the format for 4x
+  smaller weights, not for speed.
 - torchao ``Int8WeightOnlyConfig`` (``int8wo``): 0.85-1.05x (the weight is
   cast back to float on every call).
 - ``torch.ao.quantization.quantize_dynamic`` (fbgemm, one activation scale
