@@ -529,14 +529,14 @@ def _write(r: dict) -> None:
         best = max(e["heads"].values(), key=lambda v: v["accuracy"]["mean"])["accuracy"]["mean"]
         n_test = full["test_rows"]
         half = 1.96 * (full["accuracy"] * (1 - full["accuracy"]) / n_test) ** 0.5
-        lines += ["", f"Full fine-tuning: {full['epochs_run']} epochs of {full['steps_per_epoch']} steps (best "
-                  f"validation epoch {full['best_epoch']}), test accuracy {full['accuracy']:.4f} ± {half:.3f} "
+        lines += ["", f"Full fine-tuning: {full.get('epochs_run')} epochs of {full.get('steps_per_epoch')} steps (best "
+                  f"validation epoch {full.get('best_epoch')}), test accuracy {full['accuracy']:.4f} ± {half:.3f} "
                   f"(95%, {n_test} rows)" + (f"; the recipe's 3 epochs on the same rows gave "
                                               f"{full['recipe_3_epochs']['accuracy']:.4f}"
                                               if full.get("recipe_3_epochs") else "") + "."]
         if full["accuracy"] < best:
-            lines += ["", f"Note: full fine-tuning ({full['epochs_run']} epochs of {full['steps_per_epoch']} steps, "
-                      f"best epoch {full['best_epoch']}) is below the best frozen-backbone head here: on "
+            lines += ["", f"Note: full fine-tuning ({full.get('epochs_run')} epochs of {full.get('steps_per_epoch')} "
+                      f"steps, best epoch {full.get('best_epoch')}) is below the best frozen-backbone head here: on "
                       f"{e['task'].get('limit')} rows a retained ratio above 1 says this full fine-tuning is "
                       "weak, not that a head beats a good one (the finetune benchmark's EfficientNet teacher, "
                       "3000 images at 96 px, bench/results/distill.json, reaches 0.8917)."]
