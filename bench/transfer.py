@@ -476,6 +476,11 @@ FINDINGS = [
     "near 0.72 is about ±0.08, wider than every gap between the heads and full fine-tuning here; the two full "
     "fine-tuning runs on the same rows (3 and 12 epochs) differ by 0.04 themselves. Whether the best head "
     "keeps >= 98% of full fine-tuning cannot be decided at this size in either direction.",
+    "- Provenance: the heads of each model were measured by `python bench/transfer.py --work "
+    "/tmp/tr/bench-work --skip-efficientnet --repeats 10` (MiniLM) and `... --skip-minilm --repeats 10` "
+    "(EfficientNet), whose memory step then stopped on a folder an older lamina wrote; memory, speed and the "
+    "per-part times were measured by the `--part` commands named above each table, and this section was "
+    "assembled from those caches with `--assemble`.",
     "- `side_from_store` reads the float16 `--pooling none` store and reaches exactly the accuracy of `side`, "
     "which caches the backbone's outputs in float16 too, in less training time (no backbone pass).", ""]
 
