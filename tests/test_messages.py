@@ -377,7 +377,8 @@ def _npz_pickled(p):
     ("empty.csv", _empty_csv, "empty.csv"),
     ("head.csv", _header_only_csv, "head.csv"),
     ("obj.npz", _npz_pickled, "obj.npz"),
-    ("data.txt", lambda p: p.write_text("hi"), "unsupported data file type"),
+    ("data.xyz", lambda p: p.write_text("hi"), "unsupported data file type"),
+    ("one.txt", lambda p: p.write_text("hi\n"), "too small"),  # text without labels: one document is not enough
 ])
 def test_bad_data_files(name, make, needle, bert, tmp_path, capsys):
     path = tmp_path / name
