@@ -130,7 +130,8 @@ def run_separate(work: Path, model: str, args) -> None:
     t, t_rec, spec, ds, split, _ = _teacher(work, model)
     sample = list(split["train"][:32])
     f_teacher = _flops(t, spec, sample)
-    _commit(model, "teacher", {"path": str(t), "test_accuracy": t_rec["test"]["accuracy"], "test_rows": len(split["test"]),
+    _commit(model, "teacher", {"path": str(t), "test_accuracy": t_rec["test"]["accuracy"],
+                       "test_rows": len(split["test"]),
                        "train_rows": len(split["train"]), "settings": REDUCED[model][2],
                        "parameters": sum(p.numel() for p in load_model(str(t)).module.parameters()),
                        "flops_per_sample": f_teacher})
@@ -259,11 +260,14 @@ def run_selector(work: Path, model: str, args) -> None:
     _cli("elastic", "extract", str(e), "--out", str(out), "--latency-ms", f"{target:.4f}", "--overwrite")
     bs = int(fam["members"][0].get("latency_batch") or 1)
     threads = fam["members"][0].get("latency_threads")
-    res = bench([str(out)], BenchConfig(  # the extract folder: its extract.json names the task and test rowsout=str(work / f"{_name(model)}-selected-bench"), batch_sizes=(bs,),
+    # the extract folder: its extract.json names the task and the test rows
+    res = bench([str(out)], BenchConfig(out=str(work / f"{_name(model)}-selected-bench"), batch_sizes=(bs,),
                                     repeats=args.repeats, threads=threads, accuracy=False, overwrite=True,
                                     progress=False))
     lat = res["models"][0]["latency"][str(bs)]
+    chosen = json.loads((out / "extract.json").read_text())
     _commit(model, "selector", {
+        "chosen": chosen["budget"], "chosen_recorded_ms": (chosen.get("measured_in_family") or {}).get("latency_ms"),
         "elastic_run": str(e), "target_ms": target, "batch": bs, "threads": threads, "measured_ms": lat["median_ms"],
         "measured_iqr_ms": [lat["p25_ms"], lat["p75_ms"]], "met": bool(lat["median_ms"] <= target),
         "member_latencies_ms": lats, "command": _command(), "load_average": list(os.getloadavg())})
@@ -369,7 +373,8 @@ def _write(r: dict) -> None:
         for b in ["full"] + list(BUDGETS[model]):
             sb = (sep or {}).get("budgets", {}).get(b, {})
             ev = [e["members"][b] for e in (el or {}).get("seeds", {}).values() if b in e.get("members", {})]
-            sacc = _fmt_stats(sb.get("summary")) if b != "full" else f"{t.get('test_accuracy', float('nan')):.4f} (the teacher)"
+            sacc = _fmt_stats(sb.get("summary")) if b != "full" else \
+                f"{t.get('test_accuracy', float('nan')):.4f} (the teacher)"
             eacc = _fmt_stats(_stats([x["test_accuracy"] for x in ev])) if ev else "–"
             sp = tp if b == "full" else sb.get("parameters")
             ep = ev[0]["parameters"] if ev else None
@@ -389,7 +394,9 @@ def _write(r: dict) -> None:
                       f"({sep['scores_seconds']:.0f} s, shared by both budgets) + prune + distill of each budget): "
                       + "; ".join(per_seed) + f". Command: `{sep.get('command')}`.", ""]
         if el and el.get("seeds"):
-            lines += [f"Elastic route ({el.get('epochs')} epoch{'s' if el.get('epochs') != 1 else ''}, --sampled {el.get('sampled')}; cost = the whole "
+            ep = el.get("epochs")
+            lines += [f"Elastic route ({ep} epoch{'s' if ep != 1 else ''}, --sampled {el.get('sampled')}; cost = the "
+                      "whole "
                       "`lamina elastic` call, ordering and the selector's scoring and timing of every member "
                       "included): " + "; ".join(
                           f"seed {s}: {e['wall_s']:.0f} s, {e['flops']:.3g} FLOPs, "
@@ -400,7 +407,8 @@ def _write(r: dict) -> None:
         if s:
             lines += [f"Selector: `lamina elastic extract --latency-ms {s['target_ms']:.2f}` (members' latencies in "
                       "elastic.json " + ", ".join(f"{x:.2f}" for x in s["member_latencies_ms"])
-                      + f" ms at batch {s['batch']}, {s['threads']} thread(s)); the chosen model re-measured by "
+                      + f" ms at batch {s['batch']}, {s['threads']} thread(s)); chose {s.get('chosen')} (recorded "
+                      f"{s.get('chosen_recorded_ms') or float('nan'):.2f} ms); the chosen model re-measured by "
                       f"`lamina bench`: median {s['measured_ms']:.2f} ms (IQR {s['measured_iqr_ms'][0]:.2f}–"
                       f"{s['measured_iqr_ms'][1]:.2f}) -> {'met' if s['met'] else 'NOT met'}.", ""]
     tg = r.get("targets") or {}
