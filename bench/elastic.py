@@ -457,9 +457,10 @@ NOTES = [  # written by hand from the numbers of the run recorded above (kept he
     "channel axis only (`--channels 1,0.62,0.43`, depth full), the same kept fractions as `lamina prune "
     "--channels 0.38 / 0.57` of the separate route.",
     "- **Selector.** The target is set halfway between the two fastest members' latencies recorded in elastic.json; "
-    "those were measured by `lamina elastic` under a load average near 20 (MiniLM at batch 1: 284-506 ms, about "
-    "10x an idle machine), and the re-measurement ran at a lower load, so \"met\" here mostly says the load fell. "
-    "A latency target is only as stable as the machine's load between selection and use.",
+    "those were measured by `lamina elastic` under a load average near 20 (MiniLM at batch 1: 284-506 ms), and "
+    "the chosen member re-measured at a load near 7 took 15 ms, 19x less, so \"met\" here says the load fell, not "
+    "that the selector is accurate. Latencies measured on a shared machine are only as stable as its load between "
+    "selection and use; the members' order by latency is what carries over.",
     "",
 ]
 
