@@ -426,12 +426,11 @@ def _write(r: dict) -> None:
 NOTES = [  # written by hand from the numbers of the run recorded above (kept here so a re-run keeps them)
     "Notes (read before the targets):",
     "",
-    "- **Fewer seeds than asked, and why.** The machine's load average stayed at 12-22 for the whole run (other "
-    "engineers' jobs on 2 cores), so each single-threaded process got about a tenth of a core: one MiniLM distill "
-    "took 318 s at the start and 924-1050 s later, one elastic run 44 min. What finished before the deadline is "
-    "what the tables show: MiniLM separate 3 seeds (2/3) and the seeds listed for 1/2, MiniLM elastic the seeds "
-    "listed, EfficientNet one seed per route. A spread over fewer than 3 seeds is not a spread; the std column "
-    "says 0 where there is one seed.",
+    "- **Load.** The machine's load average stayed at 12-22 for most of the run (other engineers' jobs on 2 "
+    "cores) and fell to ~1 near its end, so each single-threaded process got between a tenth of a core and a "
+    "whole one: the same MiniLM 2/3 distill took 318 s and 924 s, MiniLM elastic runs 2667 s and 2291 s (seeds 0, "
+    "2, under load) and 394 s (seed 1, near the end). MiniLM has 3 seeds on both routes; EfficientNet has the "
+    "seeds its rows list (one seed is not a spread: std 0).",
     "- **Wall-time ratios are not comparable here.** The two routes ran in different processes at different loads "
     "(not interleaved: each run is tens of minutes), and the same 2/3 distill took 318 s and 924 s. The FLOP "
     "ratio (steps x model FLOPs, the same formula on both sides) is the meaningful cost measure in this run; "
