@@ -424,7 +424,7 @@ def _write(r: dict) -> None:
 
 
 NOTES = [  # written by hand from the numbers of the run recorded above (kept here so a re-run keeps them)
-    "Notes (read before the targets):",
+    "Notes on these numbers (read them with the targets):",
     "",
     "- **Load.** The machine's load average stayed at 12-22 for most of the run (other engineers' jobs on 2 "
     "cores) and fell to ~1 near its end, so each single-threaded process got between a tenth of a core and a "
@@ -439,9 +439,9 @@ NOTES = [  # written by hand from the numbers of the run recorded above (kept he
     "The FLOP ratio (steps x model FLOPs, one formula on both sides) is the load-free measure: 0.68 for both "
     "models.",
     "- **Accuracy gaps.** MiniLM: the elastic members are 0.015 (2/3) and 0.035 (1/2) below the separately "
-    "distilled models on average, each within about one binomial standard error (0.03) but below in all six "
-    "seed/budget pairs, so the shortfall is likely real; note that the MiniLM 1/2 elastic member (0.690) is no better than "
-    "the pruned model before recovery (0.690): one epoch shared by three members did not recover the smallest. "
+    "distilled models on average, each within about one binomial standard error (0.03) but below "
+    "in all six seed/budget pairs, so the shortfall is likely real; note that the MiniLM 1/2 elastic member "
+    "(0.690) is no better than the pruned model before recovery (0.690): one epoch shared by three members did not recover the smallest. "
     "EfficientNet: 0.017 below at 2/3 and 0.005 above at 1/2, both within noise (the pairs go both ways).",
     "- **Cost arithmetic: the 0.5 goal is out of reach for a three-budget grid at these epochs.** With depths 6, 4, 3 "
     "the sandwich rule trains all three members every step (full + smallest + 1 sampled), and the full member is "
