@@ -32,7 +32,9 @@ in neither. ``cost_ratio`` = elastic cost / summed separate cost of the 2/3 and
 1/2 budgets; met when both the wall-time and the FLOP ratio are <= 0.5.
 
 Usage: python bench/elastic.py [--work DIR] [--part separate|elastic|selector ...]
-       [--model minilm|efficientnet ...] [--seeds 0 1 2]
+       [--model minilm|efficientnet ...] [--seeds 0 1 2] [--epochs 2 (distill)] [--elastic-epochs 1]
+A seed already finished in --work (distill.json with the same settings; an elastic seed's
+WORK/*.bench.json) is read again, not re-run, so parts and seeds can run in separate invocations.
 """
 
 from __future__ import annotations
