@@ -371,9 +371,9 @@ def _elastic(ns):
     for m in res.members:
         print(f"{m['depth']:>5} {m['ffn']:>5g} {m['heads']:>5g} {m['channels']:>5g} {m['parameters']:>12,} "
               f"{m['val_metric']:>15.4f} {m['latency_ms']:>11.3f}  {'*' if m['pareto'] else ''}")
-    t = r["training"]
-    print(f"teacher     val {r['metric']} {r['teacher']['val_metric']:.4f}; training {t['steps']} steps, "
-          f"{t['wall_s']:.0f} s, {t['flops']:.3g} FLOPs (estimated)")
+    t, k = r["training"], r["metric"]
+    print(f"full member test {k} {r['test'][k]:.4f} (teacher {r['teacher_test'][k]:.4f}); training "
+          f"{t['steps']} steps, {t['wall_s']:.0f} s, {t['flops']:.3g} FLOPs (estimated)")
     print(f"model: {res.model_path}")
     print(f"record: {res.out}/elastic.json")
     _next(f"lamina elastic extract {res.out} --out small/ --params 0.5")

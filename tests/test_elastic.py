@@ -38,12 +38,13 @@ def _models():
     return {
         "bert": (wrap_module(lt.tiny_hf_model("bert", layers=3, head=True, seed=4)), _text_batch(), {"ffn"}),
         "llama-gqa": (wrap_module(lt.tiny_causal_lm("llama", layers=3, seed=5)), _text_batch(1), {"ffn", "heads"}),
+        "gpt2": (wrap_module(lt.tiny_causal_lm("gpt2", layers=2, seed=6)), _text_batch(2), {"ffn"}),
         "mbconv": (wrap_module(tiny_mbconv(), modality="image", image_size=16),
                    {"pixels": torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))}, {"channels"}),
     }
 
 
-@pytest.mark.parametrize("name", ["bert", "llama-gqa", "mbconv"])
+@pytest.mark.parametrize("name", ["bert", "llama-gqa", "gpt2", "mbconv"])
 def test_ordering_by_importance_keeps_the_function_and_sorts_every_prefix(name):
     lm, batch, axes = _models()[name]
     assert lm.module.config.num_key_value_heads == 2 if name == "llama-gqa" else True  # GQA: 4 heads, 2 groups
@@ -137,6 +138,7 @@ def test_the_full_member_alone_is_a_plain_distill_step(nodrop_teacher):
     assert float(loss) > 0
 
 
+@pytest.mark.slow
 def test_elastic_end_to_end_extract_and_select(tmp_path, nodrop_teacher, capsys):
     e = tmp_path / "E"
     assert main(["elastic", "--teacher", str(nodrop_teacher), "--out", str(e), "--depths", "2,1", "--widths",
@@ -181,8 +183,15 @@ def test_elastic_end_to_end_extract_and_select(tmp_path, nodrop_teacher, capsys)
     assert "not in the trained budget grid" in capsys.readouterr().err
     assert main(["elastic", "extract", str(e), "--out", str(tmp_path / "y"), "--latency-ms", "1e-9"]) == 2
     assert "fastest member" in capsys.readouterr().err
+    # a damaged elastic.json is a message, not a traceback
+    bad = json.loads((e / "elastic.json").read_text())
+    del bad["members"][1]["parameters"]
+    (e / "elastic.json").write_text(json.dumps(bad))
+    assert main(["elastic", "extract", str(e), "--out", str(tmp_path / "z"), "--params", "0.8"]) == 2
+    assert "incomplete or damaged" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_gives_the_same_weights(tmp_path, nodrop_teacher, monkeypatch):
     ref = elastic(str(nodrop_teacher), _cfg(tmp_path / "ref", epochs=3))
     restore = die_in_epoch(monkeypatch, 2)
@@ -196,6 +205,7 @@ def test_resume_after_a_kill_gives_the_same_weights(tmp_path, nodrop_teacher, mo
     assert res.record["training"]["resumed_from"] == 0
 
 
+@pytest.mark.slow
 def test_a_decoder_lm_with_grouped_query_attention(tmp_path):
     texts, _ = lt.tiny_sentences(80, seed=2)
     (tmp_path / "d.txt").write_text("\n".join(texts))
@@ -257,3 +267,68 @@ def test_pareto_and_pick_rules():
         pick(ms, True, params=0.5)
     # perplexity: lower is better
     assert pareto([{**m, "val_metric": 10 - m["val_metric"]} for m in ms], False) == [True, True, False]
+
+
+@pytest.mark.slow
+def test_a_cnn_with_batchnorm_channels_and_depth(tmp_path, capsys):
+    import numpy as np
+    from test_channels import FACTORY
+    ds = lt.tiny_image_dataset(60, size=16, classes=3)
+    np.savez(tmp_path / "imgs.npz", x=ds.inputs, y=ds.labels)
+    e = tmp_path / "E"
+    assert main(["elastic", "--teacher", FACTORY, "--data", str(tmp_path / "imgs.npz"), "--out", str(e),
+                 "--depths", "4,3", "--channels", "1,0.5", "--epochs", "1", "--batch-size", "16", "--lr", "1e-3",
+                 "--no-progress", "--latency-repeats", "2", "--calibration-samples", "16"]) == 0, \
+        capsys.readouterr().err
+    rec = json.loads((e / "elastic.json").read_text())
+    assert 1 not in rec["block_order"]  # the stride-2 block changes the resolution: it never goes
+    assert len(rec["members"]) == 4
+    parent = rec["members"][0]["parameters"]
+    assert all(m["parameters"] < parent for m in rec["members"][1:])
+    assert main(["elastic", "extract", str(e), "--out", str(tmp_path / "m"), "--depth", "3", "--channels", "0.5",
+                 "--trust-code"]) == 0, capsys.readouterr().err
+    x = json.loads((tmp_path / "m" / "extract.json").read_text())
+    assert x["format"] == "lamina" and x["bn_recalibrated"] and x["reload_check"]["ok"]
+    assert x["parameters"] == next(m["parameters"] for m in rec["members"] if m["depth"] == 3 and m["channels"] == 0.5)
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_follow_one_rank(tmp_path, nodrop_teacher):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    common = ["elastic", "--teacher", str(nodrop_teacher), "--depths", "2,1", "--widths", "1,0.5", "--sampled", "1",
+              "--epochs", "1", "--lr", "3e-3", "--batch-size", "16", "--no-progress", "--latency-repeats", "1",
+              "--calibration-samples", "16", "--teacher-kd", "0.5"]
+    one = subprocess.run([sys.executable, "-m", "lamina", *common, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(29700 + os.getpid() % 1000), "-m", "lamina", *common, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "elastic.json").read_text())
+    b = json.loads((tmp_path / "two" / "elastic.json").read_text())
+    assert b["history"]["world_size"] == 2 and a["history"]["world_size"] == 1
+    for k in ("loss", "full", "members"):
+        assert b["history"]["epochs"][0]["train"][k] == pytest.approx(a["history"]["epochs"][0]["train"][k],
+                                                                      rel=2e-3, abs=1e-5), k
+
+
+def test_configs_are_frozen_dataclasses_or_dicts():
+    with pytest.raises(TypeError, match=r"elastic\(\) takes its settings as a ElasticConfig"):
+        elastic("teacher/", 0.5)
+    with pytest.raises(TypeError, match=r"elastic_extract\(\) takes its settings as a ExtractConfig"):
+        elastic_extract("E/", ["out"])
+    with pytest.raises(UsageError, match="ElasticConfig has no setting 'width'"):
+        elastic("teacher/", {"out": "x", "width": "1,0.5"})
+    with pytest.raises(UsageError, match="widths takes kept fractions"):
+        ElasticConfig(out="x", widths="1,1.5")
+    with pytest.raises(UsageError, match="depths must be a comma-separated list of integers"):
+        ElasticConfig(out="x", depths="6,four")
+    assert ElasticConfig(out="x", depths=(6, 4), widths=[1, 0.5]).depths == (6, 4)  # Python lists work too
+    from dataclasses import FrozenInstanceError
+    with pytest.raises(FrozenInstanceError):
+        ElasticConfig(out="x").sampled = 3

@@ -106,7 +106,15 @@ def read_family(elastic_dir) -> dict:
         grid = Grid.from_dict(rec["grid"])
         order = [int(j) for j in rec["block_order"]]
         members = list(rec["members"])
-        bool(rec["higher_is_better"])
+        if not isinstance(rec["higher_is_better"], bool) or not members or not isinstance(rec["task"], dict):
+            raise ValueError("higher_is_better, members or task")
+        for m in members:
+            budget_of(m)
+            for k in ("parameters", "val_metric"):
+                if isinstance(m[k], bool) or not isinstance(m[k], (int, float)):
+                    raise ValueError(f"member {k}")
+            if m.get("latency_ms") is not None and not isinstance(m["latency_ms"], (int, float)):
+                raise ValueError("member latency_ms")
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"elastic.json is incomplete or damaged ({type(e).__name__}: {e})", value=str(p),
                          allowed="the file `lamina elastic` wrote", fix="run lamina elastic again") from e

@@ -10,8 +10,8 @@
    (+ ``teacher_kd`` x KD from the original teacher), then the smallest member and ``sampled``
    random members of the grid, each on ``ce`` x task loss + ``kd`` x KD to the full member's
    detached logits; one backward over the sum, one optimizer step on the shared weights. The
-   members are drawn from a generator seeded by (seed, the step's rows), so a resumed run draws
-   what the uninterrupted one did. Everything else is distill's loop (:func:`lamina.train.fit`):
+   members are drawn from a generator seeded by (seed, the step's first row), so a resumed run draws
+   what the uninterrupted one did; under torchrun rank 0's draw is broadcast to every rank. Everything else is distill's loop (:func:`lamina.train.fit`):
    the teacher's task record and split, checkpoints, ``--resume``, torchrun, early stopping on the
    full member's validation metric.
 3. **Select.** Every member is extracted, its BatchNorm statistics re-estimated on calibration
@@ -227,15 +227,29 @@ class _Member:
 
 def draw(grid: Grid, sampled: int, seed: int, rows) -> list[Budget]:
     """The sub-members trained on ``rows`` besides the full one: the smallest, then ``sampled`` others drawn
-    without replacement by a generator seeded by (seed, the rows), so a resumed run draws the same."""
+    without replacement by a generator seeded by (seed, the step's first row): a resumed run draws the same,
+    and so does rank 0 of a torchrun job (its first row is the global batch's first)."""
     full, small = grid.full, grid.smallest
     if small == full:
         return []
     pool = [b for b in grid.members() if b not in (full, small)]
     k = min(sampled, len(pool))
-    rng = np.random.default_rng([seed, *(int(r) for r in np.asarray(rows)[:16])])
+    first = np.asarray(rows)[:1]
+    rng = np.random.default_rng([seed, int(first[0]) if len(first) else 0])
     pick = sorted(rng.choice(len(pool), size=k, replace=False).tolist()) if k else []
     return [small, *(pool[i] for i in pick)]
+
+
+def _same_draw(grid: Grid, config: ElasticConfig, rows, device, size: int) -> list[Budget]:
+    """:func:`draw` on rank 0's rows, broadcast, so every torchrun rank trains the same members in a step
+    (their summed gradients are then the gradient of one sandwich over the global batch)."""
+    members = draw(grid, config.sampled, config.seed, rows)
+    if size == 1:
+        return members
+    pool = grid.members()
+    idx = torch.tensor([pool.index(b) for b in members] or [-1], dtype=torch.long, device=device)
+    torch.distributed.broadcast(idx, src=0)
+    return [pool[i] for i in idx.tolist() if i >= 0]
 
 
 def sandwich_loss(fam: Family, task, batch: dict, rows, members: list[Budget], config: ElasticConfig,
@@ -314,10 +328,10 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
             if config.teacher_kd > 0:
                 with torch.no_grad():
                     t_logits = logits_of(teacher.forward(b)).float()
-            loss, parts = sandwich_loss(fam, task, b, rows, draw(grid, config.sampled, config.seed, rows), config,
-                                        t_logits)
+            loss, parts = sandwich_loss(fam, task, b, rows, _same_draw(grid, config, rows, parent.device, size),
+                                        config, t_logits)
         scale = len(rows) / gbs
-        return loss * scale, {k: torch.tensor(v * scale) for k, v in parts.items()}
+        return loss * scale, {k: torch.tensor(v * scale, device=loss.device) for k, v in parts.items()}
 
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in parent.module.modules())
 
@@ -353,13 +367,18 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
         (t_flops if config.teacher_kd > 0 else 0.0)
     rec_members = score_members(fam, task, calib, split["val"], config) if rank == 0 else []
     t_val = task.evaluate(teacher, split["val"])
+    from ..distill.distill import _teacher_test
+    test, t_test = task.evaluate(parent, split["test"]), _teacher_test(teacher_src, teacher, task)
     rec = {"lamina_elastic": 1, "teacher": {"path": str(teacher_src), "val_metric": t_val[task.metric],
                                             "metric": task.metric,
                                             "parameters": sum(p.numel() for p in teacher.module.parameters())},
+           "test": test, "teacher_test": t_test,
+           "retained": (test[task.metric] / t_test[task.metric] if task.higher_is_better
+                        else t_test[task.metric] / test[task.metric]) if t_test[task.metric] else None,
            "task": task.record(), "metric": task.metric, "higher_is_better": task.higher_is_better,
            "grid": grid.to_dict(), "block_order": order,
            "block_order_names": [f"blocks.{j}" for j in order], "block_scores": block_scores,
-           "ordered": sorted(ordered), "members": rec_members,
+           "ordered": sorted(ordered), "permutations": ordered, "members": rec_members,
            "training": {"steps": steps, "rows": rows_seen, "wall_s": wall, "flops": rows_seen * per_row,
                         "flops_per_row": {"full_forward": flops[grid.full], "teacher_forward": t_flops,
                                           "step_expected": per_row},
