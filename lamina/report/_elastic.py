@@ -102,7 +102,7 @@ def elastic_section(d, fmt: str, points: list[dict] | None = None) -> dict:
     except LaminaError as e:
         return {"rows": [], "tables": [], "figure": None, "problem": e.cli_text().replace("\n", " ")}
     # the members carry their validation score (what the selector ranks by); the separate models their test score
-    acc_label = f"{metric} (members: validation; made separately: test)"
+    acc_label = metric  # the legend says which split: members validation, separate models test
     batches = {m.get("latency_batch") for m in members}
     batch = batches.pop() if len(batches) == 1 else None
     sep = [p for p in points or () if p.get("kind") in SEPARATE_KINDS and p.get("accuracy") is not None]
@@ -158,7 +158,7 @@ def _panel(ax, xs, acc, on, labels, prefix: str, sep_pts: list[tuple[str, float,
     order = sorted((i for i in range(len(xs)) if on[i]), key=lambda i: xs[i])
     if len(order) > 1:
         ax.step([xs[i] for i in order], [acc[i] for i in order], where="post", color=plots.MAIN, alpha=0.45,
-                linewidth=1.5, zorder=2, label="elastic front")
+                linewidth=1.5, zorder=2, label="elastic front (validation)")
     for i in range(len(xs)):
         # the gid says front or not: the page can be checked against the numbers without reading colours
         ax.plot([xs[i]], [acc[i]], "o", markersize=6.5, zorder=3, color=plots.MAIN if on[i] else plots.CONTROL,
@@ -168,7 +168,7 @@ def _panel(ax, xs, acc, on, labels, prefix: str, sep_pts: list[tuple[str, float,
                         color=plots.INK)
     for j, (name, x, y) in enumerate(sep_pts):
         ax.plot([x], [y], "D", markersize=6.5, zorder=4, color=plots.EXTRA[1], markeredgecolor="white",
-                gid=f"elastic-{prefix}-separate-{j}", label="made separately" if j == 0 else None)
+                gid=f"elastic-{prefix}-separate-{j}", label="made separately (test)" if j == 0 else None)
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(-6, 4), ha="right", fontsize=7.5,
                     color=plots.EXTRA[1])  # left of its point: the family labels sit to the right
     ys = list(acc) + [y for _, _, y in sep_pts]
