@@ -29,3 +29,16 @@ def test_stage_folders_get_their_sections(tmp_path, tiny_teacher):
     assert main(["report", str(run), "--stages", str(tiny_teacher), str(tmp_path / "b"), "--out",
                  str(tmp_path / "r.html")]) == 0
     assert "Speed and accuracy: b" in (tmp_path / "r.html").read_text()
+
+
+def test_a_stage_file_of_another_shape_is_shown_plainly_not_a_traceback(tmp_path):
+    # a bench.json without the fields the speed view draws (another version, or edited by hand)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "scores.json").write_text(json.dumps(sample_scores(4, control=False)))
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "bench.json").write_text(json.dumps({"models": [{"model": "m", "latency": {"1": {}}, "parameters": 7}]}))
+    html, info = render_html(run, ReportConfig(stages=(str(odd),)))
+    assert "bench" in info["sections"]
+    assert "not in the shape this version draws" in html and "KeyError" in html

@@ -46,7 +46,20 @@ def stage_paths(run: Path, extra) -> list[tuple[Path, str, str]]:
 
 
 def section(kind: str, data: dict, fmt: str, points: list[dict] | None = None) -> dict:
-    """rows, tables and figure for one stage file (``points``: the run's models, for elastic's comparison)."""
+    """rows, tables and figure for one stage file (``points``: the run's models, for elastic's comparison).
+
+    A file whose shape the stage's own view does not expect (written by another version, or edited by hand)
+    is shown as its plain fields with a note, so one odd file never takes the whole report down.
+    """
+    try:
+        return _section(kind, data, fmt, points)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        rows, tables = ctx.flatten(data) if isinstance(data, dict) else ([("value", ctx.fmt(data))], [])
+        note = f"this {kind} file is not in the shape this version draws ({type(e).__name__}: {e}); its fields:"
+        return {"rows": [("note", note)] + rows, "tables": tables, "figure": None}
+
+
+def _section(kind: str, data: dict, fmt: str, points: list[dict] | None = None) -> dict:
     if kind == "elastic":
         from ._elastic import elastic_section
         return elastic_section(data, fmt, points)
