@@ -192,8 +192,9 @@ def read_task(model_dir, _depth: int = 0) -> TaskSpec | None:
                 return spec_from_record(rec)
     for fname, key in (("plan.json", ("result", "source")), ("distill.json", ("task",)), ("elastic.json", ("task",)),
                        ("extract.json", ("task",)), ("quant_plan.json", ("task",)), ("quant_plan.json", ("source",))):
-        f = p / fname
-        if f.exists():
+        # OUT/model is what a user points at after distill or elastic extract; the stage file sits in OUT
+        f = next((c for c in (p / fname, p.parent / fname if p.name == "model" else None) if c and c.exists()), None)
+        if f is not None:
             rec = read_json(f)
             for k in key:
                 rec = (rec or {}).get(k) if isinstance(rec, dict) else None

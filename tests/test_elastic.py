@@ -168,6 +168,7 @@ def test_elastic_end_to_end_extract_and_select(tmp_path, nodrop_teacher, capsys)
     fam = Family(parent, rec["block_order"], Grid.from_dict(rec["grid"]))
     from lamina.task import make_task, read_task
     task = make_task(read_task(tmp_path / "m"), parent)  # the extracted member knows the teacher's task
+    assert read_task(tmp_path / "m" / "model") == read_task(tmp_path / "m")  # `lamina bench M/model` too
     batch = task.batch(parent, task.split["test"][:8])
     with torch.no_grad():
         torch.testing.assert_close(hf(**batch).logits, fam.forward(Budget(1, 0.5), batch).logits)
