@@ -7,6 +7,7 @@ model's; every head reloads to the same outputs; bad input is refused clearly.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,6 +177,42 @@ def test_side_on_a_cnn_a_decoder_and_a_vit(tmp_path, tiny_dirs, tiny_vit_dir, se
         assert res.record["reload_check"]["max_abs_difference"] == 0.0
         assert res.record["side_kind"] == ("conv_side" if name == "cnn" else "token_side")
         assert len(res.record["token_shapes"]) == len(res.layers) == res.n_blocks + 1  # embed and every block
+
+
+def test_a_cnn_cut_after_a_block_drops_its_tail(tmp_path):
+    """Modules that only run after the block stack (the tiny CNN's fc; EfficientNet's conv_head, bn1, _fc)
+    are neither carried nor saved when every tap is a block; scores and reload are unchanged."""
+    from lamina.tail import CutOff
+    from lamina.transfer.deploy import build_deployable
+    images = lt.tiny_image_dataset(48, size=16)
+    cnn = wrap_module(lt.tiny_cnn(), name="tiny-cnn", source="lamina.testing:tiny_cnn", modality="image",
+                      image_size=16)
+    full = cnn.module
+    fc = sum(p.numel() for p in full.fc.parameters())
+    dep, info = build_deployable(cnn, torch.nn.Identity(), ["blocks.1"], "mean")
+    bb = dep.module.backbone
+    assert info["cut"] == ["fc"] and isinstance(bb.fc, CutOff) and isinstance(full.fc, torch.nn.Linear)
+    assert not any(k.startswith("fc.") for k in bb.state_dict())
+    kept = sum(p.numel() for p in full.stem.parameters()) + sum(p.numel() for p in full.blocks[:2].parameters())
+    assert sum(p.numel() for p in bb.parameters()) == kept
+    with pytest.raises(lamina.errors.LaminaError, match="cut off"):  # it never runs silently
+        bb(torch.randn(2, 3, 16, 16))
+    run = tmp_path / "cnn"
+    capture(cnn, images, CaptureConfig(out=str(run), progress=False))
+    res = transfer(run, TransferConfig(head="best", **FAST), model=cnn, data=images)
+    rec = res.record
+    head = sum(p.numel() for p in load_model(res.model_path).module.head.parameters())
+    assert rec["reload_check"]["max_abs_difference"] == 0.0  # store features: checked inside transfer too
+    assert rec["reload_check"]["store_max_abs_difference"] <= 1e-5
+    assert rec["deployed_parameters"] == rec["backbone_parameters"] - fc - sum(
+        p.numel() for b in rec["blocks_removed"] for p in full.blocks[b].parameters()) + head
+    back = load_model(res.model_path)  # what lamina.load and `lamina bench` do
+    assert isinstance(back.module.backbone.fc, CutOff)
+    spec = json.loads((Path(res.model_path) / "backbone" / "lamina.json").read_text())
+    assert spec["cut"] == ["fc"]
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(lamina.load(res.model_path)(x), back.module(x), rtol=0, atol=0)
 
 
 def test_bad_input_is_refused_clearly(bert_run, tiny_dirs, tmp_path):
