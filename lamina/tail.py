@@ -39,15 +39,19 @@ def _parent(path: str) -> str | None:
     return None if not path else (path.rsplit(".", 1)[0] if "." in path else "")
 
 
-def tail_modules(model: nn.Module, bmap: BlockMap) -> list[str]:
-    """Paths of the modules of ``model`` that run only after its block stack, in registration order."""
+def tail_modules(model: nn.Module, bmap: BlockMap, head_only: bool = False) -> list[str]:
+    """Paths of the modules of ``model`` that run only after its block stack, in registration order.
+
+    ``head_only``: only the BlockMap's task head, which runs after the final tap too (a model read up to
+    its final norm or head conv still never runs its classifier).
+    """
     if not bmap.container or any(ch in bmap.container for ch in "*?["):
         return []  # blocks named by a glob: no single branch whose later siblings are known to follow it
     mods = dict(model.named_modules())
     found: list[str] = []
     child = bmap.container
     anc = _parent(child)
-    while anc is not None:
+    while anc is not None and not head_only:
         prefix = f"{anc}." if anc else ""
         after = False
         for name, mod in mods[anc].named_children():

@@ -215,6 +215,31 @@ def test_a_cnn_cut_after_a_block_drops_its_tail(tmp_path):
         torch.testing.assert_close(lamina.load(res.model_path)(x), back.module(x), rtol=0, atol=0)
 
 
+def test_efficientnet_deployable_cuts_what_never_runs():
+    """The bundled EfficientNet-Lite0: read up to block 3, its head conv, bn1 and classifier go; read at
+    head_conv, only the classifier goes. Features equal the full model's either way."""
+    from lamina.tail import CutOff
+    from lamina.transfer.deploy import build_deployable
+    lm = load_model("efficientnet-lite0")
+    full = lm.module
+    x = torch.randn(2, 3, 32, 32)
+    seen = {}
+    h = full._blocks[3].register_forward_hook(lambda _m, _a, o: seen.setdefault("b3", o))
+    with torch.no_grad():
+        ref_head = full.extract_features(x).mean(dim=(2, 3))
+    h.remove()
+    for tap, cut, ref in (("blocks.3", ["_conv_head", "_bn1", "_fc"], seen["b3"].mean(dim=(2, 3))),
+                          ("head_conv", ["_fc"], ref_head)):
+        dep, info = build_deployable(lm, torch.nn.Identity(), [tap], "mean")
+        bb = dep.module.backbone
+        assert info["cut"] == cut and all(isinstance(getattr(bb, c), CutOff) for c in cut)
+        gone = sum(p.numel() for c in cut for p in getattr(full, c).parameters())
+        gone += sum(p.numel() for b in info["removed"] for p in full._blocks[b].parameters())
+        assert sum(p.numel() for p in bb.parameters()) == sum(p.numel() for p in full.parameters()) - gone
+        with torch.no_grad():
+            torch.testing.assert_close(dep.module.features(x)[0], ref, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_input_is_refused_clearly(bert_run, tiny_dirs, tmp_path):
     other = lt.save_tiny_text_model(tmp_path / "other", seed=1)
     with pytest.raises(UsageError, match="not the one the store was captured from"):

@@ -6,7 +6,8 @@
 was, one way or several side by side, or token-level for ``side``), stops the backbone right after the deepest
 of them (so nothing after it runs: no later block, no final norm, no original
 classifier) and returns the head's (B, K) class scores. When every tap is a block, the
-modules after the stack (final conv, classifier: :mod:`lamina.tail`) are cut off too,
+modules after the stack (final conv, classifier: :mod:`lamina.tail`) are cut off too
+(the classifier alone when a tap follows the stack),
 so they are neither carried nor saved (not for Hugging Face backbones, whose
 ``from_pretrained`` would rebuild them).
 
@@ -124,7 +125,8 @@ def build_deployable(lm, head: nn.Module, tap_names: list[str], pooling: str):
     """(LoadedModel of a :class:`TransferModel`, info): ``lm`` copied, cut after the deepest tap, ``head`` on top.
 
     info: {"deepest_block": index or -1 (embed only), "n_blocks", "removed": [...],
-    "cut": [paths of the tail modules cut off (:mod:`lamina.tail`), when every tap is a block]}.
+    "cut": [paths of the tail modules cut off (:mod:`lamina.tail`): all of them when every tap is a
+    block, else the classifier]}.
     """
     from ..compress.depth import drop_blocks_
     base = _backbone_of(lm)
@@ -144,10 +146,12 @@ def build_deployable(lm, head: nn.Module, tap_names: list[str], pooling: str):
         drop_blocks_(module, removed, bmap.container or None)
         bmap = find_blocks(module, bmap.container or None)
     cut = []
-    if all(t == "embed" or t.startswith("blocks.") for t in tap_names) and not hasattr(module, "save_pretrained"):
-        # every tap is a block (none after the stack, such as head_conv): the tail never runs, so it goes.
-        # Not for Hugging Face models: from_pretrained would rebuild their tail (BERT's pooler) at random.
-        cut = cut_tail_(module, tail_modules(module, bmap))
+    if not hasattr(module, "save_pretrained"):
+        # every tap a block: the whole tail never runs, so it goes; a tap after the stack (head_conv,
+        # final_norm): still the classifier. Not for Hugging Face models: from_pretrained would rebuild
+        # their tail (BERT's pooler) at random.
+        blocks_only = all(t == "embed" or t.startswith("blocks.") for t in tap_names)
+        cut = cut_tail_(module, tail_modules(module, bmap, head_only=not blocks_only))
         bmap = find_blocks(module, bmap.container or None)
     taps = [bmap.tap(name) for name in tap_names]  # later blocks went; earlier paths are unchanged
     model = TransferModel(module, head, taps, pooling).eval()
