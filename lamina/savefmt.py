@@ -34,7 +34,8 @@ Folder::
                          "blocks": the block container path or null,
                          "block_signatures": one per block,
                          "base_blocks": positions of the kept blocks in the builder's
-                                        architecture (depth-pruned models) or null, ...extra}
+                                        architecture (depth-pruned models) or null,
+                         "cut": module paths of a tail cut off (lamina.tail) or null, ...extra}
     config.json         "hf:" builders only
     tokenizer files     text models
 
@@ -65,7 +66,8 @@ from .errors import LaminaError, UsageError
 
 FORMAT = 1
 WEIGHTS, SPEC = "model.safetensors", "lamina.json"
-_RESERVED = ("lamina_format", "builder", "num_classes", "preprocess", "blocks", "block_signatures", "base_blocks")
+_RESERVED = ("lamina_format", "builder", "num_classes", "preprocess", "blocks", "block_signatures", "base_blocks",
+             "cut")
 _EFFICIENTNET = re.compile(r"^efficientnet-(lite[0-4]|b[0-8]|l2)$")
 
 
@@ -381,7 +383,8 @@ def save_lamina(module: nn.Module, path, builder: str, preprocess: dict, extra: 
             "num_classes": extra.pop("num_classes", None) or _num_classes(module, builder),
             "preprocess": dict(preprocess), "blocks": container,
             "block_signatures": _signatures(module, container),
-            "base_blocks": getattr(module, "lamina_base_blocks", None), **extra}
+            "base_blocks": getattr(module, "lamina_base_blocks", None),
+            "cut": getattr(module, "lamina_cut", None), **extra}  # tail modules cut off (lamina.tail)
     tmp = path.with_name(f".{path.name}{SCRATCH}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -499,6 +502,9 @@ def load_lamina(path, blocks: str | None = None, *, factory: str | None = None, 
     spec = read_spec(path)
     module = _build(spec, path, factory, trust_code)
     _match_depth_(module, spec)
+    if spec.get("cut"):  # a model cut after its blocks (lamina.tail): the tail it never runs was not saved
+        from .tail import cut_tail_
+        cut_tail_(module, spec["cut"] if isinstance(spec["cut"], list) else [spec["cut"]])
     with safe_open(str(path / WEIGHTS), framework="pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     _resize_(module, shapes)

@@ -7,6 +7,7 @@ model's; every head reloads to the same outputs; bad input is refused clearly.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,6 +177,67 @@ def test_side_on_a_cnn_a_decoder_and_a_vit(tmp_path, tiny_dirs, tiny_vit_dir, se
         assert res.record["reload_check"]["max_abs_difference"] == 0.0
         assert res.record["side_kind"] == ("conv_side" if name == "cnn" else "token_side")
         assert len(res.record["token_shapes"]) == len(res.layers) == res.n_blocks + 1  # embed and every block
+
+
+def test_a_cnn_cut_after_a_block_drops_its_tail(tmp_path):
+    """Modules that only run after the block stack (the tiny CNN's fc; EfficientNet's conv_head, bn1, _fc)
+    are neither carried nor saved when every tap is a block; scores and reload are unchanged."""
+    from lamina.tail import CutOff
+    from lamina.transfer.deploy import build_deployable
+    images = lt.tiny_image_dataset(48, size=16)
+    cnn = wrap_module(lt.tiny_cnn(), name="tiny-cnn", source="lamina.testing:tiny_cnn", modality="image",
+                      image_size=16)
+    full = cnn.module
+    fc = sum(p.numel() for p in full.fc.parameters())
+    dep, info = build_deployable(cnn, torch.nn.Identity(), ["blocks.1"], "mean")
+    bb = dep.module.backbone
+    assert info["cut"] == ["fc"] and isinstance(bb.fc, CutOff) and isinstance(full.fc, torch.nn.Linear)
+    assert not any(k.startswith("fc.") for k in bb.state_dict())
+    kept = sum(p.numel() for p in full.stem.parameters()) + sum(p.numel() for p in full.blocks[:2].parameters())
+    assert sum(p.numel() for p in bb.parameters()) == kept
+    with pytest.raises(lamina.errors.LaminaError, match="cut off"):  # it never runs silently
+        bb(torch.randn(2, 3, 16, 16))
+    run = tmp_path / "cnn"
+    capture(cnn, images, CaptureConfig(out=str(run), progress=False))
+    res = transfer(run, TransferConfig(head="best", **FAST), model=cnn, data=images)
+    rec = res.record
+    head = sum(p.numel() for p in load_model(res.model_path).module.head.parameters())
+    assert rec["reload_check"]["max_abs_difference"] == 0.0  # store features: checked inside transfer too
+    assert rec["reload_check"]["store_max_abs_difference"] <= 1e-5
+    assert rec["deployed_parameters"] == rec["backbone_parameters"] - fc - sum(
+        p.numel() for b in rec["blocks_removed"] for p in full.blocks[b].parameters()) + head
+    back = load_model(res.model_path)  # what lamina.load and `lamina bench` do
+    assert isinstance(back.module.backbone.fc, CutOff)
+    spec = json.loads((Path(res.model_path) / "backbone" / "lamina.json").read_text())
+    assert spec["cut"] == ["fc"]
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(lamina.load(res.model_path)(x), back.module(x), rtol=0, atol=0)
+
+
+def test_efficientnet_deployable_cuts_what_never_runs():
+    """The bundled EfficientNet-Lite0: read up to block 3, its head conv, bn1 and classifier go; read at
+    head_conv, only the classifier goes. Features equal the full model's either way."""
+    from lamina.tail import CutOff
+    from lamina.transfer.deploy import build_deployable
+    lm = load_model("efficientnet-lite0")
+    full = lm.module
+    x = torch.randn(2, 3, 32, 32)
+    seen = {}
+    h = full._blocks[3].register_forward_hook(lambda _m, _a, o: seen.setdefault("b3", o))
+    with torch.no_grad():
+        ref_head = full.extract_features(x).mean(dim=(2, 3))
+    h.remove()
+    for tap, cut, ref in (("blocks.3", ["_conv_head", "_bn1", "_fc"], seen["b3"].mean(dim=(2, 3))),
+                          ("head_conv", ["_fc"], ref_head)):
+        dep, info = build_deployable(lm, torch.nn.Identity(), [tap], "mean")
+        bb = dep.module.backbone
+        assert info["cut"] == cut and all(isinstance(getattr(bb, c), CutOff) for c in cut)
+        gone = sum(p.numel() for c in cut for p in getattr(full, c).parameters())
+        gone += sum(p.numel() for b in info["removed"] for p in full._blocks[b].parameters())
+        assert sum(p.numel() for p in bb.parameters()) == sum(p.numel() for p in full.parameters()) - gone
+        with torch.no_grad():
+            torch.testing.assert_close(dep.module.features(x)[0], ref, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_input_is_refused_clearly(bert_run, tiny_dirs, tmp_path):

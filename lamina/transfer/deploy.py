@@ -5,7 +5,11 @@
 ..., or an image tensor), records the taps the head reads (pooled as the store
 was, one way or several side by side, or token-level for ``side``), stops the backbone right after the deepest
 of them (so nothing after it runs: no later block, no final norm, no original
-classifier) and returns the head's (B, K) class scores.
+classifier) and returns the head's (B, K) class scores. When every tap is a block, the
+modules after the stack (final conv, classifier: :mod:`lamina.tail`) are cut off too
+(the classifier alone when a tap follows the stack),
+so they are neither carried nor saved (not for Hugging Face backbones, whose
+``from_pretrained`` would rebuild them).
 
 Truncation is real: the blocks after the deepest one read are removed from
 the block container, as depth pruning does (``drop_blocks_``), and a Hugging
@@ -37,6 +41,7 @@ from ..blocks import Tap, find_blocks
 from ..capture.hooks import POOLINGS, _block_input, _first_tensor, pool
 from ..errors import LaminaError, UsageError
 from ..store.store import sha256_file
+from ..tail import cut_tail_, tail_modules
 from ._pools import parse, pool_many
 
 SPEC = "lamina_head.json"
@@ -119,7 +124,9 @@ def _backbone_of(lm):
 def build_deployable(lm, head: nn.Module, tap_names: list[str], pooling: str):
     """(LoadedModel of a :class:`TransferModel`, info): ``lm`` copied, cut after the deepest tap, ``head`` on top.
 
-    info: {"deepest_block": index or -1 (embed only), "n_blocks", "removed": [...]}.
+    info: {"deepest_block": index or -1 (embed only), "n_blocks", "removed": [...],
+    "cut": [paths of the tail modules cut off (:mod:`lamina.tail`): all of them when every tap is a
+    block, else the classifier]}.
     """
     from ..compress.depth import drop_blocks_
     base = _backbone_of(lm)
@@ -138,11 +145,19 @@ def build_deployable(lm, head: nn.Module, tap_names: list[str], pooling: str):
     if removed:
         drop_blocks_(module, removed, bmap.container or None)
         bmap = find_blocks(module, bmap.container or None)
+    cut = []
+    if not hasattr(module, "save_pretrained"):
+        # every tap a block: the whole tail never runs, so it goes; a tap after the stack (head_conv,
+        # final_norm): still the classifier. Not for Hugging Face models: from_pretrained would rebuild
+        # their tail (BERT's pooler) at random.
+        blocks_only = all(t == "embed" or t.startswith("blocks.") for t in tap_names)
+        cut = cut_tail_(module, tail_modules(module, bmap, head_only=not blocks_only))
+        bmap = find_blocks(module, bmap.container or None)
     taps = [bmap.tap(name) for name in tap_names]  # later blocks went; earlier paths are unchanged
     model = TransferModel(module, head, taps, pooling).eval()
     out = copy.copy(base)
     out.module, out.blocks = model, find_blocks(model, "backbone." + bmap.container if bmap.container else None)
-    return out, {"deepest_block": deepest, "n_blocks": n, "removed": removed, "backbone": base}
+    return out, {"deepest_block": deepest, "n_blocks": n, "removed": removed, "cut": cut, "backbone": base}
 
 
 def _block_index(name: str, n: int) -> int:
