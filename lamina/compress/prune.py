@@ -18,7 +18,10 @@ Order (every refusal happens before anything is written):
 2. load the model and check the plan was made for it (fingerprints), that it
    can be saved, that its architecture can lose what the plan removes, and
    load the calibration batches when FFN channels, heads or CNN channels are
-   pruned or blocks are chosen iteratively;
+   pruned or blocks are chosen iteratively or jointly (the default ``method='auto'``
+   is 'joint' where there are calibration rows: the model's own task rows, or
+   the data path the scores run was captured from; else 'skip_nmse', which
+   reads the scores only: :func:`resolve_method`, recorded in plan.json);
 3. make the depth choices that need the model (iterative rounds, a parameter
    target: :func:`lamina.compress.choose_blocks`), so plan.json records them;
    refused here when a target cannot be reached;
