@@ -83,14 +83,27 @@ def test_api_auto_without_calibration_rows_is_skip_nmse(path_run, tiny_dirs, tmp
     assert d["remove"] == [imp["blocks"][low]]
 
 
-def test_cli_auto_with_a_scores_run_captured_from_a_path_is_joint(path_run, tiny_dirs, tmp_path, capsys):
+def test_cli_auto_with_a_classifier_scores_run_is_skip_nmse_and_joint_when_asked(path_run, tiny_dirs, tmp_path):
+    # prune has no labels on this path: joint could only use logit nMSE, not shown to beat single-block scores
     out = tmp_path / "small"
     assert main(["prune", str(tiny_dirs["bert"]), "--scores", str(path_run / "scores.json"), "--drop-blocks", "0.5",
                  "--out", str(out)]) == 0
     d = _depth(out)
-    assert d["method"] == "joint" and d["method_requested"] == "auto"
-    assert "captured from" in d["method_reason"] and d["joint"]["objective"] == "nmse"  # no labels: logits
-    assert len(d["remove"]) == 1 and d["rounds"]
+    assert d["method"] == "skip_nmse" and d["method_requested"] == "auto" and "no labels" in d["method_reason"]
+    out2 = tmp_path / "joint"
+    assert main(["prune", str(tiny_dirs["bert"]), "--scores", str(path_run / "scores.json"), "--drop-blocks", "0.5",
+                 "--method", "joint", "--out", str(out2)]) == 0
+    d2 = _depth(out2)
+    assert d2["method"] == "joint" and d2["joint"]["objective"] == "nmse" and len(d2["remove"]) == 1
+
+
+def test_auto_resolves_a_causal_lm_scores_run_to_joint():
+    from lamina.compress.prune import resolve_method
+    man = {"data_spec": {"data": "debates"}, "model": {"class": "LlamaForCausalLM"}}
+    method, why = resolve_method(PruneConfig(out="x", drop_blocks=0.5), False, man)
+    assert method == "joint" and "next-token loss" in why
+    man["model"]["class"] = "BertForSequenceClassification"
+    assert resolve_method(PruneConfig(out="x", drop_blocks=0.5), False, man)[0] == "skip_nmse"
 
 
 def test_cli_auto_with_a_scores_run_of_in_memory_rows_is_skip_nmse(memory_run, tiny_dirs, tmp_path):

@@ -19,8 +19,8 @@ Order (every refusal happens before anything is written):
    can be saved, that its architecture can lose what the plan removes, and
    load the calibration batches when FFN channels, heads or CNN channels are
    pruned or blocks are chosen iteratively or jointly (the default ``method='auto'``
-   is 'joint' where there are calibration rows: the model's own task rows, or
-   the data path the scores run was captured from; else 'skip_nmse', which
+   is 'joint' where sets can be scored by labels or tokens: the model's own task rows, or
+   the text a causal LM's scores run was captured from; else 'skip_nmse', which
    reads the scores only: :func:`resolve_method`, recorded in plan.json);
 3. make the depth choices that need the model (iterative rounds, a parameter
    target: :func:`lamina.compress.choose_blocks`), so plan.json records them;
@@ -80,7 +80,7 @@ class PruneConfig(Runtime):
     drop_blocks: float | None = field(default=None, metadata=_PLAN_HELP["drop_blocks"])
     method: str = field(default=AUTO, metadata={
         "help": _PLAN_HELP["method"]["help"] + "; 'auto' (default): 'joint' when there are calibration rows to run "
-                "the model on (a fine-tuned model's own task rows, or a --scores run captured from a data path), "
+                "the model on (a fine-tuned model's own task rows, or a causal LM's --scores run captured from a data path), "
                 "else 'skip_nmse'; plan.json records what it resolved to and why",
         "choices": (AUTO,) + METHODS})
     ffn: float | None = field(default=None, metadata=_PLAN_HELP["ffn"])
@@ -216,8 +216,15 @@ def resolve_method(config: PruneConfig, own: bool, man: dict | None) -> tuple[st
         return "joint", ("auto: calibration rows available (the fine-tuned model's own task rows), so removal sets "
                          "are scored jointly on them")
     if man is not None and man.get("data_spec"):
-        return "joint", ("auto: calibration rows available (the data the --scores run was captured from), so "
-                         "removal sets are scored jointly on them")
+        cls = str((man.get("model") or {}).get("class") or "")
+        if cls.endswith(("ForCausalLM", "LMHeadModel")):
+            return "joint", ("auto: calibration text available (the data the --scores run was captured from), so "
+                             "removal sets are scored jointly by their next-token loss on it")
+        # prune passes no labels on this path, so joint could only score sets by logit nMSE, the objective
+        # that picked a worse MiniLM set than even spacing at 3 of 6 blocks (BENCHMARKS.md "llm")
+        return "skip_nmse", ("auto: the --scores run's rows carry no labels here, and joint's logit-nMSE "
+                             "objective is not shown to beat single-block scores on classifiers, so blocks are "
+                             "chosen by their single-block skip nMSE scores (--method joint to score sets anyway)")
     why = ("the scores run was captured from in-memory data" if man is not None
            else "the scores have no run folder with features/manifest.json next to them")
     return "skip_nmse", (f"auto: no calibration rows to run the model on ({why}), so blocks are chosen by their "
