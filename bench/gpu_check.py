@@ -106,7 +106,8 @@ def pipeline(model: str, data: str, work: Path, device: str, dtype: str, args) -
     analyze(run, AnalyzeConfig(control=False, importance_samples=args.importance_samples, overwrite=True,
                                progress=False, **rt))
     small = work / f"pruned-{device.replace(':', '')}-{dtype}"
-    res = prune(model, str(run / "scores.json"), PruneConfig(out=str(small), drop_blocks=0.5, overwrite=True, **rt))
+    res = prune(model, str(run / "scores.json"), PruneConfig(out=str(small), drop_blocks=0.5, method="skip_nmse",
+                                                             overwrite=True, **rt))
     b = bench([model, str(small)], BenchConfig(data=data, out=str(small), batch_sizes=(1, 8, 32), warmup=2,
                                                repeats=args.repeats, overwrite=True, progress=False, **rt))
     return {"features": feats, "removed": list(res.removed), "ids": store.ids.tolist(),

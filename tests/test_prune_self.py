@@ -16,8 +16,9 @@ from lamina.task import read_task
 
 
 def test_prune_without_scores_equals_prune_with_an_explicit_analyze_of_the_same_rows(tiny_teacher, tmp_path):
+    # about the scores themselves: the single-block method reads them (auto would choose jointly here)
     own = prune(str(tiny_teacher), None, PruneConfig(out=str(tmp_path / "own"), drop_blocks=0.5,
-                                                     calibration_samples=40))
+                                                     calibration_samples=40, method="skip_nmse"))
     plan = own.plan
     assert plan["result"]["scores_computed_by"] == "prune"
     saved = json.loads((tmp_path / "own" / "scores.json").read_text())
@@ -29,7 +30,8 @@ def test_prune_without_scores_equals_prune_with_an_explicit_analyze_of_the_same_
     capture(str(tiny_teacher), rows, CaptureConfig(out=str(run), progress=False))
     analyze(str(run), AnalyzeConfig(control=False, importance_samples=0, progress=False),
             model=str(tiny_teacher), data=rows)
-    ref = prune(str(tiny_teacher), str(run / "scores.json"), PruneConfig(out=str(tmp_path / "ref"), drop_blocks=0.5))
+    ref = prune(str(tiny_teacher), str(run / "scores.json"), PruneConfig(out=str(tmp_path / "ref"), drop_blocks=0.5,
+                                                                             method="skip_nmse"))
     a, b = plan["depth"], ref.plan["depth"]
     assert a["remove"] == b["remove"] and len(a["remove"]) == 1
     assert a["scores"].keys() == b["scores"].keys()

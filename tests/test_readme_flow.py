@@ -53,6 +53,8 @@ def test_readme_compression_flow_runs_as_written(tmp_path, monkeypatch, capsys):
             assert "next: lamina " in out.out, cmd  # every stage says what to run next
     plan = json.loads((tmp_path / "small" / "plan.json").read_text())
     assert plan["result"]["scores_computed_by"] == "prune" and plan["depth"]["n_removed"] == 3
+    # the default --method auto: the teacher's own task rows are calibration rows, so blocks are chosen jointly
+    assert plan["depth"]["method_requested"] == "auto" and plan["depth"]["method"] == "joint"
     bench = json.loads((tmp_path / "recovered" / "bench.json").read_text())
     assert [Path(m["model"]).name for m in bench["models"]] == ["teacher", "small", "recovered"]
     html = (tmp_path / "run" / "report.html").read_text()

@@ -18,7 +18,10 @@ Order (every refusal happens before anything is written):
 2. load the model and check the plan was made for it (fingerprints), that it
    can be saved, that its architecture can lose what the plan removes, and
    load the calibration batches when FFN channels, heads or CNN channels are
-   pruned or blocks are chosen iteratively;
+   pruned or blocks are chosen iteratively or jointly (the default ``method='auto'``
+   is 'joint' where sets can be scored by labels or tokens: the model's own task rows, or
+   the text a causal LM's scores run was captured from; else 'skip_nmse', which
+   reads the scores only: :func:`resolve_method`, recorded in plan.json);
 3. make the depth choices that need the model (iterative rounds, a parameter
    target: :func:`lamina.compress.choose_blocks`), so plan.json records them;
    refused here when a target cannot be reached;
@@ -47,7 +50,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .._cliargs import as_config
-from ..errors import UsageError
+from ..errors import UsageError, suggest
 from ..runtime import Runtime, describe
 from ..models import LoadedModel, load_model, save_json
 from ..runfolder import check_out, claim, plan_writes, record
@@ -61,6 +64,7 @@ from .plan import METHODS, PlanConfig, is_empty, make_plan, needs_model
 from .width import ffn_layout
 
 WRITES = ["plan.json", "model"]  # what prune writes in OUT
+AUTO = "auto"  # the default --method: joint where calibration rows exist, else skip_nmse (resolve_method)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +78,11 @@ class PruneConfig(Runtime):
     out: str = field(metadata={"help": "output folder: OUT/plan.json and OUT/model (a save_pretrained folder, or "
                                        "lamina's format for what a standard config cannot express)"})
     drop_blocks: float | None = field(default=None, metadata=_PLAN_HELP["drop_blocks"])
-    method: str = field(default="skip_nmse", metadata={**_PLAN_HELP["method"], "choices": METHODS})
+    method: str = field(default=AUTO, metadata={
+        "help": _PLAN_HELP["method"]["help"] + "; 'auto' (default): 'joint' when there are calibration rows to run "
+                "the model on (a fine-tuned model's own task rows, or a causal LM's --scores run captured from a data path), "
+                "else 'skip_nmse'; plan.json records what it resolved to and why",
+        "choices": (AUTO,) + METHODS})
     ffn: float | None = field(default=None, metadata=_PLAN_HELP["ffn"])
     ffn_per_layer: bool = field(default=False, metadata=_PLAN_HELP["ffn_per_layer"])
     heads: float | None = field(default=None, metadata=_PLAN_HELP["heads"])
@@ -92,6 +100,9 @@ class PruneConfig(Runtime):
         "help": "replace the OUT/plan.json and OUT/model lamina wrote (a file it did not write is never touched)"})
 
     def __post_init__(self):
+        if self.method not in (AUTO,) + METHODS:
+            raise UsageError("unknown block-selection method", value=self.method, allowed=", ".join((AUTO,) + METHODS),
+                             fix=suggest(str(self.method), (AUTO,) + METHODS) or "--method auto")
         self.plan_config()  # validates the budget (one message, one place)
         if isinstance(self.calibration_samples, bool) or not isinstance(self.calibration_samples, int) \
                 or self.calibration_samples < 1:
@@ -100,8 +111,10 @@ class PruneConfig(Runtime):
         if not self.out:
             raise UsageError("--out is required", value=self.out, allowed="a path", fix="pass --out PATH")
 
-    def plan_config(self) -> PlanConfig:
-        return PlanConfig(drop_blocks=self.drop_blocks, method=self.method, ffn=self.ffn,
+    def plan_config(self, method: str | None = None) -> PlanConfig:
+        """The plan's settings; ``method`` is what 'auto' resolved to (:func:`resolve_method`)."""
+        method = method or (self.method if self.method != AUTO else "skip_nmse")
+        return PlanConfig(drop_blocks=self.drop_blocks, method=method, ffn=self.ffn,
                           ffn_per_layer=self.ffn_per_layer, heads=self.heads,
                           channels=self.channels, target_params=self.target_params, beam=self.beam)
 
@@ -194,12 +207,37 @@ def _check_batch(lm: LoadedModel, man: dict | None, scores: dict, config: PruneC
     return _calibration_batches(lm, man, scores, config, scores_path, n_rows=min(8, config.calibration_samples))[0]
 
 
+def resolve_method(config: PruneConfig, own: bool, man: dict | None) -> tuple[str, str]:
+    """The depth method ``config.method`` means here, and why: 'auto' is 'joint' when the model can be run on
+    calibration rows (joint scores removal sets by running the model), else 'skip_nmse' (reads scores only)."""
+    if config.method != AUTO:
+        return config.method, "given by --method"
+    if own:
+        return "joint", ("auto: calibration rows available (the fine-tuned model's own task rows), so removal sets "
+                         "are scored jointly on them")
+    if man is not None and man.get("data_spec"):
+        cls = str((man.get("model") or {}).get("class") or "")
+        if cls.endswith(("ForCausalLM", "LMHeadModel")):
+            return "joint", ("auto: calibration text available (the data the --scores run was captured from), so "
+                             "removal sets are scored jointly by their next-token loss on it")
+        # prune passes no labels on this path, so joint could only score sets by logit nMSE, the objective
+        # that picked a worse MiniLM set than even spacing at 3 of 6 blocks (BENCHMARKS.md "llm")
+        return "skip_nmse", ("auto: the --scores run's rows carry no labels here, and joint's logit-nMSE "
+                             "objective is not shown to beat single-block scores on classifiers, so blocks are "
+                             "chosen by their single-block skip nMSE scores (--method joint to score sets anyway)")
+    why = ("the scores run was captured from in-memory data" if man is not None
+           else "the scores have no run folder with features/manifest.json next to them")
+    return "skip_nmse", (f"auto: no calibration rows to run the model on ({why}), so blocks are chosen by their "
+                         f"single-block skip nMSE scores")
+
+
 def _budget_flags(config: PruneConfig) -> str:
     """The budget part of the user's command, to repeat it in a fix."""
     flags = []
+    own_defaults = {f.name: f.default for f in fields(PruneConfig)}
     for f in fields(PlanConfig):
         v = getattr(config, f.name)
-        if v is None or v is False or v == f.default:  # only what the user chose
+        if v is None or v is False or v == own_defaults.get(f.name, f.default):  # only what the user chose
             continue
         flag = "--" + f.name.replace("_", "-")
         flags.append(flag if v is True else f"{flag} {v}")
@@ -264,14 +302,18 @@ def prune(model, scores=None, config: PruneConfig | None = None) -> PruneResult:
     else:
         scores_path = Path("<scores dict>") if isinstance(scores, dict) else Path(scores)
         data = _read_scores(scores, scores_path)
-    plan = make_plan(data, config.plan_config())
+        man = None if isinstance(scores, dict) else _manifest(scores_path)
+    method, method_why = resolve_method(config, own, man)
+    plan = make_plan(data, config.plan_config(method))
+    if plan["depth"] is not None:
+        plan["depth"]["method_requested"] = config.method
+        plan["depth"]["method_reason"] = method_why
     if is_empty(plan):
-        raise UsageError("the budget removes nothing", value=asdict(config.plan_config()),
+        raise UsageError("the budget removes nothing", value=asdict(config.plan_config(method)),
                          allowed="--drop-blocks large enough to remove a whole block, --target-params, or "
                                  "--ffn / --heads / --channels",
                          fix="raise --drop-blocks (it is rounded to whole blocks), or add --ffn / --heads / --channels")
     if not own:
-        man = None if isinstance(scores, dict) else _manifest(scores_path)
         blocks = ((man or {}).get("config") or {}).get("blocks")
         lm = load_model(model, blocks=blocks, runtime=config.runtime())
         _check_same_model(lm, plan, model, config, scores_path)  # another model's scores: refused before writing
