@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -26,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from _common import machine, save_result  # noqa: E402
+
+from lamina.runfolder import discard  # noqa: E402
 
 NAME = "prune_auto"
 TEACHER = dict(full=True, epochs=1, limit=400)
@@ -38,16 +39,14 @@ def teacher(work: Path) -> Path:
     rec = out / "finetune.json"
     if rec.exists() and all(json.loads(rec.read_text())["config"].get(k) == v for k, v in TEACHER.items()):
         return out
-    if out.exists():
-        shutil.rmtree(out)
+    discard(out)  # only the files lamina recorded there (a stranger's files stay, and the stage then refuses)
     finetune("minilm", "rotten-tomatoes", FinetuneConfig(out=str(out), progress=False, **TEACHER))
     return out
 
 
 def _one(teacher_dir: Path, out: Path, method: str) -> tuple[float, dict]:
     from lamina.compress import PruneConfig, prune
-    if out.exists():
-        shutil.rmtree(out)
+    discard(out)  # only the files lamina recorded there (a stranger's files stay, and the stage then refuses)
     t = time.perf_counter()
     res = prune(str(teacher_dir), None, PruneConfig(out=str(out), drop_blocks=0.5, method=method))
     return time.perf_counter() - t, res.plan["depth"]
