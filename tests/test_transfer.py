@@ -215,6 +215,41 @@ def test_a_cnn_cut_after_a_block_drops_its_tail(tmp_path):
         torch.testing.assert_close(lamina.load(res.model_path)(x), back.module(x), rtol=0, atol=0)
 
 
+def test_a_bert_cut_after_a_block_drops_its_pooler(bert_run, tiny_dirs, sentences_csv, tmp_path):
+    """BERT's pooler runs only after the stack: a head reading blocks is deployed without it (not carried,
+    not saved), through lamina.load and through from_pretrained of the standard class."""
+    from transformers import BertModel
+
+    from lamina.tail import CutOff
+    from lamina.transfer.deploy import build_deployable
+    lm = load_model(str(tiny_dirs["bert"]))
+    full = lm.module
+    pooler = sum(p.numel() for p in full.pooler.parameters())
+    assert pooler > 0
+    dep, info = build_deployable(lm, torch.nn.Identity(), ["blocks.0"], "mean")
+    bb = dep.module.backbone
+    assert info["cut"] == ["pooler"] and isinstance(bb.pooler, CutOff) and not any(
+        k.startswith("pooler.") for k in bb.state_dict())
+    gone = pooler + sum(p.numel() for b in info["removed"] for p in full.encoder.layer[b].parameters())
+    assert sum(p.numel() for p in bb.parameters()) == sum(p.numel() for p in full.parameters()) - gone
+    res = transfer(bert_run, TransferConfig(head="best", layers="blocks.0", overwrite=True, **FAST))
+    assert res.record["reload_check"]["max_abs_difference"] == 0.0
+    back = load_model(res.model_path)  # what lamina.load and `lamina bench` do
+    assert isinstance(back.module.backbone.pooler, CutOff)
+    assert res.record["deployed_parameters"] == sum(p.numel() for p in back.module.parameters())
+    folder = Path(res.model_path) / "backbone"
+    assert json.loads((folder / "lamina.json").read_text())["cut"] == ["pooler"]
+    ds = lamina.load_data(str(sentences_csv))
+    batch = lm.batch(ds, np.arange(8), 128)
+    std = BertModel.from_pretrained(folder, add_pooling_layer=False).eval()  # no random pooler either
+    assert std.config.num_hidden_layers == 1
+    with torch.no_grad():
+        hs = full(**batch, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(std(**batch).last_hidden_state, hs[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(back.module.features(**batch)[0], _mean_pool(hs[1], batch["attention_mask"]),
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_efficientnet_deployable_cuts_what_never_runs():
     """The bundled EfficientNet-Lite0: read up to block 3, its head conv, bn1 and classifier go; read at
     head_conv, only the classifier goes. Features equal the full model's either way."""

@@ -8,8 +8,9 @@ of them (so nothing after it runs: no later block, no final norm, no original
 classifier) and returns the head's (B, K) class scores. When every tap is a block, the
 modules after the stack (final conv, classifier: :mod:`lamina.tail`) are cut off too
 (the classifier alone when a tap follows the stack),
-so they are neither carried nor saved (not for Hugging Face backbones, whose
-``from_pretrained`` would rebuild them).
+so they are neither carried nor saved: a Hugging Face backbone without its pooler is saved in
+lamina's format, which records the cut (``from_pretrained`` of the standard class loads it too, with
+``add_pooling_layer=False`` where the class has that switch).
 
 Truncation is real: the blocks after the deepest one read are removed from
 the block container, as depth pruning does (``drop_blocks_``), and a Hugging
@@ -20,8 +21,9 @@ Folder (``save_transfer``)::
     lamina_head.json     {"lamina_head": 1, "head": head spec (plain JSON), "taps": [names], "pooling",
                           "stop": tap name, "classes", "checksums": {file: sha256} of every other file}
     head.safetensors     the head's tensors
-    backbone/            the truncated backbone: save_pretrained (AutoModel.from_pretrained loads it)
-                         or lamina's format (EfficientNet)
+    backbone/            the truncated backbone: save_pretrained (AutoModel.from_pretrained loads it), or
+                         lamina's format when a tail was cut off (EfficientNet; BERT's pooler: config.json
+                         and model.safetensors still load with from_pretrained)
 
 ``lamina.load(folder)`` / ``load_model(folder)`` rebuild it (checksums checked,
 the head built from its spec, never from code a file names).
@@ -145,14 +147,13 @@ def build_deployable(lm, head: nn.Module, tap_names: list[str], pooling: str):
     if removed:
         drop_blocks_(module, removed, bmap.container or None)
         bmap = find_blocks(module, bmap.container or None)
-    cut = []
-    if not hasattr(module, "save_pretrained"):
-        # every tap a block: the whole tail never runs, so it goes; a tap after the stack (head_conv,
-        # final_norm): still the classifier. Not for Hugging Face models: from_pretrained would rebuild
-        # their tail (BERT's pooler) at random.
-        blocks_only = all(t == "embed" or t.startswith("blocks.") for t in tap_names)
-        cut = cut_tail_(module, tail_modules(module, bmap, head_only=not blocks_only))
-        bmap = find_blocks(module, bmap.container or None)
+    # every tap a block: the whole tail never runs (EfficientNet's head conv and classifier, BERT's or
+    # ViT's pooler, a final norm), so it goes; a tap after the stack (head_conv, final_norm): still the
+    # classifier. A Hugging Face backbone without its tail is then saved in lamina's format, which records
+    # the cut (from_pretrained would rebuild the pooler at random; see save_transfer).
+    blocks_only = all(t == "embed" or t.startswith("blocks.") for t in tap_names)
+    cut = cut_tail_(module, tail_modules(module, bmap, head_only=not blocks_only))
+    bmap = find_blocks(module, bmap.container or None)
     taps = [bmap.tap(name) for name in tap_names]  # later blocks went; earlier paths are unchanged
     model = TransferModel(module, head, taps, pooling).eval()
     out = copy.copy(base)
@@ -187,7 +188,15 @@ def save_transfer(dep, path, classes: list[str], extra: dict | None = None) -> P
         bb.module = model.backbone
         bb.blocks = find_blocks(model.backbone, dep.blocks.container[len("backbone."):] or None) \
             if dep.blocks.container.startswith("backbone.") else find_blocks(model.backbone)
-        fmt = save(bb, tmp / "backbone")
+        if getattr(model.backbone, "lamina_cut", None) and hasattr(model.backbone, "save_pretrained"):
+            # a Hugging Face backbone cut before its tail (BERT's pooler): lamina's format records the cut; the
+            # builder is the backbone's own class (the source may be a task model, whose base this is)
+            from ..savefmt import preprocess_of, save_lamina
+            save_lamina(model.backbone, tmp / "backbone", "hf:" + type(model.backbone).__name__, preprocess_of(bb),
+                        {"blocks": bb.blocks.container or None}, tokenizer=bb.tokenizer)
+            fmt = "lamina"
+        else:
+            fmt = save(bb, tmp / "backbone")
         save_model(model.head, str(tmp / HEAD_WEIGHTS), metadata={"format": "pt"})
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         sums = {str(p.relative_to(tmp)): sha256_file(p) for p in files}
