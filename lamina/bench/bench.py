@@ -7,6 +7,10 @@ faster and how much worse is the small model", on the same inputs:
   for every model; ``warmup`` untimed calls, then ``repeats`` rounds in which
   every model runs once, interleaved, so a slow spell of a shared machine hits
   all models alike; the median and the quartiles are reported, never a mean.
+- **Layout**: a model with 2-D convolutions runs in channels_last (NHWC) by
+  default (``--memory-format auto``), as a conv net should be deployed on a
+  CPU: oneDNN's NHWC kernels are faster for both sides of a comparison
+  (BENCHMARKS.md "transfer"); ``contiguous`` keeps the loaded NCHW layout.
 - **FLOPs** per sample from ``torch.utils.flop_counter`` on the batch of the
   largest size (matmuls and convolutions, what dominates); the ideal speed-up
   is the FLOP ratio, and ``speedup_efficiency`` = measured / ideal.
@@ -37,6 +41,34 @@ from ..task import TaskSpec, default_spec, is_causal_lm, make_task, read_task
 from ..threads import limit_threads
 
 
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+
+
+def use_channels_last(module: torch.nn.Module, memory_format: str = "auto") -> bool:
+    """Whether ``module`` runs in channels_last under ``memory_format``: auto, only a net with 2-D convolutions
+    (a transformer gains nothing from it)."""
+    if memory_format == "auto":
+        return any(isinstance(m, torch.nn.Conv2d) for m in module.modules())
+    return memory_format == "channels_last"
+
+
+def to_memory_format_(lm, memory_format: str = "auto") -> str:
+    """Put a LoadedModel's conv weights in channels_last (in place) when :func:`use_channels_last`; returns the
+    layout used. Outputs equal the NCHW ones within float rounding (tests/test_bench_layout.py)."""
+    if not use_channels_last(lm.module, memory_format):
+        return "contiguous"
+    lm.module.to(memory_format=torch.channels_last)  # 4-D weights only; other tensors are left as they are
+    return "channels_last"
+
+
+def _layout_batch(batch: dict, layout: str) -> dict:
+    """The images of ``batch`` in ``layout`` (done before timing: a deployed model gets its input this way)."""
+    if layout != "channels_last":
+        return batch
+    return {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.dim() == 4 else v
+            for k, v in batch.items()}
+
+
 @dataclass(frozen=True)
 class BenchConfig(Runtime):
     """Settings of ``lamina bench``."""
@@ -58,6 +90,10 @@ class BenchConfig(Runtime):
     decode_tokens: int = field(default=32, metadata={
         "help": "causal LMs: tokens generated greedily (KV cache, batch 1, the first test block as prompt) per "
                 "decode timing, reported as tokens/s; 0 skips decode"})
+    memory_format: str = field(default="auto", metadata={
+        "choices": MEMORY_FORMATS,
+        "help": "layout of 2-D conv nets while timing: auto = channels_last for a model with Conv2d layers (NHWC, "
+                "oneDNN's faster path on CPUs: how such a model should be deployed), contiguous = as loaded (NCHW)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing OUT/bench.json"})
     progress: bool = field(default=True, metadata={"help": "show progress"})
 
@@ -71,6 +107,9 @@ class BenchConfig(Runtime):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise UsageError(f"--{name} must be an integer >= {lo}", value=v, allowed=f">= {lo}",
                                  fix=f"e.g. --{name} {max(lo, 3)}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise UsageError("unknown --memory-format", value=self.memory_format, allowed=", ".join(MEMORY_FORMATS),
+                             fix="--memory-format auto (channels_last for conv nets)")
         if self.threads is not None and self.threads < 1:
             raise UsageError("--threads must be >= 1", value=self.threads, allowed="an integer >= 1",
                              fix="drop --threads to keep torch's default")
@@ -182,9 +221,10 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
     test = task.split["test"]
     need = max(config.batch_sizes)
     rows = np.resize(test, need)  # repeated when the test split is smaller than the largest batch
+    layouts = [to_memory_format_(lm, config.memory_format) for lm in lms]
     recs = [{"model": lab, "class": type(lm.module).__name__, "blocks": lm.blocks.n_blocks,
-             "parameters": int(sum(p.numel() for p in lm.module.parameters())), "latency": {}} for lab, lm in
-            zip(labels, lms)]
+             "parameters": int(sum(p.numel() for p in lm.module.parameters())), "memory_format": lay,
+             "latency": {}} for lab, lm, lay in zip(labels, lms, layouts)]
     with limit_threads(config.threads or None):
         for lm in lms:
             lm.module.eval()
@@ -198,7 +238,7 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
                 bar = tqdm(total=len(config.batch_sizes) * (config.warmup + config.repeats), desc="bench",
                            unit="round", leave=False)
             for bs in config.batch_sizes:
-                inputs = [task.batch(lm, rows[:bs]) for lm in lms]
+                inputs = [_layout_batch(task.batch(lm, rows[:bs]), lay) for lm, lay in zip(lms, layouts)]
                 times = [[] for _ in lms]
                 for r in range(config.warmup + config.repeats):
                     order = range(len(lms)) if r % 2 == 0 else reversed(range(len(lms)))  # no fixed position
