@@ -57,7 +57,10 @@ def to_memory_format_(lm, memory_format: str = "auto") -> str:
     layout used. Outputs equal the NCHW ones within float rounding (tests/test_bench_layout.py)."""
     if not use_channels_last(lm.module, memory_format):
         return "contiguous"
-    lm.module.to(memory_format=torch.channels_last)  # 4-D weights only; other tensors are left as they are
+    try:
+        lm.module.to(memory_format=torch.channels_last)  # 4-D weights only; other tensors are left as they are
+    except (RuntimeError, TypeError, NotImplementedError):  # a weight type without NHWC (a quantized tensor
+        return "contiguous"  # subclass): layout changes no value, so the loaded one is timed; recorded as such
     return "channels_last"
 
 
