@@ -5,7 +5,8 @@ the finetune benchmark's recipe and split rule (`bench/_common.py` TEACHERS)
 on fewer rows (LIMITS: 600 sentences, 400 images at 64 px) to fit a CPU budget,
 one torch thread for every method:
 
-- full fine-tuning: the teacher (1 seed; its finetune.json time);
+- full fine-tuning: the teacher (1 seed; its finetune.json time), the better on validation of two learning
+  rates with early stopping (TEACHER_RUNS);
 - frozen-head fine-tuning: `lamina finetune` without --full, same rows (1 seed);
 - `lamina transfer --head last|best|mix|select|side --task TEACHER` on a capture
   of the pretrained backbone over the teacher's rows (so every method is tested
@@ -16,7 +17,9 @@ one torch thread for every method:
   peak RSS (the child's own VmHWM) minus that of a process that only loads
   the model and the data;
 - deployable speed: `lamina.bench` of the teacher against each head's deployable
-  model (the last seed's), 1 torch thread, interleaved repeats.
+  model (the last seed's), 1 torch thread, interleaved repeats, batch 1, 8, 32 (conv nets in channels_last,
+  bench's default); `--part parts`: where the truncated EfficientNet spends its time, per block, in NCHW,
+  channels_last and channels_last bfloat16.
 
 Writes bench/results/transfer.json (top-level `targets`) and the "## transfer"
 section of BENCHMARKS.md.
