@@ -61,7 +61,7 @@ def lm_block_scores(lm, rows: PackedRows, spans, batch_size: int, budget: int = 
     from .importance import _not_removable
     n_blocks = lm.blocks.n_blocks
     spans = sorted({int(n) for n in spans if 1 <= int(n) <= n_blocks}) or [1]
-    bs = logits_batch_size(batch_size, rows.seq_len, _vocab(lm), budget)
+    bs = min(len(rows), logits_batch_size(batch_size, rows.seq_len, _vocab(lm), budget))
     batches = rows.batches(lm, bs)
     was = lm.module.training
     lm.module.eval()
