@@ -145,7 +145,18 @@ def test_report_and_prune_read_the_lm_scores(lm_run, tmp_path, capsys):
     imp = json.loads((run / "scores.json").read_text())["importance"]
     assert main(["report", str(run)]) == 0
     html = (run / "report.html").read_text()
-    assert "perplexity change" in html.lower() and "angular" in html.lower()
+    from lamina.report._context import layer_table
+    from lamina.report._scores import parse_scores
+    s = parse_scores(json.loads((run / "scores.json").read_text()), run / "scores.json")
+    table = layer_table(s.layers, s.main)
+    titles = [c["name"] for c in table["columns"]]
+    assert titles[-2:] == ["ppl change", "angular n=1"]
+    row = {r["layer"]: r["cells"] for r in table["rows"]}["blocks.2"]
+    from lamina.report._context import fmt
+    assert [c["text"] for c in row[-2:]] == [fmt(imp["perplexity_change"][2]), fmt(imp["angular"]["1"][2])]
+    text = " ".join(html.split())
+    assert "Perplexity change when skipped (lower is better" in text and "packed blocks of 8" in text
+    assert "least needed blocks (perplexity)" in text
     for method, key in (("perplexity", "perplexity_change"), ("block_influence", "block_influence"),
                         ("skip_nmse", "skip_nmse")):
         out = tmp_path / method
