@@ -177,3 +177,33 @@ def test_report_and_prune_read_the_lm_scores(lm_run, tmp_path, capsys):
     with pytest.raises(UsageError, match="angular distance") as e:
         make_plan(scores, PlanConfig(drop_blocks=0.75, method="angular"))
     assert "--spans" in e.value.fix
+
+
+def test_transfer_refuses_text_without_labels(lm_run, tmp_path, capsys):
+    """A packed LM run, a per-row text run of an encoder, text given as data, an LM task: UsageError, nothing written."""
+    from lamina.cli import main
+    from lamina.errors import UsageError
+    from lamina.testing import save_tiny_text_model
+    from lamina.transfer import TransferConfig, transfer
+    model, txt, run = lm_run
+    capsys.readouterr()
+    assert main(["transfer", str(run), "--head", "last"]) == 2
+    err = capsys.readouterr().err
+    assert "text without labels" in err and "rotten-tomatoes" in err and "Traceback" not in err
+    assert not (run / "transfer").exists() and not (run / "transfer.json").exists()
+    enc = save_tiny_text_model(tmp_path / "enc")
+    r2 = tmp_path / "R2"
+    assert main(["capture", "--model", str(enc), "--data", str(txt), "--limit", "20", "--out", str(r2),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["transfer", str(r2)]) == 2
+    assert "text without labels" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="text without labels"):
+        transfer(r2, TransferConfig(), data=str(txt))
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    (ft / "finetune.json").write_text(json.dumps({"task": {"kind": "lm", "data": str(txt), "seq_len": 8}}))
+    from lamina.transfer._rows import split_rows
+    from lamina.store import FeatureStore
+    with pytest.raises(UsageError, match="language-modelling task"):
+        split_rows(FeatureStore.open(r2), str(ft), (0.6, 0.2, 0.2), 0)
