@@ -207,3 +207,26 @@ def test_transfer_refuses_text_without_labels(lm_run, tmp_path, capsys):
     from lamina.store import FeatureStore
     with pytest.raises(UsageError, match="language-modelling task"):
         split_rows(FeatureStore.open(r2), str(ft), (0.6, 0.2, 0.2), 0)
+
+
+def test_capture_seq_len_default_and_bad_values(lm_run, tmp_path, capsys):
+    """Without --seq-len: 128, or the model's context when shorter (64 here); longer than the context: refused."""
+    from lamina.cli import main
+    from lamina.store import FeatureStore
+    model, _, _ = lm_run
+    texts, _ = tiny_sentences(500, seed=4)
+    txt = tmp_path / "long.txt"
+    txt.write_text("\n".join(texts))
+    assert main(["capture", "--model", str(model), "--data", str(txt), "--out", str(tmp_path / "d"),
+                 "--no-progress"]) == 0
+    man = FeatureStore.open(tmp_path / "d" / "features").manifest
+    assert man["lm_task"]["seq_len"] == 64 and man["data"]["seq_len"] == 64
+    assert len(FeatureStore.open(tmp_path / "d" / "features").ids) == man["lm_task"]["blocks"]["train"]
+    capsys.readouterr()
+    assert main(["capture", "--model", str(model), "--data", str(txt), "--seq-len", "65", "--out",
+                 str(tmp_path / "e"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "longer than the model's context" in err and "--seq-len 64" in err
+    assert main(["capture", "--model", str(model), "--data", str(txt), "--seq-len", "8", "--limit", "9999",
+                 "--out", str(tmp_path / "f"), "--no-progress"]) == 2
+    assert "more packed blocks than the training text holds" in capsys.readouterr().err

@@ -56,8 +56,9 @@ class CaptureConfig(Runtime):
                 "CNN maps are always spatially averaged unless none"})
     batch_size: int = field(default=32, metadata={"help": "samples per forward pass"})
     max_length: int = field(default=128, metadata={"help": "text: truncate to this many tokens"})
-    seq_len: int = field(default=128, metadata={
-        "help": "a causal LM on text without labels (a .txt, 'debates'): tokens per packed block; the samples are "
+    seq_len: int | None = field(default=None, metadata={
+        "help": "a causal LM on text without labels (a .txt, 'debates'): tokens per packed block (default 128, or "
+                "the model's context when shorter); the samples are "
                 "the language-modelling task's training blocks (documents split train/val/test by --seed), and "
                 "--limit counts blocks"})
     image_size: int | None = field(default=None, metadata={
@@ -86,7 +87,7 @@ class CaptureConfig(Runtime):
             raise UsageError("unknown storage dtype", value=self.dtype, allowed="float32, float16",
                              fix="--dtype float16 halves the store size")
         for name in ("batch_size", "max_length", "seq_len"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1", value=getattr(self, name),
                                  allowed="a positive integer", fix=f"--{name.replace('_', '-')} 32")
         if self.image_size is not None and self.image_size < 8:

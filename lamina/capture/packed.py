@@ -79,10 +79,12 @@ def is_packed(lm, ds) -> bool:
     return isinstance(ds, PackedRows) or (bool(getattr(ds, "meta", {}).get("unlabelled")) and is_causal_lm(lm))
 
 
-def packed_rows(lm, corpus, *, seq_len: int, limit: int | None, seed: int, text_column: str | None = None,
+def packed_rows(lm, corpus, *, seq_len: int | None, limit: int | None, seed: int, text_column: str | None = None,
                 name: str | None = None) -> PackedRows:
     """The train blocks of the LM task on ``corpus`` (a loaded unlabelled Dataset), ``limit`` of them by ``seed``."""
-    from ..lm_task import LMTaskSpec
+    from ..lm_task import LMTaskSpec, context_length
+    if seq_len is None:  # the LM task's default, or the model's whole context when that is shorter
+        seq_len = min(128, context_length(lm.module) or 128)
     spec = LMTaskSpec(data=corpus, seed=seed, seq_len=seq_len, text_column=text_column)
     task = spec.prepare(lm)
     if limit is not None and limit < 0:
