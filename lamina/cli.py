@@ -83,7 +83,11 @@ def _print_store(store, ns) -> None:
     print(f"store    {s['path']}")
     print(f"model    {s['model']}    data {s['data']}    samples {s['n']}    pooling {s['pooling']}    "
           f"dtype {s['dtype']}    {s['bytes'] / 1e6:.1f} MB")
-    if s.get("classes"):
+    lmt = store.manifest.get("lm_task")
+    if lmt:  # a causal LM on text: packed blocks of the LM task, not labelled rows
+        print(f"text     {lmt['captured_blocks']} packed blocks of {lmt['seq_len']} tokens from the train split "
+              f"(blocks train/val/test: {lmt['blocks']['train']}/{lmt['blocks']['val']}/{lmt['blocks']['test']})")
+    elif s.get("classes"):
         print(f"classes  {len(s['classes'])}: " + ", ".join(f"{c} ({k})" for c, k in s["classes"].items()))
     for name, shape in s["layers"].items():
         print(f"  {name:<12} {tuple(shape)}")
