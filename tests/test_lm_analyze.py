@@ -230,3 +230,17 @@ def test_capture_seq_len_default_and_bad_values(lm_run, tmp_path, capsys):
     assert main(["capture", "--model", str(model), "--data", str(txt), "--seq-len", "8", "--limit", "9999",
                  "--out", str(tmp_path / "f"), "--no-progress"]) == 2
     assert "more packed blocks than the training text holds" in capsys.readouterr().err
+
+
+def test_bad_spans_and_lm_methods_on_classifier_scores_are_refused():
+    from lamina.analyze import AnalyzeConfig
+    from lamina.compress.plan import PlanConfig, make_plan
+    from lamina.errors import UsageError
+    with pytest.raises(UsageError, match="spans must be positive"):
+        AnalyzeConfig(spans=(0, 2))
+    scores = {"model": {}, "importance": {"blocks": ["blocks.0", "blocks.1"], "skip_nmse": [0.1, 0.2],
+                                          "block_influence": [0.1, 0.2], "skippable": [True, True]}}
+    for method in ("perplexity", "angular"):
+        with pytest.raises(UsageError, match="causal LM") as e:
+            make_plan(scores, PlanConfig(drop_blocks=0.5, method=method))
+        assert "skip_nmse" in e.value.fix
