@@ -267,6 +267,12 @@ def importance_figure(main: Importance, control: Importance | None = None) -> Fi
                 else:
                     ax.text(i + off, top * 0.015, "n/a", ha="center", va="bottom", fontsize=7, color=MUTED)
             ax.set_ylim(low * 1.12, top * 1.12)
+            mid = float(np.median(np.abs(finite))) if finite.size else 0.0
+            if key == "perplexity_change" and mid > 0 and top > 100 * mid:
+                # one block (often the first) can raise perplexity 1000x more than the rest: a symmetric log
+                # axis, linear within the typical change, keeps every other bar readable
+                ax.set_yscale("symlog", linthresh=mid)
+                ax.set_ylim(low * 2 if low < 0 else 0, top * 2)
             ax.set_title(cat.label(key))
             ax.text(1.0, 1.02, cat.hint(key), transform=ax.transAxes, ha="right", va="bottom", fontsize=7.5,
                     color=MUTED)
