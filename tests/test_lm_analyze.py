@@ -244,3 +244,21 @@ def test_bad_spans_and_lm_methods_on_classifier_scores_are_refused():
         with pytest.raises(UsageError, match="causal LM") as e:
             make_plan(scores, PlanConfig(drop_blocks=0.5, method=method))
         assert "skip_nmse" in e.value.fix
+
+
+def test_analyze_refuses_text_that_changed_since_the_capture(lm_run, tmp_path, capsys):
+    """Same length, one word changed: the blocks' token hash (recorded at capture) no longer matches."""
+    from lamina.cli import main
+    model, txt, _ = lm_run
+    mine = tmp_path / "t.txt"
+    mine.write_text(txt.read_text())
+    run = tmp_path / "R"
+    assert main(["capture", "--model", str(model), "--data", str(mine), "--seq-len", str(SEQ), "--limit", "6",
+                 "--out", str(run), "--no-progress"]) == 0
+    lines = mine.read_text().splitlines()
+    mine.write_text("\n".join(" ".join("plot" if w == "movie" else "movie" if w == "plot" else w for w in ln.split())
+                              for ln in lines) + "\n")
+    capsys.readouterr()
+    assert main(["analyze", str(run), "--no-control", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "no longer packs into the blocks" in err and "capture again" in err

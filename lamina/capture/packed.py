@@ -20,9 +20,11 @@ Design decisions:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import fields
 
 import numpy as np
+import torch
 
 from ..errors import UsageError
 
@@ -31,10 +33,10 @@ class PackedRows:
     """Blocks ``rows`` of an :class:`~lamina.lm_task.LMTask`, in the shape capture reads a Dataset in."""
 
     kind = "text"
-    classes = ["text"]
-    meta = {"unlabelled": True, "packed": True}
 
     def __init__(self, task, rows, name: str, source: str = ""):
+        self.classes = ["text"]
+        self.meta = {"unlabelled": True, "packed": True}
         self.task = task
         self.rows = np.asarray(rows, dtype=np.int64)
         self.name, self.source = name, source
@@ -59,6 +61,11 @@ class PackedRows:
     def batches(self, lm, batch_size: int) -> list[dict]:
         return [self.batch(lm, np.arange(s, min(len(self), s + batch_size))) for s in range(0, len(self), batch_size)]
 
+    def tokens_sha256(self) -> str:
+        """sha256 of the captured blocks' token ids (int64, row-major): what reloading checks."""
+        ids = self.task.blocks[torch.as_tensor(self.rows)].numpy().astype(np.int64)
+        return hashlib.sha256(np.ascontiguousarray(ids).tobytes()).hexdigest()
+
     def describe(self) -> dict:
         return {"name": self.name, "kind": "text", "source": self.source, "n": len(self), "classes": ["text"],
                 "class_counts": [len(self)], "unlabelled": True, "packed": True, "seq_len": self.seq_len}
@@ -70,7 +77,8 @@ class PackedRows:
         return {"data": self.name, **rec,
                 "documents": {k: int(len(v)) for k, v in self.task.doc_split.items()},
                 "blocks": {k: int(len(v)) for k, v in self.task.split.items()},
-                "captured_split": "train", "captured_blocks": int(len(self)), "tokens": int(len(self) * spec.seq_len)}
+                "captured_split": "train", "captured_blocks": int(len(self)), "tokens": int(len(self) * spec.seq_len),
+                "tokens_sha256": self.tokens_sha256()}
 
 
 def is_packed(lm, ds) -> bool:
@@ -114,8 +122,14 @@ def reload_packed(lm, man: dict, data=None) -> PackedRows:
     if isinstance(data, PackedRows):
         return data
     corpus = load_for_capture(data, cap.get("text_column"))
-    return packed_rows(lm, corpus, seq_len=rec["seq_len"], limit=cap.get("limit"), seed=rec["seed"],
+    rows = packed_rows(lm, corpus, seq_len=rec["seq_len"], limit=cap.get("limit"), seed=rec["seed"],
                        text_column=cap.get("text_column"))
+    want = rec.get("tokens_sha256")
+    if want and rows.tokens_sha256() != want:  # the same recipe gave other tokens: the text changed since
+        raise UsageError("the text no longer packs into the blocks the store was captured on", value=str(data),
+                         allowed="the text (and --seq-len/--limit/--seed) of the capture",
+                         fix="pass the same text, or capture again")
+    return rows
 
 
 def logits_batch_size(requested: int, seq_len: int, vocab: int, budget: int) -> int:
