@@ -83,7 +83,11 @@ def _print_store(store, ns) -> None:
     print(f"store    {s['path']}")
     print(f"model    {s['model']}    data {s['data']}    samples {s['n']}    pooling {s['pooling']}    "
           f"dtype {s['dtype']}    {s['bytes'] / 1e6:.1f} MB")
-    if s.get("classes"):
+    lmt = store.manifest.get("lm_task")
+    if lmt:  # a causal LM on text: packed blocks of the LM task, not labelled rows
+        print(f"text     {lmt['captured_blocks']} packed blocks of {lmt['seq_len']} tokens from the train split "
+              f"(blocks train/val/test: {lmt['blocks']['train']}/{lmt['blocks']['val']}/{lmt['blocks']['test']})")
+    elif s.get("classes"):
         print(f"classes  {len(s['classes'])}: " + ", ".join(f"{c} ({k})" for c, k in s["classes"].items()))
     for name, shape in s["layers"].items():
         print(f"  {name:<12} {tuple(shape)}")
@@ -120,9 +124,24 @@ def _print_scores(path) -> None:
         c = ctrl.get("probe_acc", [None] * len(s["layers"]))[i]
         print(f"{name:<12} {f(m['probe_acc'][i])} {f(c)} {f(m['knn_acc'][i])} {f(m['ncc_acc'][i])} "
               f"{f(m['cka_to_last'][i]):>8} {f(bi.get(name))} {f(skip.get(name))}")
+    if imp.get("kind") == "lm":
+        _print_lm_importance(imp)
     for note in s.get("notes") or []:
         print(f"note: {note}")
     print(f"scores: {path}")
+
+
+def _print_lm_importance(imp: dict) -> None:
+    """A causal LM's importance (lower = can go): perplexity change, angular distance n=1, and the cost."""
+    one = (imp.get("angular") or {}).get("1") or [None] * len(imp["blocks"])
+    f = lambda v: "     -" if v is None else f"{v:10.4g}"  # noqa: E731
+    print(f"LM importance on {imp['tokens']} tokens ({imp['n_samples']} blocks of {imp['seq_len']}); full "
+          f"perplexity {imp['full_perplexity']:.4g}")
+    print(f"{'block':<12} {'skip ppl':>10} {'ppl change':>10} {'angular n=1':>11}")
+    for name, p, d, a in zip(imp["blocks"], imp["skip_perplexity"], imp["perplexity_change"], one):
+        print(f"{name:<12} {f(p)} {f(d)} {f(a):>11}")
+    x = imp.get("seconds_as_forwards")
+    print(f"LM importance cost: {imp['seconds']:.2f} s" + (f" = {x:.1f} forward passes" if x else ""))
 
 
 # ---------------------------------------------------------------- compare ----

@@ -21,10 +21,10 @@ def test_cli_capture_and_analyze_a_txt_file_with_a_causal_lm(lm_and_text, tmp_pa
     from lamina.store import FeatureStore
     model, txt = lm_and_text
     run = tmp_path / "R"
-    assert main(["capture", "--model", str(model), "--data", str(txt), "--pooling", "last", "--limit", "40",
-                 "--out", str(run), "--no-progress"]) == 0
-    store = FeatureStore.open(run)
-    assert len(store.labels) == 40 and set(np.unique(store.labels)) == {0}
+    assert main(["capture", "--model", str(model), "--data", str(txt), "--pooling", "last", "--limit", "20",
+                 "--seq-len", "8", "--out", str(run), "--no-progress"]) == 0
+    store = FeatureStore.open(run)  # a causal LM on text: packed blocks of 8 tokens, --limit counts blocks
+    assert len(store.labels) == 20 and set(np.unique(store.labels)) == {0}
     assert main(["analyze", str(run), "--no-progress", "--importance-samples", "16"]) == 0
     out = capsys.readouterr().out
     assert "no labels" in out and "probe" in out
@@ -63,8 +63,8 @@ def test_prune_jointly_from_a_text_run(lm_and_text, tmp_path, capsys):
     from lamina.cli import main
     model, txt = lm_and_text
     run = tmp_path / "R"
-    assert main(["capture", "--model", str(model), "--data", str(txt), "--pooling", "mean", "--limit", "24",
-                 "--out", str(run), "--no-progress"]) == 0
+    assert main(["capture", "--model", str(model), "--data", str(txt), "--pooling", "mean", "--limit", "16",
+                 "--seq-len", "8", "--out", str(run), "--no-progress"]) == 0
     assert main(["analyze", str(run), "--no-control", "--importance-samples", "16", "--no-progress"]) == 0
     out = tmp_path / "small"
     assert main(["prune", str(model), "--scores", str(run / "scores.json"), "--drop-blocks", "0.34",

@@ -43,8 +43,8 @@ def test_report_of_a_tiny_lm_run_shows_perplexity(tmp_path, capsys):
     s.save_pretrained(tmp_path / "small")
     tiny_tokenizer().save_pretrained(tmp_path / "small")
     run = tmp_path / "run"
-    assert main(["capture", "--model", str(t), "--data", str(txt), "--pooling", "mean", "--limit", "40",
-                 "--out", str(run), "--no-progress"]) == 0
+    assert main(["capture", "--model", str(t), "--data", str(txt), "--pooling", "mean", "--limit", "20",
+                 "--seq-len", "8", "--out", str(run), "--no-progress"]) == 0
     assert main(["analyze", str(run), "--no-control", "--importance-samples", "16", "--no-progress"]) == 0
     assert main(["bench", str(t), str(tmp_path / "small"), "--data", str(txt), "--seq-len", "8",
                  "--batch-sizes", "1", "--warmup", "0", "--repeats", "2", "--decode-tokens", "3", "--no-progress",

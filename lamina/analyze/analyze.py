@@ -72,6 +72,10 @@ class AnalyzeConfig(Runtime):
         "help": "score every block (Block Influence, skip nMSE); needs the model"})
     importance_samples: int = field(default=512, metadata={
         "help": "samples the importance sums run over (stratified subset of the store's samples; 0 = all)"})
+    spans: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata={
+        "help": "a causal LM captured on packed text: the n of the angular distance between the input of block l "
+                "and the output of block l+n-1 (removing n consecutive blocks, Gromov et al.); spans longer "
+                "than the model are left out"})
     control: bool = field(default=True, metadata={
         "help": "also analyze the same architecture with random weights on the same samples"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing RUN/scores.json"})
@@ -86,6 +90,9 @@ class AnalyzeConfig(Runtime):
         if self.probe_workers < 0:
             raise UsageError("--probe-workers must be >= 0", value=self.probe_workers,
                              allowed="0 (one per CPU) or a positive count", fix="--probe-workers 1")
+        if not self.spans or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.spans):
+            raise UsageError("--spans must be positive block counts", value=self.spans,
+                             allowed="integers >= 1 (blocks removed together)", fix="--spans 1 2 4 8")
         if self.importance_samples < 0:
             raise UsageError("--importance-samples must be >= 0", value=self.importance_samples,
                              allowed="0 (all) or a positive count", fix="--importance-samples 512")
@@ -224,15 +231,19 @@ def _reload(store: FeatureStore, model, data, runtime=None) -> tuple[LoadedModel
         raise UsageError("the model given is not the one the store was captured from (fingerprints differ)",
                          value=lm.name, allowed=man.get("model", {}).get("name"),
                          fix="pass the model used for the capture")
-    if data is None:
+    if man.get("lm_task"):  # a causal LM on packed text: the same training blocks, rebuilt from the task record
+        from ..capture.packed import reload_packed
+        ds = reload_packed(lm, man, data)
+    elif data is None:
         if not man.get("data_spec"):
             raise UsageError("this store was captured from an in-memory dataset, so analyze cannot reload it",
                              value=man.get("data", {}).get("name"), allowed="data=... passed to analyze()",
                              fix="pass the dataset to lamina.analyze(..., data=...), or --no-importance --no-control")
         data = man["data_spec"]
-    from ..data.text import load_for_capture
-    ds = subsample(load_for_capture(data, cap.get("text_column"), cap.get("label_column"),
-                                    cap.get("skip_bad_files", False)), cap.get("limit"), cap.get("seed", 0))
+    if not man.get("lm_task"):
+        from ..data.text import load_for_capture
+        ds = subsample(load_for_capture(data, cap.get("text_column"), cap.get("label_column"),
+                                        cap.get("skip_bad_files", False)), cap.get("limit"), cap.get("seed", 0))
     if list(ds.ids) != list(store.ids):
         raise UsageError("the reloaded data are not the samples in the store", value=ds.name,
                          allowed="the dataset (and --limit/--seed) used for the capture",
@@ -299,9 +310,18 @@ def _analyze(store: FeatureStore, run_dir: Path, path: Path, config: AnalyzeConf
         cap = man.get("config", {})
         kw = dict(batch_size=cap.get("batch_size", 32), max_length=cap.get("max_length", 128),
                   image_size=cap.get("image_size"), progress=config.progress)
-        few = ds if not config.importance_samples or config.importance_samples >= len(ds) else \
-            subsample(ds, config.importance_samples, config.seed, min_per_class=0)
-        if config.importance:
+        packed = bool(man.get("lm_task"))
+        if packed:
+            from ._lm import importance_rows
+            few = importance_rows(ds, config.importance_samples, config.seed)
+        else:
+            few = ds if not config.importance_samples or config.importance_samples >= len(ds) else \
+                subsample(ds, config.importance_samples, config.seed, min_per_class=0)
+        if config.importance and packed:
+            with oom_message(kw["batch_size"], "--batch-size of the capture (or --importance-samples)", lm.device):
+                scores["importance"] = _lm_importance(lm, few, config, kw)
+            scores["definitions"].update(_lm_definitions())
+        elif config.importance:
             with oom_message(kw["batch_size"], "--batch-size of the capture (or --importance-samples)", lm.device):
                 imp = block_importance(lm, few, **kw)
             scores["importance"] = _importance_dict(imp)
@@ -315,6 +335,16 @@ def _analyze(store: FeatureStore, run_dir: Path, path: Path, config: AnalyzeConf
     return AnalyzeResult(str(path), store.layers, metrics["probe_acc"], time.perf_counter() - t0, config.control)
 
 
+def _lm_importance(lm, rows, config: AnalyzeConfig, kw) -> dict:
+    from ._lm import lm_block_scores
+    return lm_block_scores(lm, rows, config.spans, kw["batch_size"])
+
+
+def _lm_definitions() -> dict:
+    from ._lm import DEFINITIONS as LM
+    return {"block_influence": _imp_def("block_influence"), **LM}
+
+
 def _imp_def(key: str) -> str:
     from .importance import DEFINITIONS as IMP
     return IMP[key]
@@ -326,7 +356,8 @@ def _control(lm, ds, few, store, run_dir: Path, split, config: AnalyzeConfig, kw
     cap = dict(store.manifest.get("config", {}))
     ccfg = replace(CaptureConfig(out=str(run_dir / "control"), device=str(lm.device),
                                  torch_dtype=str(lm.dtype).replace("torch.", "")),
-                   **{k: cap[k] for k in ("layers", "pooling", "batch_size", "max_length", "image_size", "dtype")
+                   **{k: cap[k] for k in ("layers", "pooling", "batch_size", "max_length", "image_size", "dtype",
+                                          "seq_len")
                       if k in cap}, overwrite=True, progress=config.progress)
     res = capture(rand, ds, ccfg)
     cstore = FeatureStore.open(res.store)
@@ -335,5 +366,6 @@ def _control(lm, ds, few, store, run_dir: Path, split, config: AnalyzeConfig, kw
     metrics, cka = layer_metrics(_features(cstore), y, split, config, _metrics_device(config))
     out = {"model": rand.name, "seed": config.seed, "metrics": metrics, "cka": cka, "importance": None}
     if config.importance:
-        out["importance"] = _importance_dict(block_importance(rand, few, **kw))
+        out["importance"] = _lm_importance(rand, few, config, kw) if store.manifest.get("lm_task") else \
+            _importance_dict(block_importance(rand, few, **kw))
     return out

@@ -56,6 +56,11 @@ class CaptureConfig(Runtime):
                 "CNN maps are always spatially averaged unless none"})
     batch_size: int = field(default=32, metadata={"help": "samples per forward pass"})
     max_length: int = field(default=128, metadata={"help": "text: truncate to this many tokens"})
+    seq_len: int | None = field(default=None, metadata={
+        "help": "a causal LM on text without labels (a .txt, 'debates'): tokens per packed block (default 128, or "
+                "the model's context when shorter); the samples are "
+                "the language-modelling task's training blocks (documents split train/val/test by --seed), and "
+                "--limit counts blocks"})
     image_size: int | None = field(default=None, metadata={
         "help": "images: resize to this side (default: the model's own, 224 for efficientnet-lite0)"})
     limit: int | None = field(default=None, metadata={
@@ -81,8 +86,8 @@ class CaptureConfig(Runtime):
         if self.dtype not in ("float32", "float16"):
             raise UsageError("unknown storage dtype", value=self.dtype, allowed="float32, float16",
                              fix="--dtype float16 halves the store size")
-        for name in ("batch_size", "max_length"):
-            if getattr(self, name) < 1:
+        for name in ("batch_size", "max_length", "seq_len"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1", value=getattr(self, name),
                                  allowed="a positive integer", fix=f"--{name.replace('_', '-')} 32")
         if self.image_size is not None and self.image_size < 8:
@@ -118,6 +123,8 @@ def _key(model: LoadedModel, ds: Dataset, cfg: CaptureConfig, taps) -> dict:
     parts = {"model": model.fingerprint(), "data": ds.name, "source": ds.source, "ids": ids_hash,
              "layers": [t.name for t in taps], "pooling": cfg.pooling, "dtype": cfg.dtype,
              "batch_size": cfg.batch_size, "max_length": cfg.max_length, "image_size": cfg.image_size}
+    if getattr(ds, "meta", {}).get("packed"):  # packed LM blocks: their length and task split change the bytes
+        parts["lm_task"] = {k: v for k, v in ds.record().items() if k != "data"}
     if model.dtype != torch.float32:  # another compute dtype gives other bytes (float32 keys stay as they were)
         parts["compute_dtype"] = str(model.dtype).replace("torch.", "")
     parts["key"] = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
@@ -218,10 +225,17 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
         from ..blocks import find_blocks
         lm = replace(lm, blocks=find_blocks(lm.module, config.blocks))  # never touch the caller's object
     from ..data.text import load_for_capture
-    ds = subsample(load_for_capture(data, config.text_column, config.label_column, config.skip_bad_files),
-                   config.limit, config.seed)
-    if not ds.meta.get("unlabelled"):  # unlabelled text (a .txt, 'debates'): features for geometry and importance
-        check_labels(ds)
+    from .packed import PackedRows, is_packed, packed_rows
+    ds = data if isinstance(data, PackedRows) else \
+        load_for_capture(data, config.text_column, config.label_column, config.skip_bad_files)
+    if is_packed(lm, ds):  # a causal LM on text without labels: the LM task's packed training blocks
+        if not isinstance(ds, PackedRows):
+            ds = packed_rows(lm, ds, seq_len=config.seq_len, limit=config.limit, seed=config.seed,
+                             text_column=config.text_column)
+    else:
+        ds = subsample(ds, config.limit, config.seed)
+        if not ds.meta.get("unlabelled"):  # unlabelled text (a .txt, 'debates'): features for geometry and importance
+            check_labels(ds)
     if len(ds) < 2:
         raise UsageError("the dataset is too small to capture", value=len(ds), allowed=">= 2 samples",
                          fix="use more data")
@@ -231,6 +245,8 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
     n, bs = len(ds), config.batch_size
     n_batches = (n + bs - 1) // bs
     unpooled_text = config.pooling == "none" and lm.modality == "text"
+    packed = isinstance(ds, PackedRows)
+    pad_to = ds.seq_len if packed else config.max_length
 
     writes = ["features", "config.json"]
     with Dist(dist_backend(lm.device)) as dist, claim(config.out, "capture", writes, config.overwrite,
@@ -242,14 +258,14 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
         with torch.inference_mode(), recording(lm.module, taps, config.pooling) as rec:
             def run_batch(b: int) -> dict[str, np.ndarray]:
                 rows = np.arange(b * bs, min((b + 1) * bs, n))
-                batch = lm.batch(ds, rows, config.max_length, config.image_size)
+                batch = ds.batch(lm, rows) if packed else lm.batch(ds, rows, config.max_length, config.image_size)
                 rec.mask = batch.get("attention_mask")
                 rec.outputs.clear()
                 with oom_message(len(rows), device=lm.device):
                     lm.forward(batch)
                 arrays = {t.name: rec.outputs[t.name] for t in taps}
                 if unpooled_text:
-                    arrays = {k: _pad_tokens(v, config.max_length) for k, v in arrays.items()}
+                    arrays = {k: _pad_tokens(v, pad_to) for k, v in arrays.items()}
                 out = {k: _to_numpy(v, config.dtype, k, ds.ids[rows]) for k, v in arrays.items()}
                 if unpooled_text:
                     out["__lengths__"] = batch["attention_mask"].sum(1).cpu().numpy()
@@ -268,6 +284,8 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
                             "model": described, "blocks": lm.blocks.to_dict(), "data": ds.describe(),
                             "config": asdict(config), "torch": torch.__version__,
                             "runtime": describe(lm.device, lm.dtype)}
+                if packed:
+                    manifest["lm_task"] = ds.record()
                 writer.create(manifest, shapes, config.dtype, ds.labels, ds.ids, lengths=unpooled_text)
                 writer.open()
                 writer.write_batch(0, 0, first)
@@ -301,7 +319,8 @@ def capture(model, data, config: CaptureConfig) -> CaptureResult:
         if dist.rank == 0:
             StoreWriter(root).finish(n_batches)
             update_run_config(config.out, "capture", {"config": asdict(config), "model": lm.name,
-                                                      "data": ds.name, "n": n, "store": str(root)})
+                                                      "data": ds.name, "n": n, "store": str(root),
+                                                      **({"lm_task": ds.record()} if packed else {})})
         dist.barrier()
     ran = len(todo) + (1 if state == "fresh" and dist.rank == 0 else 0)
     return CaptureResult(str(root), n, [t.name for t in taps], ran, n_batches,

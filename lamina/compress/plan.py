@@ -48,7 +48,7 @@ from ..errors import UsageError, suggest
 from ..files import read_json
 
 PLAN_VERSION = 1
-METHODS = ("skip_nmse", "block_influence", "iterative", "even", "joint")
+METHODS = ("skip_nmse", "block_influence", "iterative", "even", "joint", "perplexity", "angular")
 
 DEFINITIONS = {
     "skip_nmse": "removes the skippable blocks with the lowest normalized output change when skipped "
@@ -59,6 +59,11 @@ DEFINITIONS = {
                  "sum M^2, measured on the calibration batches on the model with the blocks already removed "
                  "(M its output); every round's scores are recorded",
     "even": "removes evenly spaced skippable blocks, reading no importance (Unified Layer Skipping baseline)",
+    "perplexity": "removes the skippable blocks whose removal alone raises the perplexity least on the "
+                  "calibration text (perplexity_change of a causal LM's scores)",
+    "angular": "removes the n consecutive skippable blocks l..l+n-1 with the smallest angular distance "
+               "arccos(cos(input of block l, output of block l+n-1)) / pi (Gromov et al. 2024; a causal LM's "
+               "scores, measured for that n)",
     "joint": "removes the set of skippable blocks whose removal together changes the output least on the "
              "calibration batches: sum (M_full - M_-S)^2 / sum M_full^2 (M the logits), or for a causal LM the "
              "mean next-token cross-entropy of M_-S; sets grown one block per round, greedily or by a beam of "
@@ -100,8 +105,10 @@ class PlanConfig:
     method: str = field(default="skip_nmse", metadata={
         "help": "how blocks are chosen: 'skip_nmse' (lowest skip importance), 'block_influence' (lowest BI), "
                 "'iterative' (one at a time, skip importance re-scored on the calibration samples after each "
-                "removal), 'even' (evenly spaced, the Unified Layer Skipping baseline), or 'joint' (sets scored by "
-                "the output change of removing them together on the calibration samples, greedy or --beam)"})
+                "removal), 'even' (evenly spaced, the Unified Layer Skipping baseline), 'joint' (sets scored by "
+                "the output change of removing them together on the calibration samples, greedy or --beam); a "
+                "causal LM's scores also allow 'perplexity' (lowest perplexity change when skipped) and 'angular' "
+                "(the consecutive blocks with the smallest angular distance, Gromov et al.)"})
     beam: int = field(default=1, metadata={
         "help": "--method joint: removal sets kept per round (1: greedy; K: beam search, K times the cost)"})
     ffn: float | None = field(default=None, metadata={
@@ -202,7 +209,13 @@ def _choose_blocks(scores: dict, cfg: PlanConfig) -> dict:
     names, paths = list(imp["blocks"]), list(imp.get("paths") or [None] * len(imp["blocks"]))
     n = len(names)
     skippable = list(imp.get("skippable") or [False] * n)
-    key = {"skip_nmse": "skip_nmse", "block_influence": "block_influence"}.get(cfg.method)
+    key = {"skip_nmse": "skip_nmse", "block_influence": "block_influence",
+           "perplexity": "perplexity_change"}.get(cfg.method)
+    if cfg.method in ("perplexity", "angular") and imp.get("kind") != "lm":
+        raise UsageError(f"--method {cfg.method} needs the scores of a causal LM analyzed on packed text",
+                         value=cfg.method, allowed="scores.json whose importance has kind 'lm'",
+                         fix="capture the LM on text without labels (--data FILE.txt or debates) and analyze it, "
+                             "or use --method skip_nmse")
     values = list(imp.get(key) or [None] * n) if key else [None] * n
     cands = [i for i in range(n) if skippable[i] and (key is None or values[i] is not None)]
     why = "skippable" if key is None else f"skippable with a {key} score"
@@ -211,6 +224,9 @@ def _choose_blocks(scores: dict, cfg: PlanConfig) -> dict:
             "candidates": [names[i] for i in cands],
             "scores": {names[i]: values[i] for i in range(n)} if key else None,
             "skippable": {names[i]: bool(skippable[i]) for i in range(n)}}
+    if cfg.target_params is not None and cfg.method == "angular":
+        raise UsageError("--method angular removes one span of consecutive blocks: give its size with --drop-blocks",
+                         value=cfg.target_params, allowed="--drop-blocks FRACTION", fix="--drop-blocks 0.25")
     if cfg.target_params is not None:
         if not cands:
             raise UsageError(f"--target-params needs blocks that can go, and no block is {why}",
@@ -231,7 +247,11 @@ def _choose_blocks(scores: dict, cfg: PlanConfig) -> dict:
     if cfg.method in ("iterative", "joint") and n_drop:  # chosen on the model, with calibration batches
         extra = {"beam": cfg.beam} if cfg.method == "joint" else {}
         return {**base, **extra, "n_removed": n_drop, "remove": None, "remove_paths": None, "rounds": None}
-    if n_drop == 0:
+    if cfg.method == "angular" and n_drop:
+        drop = _angular_span(imp, cands, n_drop)
+        base["scores"] = {f"{names[s]}..{names[s + n_drop - 1]}": v  # the distance of each span, by its blocks
+                          for s, v in enumerate(imp["angular"][str(n_drop)])}
+    elif n_drop == 0:
         drop = []
     elif key is None:  # evenly spaced inside the candidates: the first and last stay while they can
         drop = even_pick(cands, n_drop)
@@ -239,6 +259,23 @@ def _choose_blocks(scores: dict, cfg: PlanConfig) -> dict:
         drop = sorted(sorted(cands, key=lambda i: (values[i], i))[:n_drop])
     return {**base, "n_removed": len(drop), "remove": [names[i] for i in drop],
             "remove_paths": [paths[i] for i in drop]}
+
+
+def _angular_span(imp: dict, cands: list[int], m: int) -> list[int]:
+    """The ``m`` consecutive candidate blocks with the smallest angular distance for span ``m`` (earliest on ties)."""
+    dist = (imp.get("angular") or {}).get(str(m))
+    if not dist:
+        have = sorted(int(k) for k in (imp.get("angular") or {}))
+        raise UsageError(f"the scores have no angular distance for removing {m} consecutive blocks",
+                         value=f"measured spans: {have}", allowed=f"scores analyzed with span {m}",
+                         fix=f"lamina analyze RUN --overwrite --spans {' '.join(map(str, sorted(set(have) | {m})))}")
+    ok = set(cands)
+    starts = [s for s in range(len(dist)) if dist[s] is not None and all(s + i in ok for i in range(m))]
+    if not starts:
+        raise UsageError(f"no {m} consecutive blocks can all be removed", value=m,
+                         allowed="a span of skippable blocks", fix="lower --drop-blocks")
+    start = min(starts, key=lambda s: (dist[s], s))
+    return list(range(start, start + m))
 
 
 def make_plan(scores: dict, config: PlanConfig = PlanConfig()) -> dict:

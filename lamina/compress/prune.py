@@ -190,9 +190,14 @@ def _calibration_batches(lm: LoadedModel, man: dict | None, scores: dict, config
                          allowed="scores.json inside a run folder captured from a data path or bundled name",
                          fix="pass the scores.json of such a run, or prune blocks by their scores (--drop-blocks)")
     cap = man.get("config", {})
+    n_rows = n_rows or config.calibration_samples
+    if man.get("lm_task"):  # a causal LM captured on packed text: calibrate on those very training blocks
+        from ..analyze._lm import importance_rows
+        from ..capture.packed import reload_packed
+        rows = importance_rows(reload_packed(lm, man), n_rows, scores.get("seed", 0) or 0)
+        return rows.batches(lm, cap.get("batch_size", 32))
     ds = subsample(load_for_capture(man["data_spec"], cap.get("text_column"), cap.get("label_column"),
                                     cap.get("skip_bad_files", False)), cap.get("limit"), cap.get("seed", 0))
-    n_rows = n_rows or config.calibration_samples
     if n_rows < len(ds):
         ds = subsample(ds, n_rows, scores.get("seed", 0) or 0, min_per_class=0)
     bs, n = cap.get("batch_size", 32), len(ds)

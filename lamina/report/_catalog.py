@@ -22,6 +22,10 @@ KNOWN = {
     "block_influence": ("Block Influence", "BI", "1 - cos(in, out); low = block changes little"),
     "skip_nmse": ("Skip nMSE", "skip nMSE", "output change when skipped; low = can go"),
     "skip_importance": ("Skip nMSE", "skip nMSE", "output change when skipped; low = can go"),
+    "perplexity_change": ("Perplexity change when skipped", "ppl change", "lower is better: low = can go"),
+    "skip_perplexity": ("Perplexity when skipped", "skip ppl", "lower is better: low = can go"),
+    "angular_1": ("Angular distance (n = 1)", "angular n=1", "arccos(cos(in, out)) / pi; lower is better"),
+    "angular": ("Angular distance", "angular", "arccos(cos(h_l, h_l+n)) / pi; lower = span can go"),
     "cka": ("Linear CKA", "CKA", ""),
 }
 BAND = ("probe_ci_low", "probe_ci_high")

@@ -199,6 +199,12 @@ def highlights(s: Scores) -> list[dict]:
         if ranked:
             out.append({"label": "least needed blocks", "value": ", ".join(b for _, b in ranked[:3]),
                         "note": "lowest skip nMSE: " + ", ".join(fmt(v) for v, _ in ranked[:3])})
+        ppl = sorted((v, b) for v, b, ok in zip(imp.lm.get("perplexity_change") or [], imp.blocks, imp.skippable)
+                     if ok and v is not None)
+        if ppl:
+            out.append({"label": "least needed blocks (perplexity)", "value": ", ".join(b for _, b in ppl[:3]),
+                        "note": "lowest perplexity change when skipped (lower is better): "
+                                + ", ".join(f"{v:+.4g}" for v, _ in ppl[:3])})
         fixed = [b for b, ok in zip(imp.blocks, imp.skippable) if not ok]
         if fixed:
             out.append({"label": "not skippable", "value": str(len(fixed)),
@@ -209,7 +215,9 @@ def highlights(s: Scores) -> list[dict]:
 def _importance_by_layer(imp: Importance | None) -> dict[str, tuple]:
     if imp is None:
         return {}
-    return {b: (bi, sk, ok) for b, bi, sk, ok in zip(imp.blocks, imp.block_influence, imp.skip_nmse, imp.skippable)}
+    lm = list(imp.lm.values())
+    return {b: (bi, sk, ok, *[v[i] for v in lm])
+            for i, (b, bi, sk, ok) in enumerate(zip(imp.blocks, imp.block_influence, imp.skip_nmse, imp.skippable))}
 
 
 def _cell(text: str, sub: str = "", best: bool = False, muted: bool = False) -> dict:
@@ -226,6 +234,8 @@ def layer_table(layers: list[str], side: Side) -> dict:
     if imp:
         cols += [{"name": cat.column("block_influence"), "title": cat.label("block_influence")},
                  {"name": cat.column("skip_nmse"), "title": cat.label("skip_nmse")}]
+        cols += [{"name": cat.column(k), "title": f"{cat.label(k)} ({cat.hint(k)})"} for k in side.importance.lm]
+    n_imp = 2 + (len(side.importance.lm) if side.importance else 0)
     rows = []
     for i, layer in enumerate(layers):
         cells = []
@@ -239,10 +249,10 @@ def layer_table(layers: list[str], side: Side) -> dict:
             cells.append(_cell(text, sub, best=best.get(n) == i))
         if imp:
             if layer in imp:
-                bi, sk, ok = imp[layer]
-                cells += [_cell(fmt(bi)), _cell(fmt(sk))] if ok else [_cell("not skippable", muted=True)] * 2
+                bi, sk, ok, *lm = imp[layer]
+                cells += [_cell(fmt(v)) for v in (bi, sk, *lm)] if ok else [_cell("not skippable", muted=True)] * n_imp
             else:
-                cells += [_cell("")] * 2
+                cells += [_cell("")] * n_imp
         rows.append({"layer": layer, "cells": cells})
     return {"columns": cols, "rows": rows}
 

@@ -217,20 +217,34 @@ def compare_figure(layers_a, layers_b, cka, name_a: str, name_b: str) -> Figure:
         return fig
 
 
+def _imp_values(side: Importance, key: str) -> list:
+    if key in ("block_influence", "skip_nmse"):
+        return getattr(side, key)
+    return side.lm.get(key) or [None] * len(side.blocks)
+
+
 def importance_figure(main: Importance, control: Importance | None = None) -> Figure:
     """Block Influence and skip nMSE bars per block; blocks that cannot be skipped hatched and labelled."""
     n = len(main.blocks)
+    ctrl = control
+    panels = [("block_influence", "#7c3aed"), ("skip_nmse", "#db2777")]
+    if "perplexity_change" in main.lm:  # a causal LM: the perplexity change when skipped, lower is better
+        panels.append(("perplexity_change", "#0891b2"))
     with _style():
-        fig = Figure(figsize=(9.2, 3.3), layout="constrained")
-        axes = fig.subplots(1, 2)
+        fig = Figure(figsize=(4.6 * len(panels), 3.3), layout="constrained")
+        axes = fig.subplots(1, len(panels))
         x = np.arange(n)
         width = 0.4 if control is not None else 0.7
-        for ax, key, color in ((axes[0], "block_influence", "#7c3aed"), (axes[1], "skip_nmse", "#db2777")):
-            y = _values(getattr(main, key))
+        for ax, (key, color) in zip(axes, panels):
+            y = _values(_imp_values(main, key))
             finite = y[np.isfinite(y)]
             top = float(finite.max()) if finite.size else 1.0
+            # a perplexity change may be negative (the block's removal helps); the random-init control's
+            # perplexity is of another scale (about the vocabulary size), so that panel shows the model alone
+            low = min(0.0, float(finite.min()) if finite.size else 0.0)
+            control = ctrl if key != "perplexity_change" else None
             if control is not None:
-                c = _values(getattr(control, key))
+                c = _values(_imp_values(control, key))
                 cf = c[np.isfinite(c)]
                 top = max(top, float(cf.max()) if cf.size else 0.0)
             top = top or 1.0
@@ -252,7 +266,13 @@ def importance_figure(main: Importance, control: Importance | None = None) -> Fi
                                 fontsize=6.5, color=INK, zorder=4)
                 else:
                     ax.text(i + off, top * 0.015, "n/a", ha="center", va="bottom", fontsize=7, color=MUTED)
-            ax.set_ylim(0, top * 1.12)
+            ax.set_ylim(low * 1.12, top * 1.12)
+            mid = float(np.median(np.abs(finite))) if finite.size else 0.0
+            if key == "perplexity_change" and mid > 0 and top > 100 * mid:
+                # one block (often the first) can raise perplexity 1000x more than the rest: a symmetric log
+                # axis, linear within the typical change, keeps every other bar readable
+                ax.set_yscale("symlog", linthresh=mid)
+                ax.set_ylim(low * 2 if low < 0 else 0, top * 2)
             ax.set_title(cat.label(key))
             ax.text(1.0, 1.02, cat.hint(key), transform=ax.transAxes, ha="right", va="bottom", fontsize=7.5,
                     color=MUTED)
@@ -263,6 +283,9 @@ def importance_figure(main: Importance, control: Importance | None = None) -> Fi
             ax.grid(axis="x", visible=False)
         handles = [Patch(color="#7c3aed", label="pretrained (Block Influence)"),
                    Patch(color="#db2777", label="pretrained (skip nMSE)")]
+        if len(panels) > 2:
+            handles.append(Patch(color="#0891b2", label="pretrained (perplexity change)"))
+        control = ctrl
         if control is not None:
             handles.append(Patch(facecolor="white", edgecolor=CONTROL, linestyle=(0, (3, 2)),
                                  label="random-init control"))

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..errors import LaminaError
 
 _FIX = "run `lamina analyze RUN` again to rewrite scores.json"
+LM_KEYS = ("perplexity_change", "angular_1")  # what the report shows of a causal LM's importance
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Importance:
     skip_nmse: list[float | None]
     skippable: list[bool]
     target: str | None = None
+    lm: dict[str, list[float | None]] = field(default_factory=dict)  # a causal LM's extra per-block scores
 
 
 @dataclass
@@ -109,7 +111,13 @@ def _importance(v, where: str, source: Path) -> Importance | None:
         raise _bad(f"{where}.skippable does not have one flag per block", source,
                    value=skippable if not isinstance(skippable, list) else len(skippable), allowed=n)
     target = v.get("target")
-    return Importance(blocks, bi, sk, [bool(s) for s in skippable], str(target) if target is not None else None)
+    lm = {}
+    if v.get("kind") == "lm":  # perplexity change and the one-block angular distance, lower = can go
+        for key in LM_KEYS:
+            raw = (v.get("angular") or {}).get("1") if key == "angular_1" else v.get(key)
+            if raw is not None:
+                lm[key] = _series(raw, n, f"{where}.{key}", source)
+    return Importance(blocks, bi, sk, [bool(s) for s in skippable], str(target) if target is not None else None, lm)
 
 
 def parse_scores(raw, source: Path) -> Scores:

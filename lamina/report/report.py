@@ -188,6 +188,16 @@ def _stages(run: Path, extra, fmt: str, points: list[dict]) -> list[dict]:
     return out
 
 
+def _lm_importance(imp) -> dict | None:
+    """A causal LM's importance facts for the report's lead (tokens, perplexity, cost), formatted."""
+    if not isinstance(imp, dict) or imp.get("kind") != "lm":
+        return None
+    x = imp.get("seconds_as_forwards")
+    return {"tokens": ctx.fmt(imp.get("tokens")), "n_samples": ctx.fmt(imp.get("n_samples")),
+            "seq_len": ctx.fmt(imp.get("seq_len")), "full_perplexity": ctx.fmt(imp.get("full_perplexity")),
+            "seconds": ctx.fmt(imp.get("seconds")), "as_forwards": ctx.fmt(x) if isinstance(x, (int, float)) else None}
+
+
 def _pruned_elsewhere(model: dict, stages: list[dict]) -> list[dict]:
     """Plans among the stages that were made from another model's importance than this run's."""
     out = []
@@ -270,6 +280,7 @@ def render_html(run: str | Path, config: ReportConfig = ReportConfig()) -> tuple
         and any(h["label"] == "best layer" for h in ctx.highlights(s)),
         "nav": [(sid, _NAV[sid]) for sid in sections if sid in _NAV] + [(st["id"], st["heading"]) for st in stages],
         "importance_target": s.main.importance.target if s.main.importance else None,
+        "lm_importance": _lm_importance(s.raw.get("importance")),
         "unskippable": [b for b, ok in zip(s.main.importance.blocks, s.main.importance.skippable) if not ok]
         if s.main.importance else [],
         "scores_sha": hashlib.sha256(scores_bytes).hexdigest(),

@@ -27,6 +27,29 @@ from ..models import load_model
 from ..task import read_task
 
 
+def refuse_unlabelled(store, data=None) -> None:
+    """A head is trained on class labels: refuse a run captured on text without labels (a .txt, 'debates', a
+    causal LM's packed blocks), or such text passed as ``data``, with what to do instead."""
+    from ..data import Dataset
+    from ..data.text import is_text_spec
+    man = store.manifest
+    info = man.get("data") or {}
+    if data is not None:
+        text = (isinstance(data, Dataset) and data.meta.get("unlabelled")) or \
+            (not isinstance(data, Dataset) and is_text_spec(data))
+        what, value = "the data given", getattr(data, "name", str(data))
+    else:
+        text = bool(info.get("unlabelled") or man.get("lm_task") or is_text_spec(man.get("data_spec") or ""))
+        what, value = "this run", f"{info.get('name')} ({man.get('data_spec') or 'in-memory data'})"
+    if text:
+        raise UsageError(f"transfer trains a classification head on labels, and {what} is text without labels",
+                         value=value, allowed="a run captured on labelled data: a table with a label column, a "
+                                              "labelled bundled set such as rotten-tomatoes, an image folder",
+                         fix="capture the model on labelled data (lamina capture --model M --data rotten-tomatoes "
+                             "--out R2) and run transfer on that run; a language model's text runs go to analyze "
+                             "and prune --scores")
+
+
 def split_rows(store, task: str | None, fractions, seed: int) -> tuple[dict, dict]:
     """(``{"train","val","test"}`` -> int64 store rows, description of where the split came from)."""
     if task is None:
@@ -37,6 +60,11 @@ def split_rows(store, task: str | None, fractions, seed: int) -> tuple[dict, dic
         raise UsageError("no task record in that folder", value=task,
                          allowed="the OUT folder of `lamina finetune` (finetune.json), prune or distill",
                          fix="pass --task teacher/ (a finetune OUT folder), or leave --task out for analyze's split")
+    if getattr(spec, "kind", None) == "lm":
+        raise UsageError("--task names a language-modelling task (next-token text), which has no class labels",
+                         value=task, allowed="the OUT folder of a classifier's `lamina finetune`",
+                         fix="leave --task out (analyze's split of the run's labelled rows), or name a classifier's "
+                             "finetune folder")
     ds, split = spec.load()
     where = {str(i): r for r, i in enumerate(store.ids)}
     rows, lost = {}, []

@@ -51,7 +51,7 @@ from ..threads import limit_threads
 from ..train import Loop, check_loop_args
 from ._memory import PeakMemory
 from ._pools import kept_per_way, parse, pooled_inputs
-from ._rows import reload_model_and_data, split_rows
+from ._rows import refuse_unlabelled, reload_model_and_data, split_rows
 from ._store_heads import FITTERS
 from ._train import test_record, train_head
 from ..savefmt import save_format
@@ -213,6 +213,7 @@ def transfer(run, config: TransferConfig = TransferConfig(), *, model=None, data
         model, data: only when the store was captured from Python objects.
     """
     store = run if isinstance(run, FeatureStore) else FeatureStore.open(run)
+    refuse_unlabelled(store, data)  # before anything is written: a head needs labels
     run_dir = store.root.parent
     out = _check_out(run_dir, config.head, config.overwrite)
     writes = [f"transfer/{config.head}", RECORD]
