@@ -138,6 +138,47 @@ def test_the_full_member_alone_is_a_plain_distill_step(nodrop_teacher):
     assert float(loss) > 0
 
 
+def test_in_place_distillation_alone_the_full_member_learns_the_task_loss(nodrop_teacher):
+    """--teacher-kd 0: no teacher forward; the full member's loss is its task loss, each sub-member's its task
+    loss plus KD to the full member's detached logits."""
+    from lamina.distill.losses import ce_loss, kd_loss
+    from lamina.task import logits_of, make_task, read_task
+    parent = load_model(str(nodrop_teacher))
+    task = make_task(read_task(nodrop_teacher), parent)
+    rows = task.split["train"][:8]
+    batch = task.batch(parent, rows)
+    grid = Grid((2, 1))
+    fam = Family(parent, [1], grid)
+    cfg = _cfg("x", widths=None, teacher_kd=0.0, ce=1.0, kd=0.5, temperature=2.0)
+    with torch.no_grad():
+        full = logits_of(parent.forward(batch)).float()
+        small = logits_of(fam.forward(grid.smallest, batch)).float()
+        labels = task.align(full, rows)[1]
+        alone, parts = sandwich_loss(fam, task, batch, rows, [], cfg, None)
+        both, _ = sandwich_loss(fam, task, batch, rows, [grid.smallest], cfg, None)
+    assert float(alone) == pytest.approx(float(ce_loss(full, labels)), rel=1e-6) and set(parts) == {"full"}
+    ref = ce_loss(full, labels) + ce_loss(small, labels) + 0.5 * kd_loss(small, full, 2.0)
+    assert float(both) == pytest.approx(float(ref), rel=1e-6)
+
+
+def test_a_member_runs_on_the_parents_own_tensors_where_it_keeps_them_whole():
+    """Depth-only cuts keep whole tensors: the member's forward gets the parent's Parameters themselves (no
+    slice, so no scatter of the gradient into a zero tensor of the parent's size); width cuts get prefix views
+    of the same storage; the forward equals the extracted member's."""
+    lm, batch, axes = _models()["bert"]
+    fam = Family(lm, [1, 0, 2], Grid((3, 2), (1.0, 0.5)))
+    own = dict(lm.module.named_parameters())
+    _, names = fam._skeleton(Budget(2, 1.0))
+    t = fam.tensors(Budget(2, 1.0))
+    assert all(t[k] is own[names[k]] for k in t if names[k] in own)
+    w = fam.tensors(Budget(2, 0.5))
+    _, wn = fam._skeleton(Budget(2, 0.5))
+    sliced = [k for k in w if names.get(k) in own and w[k].shape != own[wn[k]].shape]
+    assert sliced and all(w[k].data_ptr() == own[wn[k]].data_ptr() for k in sliced)
+    for b in (Budget(2, 1.0), Budget(2, 0.5)):
+        torch.testing.assert_close(_out(fam.extract(b), batch), fam.forward(b, batch).logits)
+
+
 @pytest.mark.slow
 def test_elastic_end_to_end_extract_and_select(tmp_path, nodrop_teacher, capsys):
     e = tmp_path / "E"

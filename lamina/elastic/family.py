@@ -141,7 +141,8 @@ class Family:
             is_buf = p is None
             if is_buf:
                 p = bufs[names[name]]
-            v = p[tuple(slice(0, k) for k in t.shape)] if t.dim() else p
+            # a kept tensor of full size is the parent's own (no slice: its gradient needs no scatter into zeros)
+            v = p if t.shape == p.shape else p[tuple(slice(0, k) for k in t.shape)]
             out[name] = v.clone() if is_buf and train_buffers and b != self.grid.full else v
         return out
 

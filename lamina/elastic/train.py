@@ -365,7 +365,9 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
     per_row = 3 * flops[grid.full] + sum(3 * flops[b] for b in sub) + \
         (k * 3 * float(np.mean([flops[b] for b in pool])) if k else 0.0) + \
         (t_flops if config.teacher_kd > 0 else 0.0)
+    t_sel = time.perf_counter()
     rec_members = score_members(fam, task, calib, split["val"], config) if rank == 0 else []
+    select_seconds = time.perf_counter() - t_sel
     t_val = task.evaluate(teacher, split["val"])
     from ..distill.distill import _teacher_test
     test, t_test = task.evaluate(parent, split["test"]), _teacher_test(teacher_src, teacher, task)
@@ -382,7 +384,9 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
            "training": {"steps": steps, "rows": rows_seen, "wall_s": wall, "flops": rows_seen * per_row,
                         "flops_per_row": {"full_forward": flops[grid.full], "teacher_forward": t_flops,
                                           "step_expected": per_row},
-                        "members_per_step": 1 + len(sub) + k, "order_s": order_seconds,
+                        "members_per_step": 1 + len(sub) + k,
+                        # one-time work outside the training loop (a separate route's analogue: its scores run)
+                        "order_s": order_seconds, "select_s": select_seconds,
                         "resumed_from": hist.get("resumed_from")},
            "history": hist, "config": asdict(config), "runtime": describe(parent.device, teacher.compute_dtype),
            "train_rows": len(train_rows), "model_path": str(out / "model"), "seconds": None}
