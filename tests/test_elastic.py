@@ -161,6 +161,32 @@ def test_in_place_distillation_alone_the_full_member_learns_the_task_loss(nodrop
     assert float(both) == pytest.approx(float(ref), rel=1e-6)
 
 
+def test_hidden_distillation_matches_each_kept_block_to_the_same_block_of_the_full_member(nodrop_teacher):
+    """--hidden: cosine between the member's block outputs and the full member's outputs of the same blocks,
+    checked against both models' own output_hidden_states."""
+    import torch.nn.functional as F
+    from lamina.task import logits_of, make_task, read_task
+    parent = load_model(str(nodrop_teacher))
+    task = make_task(read_task(nodrop_teacher), parent)
+    rows = task.split["train"][:8]
+    batch = task.batch(parent, rows)
+    grid = Grid((2, 1))
+    fam = Family(parent, [0], grid)  # depth 1 keeps block 1: its output is compared with block 1's, not 0's
+    assert fam.taps(grid.smallest) == [(fam.taps(grid.smallest)[0][0], parent.blocks.block_paths[1])]
+    base = _cfg("x", widths=None, teacher_kd=0.0, kd=0.5)
+    with torch.no_grad():
+        plain, _ = sandwich_loss(fam, task, batch, rows, [grid.smallest], base, None)
+        loss, parts = sandwich_loss(fam, task, batch, rows, [grid.smallest], _cfg("x", widths=None, teacher_kd=0.0,
+                                                                                     kd=0.5, hidden=0.7), None)
+        hs_full = parent.module(**batch, output_hidden_states=True).hidden_states
+        hs_small = fam.extract(grid.smallest).module(**batch, output_hidden_states=True).hidden_states
+    m = batch["attention_mask"].float()
+    cos = 1 - F.cosine_similarity(hs_full[2], hs_small[1], dim=-1)
+    ref = float((cos * m).sum() / m.sum())
+    assert ref > 1e-3 and parts["hidden"] == pytest.approx(ref, rel=1e-4)
+    assert float(loss) == pytest.approx(float(plain) + 0.7 * ref, rel=1e-5)
+
+
 def test_a_member_runs_on_the_parents_own_tensors_where_it_keeps_them_whole():
     """Depth-only cuts keep whole tensors: the member's forward gets the parent's Parameters themselves (no
     slice, so no scatter of the gradient into a zero tensor of the parent's size); width cuts get prefix views

@@ -80,6 +80,10 @@ class ElasticConfig(Runtime):
     ce: float = field(default=1.0, metadata={"help": "weight of the task loss of every member trained"})
     kd: float = field(default=1.0, metadata={
         "help": "weight of the in-place distillation of each sub-member from the full member's detached logits"})
+    hidden: float = field(default=0.0, metadata={
+        "help": "weight of the in-place distillation of each sub-member's block outputs from the full member's "
+                "outputs of the same blocks (cosine per token or pixel, summed over the blocks it keeps; "
+                "0: logits only)"})
     teacher_kd: float = field(default=1.0, metadata={
         "help": "weight of the full member's distillation from the original teacher (0: the teacher is not run)"})
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature of both KD losses (> 0)"})
@@ -121,6 +125,8 @@ class ElasticConfig(Runtime):
                              fix="--threads 1")
         from ..distill.losses import LossWeights
         LossWeights(ce=self.ce, kd=self.kd, temperature=self.temperature, cosine=0, fsp=0)  # validates them
+        if not (isinstance(self.hidden, (int, float)) and self.hidden >= 0):
+            raise UsageError("--hidden must be >= 0", value=self.hidden, allowed="a float >= 0", fix="--hidden 1")
         if self.teacher_kd < 0:
             raise UsageError("--teacher-kd must be >= 0", value=self.teacher_kd, allowed="a float >= 0",
                              fix="--teacher-kd 1")
@@ -259,8 +265,11 @@ def sandwich_loss(fam: Family, task, batch: dict, rows, members: list[Budget], c
     ``teacher_logits`` (B, K) / (B, T, V): the original teacher's, for the full member's KD (None: no KD).
     Returns (the summed loss, a mean over rows; parts: 'full' and 'members' as floats).
     """
-    from ..distill.losses import LossWeights, total_loss
-    z = logits_of(fam.forward(fam.grid.full, batch)).float()
+    from ..distill.losses import LossWeights, cosine_loss, total_loss
+    from ..distill.taps import record
+    hidden = config.hidden > 0 and bool(members)
+    with record(fam.parent.module, fam.parent.blocks.block_paths if hidden else []) as full_feats:
+        z = logits_of(fam.forward(fam.grid.full, batch)).float()
     pred, labels = task.align(z, rows)
     t_pred = task.align(teacher_logits, rows)[0] if teacher_logits is not None else None
     w_full = LossWeights(ce=config.ce, kd=config.teacher_kd if t_pred is not None else 0.0,
@@ -269,14 +278,23 @@ def sandwich_loss(fam: Family, task, batch: dict, rows, members: list[Budget], c
     out = {"full": parts["total"]}
     target = pred.detach()
     w_sub = LossWeights(ce=config.ce, kd=config.kd, temperature=config.temperature, cosine=0.0, fsp=0.0)
-    sub = 0.0
+    sub, sub_hidden = 0.0, 0.0
     for b in members:
-        zb = task.align(logits_of(fam.forward(b, batch)).float(), rows)[0]
+        taps = fam.taps(b) if hidden else []
+        with record(fam.module(b), [s for s, _ in taps]) as feats:
+            zb = task.align(logits_of(fam.forward(b, batch)).float(), rows)[0]
         lb, pb = total_loss(w_sub, student_logits=zb, teacher_logits=target, labels=labels)
+        if hidden:  # the member's block j against the full member's output of the same block, detached
+            h = cosine_loss([full_feats[p].detach() for _, p in taps], [feats[s] for s, _ in taps], None,
+                            batch.get("attention_mask"))
+            lb = lb + config.hidden * h
+            sub_hidden += float(h.detach())
         loss = loss + lb
-        sub += pb["total"]
+        sub += pb["total"] + (config.hidden * float(h.detach()) if hidden else 0.0)
     if members:
         out["members"] = sub / len(members)
+        if hidden:
+            out["hidden"] = sub_hidden / len(members)
     return loss, out
 
 
@@ -290,6 +308,10 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
     rt = config.runtime()
     teacher = load_model(teacher_src, runtime=rt, for_training=True)
     grid = _grid(teacher, config)  # a grid the model cannot have is refused before any data is read
+    if config.hidden > 0 and teacher.blocks.shared:  # one module run as k blocks has no output per block
+        raise UsageError("the teacher runs one layer as several blocks (ALBERT), so its blocks have no outputs of "
+                         "their own to distill", value=config.hidden, allowed="--hidden 0 for such models",
+                         fix="pass --hidden 0")
     task = _task(teacher_src, teacher, config)
     split = task.split
     parent = copy.copy(teacher)
