@@ -165,7 +165,7 @@ def test_hidden_distillation_matches_each_kept_block_to_the_same_block_of_the_fu
     """--hidden: cosine between the member's block outputs and the full member's outputs of the same blocks,
     checked against both models' own output_hidden_states."""
     import torch.nn.functional as F
-    from lamina.task import logits_of, make_task, read_task
+    from lamina.task import make_task, read_task
     parent = load_model(str(nodrop_teacher))
     task = make_task(read_task(nodrop_teacher), parent)
     rows = task.split["train"][:8]
@@ -185,6 +185,40 @@ def test_hidden_distillation_matches_each_kept_block_to_the_same_block_of_the_fu
     ref = float((cos * m).sum() / m.sum())
     assert ref > 1e-3 and parts["hidden"] == pytest.approx(ref, rel=1e-4)
     assert float(loss) == pytest.approx(float(plain) + 0.7 * ref, rel=1e-5)
+
+
+def test_without_training_the_full_member_only_sub_members_give_gradients(nodrop_teacher):
+    """--no-train-full: the loss is the sub-members' alone (the full member's forward only gives their KD target),
+    so a block only the full member keeps gets no gradient; with the full member trained it does."""
+    from lamina.distill.losses import ce_loss, kd_loss
+    from lamina.task import make_task, read_task
+    parent = load_model(str(nodrop_teacher))
+    task = make_task(read_task(nodrop_teacher), parent)
+    rows = task.split["train"][:8]
+    batch = task.batch(parent, rows)
+    grid = Grid((2, 1))
+    fam = Family(parent, [1], grid)  # depth 1 drops block 1
+    parent.module.train()
+    block1 = parent.module.get_submodule(parent.blocks.block_paths[1])
+    for train_full in (False, True):
+        parent.module.zero_grad(set_to_none=True)
+        cfg = _cfg("x", widths=None, teacher_kd=0.0, kd=0.5, train_full=train_full)
+        loss, parts = sandwich_loss(fam, task, batch, rows, [grid.smallest], cfg, None)
+        loss.backward()
+        grads = [p.grad for p in block1.parameters()]
+        assert all(g is None for g in grads) if not train_full else any(g is not None and g.abs().sum() > 0
+                                                                         for g in grads)
+        assert "full" in parts  # logged either way
+    parent.module.eval()
+    with torch.no_grad():
+        cfg = _cfg("x", widths=None, teacher_kd=0.0, kd=0.5, train_full=False)
+        loss, _ = sandwich_loss(fam, task, batch, rows, [grid.smallest], cfg, None)
+        full = _out(parent, batch).float()
+        small = fam.forward(grid.smallest, batch).logits.float()
+        labels = task.align(full, rows)[1]
+    assert float(loss) == pytest.approx(float(ce_loss(small, labels) + 0.5 * kd_loss(small, full, 2.0)), rel=1e-6)
+    with pytest.raises(UsageError, match="trains the full member"):
+        _cfg("x", train_full=False, teacher_kd=1.0)
 
 
 def test_a_member_runs_on_the_parents_own_tensors_where_it_keeps_them_whole():

@@ -86,6 +86,10 @@ class ElasticConfig(Runtime):
                 "0: logits only)"})
     teacher_kd: float = field(default=1.0, metadata={
         "help": "weight of the full member's distillation from the original teacher (0: the teacher is not run)"})
+    train_full: bool = field(default=True, metadata={
+        "help": "train the full member on its own loss each step (the sandwich rule); --no-train-full: its forward "
+                "(no backward) only gives the sub-members' in-place KD target, and it changes only through the "
+                "weights it shares with them (cheaper by two forwards of the full model per row)"})
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature of both KD losses (> 0)"})
     epochs: int = field(default=3, metadata={"help": "passes over the training rows"})
     lr: float = field(default=1e-4, metadata={"help": "peak AdamW learning rate (linear warm-up and decay)"})
@@ -127,6 +131,10 @@ class ElasticConfig(Runtime):
         LossWeights(ce=self.ce, kd=self.kd, temperature=self.temperature, cosine=0, fsp=0)  # validates them
         if not (isinstance(self.hidden, (int, float)) and self.hidden >= 0):
             raise UsageError("--hidden must be >= 0", value=self.hidden, allowed="a float >= 0", fix="--hidden 1")
+        if not self.train_full and self.teacher_kd > 0:
+            raise UsageError("--teacher-kd trains the full member, which --no-train-full does not train",
+                             value=self.teacher_kd, allowed="--teacher-kd 0 with --no-train-full",
+                             fix="pass --teacher-kd 0, or drop --no-train-full")
         if self.teacher_kd < 0:
             raise UsageError("--teacher-kd must be >= 0", value=self.teacher_kd, allowed="a float >= 0",
                              fix="--teacher-kd 1")
@@ -268,7 +276,8 @@ def sandwich_loss(fam: Family, task, batch: dict, rows, members: list[Budget], c
     from ..distill.losses import LossWeights, cosine_loss, total_loss
     from ..distill.taps import record
     hidden = config.hidden > 0 and bool(members)
-    with record(fam.parent.module, fam.parent.blocks.block_paths if hidden else []) as full_feats:
+    with record(fam.parent.module, fam.parent.blocks.block_paths if hidden else []) as full_feats, \
+            torch.set_grad_enabled(torch.is_grad_enabled() and config.train_full):
         z = logits_of(fam.forward(fam.grid.full, batch)).float()
     pred, labels = task.align(z, rows)
     t_pred = task.align(teacher_logits, rows)[0] if teacher_logits is not None else None
@@ -276,6 +285,8 @@ def sandwich_loss(fam: Family, task, batch: dict, rows, members: list[Budget], c
                          temperature=config.temperature, cosine=0.0, fsp=0.0)
     loss, parts = total_loss(w_full, student_logits=pred, teacher_logits=t_pred, labels=labels)
     out = {"full": parts["total"]}
+    if not config.train_full:  # the full member's loss is logged, not trained on
+        loss = torch.zeros((), device=pred.device)
     target = pred.detach()
     w_sub = LossWeights(ce=config.ce, kd=config.kd, temperature=config.temperature, cosine=0.0, fsp=0.0)
     sub, sub_hidden = 0.0, 0.0
@@ -308,6 +319,10 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
     rt = config.runtime()
     teacher = load_model(teacher_src, runtime=rt, for_training=True)
     grid = _grid(teacher, config)  # a grid the model cannot have is refused before any data is read
+    if not config.train_full and grid.full == grid.smallest:
+        raise UsageError("--no-train-full trains only sub-members, and this grid has none", value=grid.to_dict(),
+                         allowed="a grid with a smaller member (--depths, --widths, --heads or --channels)",
+                         fix="add a budget, e.g. --depths N,N-2, or drop --no-train-full")
     if config.hidden > 0 and teacher.blocks.shared:  # one module run as k blocks has no output per block
         raise UsageError("the teacher runs one layer as several blocks (ALBERT), so its blocks have no outputs of "
                          "their own to distill", value=config.hidden, allowed="--hidden 0 for such models",
@@ -384,7 +399,7 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
     sub = draw(grid, 0, 0, [])  # the smallest, when there is one
     pool = [b for b in members if b not in (grid.full, grid.smallest)]
     k = min(config.sampled, len(pool))
-    per_row = 3 * flops[grid.full] + sum(3 * flops[b] for b in sub) + \
+    per_row = (3 if config.train_full else 1) * flops[grid.full] + sum(3 * flops[b] for b in sub) + \
         (k * 3 * float(np.mean([flops[b] for b in pool])) if k else 0.0) + \
         (t_flops if config.teacher_kd > 0 else 0.0)
     t_sel = time.perf_counter()
