@@ -203,7 +203,8 @@ def run_separate(work: Path, model: str, args) -> None:
         f_student[budget] = _flops(pruned[budget], spec, sample)
         removed = (json.loads((pruned[budget] / "plan.json").read_text()).get("depth") or {}).get("remove")
         nr = _score(pruned[budget], ds, split, hold, spec, work / f"{_name(model)}-pruned-{tag}.correct.npy")
-        sep["budgets"][budget] = {"seeds": dict(old["budgets"][budget]["seeds"]) if same else {},
+        kept = {k: v for k, v in old["budgets"][budget]["seeds"].items() if "train_s" in v} if same else {}
+        sep["budgets"][budget] = {"seeds": kept,  # seeds of an earlier invocation, measured the same way
                                   "prune": pcfg, "prune_seconds": prune_s[budget],
                                   "flops_per_sample": f_student[budget], "removed": removed,
                                   "no_recovery_accuracy": nr["test_accuracy"], "no_recovery": nr}
@@ -476,7 +477,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--elastic-epochs", type=int, default=1, help="epochs of every elastic run")
     ap.add_argument("--sampled", type=int, default=0, help="random sub-models per elastic step (--sampled)")
     ap.add_argument("--teacher-kd", type=float, default=0.0, help="elastic --teacher-kd")
-    ap.add_argument("--hidden", type=float, default=1.0, help="elastic --hidden")
+    ap.add_argument("--hidden", type=float, default=0.0, help="elastic --hidden")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in this process")
     ap.add_argument("--repeats", type=int, default=15, help="timed rounds when the selector's choice is re-measured")
     args = ap.parse_args(argv)

@@ -9,7 +9,10 @@
 2. **Train.** Each step (sandwich rule, in-place distillation): the full member on the task loss
    (+ ``teacher_kd`` x KD from the original teacher), then the smallest member and ``sampled``
    random members of the grid, each on ``ce`` x task loss + ``kd`` x KD to the full member's
-   detached logits; one backward over the sum, one optimizer step on the shared weights. The
+   detached logits (+ ``hidden`` x the cosine of its block outputs to the full member's outputs
+   of the same blocks); one backward over the sum, one optimizer step on the shared weights
+   (``train_full=False``: the full member's forward only gives that target, without its own
+   loss or backward). The
    members are drawn from a generator seeded by (seed, the step's first row), so a resumed run draws
    what the uninterrupted one did; under torchrun rank 0's draw is broadcast to every rank. Everything else is distill's loop (:func:`lamina.train.fit`):
    the teacher's task record and split, checkpoints, ``--resume``, torchrun, early stopping on the
