@@ -214,6 +214,9 @@ def run_separate(work: Path, model: str, args) -> None:
             out = work / f"{_name(model)}-distill-{budget.replace('/', 'of')}-s{seed}"
             cfg = DistillConfig(out=str(out), epochs=args.epochs, seed=seed, patience=None, overwrite=True,
                                 progress=False, **RECIPE[model])
+            prev_seed = b["seeds"].get(str(seed))
+            if prev_seed and Path(prev_seed.get("correct", "")).exists():
+                continue  # measured by an earlier invocation of this recipe: kept
             load0 = list(os.getloadavg())
             rec = distill(str(t), str(pruned[budget]), cfg).record
             hist = rec["history"]
@@ -264,13 +267,21 @@ def run_elastic(work: Path, model: str, args) -> None:
         e = work / f"{_name(model)}-elastic-s{seed}"
         load0 = list(os.getloadavg())
         t0 = time.perf_counter()
-        rec = elastic(str(t), ElasticConfig(out=str(e), seed=seed, overwrite=True, progress=False, **kw)).record
-        wall = time.perf_counter() - t0
+        done = json.loads((e / "elastic.json").read_text()) if (e / "elastic.json").exists() else {}
+        if done.get("config") and all(done["config"].get(k) == v for k, v in {**kw, "seed": seed}.items()) \
+                and done["training"].get("select_s") is not None:
+            rec, wall = done, done["seconds"]  # finished by an earlier invocation (its own timing kept)
+            load0 = (rec.get("members") or [{}])[0].get("loadavg") or list(os.getloadavg())  # at its selector
+        else:
+            rec = elastic(str(t), ElasticConfig(out=str(e), seed=seed, overwrite=True, progress=False, **kw)).record
+            wall = time.perf_counter() - t0
         members, pairs = {}, {}
         points = {"full": {}} | {b: axes for b, (_, axes) in BUDGETS[model].items()}
         for budget, axes in points.items():
             out = work / f"{_name(model)}-elastic-s{seed}-{budget.replace('/', 'of')}"
-            elastic_extract(str(e), ExtractConfig(out=str(out), overwrite=True, **axes))
+            cut = {axes[i].lstrip("-"): (int if axes[i] == "--depth" else float)(axes[i + 1])
+                   for i in range(0, len(axes), 2)}  # the CLI axes of BUDGETS as ExtractConfig fields
+            elastic_extract(str(e), ExtractConfig(out=str(out), overwrite=True, **cut))
             members[budget] = {**_score(out / "model", ds, split, hold, spec, out.with_suffix(".correct.npy")),
                                "path": str(out)}
             s_seed = ((sep.get("budgets") or {}).get(budget) or {}).get("seeds", {}).get(str(seed))
@@ -530,9 +541,11 @@ def _write(r: dict) -> None:
         t = m.get("teacher", {})
         sep, el = m.get("separate") or {}, m.get("elastic") or {}
         tp = t.get("parameters")
-        lines += [f"**{model}**: teacher {t.get('all_accuracy', float('nan')):.4f} on {t.get('all_rows')} rows "
-                  f"({t.get('test_accuracy', float('nan')):.4f} on its {t.get('test_rows')} test rows), "
-                  f"{tp:,} parameters.", ""]
+        if t.get("all_accuracy") is not None:
+            lines += [f"**{model}**: teacher {t['all_accuracy']:.4f} on {t.get('all_rows')} rows "
+                      f"({t['test_accuracy']:.4f} on its {t.get('test_rows')} test rows), {tp:,} parameters.", ""]
+        else:
+            lines += [f"**{model}**:", ""]
         prof = m.get("profile")
         if prof:
             sec = prof["seconds"]
@@ -570,7 +583,8 @@ def _write(r: dict) -> None:
                     continue
                 st = [sep["budgets"][bb]["seeds"][k] for bb in BUDGETS[model]]
                 once = sep["scores_seconds"] + sum(bb["prune_seconds"] for bb in sep["budgets"].values())
-                sl = [x for bb in st for x in bb.get("load_average", [])] + e.get("load_average", [])
+                sl = [x for x in [y for bb in st for y in bb.get("load_average", [])] + e.get("load_average", [])
+                      if x]
                 parts = " + ".join(f"{x['train_s']:.0f}" for x in st)
                 rows.append(f"| {k} | {parts} = "
                             f"{sum(x['train_s'] for x in st):.0f} s | {e['train_s']:.0f} s | "
