@@ -331,6 +331,12 @@ def test_bad_input(tmp_path, nodrop_teacher, sentences_csv, capsys):
     assert "empty" in capsys.readouterr().err
     # more blocks than the teacher has
     assert main(base + ["--out", str(tmp_path / "b"), "--depths", "5,1"]) == 2
+    # --no-train-full with the teacher's KD (which trains the full member), or with no sub-member to train
+    assert main(base + ["--out", str(tmp_path / "b2"), "--depths", "2,1", "--no-train-full"]) == 2
+    assert "--teacher-kd 0" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "b3"), "--no-train-full", "--teacher-kd", "0"]) == 2
+    assert "has none" in capsys.readouterr().err and not (tmp_path / "b3").exists()
+    assert main(base + ["--out", str(tmp_path / "b4"), "--hidden", "-1"]) == 2
     # heads of a BERT: its config cannot express fewer heads of the same size
     assert main(base + ["--out", str(tmp_path / "c"), "--heads", "1,0.5"]) == 2
     assert "Llama" in capsys.readouterr().err
