@@ -10,31 +10,37 @@ EfficientNet-Lite0: 62% and 43% of every MBConv block's expanded channels =
 
 Parts (``--part``; each writes bench/results/elastic.json as it finishes):
 
+- ``profile``: one elastic training step against its members' forward + backward as standalone models and
+  against one distill step (CE + KD) per separate budget, interleaved rounds (``--repeats``).
 - ``separate``: ``lamina prune`` of the teacher (skip-nMSE blocks / activation
   channels, from one capture + analyze of the teacher) and ``lamina distill``
   (CE + logit KD + SKT cosine + FSP: distill's defaults, the recipe of
   BENCHMARKS.md "distill") per budget and seed. The full budget's separate
   counterpart is the teacher itself.
-- ``elastic``: one ``lamina elastic`` run per seed over a grid holding the
-  three budgets, the three members cut out with ``lamina elastic extract``,
-  each evaluated on the teacher's test rows (the rows distill evaluates on).
+- ``elastic``: one ``elastic`` run per seed (Python API, this process) over a grid holding the three
+  budgets (``--sampled``, ``--teacher-kd``, ``--hidden``, ``--elastic-epochs``), the three members cut out
+  with ``elastic_extract``.
 - ``selector``: ``lamina elastic extract --latency-ms X`` with X between two
   members' recorded latencies, the chosen model's latency measured again with
   ``lamina bench`` at the elastic run's batch size and thread count.
 
-Training cost of a route, per seed: wall seconds measured in this process
-(the scores run, prune and distill for the separate route; the elastic run for
-the other) and FLOPs = trained rows x (3 x student forward FLOPs + teacher
-forward FLOPs) per sample for distill (forward + backward ~ 3 forwards; the
-teacher only runs forward), FLOPs from elastic.json ``training.flops`` for the
-elastic run. The teacher's own fine-tuning is shared by both routes and counted
-in neither. ``cost_ratio`` = elastic cost / summed separate cost of the 2/3 and
-1/2 budgets; met when both the wall-time and the FLOP ratio are <= 0.5.
+With ``separate`` and ``elastic`` both asked, each seed runs both routes back to back in this process
+(the same ``--threads``, about the same load). Every model is scored on the teacher's test rows and on
+HOLDOUT rows of the same data that the teacher's subsample never drew; gaps get a paired standard error.
 
-Usage: python bench/elastic.py [--work DIR] [--part separate|elastic|selector ...]
+Training cost of a route, per seed: the training loops' wall seconds (elastic.json ``training.wall_s``;
+the sum of each distill's epoch seconds; both include their per-epoch validation) and FLOPs = trained rows
+x (3 x student forward FLOPs + teacher forward FLOPs) per sample for distill (forward + backward ~ 3
+forwards; the teacher only runs forward), elastic.json ``training.flops`` for the elastic run. One-time
+work (the scores run and prunes; the elastic ordering and selector) is reported apart. The teacher's own
+fine-tuning is shared by both routes and counted in neither. ``cost_ratio`` = elastic cost / summed
+separate cost of the 2/3 and 1/2 budgets; met when both the wall-time and the FLOP ratio are <= 0.5.
+
+Usage: python bench/elastic.py [--work DIR] [--part profile|separate|elastic|selector ...]
        [--model minilm|efficientnet ...] [--seeds 0 1 2] [--epochs 2 (distill)] [--elastic-epochs 1]
-A seed already finished in --work (distill.json with the same settings; an elastic seed's
-WORK/*.bench.json) is read again, not re-run, so parts and seeds can run in separate invocations.
+       [--sampled 0] [--teacher-kd 0] [--hidden 0] [--repeats N]
+A distill seed recorded in the results with this recipe, or an elastic run finished in --work with the
+same config, is kept, not re-run, so an interrupted invocation can be started again.
 """
 
 from __future__ import annotations
