@@ -138,6 +138,107 @@ def test_the_full_member_alone_is_a_plain_distill_step(nodrop_teacher):
     assert float(loss) > 0
 
 
+def test_in_place_distillation_alone_the_full_member_learns_the_task_loss(nodrop_teacher):
+    """--teacher-kd 0: no teacher forward; the full member's loss is its task loss, each sub-member's its task
+    loss plus KD to the full member's detached logits."""
+    from lamina.distill.losses import ce_loss, kd_loss
+    from lamina.task import logits_of, make_task, read_task
+    parent = load_model(str(nodrop_teacher))
+    task = make_task(read_task(nodrop_teacher), parent)
+    rows = task.split["train"][:8]
+    batch = task.batch(parent, rows)
+    grid = Grid((2, 1))
+    fam = Family(parent, [1], grid)
+    cfg = _cfg("x", widths=None, teacher_kd=0.0, ce=1.0, kd=0.5, temperature=2.0)
+    with torch.no_grad():
+        full = logits_of(parent.forward(batch)).float()
+        small = logits_of(fam.forward(grid.smallest, batch)).float()
+        labels = task.align(full, rows)[1]
+        alone, parts = sandwich_loss(fam, task, batch, rows, [], cfg, None)
+        both, _ = sandwich_loss(fam, task, batch, rows, [grid.smallest], cfg, None)
+    assert float(alone) == pytest.approx(float(ce_loss(full, labels)), rel=1e-6) and set(parts) == {"full"}
+    ref = ce_loss(full, labels) + ce_loss(small, labels) + 0.5 * kd_loss(small, full, 2.0)
+    assert float(both) == pytest.approx(float(ref), rel=1e-6)
+
+
+def test_hidden_distillation_matches_each_kept_block_to_the_same_block_of_the_full_member(nodrop_teacher):
+    """--hidden: cosine between the member's block outputs and the full member's outputs of the same blocks,
+    checked against both models' own output_hidden_states."""
+    import torch.nn.functional as F
+    from lamina.task import make_task, read_task
+    parent = load_model(str(nodrop_teacher))
+    task = make_task(read_task(nodrop_teacher), parent)
+    rows = task.split["train"][:8]
+    batch = task.batch(parent, rows)
+    grid = Grid((2, 1))
+    fam = Family(parent, [0], grid)  # depth 1 keeps block 1: its output is compared with block 1's, not 0's
+    assert fam.taps(grid.smallest) == [(fam.taps(grid.smallest)[0][0], parent.blocks.block_paths[1])]
+    base = _cfg("x", widths=None, teacher_kd=0.0, kd=0.5)
+    with torch.no_grad():
+        plain, _ = sandwich_loss(fam, task, batch, rows, [grid.smallest], base, None)
+        loss, parts = sandwich_loss(fam, task, batch, rows, [grid.smallest], _cfg("x", widths=None, teacher_kd=0.0,
+                                                                                     kd=0.5, hidden=0.7), None)
+        hs_full = parent.module(**batch, output_hidden_states=True).hidden_states
+        hs_small = fam.extract(grid.smallest).module(**batch, output_hidden_states=True).hidden_states
+    m = batch["attention_mask"].float()
+    cos = 1 - F.cosine_similarity(hs_full[2], hs_small[1], dim=-1)
+    ref = float((cos * m).sum() / m.sum())
+    assert ref > 1e-3 and parts["hidden"] == pytest.approx(ref, rel=1e-4)
+    assert float(loss) == pytest.approx(float(plain) + 0.7 * ref, rel=1e-5)
+
+
+def test_without_training_the_full_member_only_sub_members_give_gradients(nodrop_teacher):
+    """--no-train-full: the loss is the sub-members' alone (the full member's forward only gives their KD target),
+    so a block only the full member keeps gets no gradient; with the full member trained it does."""
+    from lamina.distill.losses import ce_loss, kd_loss
+    from lamina.task import make_task, read_task
+    parent = load_model(str(nodrop_teacher))
+    task = make_task(read_task(nodrop_teacher), parent)
+    rows = task.split["train"][:8]
+    batch = task.batch(parent, rows)
+    grid = Grid((2, 1))
+    fam = Family(parent, [1], grid)  # depth 1 drops block 1
+    parent.module.train()
+    block1 = parent.module.get_submodule(parent.blocks.block_paths[1])
+    for train_full in (False, True):
+        parent.module.zero_grad(set_to_none=True)
+        cfg = _cfg("x", widths=None, teacher_kd=0.0, kd=0.5, train_full=train_full)
+        loss, parts = sandwich_loss(fam, task, batch, rows, [grid.smallest], cfg, None)
+        loss.backward()
+        grads = [p.grad for p in block1.parameters()]
+        assert all(g is None for g in grads) if not train_full else any(g is not None and g.abs().sum() > 0
+                                                                         for g in grads)
+        assert "full" in parts  # logged either way
+    parent.module.eval()
+    with torch.no_grad():
+        cfg = _cfg("x", widths=None, teacher_kd=0.0, kd=0.5, train_full=False)
+        loss, _ = sandwich_loss(fam, task, batch, rows, [grid.smallest], cfg, None)
+        full = _out(parent, batch).float()
+        small = fam.forward(grid.smallest, batch).logits.float()
+        labels = task.align(full, rows)[1]
+    assert float(loss) == pytest.approx(float(ce_loss(small, labels) + 0.5 * kd_loss(small, full, 2.0)), rel=1e-6)
+    with pytest.raises(UsageError, match="trains the full member"):
+        _cfg("x", train_full=False, teacher_kd=1.0)
+
+
+def test_a_member_runs_on_the_parents_own_tensors_where_it_keeps_them_whole():
+    """Depth-only cuts keep whole tensors: the member's forward gets the parent's Parameters themselves (no
+    slice, so no scatter of the gradient into a zero tensor of the parent's size); width cuts get prefix views
+    of the same storage; the forward equals the extracted member's."""
+    lm, batch, axes = _models()["bert"]
+    fam = Family(lm, [1, 0, 2], Grid((3, 2), (1.0, 0.5)))
+    own = dict(lm.module.named_parameters())
+    _, names = fam._skeleton(Budget(2, 1.0))
+    t = fam.tensors(Budget(2, 1.0))
+    assert all(t[k] is own[names[k]] for k in t if names[k] in own)
+    w = fam.tensors(Budget(2, 0.5))
+    _, wn = fam._skeleton(Budget(2, 0.5))
+    sliced = [k for k in w if names.get(k) in own and w[k].shape != own[wn[k]].shape]
+    assert sliced and all(w[k].data_ptr() == own[wn[k]].data_ptr() for k in sliced)
+    for b in (Budget(2, 1.0), Budget(2, 0.5)):
+        torch.testing.assert_close(_out(fam.extract(b), batch), fam.forward(b, batch).logits)
+
+
 @pytest.mark.slow
 def test_elastic_end_to_end_extract_and_select(tmp_path, nodrop_teacher, capsys):
     e = tmp_path / "E"
@@ -230,6 +331,12 @@ def test_bad_input(tmp_path, nodrop_teacher, sentences_csv, capsys):
     assert "empty" in capsys.readouterr().err
     # more blocks than the teacher has
     assert main(base + ["--out", str(tmp_path / "b"), "--depths", "5,1"]) == 2
+    # --no-train-full with the teacher's KD (which trains the full member), or with no sub-member to train
+    assert main(base + ["--out", str(tmp_path / "b2"), "--depths", "2,1", "--no-train-full"]) == 2
+    assert "--teacher-kd 0" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "b3"), "--no-train-full", "--teacher-kd", "0"]) == 2
+    assert "has none" in capsys.readouterr().err and not (tmp_path / "b3").exists()
+    assert main(base + ["--out", str(tmp_path / "b4"), "--hidden", "-1"]) == 2
     # heads of a BERT: its config cannot express fewer heads of the same size
     assert main(base + ["--out", str(tmp_path / "c"), "--heads", "1,0.5"]) == 2
     assert "Llama" in capsys.readouterr().err

@@ -80,6 +80,7 @@ class Family:
         self.n = parent.blocks.n_blocks
         self.container = parent.blocks.container or None
         self._skeletons: dict[Budget, tuple[nn.Module, dict]] = {}
+        self._taps: dict[Budget, list[tuple[str, str]]] = {}
 
     # ------------------------------------------------------------------ what a budget keeps
     def removed(self, b: Budget) -> list[int]:
@@ -127,6 +128,7 @@ class Family:
 
             names = {n: parent_name(n) for n, _ in [*skel.named_parameters(), *skel.named_buffers()]}
             self._skeletons[b] = (skel, names)
+            self._taps[b] = [(s, par_paths[kept[pos]]) for pos, s in enumerate(sub_paths)]
         return self._skeletons[b]
 
     def tensors(self, b: Budget, train_buffers: bool = False) -> dict[str, torch.Tensor]:
@@ -141,9 +143,15 @@ class Family:
             is_buf = p is None
             if is_buf:
                 p = bufs[names[name]]
-            v = p[tuple(slice(0, k) for k in t.shape)] if t.dim() else p
+            # a kept tensor of full size is the parent's own (no slice: its gradient needs no scatter into zeros)
+            v = p if t.shape == p.shape else p[tuple(slice(0, k) for k in t.shape)]
             out[name] = v.clone() if is_buf and train_buffers and b != self.grid.full else v
         return out
+
+    def taps(self, b: Budget) -> list[tuple[str, str]]:
+        """(the member's block path, the parent's path of the same block) for every block the member keeps."""
+        self._skeleton(b)
+        return self._taps[b]
 
     def module(self, b: Budget) -> nn.Module:
         """The member's structure (meta tensors; run it through :meth:`forward`)."""

@@ -9,7 +9,10 @@
 2. **Train.** Each step (sandwich rule, in-place distillation): the full member on the task loss
    (+ ``teacher_kd`` x KD from the original teacher), then the smallest member and ``sampled``
    random members of the grid, each on ``ce`` x task loss + ``kd`` x KD to the full member's
-   detached logits; one backward over the sum, one optimizer step on the shared weights. The
+   detached logits (+ ``hidden`` x the cosine of its block outputs to the full member's outputs
+   of the same blocks); one backward over the sum, one optimizer step on the shared weights
+   (``train_full=False``: the full member's forward only gives that target, without its own
+   loss or backward). The
    members are drawn from a generator seeded by (seed, the step's first row), so a resumed run draws
    what the uninterrupted one did; under torchrun rank 0's draw is broadcast to every rank. Everything else is distill's loop (:func:`lamina.train.fit`):
    the teacher's task record and split, checkpoints, ``--resume``, torchrun, early stopping on the
@@ -80,8 +83,16 @@ class ElasticConfig(Runtime):
     ce: float = field(default=1.0, metadata={"help": "weight of the task loss of every member trained"})
     kd: float = field(default=1.0, metadata={
         "help": "weight of the in-place distillation of each sub-member from the full member's detached logits"})
+    hidden: float = field(default=0.0, metadata={
+        "help": "weight of the in-place distillation of each sub-member's block outputs from the full member's "
+                "outputs of the same blocks (cosine per token or pixel, summed over the blocks it keeps; "
+                "0: logits only)"})
     teacher_kd: float = field(default=1.0, metadata={
         "help": "weight of the full member's distillation from the original teacher (0: the teacher is not run)"})
+    train_full: bool = field(default=True, metadata={
+        "help": "train the full member on its own loss each step (the sandwich rule); --no-train-full: its forward "
+                "(no backward) only gives the sub-members' in-place KD target, and it changes only through the "
+                "weights it shares with them (cheaper by two forwards of the full model per row)"})
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature of both KD losses (> 0)"})
     epochs: int = field(default=3, metadata={"help": "passes over the training rows"})
     lr: float = field(default=1e-4, metadata={"help": "peak AdamW learning rate (linear warm-up and decay)"})
@@ -121,6 +132,12 @@ class ElasticConfig(Runtime):
                              fix="--threads 1")
         from ..distill.losses import LossWeights
         LossWeights(ce=self.ce, kd=self.kd, temperature=self.temperature, cosine=0, fsp=0)  # validates them
+        if not (isinstance(self.hidden, (int, float)) and self.hidden >= 0):
+            raise UsageError("--hidden must be >= 0", value=self.hidden, allowed="a float >= 0", fix="--hidden 1")
+        if not self.train_full and self.teacher_kd > 0:
+            raise UsageError("--teacher-kd trains the full member, which --no-train-full does not train",
+                             value=self.teacher_kd, allowed="--teacher-kd 0 with --no-train-full",
+                             fix="pass --teacher-kd 0, or drop --no-train-full")
         if self.teacher_kd < 0:
             raise UsageError("--teacher-kd must be >= 0", value=self.teacher_kd, allowed="a float >= 0",
                              fix="--teacher-kd 1")
@@ -259,24 +276,39 @@ def sandwich_loss(fam: Family, task, batch: dict, rows, members: list[Budget], c
     ``teacher_logits`` (B, K) / (B, T, V): the original teacher's, for the full member's KD (None: no KD).
     Returns (the summed loss, a mean over rows; parts: 'full' and 'members' as floats).
     """
-    from ..distill.losses import LossWeights, total_loss
-    z = logits_of(fam.forward(fam.grid.full, batch)).float()
+    from ..distill.losses import LossWeights, cosine_loss, total_loss
+    from ..distill.taps import record
+    hidden = config.hidden > 0 and bool(members)
+    with record(fam.parent.module, fam.parent.blocks.block_paths if hidden else []) as full_feats, \
+            torch.set_grad_enabled(torch.is_grad_enabled() and config.train_full):
+        z = logits_of(fam.forward(fam.grid.full, batch)).float()
     pred, labels = task.align(z, rows)
     t_pred = task.align(teacher_logits, rows)[0] if teacher_logits is not None else None
     w_full = LossWeights(ce=config.ce, kd=config.teacher_kd if t_pred is not None else 0.0,
                          temperature=config.temperature, cosine=0.0, fsp=0.0)
     loss, parts = total_loss(w_full, student_logits=pred, teacher_logits=t_pred, labels=labels)
     out = {"full": parts["total"]}
+    if not config.train_full:  # the full member's loss is logged, not trained on
+        loss = torch.zeros((), device=pred.device)
     target = pred.detach()
     w_sub = LossWeights(ce=config.ce, kd=config.kd, temperature=config.temperature, cosine=0.0, fsp=0.0)
-    sub = 0.0
+    sub, sub_hidden = 0.0, 0.0
     for b in members:
-        zb = task.align(logits_of(fam.forward(b, batch)).float(), rows)[0]
+        taps = fam.taps(b) if hidden else []
+        with record(fam.module(b), [s for s, _ in taps]) as feats:
+            zb = task.align(logits_of(fam.forward(b, batch)).float(), rows)[0]
         lb, pb = total_loss(w_sub, student_logits=zb, teacher_logits=target, labels=labels)
+        if hidden:  # the member's block j against the full member's output of the same block, detached
+            h = cosine_loss([full_feats[p].detach() for _, p in taps], [feats[s] for s, _ in taps], None,
+                            batch.get("attention_mask"))
+            lb = lb + config.hidden * h
+            sub_hidden += float(h.detach())
         loss = loss + lb
-        sub += pb["total"]
+        sub += pb["total"] + (config.hidden * float(h.detach()) if hidden else 0.0)
     if members:
         out["members"] = sub / len(members)
+        if hidden:
+            out["hidden"] = sub_hidden / len(members)
     return loss, out
 
 
@@ -290,6 +322,14 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
     rt = config.runtime()
     teacher = load_model(teacher_src, runtime=rt, for_training=True)
     grid = _grid(teacher, config)  # a grid the model cannot have is refused before any data is read
+    if not config.train_full and grid.full == grid.smallest:
+        raise UsageError("--no-train-full trains only sub-members, and this grid has none", value=grid.to_dict(),
+                         allowed="a grid with a smaller member (--depths, --widths, --heads or --channels)",
+                         fix="add a budget, e.g. --depths N,N-2, or drop --no-train-full")
+    if config.hidden > 0 and teacher.blocks.shared:  # one module run as k blocks has no output per block
+        raise UsageError("the teacher runs one layer as several blocks (ALBERT), so its blocks have no outputs of "
+                         "their own to distill", value=config.hidden, allowed="--hidden 0 for such models",
+                         fix="pass --hidden 0")
     task = _task(teacher_src, teacher, config)
     split = task.split
     parent = copy.copy(teacher)
@@ -362,10 +402,12 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
     sub = draw(grid, 0, 0, [])  # the smallest, when there is one
     pool = [b for b in members if b not in (grid.full, grid.smallest)]
     k = min(config.sampled, len(pool))
-    per_row = 3 * flops[grid.full] + sum(3 * flops[b] for b in sub) + \
+    per_row = (3 if config.train_full else 1) * flops[grid.full] + sum(3 * flops[b] for b in sub) + \
         (k * 3 * float(np.mean([flops[b] for b in pool])) if k else 0.0) + \
         (t_flops if config.teacher_kd > 0 else 0.0)
+    t_sel = time.perf_counter()
     rec_members = score_members(fam, task, calib, split["val"], config) if rank == 0 else []
+    select_seconds = time.perf_counter() - t_sel
     t_val = task.evaluate(teacher, split["val"])
     from ..distill.distill import _teacher_test
     test, t_test = task.evaluate(parent, split["test"]), _teacher_test(teacher_src, teacher, task)
@@ -382,7 +424,9 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
            "training": {"steps": steps, "rows": rows_seen, "wall_s": wall, "flops": rows_seen * per_row,
                         "flops_per_row": {"full_forward": flops[grid.full], "teacher_forward": t_flops,
                                           "step_expected": per_row},
-                        "members_per_step": 1 + len(sub) + k, "order_s": order_seconds,
+                        "members_per_step": 1 + len(sub) + k,
+                        # one-time work outside the training loop (a separate route's analogue: its scores run)
+                        "order_s": order_seconds, "select_s": select_seconds,
                         "resumed_from": hist.get("resumed_from")},
            "history": hist, "config": asdict(config), "runtime": describe(parent.device, teacher.compute_dtype),
            "train_rows": len(train_rows), "model_path": str(out / "model"), "seconds": None}

@@ -123,6 +123,9 @@ def elastic_section(d, fmt: str, points: list[dict] | None = None) -> dict:
              + (f", {rt.get('device')}" if rt.get("device") else "")),
             ("training", ", ".join(f"{k} {ctx.fmt(tr.get(k))}" for k in ("steps", "wall_s", "flops")
                                    if tr.get(k) is not None) or "—"),
+            ("one-time, outside training", ", ".join(f"{n} {ctx.fmt(tr.get(k))} s" for k, n in
+                                                     (("order_s", "ordering"), ("select_s", "selector"))
+                                                     if tr.get(k) is not None) or "—"),
             ("drawn", f"each member's validation {metric} ({'higher' if hib else 'lower'} is better; what "
                       "`extract --params/--latency-ms` ranks by), against the test metric of the models made "
                       "separately")]
