@@ -5,11 +5,30 @@ AVX512-VNNI, AVX512-BF16 and AMX; shared 2-core machine under load 7-21; the
 fine-tuned MiniLM, batch 8 x 64 tokens, one thread, interleaved medians; the
 probe script and every number are in BENCHMARKS.md "quantize"):
 
+- ``int8fused`` (:class:`Int8FusedLinear`: ``torch.ops.quantized.linear_dynamic``
+  on a weight packed for the ``onednn`` engine; int8 weights with one scale
+  per output channel, uint8 activations with one scale and zero point per
+  call, computed and applied inside oneDNN's kernel, float32 in and out):
+  the fastest per-layer format here. A single GEMM of 256 x 384 x 1536 took
+  0.45 ms against 0.68 ms bf16 and 2.0 ms float32; every Linear of MiniLM in
+  int8fused ran ~3.9x float32 at batch 8 against ~3.2x with every Linear in
+  bf16 (one thread; numbers in BENCHMARKS.md "quantize"). The same op on the
+  ``fbgemm`` / ``x86`` engines ran 2.0x / 1.7x, so the weight is packed for
+  ``onednn`` (AVX512-VNNI / AMX); ``reduce_range`` (7-bit activations, for
+  fbgemm on CPUs without VNNI) is not needed there and stays off. One
+  activation scale per tensor is what makes it lossy: an outlier channel (BERT
+  has them) stretches the scale for every token; logits cosine 0.998 with
+  every Linear in int8fused. That is what the per-layer choice is for:
+  ``--formats int8fused,bf16`` puts a layer in int8 only where its measured
+  sensitivity allows, bf16 elsewhere. The packing API still takes a
+  ``torch.qint8`` tensor, a dtype torch 2.13 deprecates (pytorch#184982); the
+  format is refused with a UsageError where the engine or op is missing.
 - ``bf16`` (the Linear's weights in bfloat16, its GEMM run by oneDNN on AMX,
   the output cast back to float32): the whole model in bf16 runs 2.3-2.6x
   faster than float32, eager or compiled, logits cosine 0.99999; every Linear
-  alone in bf16 (the rest float32, casts around each layer) 1.7-1.9x. It needs
-  no compile and no calibration, so it is the default format.
+  alone in bf16 (the rest float32, casts around each layer) 1.7-1.9x under
+  load (3.2x on a quiet machine). It needs no compile and no calibration and
+  never changed a prediction here, so it is the default format.
 - torchao ``Int8DynamicActivationInt8WeightConfig`` (``int8dyn``): 0.8x in
   eager. The int8 GEMM itself is fast here (``torch._int_mm`` on AMX: 1 ms
   against 17 ms float32 for 512 x 384 x 1536), but the per-token activation
@@ -29,14 +48,16 @@ probe script and every number are in BENCHMARKS.md "quantize"):
 - ``torch.ao.quantization.quantize_dynamic`` (fbgemm, one activation scale
   per tensor): 1.4-1.6x under load (3.5-4.9x on a quiet machine), logits
   cosine 0.990: fast because fbgemm fuses the activation quantization into
-  its kernel, but deprecated, so lamina does not build on it.
+  its kernel; its Python front end is deprecated, so ``int8fused`` calls the
+  same kind of kernel (on oneDNN) directly.
 
 ``Int4WeightOnlyConfig`` on this CPU left a Linear's outputs bit-identical to
 float32 (it did not quantize anything usable here), so ``int4wo`` is refused
 on the CPU with a message rather than silently doing nothing.
 
 Every format is a pure function of the float weights (dynamic activation
-scales are computed per call; bf16 is a rounding), so a plan applied twice
+scales are computed per call; bf16 is a rounding; int8fused rounds the weight
+the same way every time), so a plan applied twice
 to the same float weights gives the same module: the saved form is the
 float model plus the plan.
 """
