@@ -222,11 +222,14 @@ def _targets(res: dict, args) -> dict:
     t = {}
     sc, lat, sw = res.get("scores"), res.get("latency_ms"), res.get("sweep")
     if sc:
+        # Judged on the held-out rows: on the 160 test rows one prediction is 0.6 points, so a 1-point goal is
+        # decided by two rows; the test-row value stays beside it.
         for key, model, goal in (("minilm_mixed_drop", "mixed", 0.01), ("minilm_composed_drop", "composed", 0.02)):
             drop = sc["fp32"]["test_accuracy"] - sc[model]["test_accuracy"]
             hdrop = sc["fp32"]["heldout_accuracy"] - sc[model]["heldout_accuracy"]
-            t[key] = {"value": round(drop, 4), "heldout": round(hdrop, 4),
-                      "goal": f"<= {goal} (test rows; against the fp32 teacher)", "met": drop <= goal}
+            t[key] = {"value": round(hdrop, 4), "test_rows": round(drop, 4),
+                      "goal": f"<= {goal} ({res['heldout_rows']} held-out rows; against the fp32 teacher)",
+                      "met": hdrop <= goal}
     if sw:
         k = _compare_count(sw, res["heldout_rows"])
         s = sw["scores"]
@@ -237,6 +240,11 @@ def _targets(res: dict, args) -> dict:
             "value": round(imp, 4), "seed_std": round(rstd, 4), "count": k,
             "goal": f"> 0, beyond the seed spread ({k} layers in {sw['fast']} each, the rest {sw['fallback']}; "
                     f"{res['heldout_rows']} held-out rows)", "met": imp > 0 and imp > rstd}
+        rc = [s[f"random_{k}_s{i}"]["heldout_changed"] for i in range(sw["seeds"])]
+        t["importance_vs_random_changed"] = {
+            "value": s[f"importance_{k}"]["heldout_changed"], "random": rc,
+            "goal": "below every random seed (held-out predictions changed against fp32; not an issue target)",
+            "met": s[f"importance_{k}"]["heldout_changed"] < min(rc)}
         rn = [s[f"random_{k}_s{i}"]["heldout_logit_nmse"] for i in range(sw["seeds"])]
         t["importance_vs_random_logit_nmse"] = {
             "value": round(statistics.mean(rn) / max(s[f"importance_{k}"]["heldout_logit_nmse"], 1e-30), 3),
@@ -342,7 +350,7 @@ def _write(r: dict) -> None:
                          f"{statistics.mean(x['heldout_logit_nmse'] for x in rs):.2e} |")
     lines += ["", "Targets (bench/results/quantize.json):", ""]
     for k, v in r["targets"].items():
-        extra = "".join(f", {x} {v[x]}" for x in ("heldout", "seed_std", "count", "iqr", "two_threads",
+        extra = "".join(f", {x} {v[x]}" for x in ("test_rows", "seed_std", "count", "random", "iqr", "two_threads",
                                                    "two_threads_iqr", "load_average") if x in v)
         lines.append(f"- `{k}`: {v['value']} (goal {v['goal']}; met: {v['met']}){extra}")
     notes = Path(HERE / "results" / "quantize_notes.md")

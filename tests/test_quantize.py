@@ -135,7 +135,8 @@ def test_budget_nothing_can_meet_names_best(tiny_teacher, tmp_path, monkeypatch)
     monkeypatch.setattr(qq, "_metric", lambda lm, task: 1.0 - 0.1 * sum(
         not _plain(m) for m in lm.module.modules() if isinstance(m, nn.Linear)))
     with pytest.raises(UsageError, match=r"best reachable: 0\.1 with 1 layer"):
-        quantize(str(tiny_teacher), QuantizeConfig(out=str(tmp_path / "q"), max_drop=0.05, calibration_samples=16))
+        quantize(str(tiny_teacher), QuantizeConfig(out=str(tmp_path / "q"), max_drop=0.05, calibration_samples=16,
+                                                   formats="bf16"))
     assert not (tmp_path / "q").exists()
 
 
@@ -216,7 +217,8 @@ def _bf16_count(lm) -> int:
 def test_latency_budget_takes_the_smallest_count_that_meets_it(tiny_teacher, tmp_path, monkeypatch):
     # A stand-in clock: 100 ms minus 3 ms per bf16 layer, so the goal 80 needs exactly 7 layers.
     monkeypatch.setattr(_qq(), "latency_ms", lambda lm, batch, repeats: 100.0 - 3.0 * _bf16_count(lm))
-    res = quantize(str(tiny_teacher), QuantizeConfig(out=str(tmp_path / "q"), latency_ms=80, calibration_samples=16))
+    res = quantize(str(tiny_teacher), QuantizeConfig(out=str(tmp_path / "q"), latency_ms=80, calibration_samples=16,
+                                                     formats="bf16"))
     assert len(res.quantized) == 7 and res.layers > 7
     lat = res.plan["latency"]
     assert lat["measured_ms"] == 79.0 and lat["float_ms"] == 100.0 and lat["goal_ms"] == 80
@@ -224,7 +226,8 @@ def test_latency_budget_takes_the_smallest_count_that_meets_it(tiny_teacher, tmp
     assert tried[7] == 79.0 and tried[6] == 82.0  # the neighbour below was measured and missed
     assert _bf16_count(lamina.load_model(res.out)) == 7
     with pytest.raises(UsageError, match=r"best reachable: \d+ ms with \d+ layer"):
-        quantize(str(tiny_teacher), QuantizeConfig(out=str(tmp_path / "q2"), latency_ms=1, calibration_samples=16))
+        quantize(str(tiny_teacher), QuantizeConfig(out=str(tmp_path / "q2"), latency_ms=1, calibration_samples=16,
+                                                   formats="bf16"))
     assert not (tmp_path / "q2").exists()
 
 
@@ -329,3 +332,4 @@ def test_int8fused_leaves_the_global_engine_alone():
     prev = torch.backends.quantized.engine
     quantized_linear(nn.Linear(8, 4), "int8fused")
     assert torch.backends.quantized.engine == prev
+
