@@ -9,11 +9,14 @@ probe script and every number are in BENCHMARKS.md "quantize"):
   on a weight packed for the ``onednn`` engine; int8 weights with one scale
   per output channel, uint8 activations with one scale and zero point per
   call, computed and applied inside oneDNN's kernel, float32 in and out):
-  the fastest per-layer format here. A single GEMM of 256 x 384 x 1536 took
-  0.45 ms against 0.68 ms bf16 and 2.0 ms float32; every Linear of MiniLM in
-  int8fused ran ~3.9x float32 at batch 8 against ~3.2x with every Linear in
-  bf16 (one thread; numbers in BENCHMARKS.md "quantize"). The same op on the
-  ``fbgemm`` / ``x86`` engines ran 2.0x / 1.7x, so the weight is packed for
+  the fastest Linear kernel here: one GEMM of 256 x 384 x 1536 took 0.45 ms
+  against 0.68 ms bf16 and 2.0 ms float32 (quiet machine). In the model the
+  gain shrinks: every Linear of MiniLM in int8fused ran 2.3x float32 at batch
+  8 (one thread, load ~10) against 1.9x with every Linear in bf16 and 2.5x
+  for the whole model cast to bf16, because the float32 attention, LayerNorm
+  and GELU stay, and a ``--max-drop`` plan keeps the sensitive (and largest)
+  FFN layers in bf16, so it measured no faster than all-bf16. The same op on
+  the ``fbgemm`` / ``x86`` engines was 1.5-2x slower, so the weight is packed for
   ``onednn`` (AVX512-VNNI / AMX); ``reduce_range`` (7-bit activations, for
   fbgemm on CPUs without VNNI) is not needed there and stays off. One
   activation scale per tensor is what makes it lossy: an outlier channel (BERT
@@ -27,8 +30,8 @@ probe script and every number are in BENCHMARKS.md "quantize"):
   the output cast back to float32): the whole model in bf16 runs 2.3-2.6x
   faster than float32, eager or compiled, logits cosine 0.99999; every Linear
   alone in bf16 (the rest float32, casts around each layer) 1.7-1.9x under
-  load (3.2x on a quiet machine). It needs no compile and no calibration and
-  never changed a prediction here, so it is the default format.
+  load (2.1x on a quiet machine). It needs no compile and no calibration and
+  changed none of 2,000 held-out predictions, so it is the default format.
 - torchao ``Int8DynamicActivationInt8WeightConfig`` (``int8dyn``): 0.8x in
   eager. The int8 GEMM itself is fast here (``torch._int_mm`` on AMX: 1 ms
   against 17 ms float32 for 512 x 384 x 1536), but the per-token activation
