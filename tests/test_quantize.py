@@ -333,3 +333,16 @@ def test_int8fused_leaves_the_global_engine_alone():
     quantized_linear(nn.Linear(8, 4), "int8fused")
     assert torch.backends.quantized.engine == prev
 
+
+
+def test_cli_int8fused_bf16(tiny_teacher, tmp_path, capsys):
+    from lamina.cli import main
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_teacher), "--formats", "int8fused,bf16", "--fraction", "1",
+                 "--calibration-samples", "16", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    n = len(linear_names(lamina.load_model(str(tiny_teacher)).module))
+    assert f"{n} of {n} Linear layers quantized ({n} int8fused, 0 bf16)" in text  # every step taken: all int8
+    back = lamina.load_model(str(out))
+    assert {type(back.module.get_submodule(e)).__name__ for e in linear_names(lamina.load_model(str(tiny_teacher)).module)} \
+        == {"Int8FusedLinear"}
