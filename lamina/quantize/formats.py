@@ -11,9 +11,9 @@ probe script and every number are in BENCHMARKS.md "quantize"):
   call, computed and applied inside oneDNN's kernel, float32 in and out):
   the fastest Linear kernel here: one GEMM of 256 x 384 x 1536 took 0.45 ms
   against 0.68 ms bf16 and 2.0 ms float32 (quiet machine). In the model the
-  gain shrinks: every Linear of MiniLM in int8fused ran 2.3x float32 at batch
-  8 (one thread, load ~10) against 1.9x with every Linear in bf16 and 2.5x
-  for the whole model cast to bf16, because the float32 attention, LayerNorm
+  gain shrinks: every Linear of MiniLM in int8fused ran 2.0-2.3x float32 at
+  batch 8 (one thread, load 9) against 1.9-2.0x with every Linear in bf16 and
+  2.5-2.8x for the whole model cast to bf16 (1.7x vs 1.2x at batch 1), because the float32 attention, LayerNorm
   and GELU stay, and a ``--max-drop`` plan keeps the sensitive (and largest)
   FFN layers in bf16, so it measured no faster than all-bf16. The same op on
   the ``fbgemm`` / ``x86`` engines was 1.5-2x slower, so the weight is packed for
