@@ -346,3 +346,33 @@ def test_cli_int8fused_bf16(tiny_teacher, tmp_path, capsys):
     back = lamina.load_model(str(out))
     assert {type(back.module.get_submodule(e)).__name__ for e in linear_names(lamina.load_model(str(tiny_teacher)).module)} \
         == {"Int8FusedLinear"}
+
+
+def test_a_block_whose_linears_are_all_bf16_runs_in_bf16(tiny_dirs, sentences_csv, tmp_path):
+    from lamina.quantize.formats import BF16Block
+    lm = lamina.load_model(str(tiny_dirs["bert"]))
+    names = linear_names(lm.module)
+    b0, b1 = lm.blocks.block_paths[:2]
+    in0 = [n for n in names if n.startswith(b0 + ".")]
+    in1 = [n for n in names if n.startswith(b1 + ".")]
+    q = quantized_copy(lm, {**{n: "bf16" for n in in0}, **{n: "bf16" for n in in1[1:]}})  # block 1 misses one
+    blk0, blk1 = q.module.get_submodule(b0), q.module.get_submodule(b1)
+    assert isinstance(blk0, BF16Block) and not isinstance(blk1, BF16Block)
+    assert all(p.dtype == torch.bfloat16 for p in blk0.parameters())  # LayerNorms too, not only the Linears
+    assert all(p.dtype == torch.float32 for n, p in blk1.named_parameters() if "LayerNorm" in n)
+    b = _batches(lm, sentences_csv, n=8, bs=8)
+    out_f, out_q = _run(lm, b)[0], _run(q, b)[0]
+    with torch.inference_mode():
+        raw = q.forward(b[0])
+    assert raw.last_hidden_state.dtype == torch.float32  # cast back on the way out of the block
+    assert not torch.equal(out_f, out_q)
+    cos = torch.nn.functional.cosine_similarity(out_f.flatten(), out_q.flatten(), 0)
+    assert cos > 0.999
+    # the plan records it, and the reload (float model + plan) rebuilds the same wrapped model exactly
+    res = quantize(str(tiny_dirs["bert"]), QuantizeConfig(out=str(tmp_path / "q"), fraction=1.0, formats="bf16",
+                                                          data=str(sentences_csv), calibration_samples=16,
+                                                          max_length=32))
+    assert res.plan["bf16_blocks"] == list(lm.blocks.block_paths)
+    back = lamina.load_model(res.out)
+    assert all(isinstance(back.module.get_submodule(p), BF16Block) for p in lm.blocks.block_paths)
+    assert torch.equal(_run(back, b)[0], _run(quantized_copy(lm, {n: "bf16" for n in names}), b)[0])

@@ -49,7 +49,7 @@ from ..models import LoadedModel, load_model, save_json
 from ..runfolder import check_out, claim, discard, plan_writes, record
 from ..runtime import Runtime, describe
 from ..verify import _main_output, save_checked
-from .formats import FORMATS, apply_layers, linear_names, parse_formats, quantized_linear, swap
+from .formats import FORMATS, apply_layers, bf16_blocks, linear_names, parse_formats, quantized_linear, swap
 
 WRITES = ["quant_plan.json", "model"]
 PLAN_FILE = "quant_plan.json"
@@ -199,9 +199,13 @@ def assign(steps, formats) -> dict[str, str]:
     return chosen
 
 
+def _block_paths(lm: LoadedModel) -> tuple:
+    return tuple(getattr(lm.blocks, "block_paths", ()) or ())
+
+
 def quantized_copy(lm: LoadedModel, layers: dict[str, str]) -> LoadedModel:
     out = copy.copy(lm)
-    out.module = apply_layers(copy.deepcopy(lm.module), layers).eval()
+    out.module = apply_layers(copy.deepcopy(lm.module), layers, _block_paths(lm)).eval()
     return out
 
 
@@ -376,6 +380,7 @@ def quantize(model, config: QuantizeConfig | None = None) -> QuantizeResult:
             "layers": [{"name": n, "scores": scores[n], "quantized": n in chosen, "format": chosen.get(n),
                         "rank": r} for r, n in enumerate(sorted(first, key=first.get))],
             "steps": [{"name": n, "format": f, "score": v, "taken": i < count} for i, (n, f, v) in enumerate(ranked)],
+            "bf16_blocks": bf16_blocks(names, {n for n, f in chosen.items() if f == "bf16"}, _block_paths(lm)),
             "count": count, "of": len(ranked), "by_format": {f: sum(v == f for v in chosen.values()) for f in formats}, "validation_drop": drop, "latency": latency, "search": search,
             "model": lm.describe(), "source": str(model) if isinstance(model, (str, Path)) else lm.source,
             "runtime": describe(lm.device, lm.dtype)}
@@ -438,6 +443,6 @@ def load_quantized(path, runtime: Runtime | None = None) -> LoadedModel:
     if want and lm.fingerprint() != want:
         raise LaminaError("the float model in this folder is not the one the plan was made for (fingerprints "
                           "differ)", value=str(path), allowed=want, fix="quantize the model again")
-    apply_layers(lm.module, chosen)
+    apply_layers(lm.module, chosen, _block_paths(lm))
     lm.module.eval()
     return lm
