@@ -246,7 +246,7 @@ def _quantize(ns):
     from .quantize import QuantizeConfig, quantize
     res = quantize(ns.model, config_from_args(QuantizeConfig, ns))
     print(f"layers      {len(res.quantized)} of {res.layers} Linear layers quantized "
-          f"({', '.join(res.plan['formats'])})")
+          f"({', '.join(f'{n} {f}' for f, n in res.plan['by_format'].items())})")
     if res.metric_drop is not None:
         print(f"validation  measured drop {res.metric_drop:.4g} (allowed {res.plan['budget']['max_drop']})")
     if res.plan.get("latency"):

@@ -12,6 +12,7 @@ import lamina
 from lamina.errors import UsageError
 from lamina.quantize import QuantizeConfig, quantize, sensitivity
 from lamina.quantize.formats import linear_names
+from lamina.quantize.formats import quantized_linear
 from lamina.quantize.quantize import _run, quantized_copy
 
 
@@ -98,9 +99,16 @@ def test_fraction_save_reload_reproduces(tiny_dirs, sentences_csv, tmp_path):
                                                           max_length=32))
     lm = lamina.load_model(str(tiny_dirs["bert"]))
     n = len(linear_names(lm.module))
-    assert len(res.quantized) == round(0.5 * n)
     plan = json.loads((out / "quant_plan.json").read_text())
+    # two formats: half of the 2n (layer, format) steps, least sensitive first; a layer taken in both runs in the
+    # one listed first
+    taken = [s for s in plan["steps"] if s["taken"]]
+    assert len(plan["steps"]) == 2 * n and len(taken) == plan["count"] == round(0.5 * 2 * n)
+    scores = [s["score"] for s in plan["steps"]]
+    assert scores == sorted(scores) and plan["steps"][:len(taken)] == taken
     chosen = {e["name"]: e["format"] for e in plan["layers"] if e["quantized"]}
+    assert chosen == {n_: ("int8dyn" if any(s["name"] == n_ and s["format"] == "int8dyn" for s in taken) else "int8wo")
+                      for n_ in {s["name"] for s in taken}}
     assert set(chosen) == set(res.quantized) and plan["reload_check"]["ok"]
     expect = quantized_copy(lm, chosen)
     back = lamina.load_model(str(out))
@@ -127,7 +135,8 @@ def test_budget_nothing_can_meet_names_best(tiny_teacher, tmp_path, monkeypatch)
     monkeypatch.setattr(qq, "_metric", lambda lm, task: 1.0 - 0.1 * sum(
         not _plain(m) for m in lm.module.modules() if isinstance(m, nn.Linear)))
     with pytest.raises(UsageError, match=r"best reachable: 0\.1 with 1 layer"):
-        quantize(str(tiny_teacher), QuantizeConfig(out=str(tmp_path / "q"), max_drop=0.05, calibration_samples=16))
+        quantize(str(tiny_teacher), QuantizeConfig(out=str(tmp_path / "q"), max_drop=0.05, calibration_samples=16,
+                                                   formats="bf16"))
     assert not (tmp_path / "q").exists()
 
 
@@ -208,7 +217,8 @@ def _bf16_count(lm) -> int:
 def test_latency_budget_takes_the_smallest_count_that_meets_it(tiny_teacher, tmp_path, monkeypatch):
     # A stand-in clock: 100 ms minus 3 ms per bf16 layer, so the goal 80 needs exactly 7 layers.
     monkeypatch.setattr(_qq(), "latency_ms", lambda lm, batch, repeats: 100.0 - 3.0 * _bf16_count(lm))
-    res = quantize(str(tiny_teacher), QuantizeConfig(out=str(tmp_path / "q"), latency_ms=80, calibration_samples=16))
+    res = quantize(str(tiny_teacher), QuantizeConfig(out=str(tmp_path / "q"), latency_ms=80, calibration_samples=16,
+                                                     formats="bf16"))
     assert len(res.quantized) == 7 and res.layers > 7
     lat = res.plan["latency"]
     assert lat["measured_ms"] == 79.0 and lat["float_ms"] == 100.0 and lat["goal_ms"] == 80
@@ -216,7 +226,8 @@ def test_latency_budget_takes_the_smallest_count_that_meets_it(tiny_teacher, tmp
     assert tried[7] == 79.0 and tried[6] == 82.0  # the neighbour below was measured and missed
     assert _bf16_count(lamina.load_model(res.out)) == 7
     with pytest.raises(UsageError, match=r"best reachable: \d+ ms with \d+ layer"):
-        quantize(str(tiny_teacher), QuantizeConfig(out=str(tmp_path / "q2"), latency_ms=1, calibration_samples=16))
+        quantize(str(tiny_teacher), QuantizeConfig(out=str(tmp_path / "q2"), latency_ms=1, calibration_samples=16,
+                                                   formats="bf16"))
     assert not (tmp_path / "q2").exists()
 
 
@@ -237,3 +248,131 @@ def test_bench_of_a_quantize_folder_scores_its_sources_test_rows(tiny_teacher, t
     ds, split = spec.load()
     assert got["test_rows"] == len(split["test"])
     assert got["models"][0]["accuracy"] == evaluate(lamina.load_model(res.out), ds, split["test"], spec)["accuracy"]
+
+
+# ---------------------------------------------------------------- int8fused ----
+def _naive_int8fused(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Weight int8 per output channel (symmetric, 127), activation uint8 per tensor (asymmetric over its min / max,
+    0 included), the integer GEMM in float64, dequantized: what oneDNN's dynamic int8 linear computes."""
+    w, b, x = linear.weight.detach().double(), linear.bias.detach().double(), x.double()
+    ws = w.abs().amax(1) / 127
+    qw = torch.clamp(torch.round(w / ws[:, None]), -127, 127)
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    xs = (hi - lo) / 255
+    zp = min(255, max(0, round(-lo / xs)))
+    qx = torch.clamp(torch.round(x / xs) + zp, 0, 255) - zp
+    return (qx @ qw.T) * xs * ws + b
+
+
+def test_int8fused_matches_a_naive_per_channel_per_tensor_reference():
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 40)
+    x = torch.randn(3, 7, 48)
+    x[..., 5] *= 8  # an outlier channel stretches the one activation scale, as in BERT
+    q = quantized_linear(lin, "int8fused")
+    with torch.inference_mode():
+        got = q(x)
+    want = _naive_int8fused(lin, x)
+    assert got.dtype == torch.float32 and got.shape == (3, 7, 40)
+    # the kernel rounds in float32 (scale, zero point): within a few quantization steps of the float64 reference
+    step = float(want.abs().max()) / 127
+    assert float((got.double() - want).abs().max()) < 0.5 * step
+    with torch.no_grad():
+        fp = lin(x).double()
+    assert float((got.double() - want).norm()) < 0.1 * float((fp - want).norm()) + 1e-9  # closer to it than float
+    assert not torch.equal(got.double(), fp)
+    assert q.weight.dtype == torch.int8 and q.weight.shape == lin.weight.shape  # counted as parameters
+
+
+def test_int8fused_one_layer_nothing_else_and_save_reload(tiny_dirs, sentences_csv, tmp_path):
+    lm = lamina.load_model(str(tiny_dirs["bert"]))
+    names = linear_names(lm.module)
+    target = names[3]
+    q = quantized_copy(lm, {target: "int8fused"})
+    before = dict(lm.module.named_modules())
+    for name, m in q.module.named_modules():
+        if name == target:
+            assert type(m).__name__ == "Int8FusedLinear"
+        elif name and not name.startswith(target + "."):
+            assert type(m) is type(before[name])
+            assert all(torch.equal(p, r) for p, r in zip(m.parameters(recurse=False),
+                                                        before[name].parameters(recurse=False)))
+    assert _plain(lm.module.get_submodule(target))
+    # nothing quantized: the copy computes exactly what the float model does
+    b = _batches(lm, sentences_csv, n=8, bs=8)
+    assert torch.equal(_run(quantized_copy(lm, {}), b)[0], _run(lm, b)[0])
+    out = tmp_path / "q"
+    res = quantize(str(tiny_dirs["bert"]), QuantizeConfig(out=str(out), fraction=0.75, data=str(sentences_csv),
+                                                          calibration_samples=24, formats="int8fused,bf16",
+                                                          max_length=32))
+    plan = json.loads((out / "quant_plan.json").read_text())
+    assert set(plan["by_format"]) == {"int8fused", "bf16"} and plan["by_format"]["int8fused"] >= 1
+    chosen = {e["name"]: e["format"] for e in plan["layers"] if e["quantized"]}
+    assert set(chosen) == set(res.quantized)
+    back1, back2 = lamina.load_model(str(out)), lamina.load_model(str(out))
+    want = _run(quantized_copy(lm, chosen), b)[0]
+    assert torch.equal(_run(back1, b)[0], want) and torch.equal(_run(back2, b)[0], want)  # re-quantized exactly
+    assert not torch.equal(want, _run(lm, b)[0])
+    assert plan["reload_check"]["ok"] and plan["reload_check"]["max_abs_diff"] == 0.0
+
+
+def test_int8fused_refused_without_the_onednn_engine(tmp_path, monkeypatch):
+    from lamina.cli import main
+    from lamina.quantize import formats
+    monkeypatch.setattr(formats, "fused_engines", lambda: ["qnnpack"])
+    with pytest.raises(UsageError, match="int8fused needs torch's 'onednn' quantized engine") as e:
+        QuantizeConfig(out=str(tmp_path / "q"), fraction=0.5, formats="int8fused,bf16")
+    assert "qnnpack" in str(e.value) and "bf16 (or int8dyn)" in str(e.value)
+    assert main(["quantize", "minilm", "--fraction", "0.5", "--formats", "int8fused", "--data", "x.csv",
+                 "--out", str(tmp_path / "q")]) == 2
+    assert not (tmp_path / "q").exists()
+
+
+def test_int8fused_leaves_the_global_engine_alone():
+    prev = torch.backends.quantized.engine
+    quantized_linear(nn.Linear(8, 4), "int8fused")
+    assert torch.backends.quantized.engine == prev
+
+
+
+def test_cli_int8fused_bf16(tiny_teacher, tmp_path, capsys):
+    from lamina.cli import main
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_teacher), "--formats", "int8fused,bf16", "--fraction", "1",
+                 "--calibration-samples", "16", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    n = len(linear_names(lamina.load_model(str(tiny_teacher)).module))
+    assert f"{n} of {n} Linear layers quantized ({n} int8fused, 0 bf16)" in text  # every step taken: all int8
+    back = lamina.load_model(str(out))
+    assert {type(back.module.get_submodule(e)).__name__ for e in linear_names(lamina.load_model(str(tiny_teacher)).module)} \
+        == {"Int8FusedLinear"}
+
+
+def test_a_block_whose_linears_are_all_bf16_runs_in_bf16(tiny_dirs, sentences_csv, tmp_path):
+    from lamina.quantize.formats import BF16Block
+    lm = lamina.load_model(str(tiny_dirs["bert"]))
+    names = linear_names(lm.module)
+    b0, b1 = lm.blocks.block_paths[:2]
+    in0 = [n for n in names if n.startswith(b0 + ".")]
+    in1 = [n for n in names if n.startswith(b1 + ".")]
+    q = quantized_copy(lm, {**{n: "bf16" for n in in0}, **{n: "bf16" for n in in1[1:]}})  # block 1 misses one
+    blk0, blk1 = q.module.get_submodule(b0), q.module.get_submodule(b1)
+    assert isinstance(blk0, BF16Block) and not isinstance(blk1, BF16Block)
+    assert all(p.dtype == torch.bfloat16 for p in blk0.parameters())  # LayerNorms too, not only the Linears
+    assert all(p.dtype == torch.float32 for n, p in blk1.named_parameters() if "LayerNorm" in n)
+    b = _batches(lm, sentences_csv, n=8, bs=8)
+    out_f, out_q = _run(lm, b)[0], _run(q, b)[0]
+    with torch.inference_mode():
+        raw = q.forward(b[0])
+    assert raw.last_hidden_state.dtype == torch.float32  # cast back on the way out of the block
+    assert not torch.equal(out_f, out_q)
+    cos = torch.nn.functional.cosine_similarity(out_f.flatten(), out_q.flatten(), 0)
+    assert cos > 0.999
+    # the plan records it, and the reload (float model + plan) rebuilds the same wrapped model exactly
+    res = quantize(str(tiny_dirs["bert"]), QuantizeConfig(out=str(tmp_path / "q"), fraction=1.0, formats="bf16",
+                                                          data=str(sentences_csv), calibration_samples=16,
+                                                          max_length=32))
+    assert res.plan["bf16_blocks"] == list(lm.blocks.block_paths)
+    back = lamina.load_model(res.out)
+    assert all(isinstance(back.module.get_submodule(p), BF16Block) for p in lm.blocks.block_paths)
+    assert torch.equal(_run(back, b)[0], _run(quantized_copy(lm, {n: "bf16" for n in names}), b)[0])

@@ -5,11 +5,37 @@ AVX512-VNNI, AVX512-BF16 and AMX; shared 2-core machine under load 7-21; the
 fine-tuned MiniLM, batch 8 x 64 tokens, one thread, interleaved medians; the
 probe script and every number are in BENCHMARKS.md "quantize"):
 
+- ``int8fused`` (:class:`Int8FusedLinear`: ``torch.ops.quantized.linear_dynamic``
+  on a weight packed for the ``onednn`` engine; int8 weights with one scale
+  per output channel, uint8 activations with one scale and zero point per
+  call, computed and applied inside oneDNN's kernel, float32 in and out):
+  the fastest Linear kernel here: one GEMM of 256 x 384 x 1536 took 0.45 ms
+  against 0.68 ms bf16 and 2.0 ms float32 (quiet machine). In the model the
+  gain shrinks: every Linear of MiniLM in int8fused ran 2.0-2.3x float32 at
+  batch 8 (one thread, load 9) against 1.9-2.0x with every Linear in bf16 and
+  2.5-2.8x for the whole model cast to bf16 (1.7x vs 1.2x at batch 1), because the float32 attention, LayerNorm
+  and GELU stay, and a ``--max-drop`` plan keeps the sensitive (and largest)
+  FFN layers in bf16, so it measured no faster than all-bf16. The same op on
+  the ``fbgemm`` / ``x86`` engines was 1.5-2x slower, so the weight is packed for
+  ``onednn`` (AVX512-VNNI / AMX); ``reduce_range`` (7-bit activations, for
+  fbgemm on CPUs without VNNI) is not needed there and stays off. One
+  activation scale per tensor is what makes it lossy: an outlier channel (BERT
+  has them) stretches the scale for every token; logits cosine 0.998 with
+  every Linear in int8fused. That is what the per-layer choice is for:
+  ``--formats int8fused,bf16`` puts a layer in int8 only where its measured
+  sensitivity allows, bf16 elsewhere. The packing API still takes a
+  ``torch.qint8`` tensor, a dtype torch 2.13 deprecates (pytorch#184982); the
+  format is refused with a UsageError where the engine or op is missing.
 - ``bf16`` (the Linear's weights in bfloat16, its GEMM run by oneDNN on AMX,
   the output cast back to float32): the whole model in bf16 runs 2.3-2.6x
   faster than float32, eager or compiled, logits cosine 0.99999; every Linear
-  alone in bf16 (the rest float32, casts around each layer) 1.7-1.9x. It needs
-  no compile and no calibration, so it is the default format.
+  alone in bf16 (the rest float32, casts around each layer) 1.7-1.9x under
+  load (2.1x on a quiet machine). It needs no compile and no calibration and
+  changed none of 2,000 held-out predictions, so it is the default format.
+  A block whose every Linear is bf16 is wrapped in :class:`BF16Block` and runs
+  whole in bf16 (attention, LayerNorm, GELU too; two casts per block instead
+  of two per Linear): that recovers most of the whole-model gain (2.2x vs
+  2.4x whole model) and changed 5 of the 2,000 held-out predictions.
 - torchao ``Int8DynamicActivationInt8WeightConfig`` (``int8dyn``): 0.8x in
   eager. The int8 GEMM itself is fast here (``torch._int_mm`` on AMX: 1 ms
   against 17 ms float32 for 512 x 384 x 1536), but the per-token activation
@@ -29,14 +55,16 @@ probe script and every number are in BENCHMARKS.md "quantize"):
 - ``torch.ao.quantization.quantize_dynamic`` (fbgemm, one activation scale
   per tensor): 1.4-1.6x under load (3.5-4.9x on a quiet machine), logits
   cosine 0.990: fast because fbgemm fuses the activation quantization into
-  its kernel, but deprecated, so lamina does not build on it.
+  its kernel; its Python front end is deprecated, so ``int8fused`` calls the
+  same kind of kernel (on oneDNN) directly.
 
 ``Int4WeightOnlyConfig`` on this CPU left a Linear's outputs bit-identical to
 float32 (it did not quantize anything usable here), so ``int4wo`` is refused
 on the CPU with a message rather than silently doing nothing.
 
 Every format is a pure function of the float weights (dynamic activation
-scales are computed per call; bf16 is a rounding), so a plan applied twice
+scales are computed per call; bf16 is a rounding; int8fused rounds the weight
+the same way every time), so a plan applied twice
 to the same float weights gives the same module: the saved form is the
 float model plus the plan.
 """
@@ -52,9 +80,11 @@ from torch import nn
 
 from ..errors import UsageError
 
-FORMATS = ("bf16", "int8dyn", "int8wo")  # what runs on the CPU backend, fastest here first
+FORMATS = ("int8fused", "bf16", "int8dyn", "int8wo")  # what runs on the CPU backend, fastest here first
 KNOWN = FORMATS + ("int4wo",)
-_HELP = {"bf16": "bfloat16 weights and GEMM (AMX / AVX512-BF16), float32 output",
+FUSED_ENGINE = "onednn"  # the engine whose packed int8 GEMM ran fastest here (fbgemm 2.0x, x86 1.7x, onednn 3.9x)
+_HELP = {"int8fused": "int8 weights per channel + int8 activations per tensor, quantized inside oneDNN's kernel",
+         "bf16": "bfloat16 weights and GEMM (AMX / AVX512-BF16), float32 output",
          "int8dyn": "int8 weights + int8 activations quantized per token at run time",
          "int8wo": "int8 weights, float activations"}
 log = logging.getLogger(__name__)
@@ -66,6 +96,99 @@ class BF16Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+class Int8FusedLinear(nn.Module):
+    """A Linear run by oneDNN's dynamic int8 GEMM (``torch.ops.quantized.linear_dynamic``): weights int8 with one
+    symmetric scale per output channel, quantized once here; the activations quantized to uint8 with one scale
+    and zero point per call, from their min / max, inside the kernel (one pass, no separate quantize kernels).
+    Takes and returns float32, so it drops into a float32 model layer by layer.
+
+    ``weight`` (int8) and ``weight_scale`` are kept for inspection and parameter counts; the forward uses only the
+    packed copy. Built deterministically from the float Linear, so the saved form is the float model + plan."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.register_buffer("weight_scale", scale)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone(),
+                                                                  requires_grad=False)
+        self._packed = _prepack(q, scale, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x.float(), self._packed, False).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, engine={FUSED_ENGINE}"
+
+
+def _prepack(q: torch.Tensor, scale: torch.Tensor, bias) -> object:
+    """oneDNN's packed weight. ``linear_prepack`` still takes a ``torch.qint8`` tensor, a dtype torch 2.13
+    deprecates (pytorch#184982: the one-time UserWarning on creating it); the qint8 tensor lives only for this
+    call, and the warning is silenced here because nothing the user does can act on it. The engine is set for
+    the packing only (the packed object remembers it) and restored, so no global setting leaks."""
+    prev = torch.backends.quantized.engine
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(scale), dtype=torch.long),
+                                                      0)
+        torch.backends.quantized.engine = FUSED_ENGINE
+        try:
+            return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.detach())
+        finally:
+            torch.backends.quantized.engine = prev
+
+
+def fused_engines() -> list[str]:
+    """The quantized engines this torch build has (a seam for tests)."""
+    return list(torch.backends.quantized.supported_engines)
+
+
+def _check_fused() -> None:
+    if FUSED_ENGINE not in fused_engines() or not hasattr(torch.ops.quantized, "linear_dynamic"):
+        raise UsageError(f"int8fused needs torch's '{FUSED_ENGINE}' quantized engine, which this torch build does "
+                         f"not have", value=f"engines: {', '.join(fused_engines()) or 'none'}",
+                         allowed=", ".join(f for f in FORMATS if f != "int8fused"),
+                         fix="use --formats bf16 (or int8dyn), or a torch build with oneDNN (the x86-64 wheels)")
+
+
+def _cast(x, dtype):
+    """Floating tensors in ``x`` (nested tuples / lists / dicts) to ``dtype``; everything else as it is."""
+    if torch.is_tensor(x):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple
+        return type(x)(*(_cast(v, dtype) for v in x))
+    if isinstance(x, (tuple, list)):
+        return type(x)(_cast(v, dtype) for v in x)
+    if isinstance(x, dict):  # keeps the type (a transformers ModelOutput is a dict)
+        y = copy.copy(x)
+        for k, v in x.items():
+            y[k] = _cast(v, dtype)
+        return y
+    return x
+
+
+class BF16Block(nn.Module):
+    """A whole block (attention, LayerNorm, GELU and its Linears) run in bfloat16, wrapped where the block was:
+    floating inputs are cast to bf16 once on the way in and the outputs back to the caller's dtype on the way out.
+
+    Used when every Linear of a block is chosen bf16: instead of two casts around each of its Linears and the
+    attention / LayerNorm / GELU left in float32, a block costs two casts, and those ops run in bf16 too
+    (MiniLM, batch 8, one thread: 2.2x float32 against 1.7x with per-Linear bf16, whole model cast 2.4x, same run).
+    The block's Linears stay :class:`BF16Linear` (same names, same parameters), so a plan still names them."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block.to(torch.bfloat16)
+
+    def forward(self, *args, **kwargs):
+        floats = [v for v in (*args, *kwargs.values()) if torch.is_tensor(v) and v.is_floating_point()]
+        dtype = floats[0].dtype if floats else torch.float32
+        return _cast(self.block(*_cast(args, torch.bfloat16), **_cast(kwargs, torch.bfloat16)), dtype)
 
 
 def bf16_is_fast() -> bool:
@@ -90,6 +213,8 @@ def parse_formats(spec) -> tuple[str, ...]:
         if f not in FORMATS:
             raise UsageError("unknown quantization format", value=f,
                              allowed="; ".join(f"{k} ({v})" for k, v in _HELP.items()), fix="e.g. --formats int8dyn")
+    if "int8fused" in items:
+        _check_fused()
     if "bf16" in items and not bf16_is_fast():
         log.warning("this CPU has no AMX / AVX512-BF16: bf16 layers will run, but slower than float32")
     if len(set(items)) != len(items):
@@ -140,10 +265,12 @@ def _bf16(linear: nn.Linear) -> BF16Linear:
     return q
 
 
-def quantized_linear(linear: nn.Linear, fmt: str) -> nn.Linear:
+def quantized_linear(linear: nn.Linear, fmt: str) -> nn.Module:
     """A quantized copy of one Linear (the original is untouched)."""
     if fmt == "bf16":
         return _bf16(linear)
+    if fmt == "int8fused":
+        return Int8FusedLinear(linear)
     quantize_ = _torchao().quantize_
     q = copy.deepcopy(linear)
     with torch.no_grad():
@@ -160,20 +287,35 @@ def swap(module: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
-def apply_layers(module: nn.Module, layers: dict[str, str]) -> nn.Module:
-    """Quantize, in place, each Linear named in ``layers`` (name -> format): bf16 layers are swapped for their
-    :class:`BF16Linear` copies, int8 ones go through torchao's ``quantize_`` with a per-module filter; every other
-    module is left as it is. Returns ``module``."""
+def apply_layers(module: nn.Module, layers: dict[str, str], block_paths=()) -> nn.Module:
+    """Quantize, in place, each Linear named in ``layers`` (name -> format): bf16 and int8fused layers are swapped
+    for :class:`BF16Linear` / :class:`Int8FusedLinear` copies, int8dyn / int8wo ones go through torchao's
+    ``quantize_`` with a per-module filter; every other module is left as it is. A block (of ``block_paths``)
+    whose every Linear is bf16 is then wrapped in :class:`BF16Block`. Returns ``module``."""
+    names = linear_names(module)
     by_fmt: dict[str, set] = {}
     for name, fmt in layers.items():
         by_fmt.setdefault(fmt, set()).add(name)
-    for name in sorted(by_fmt.pop("bf16", ())):
-        swap(module, name, _bf16(module.get_submodule(name)))
-    if not by_fmt:
-        return module
-    quantize_ = _torchao().quantize_
-    with torch.no_grad():
-        for fmt, names in by_fmt.items():
-            quantize_(module, _torchao_config(fmt),
-                      filter_fn=lambda m, fqn, names=names: isinstance(m, nn.Linear) and fqn in names)
+    bf16 = set(by_fmt.get("bf16", ()))
+    for fmt in ("bf16", "int8fused"):
+        for name in sorted(by_fmt.pop(fmt, ())):
+            swap(module, name, quantized_linear(module.get_submodule(name), fmt))
+    if by_fmt:
+        quantize_ = _torchao().quantize_
+        with torch.no_grad():
+            for fmt, chosen in by_fmt.items():
+                quantize_(module, _torchao_config(fmt),
+                          filter_fn=lambda m, fqn, chosen=chosen: isinstance(m, nn.Linear) and fqn in chosen)
+    for path in bf16_blocks(names, bf16, block_paths):
+        swap(module, path, BF16Block(module.get_submodule(path)))
     return module
+
+
+def bf16_blocks(names, bf16, block_paths) -> list[str]:
+    """The blocks whose Linears (at least one) are all in ``bf16``."""
+    out = []
+    for path in block_paths:
+        inside = [n for n in names if n.startswith(path + ".")]
+        if inside and all(n in bf16 for n in inside):
+            out.append(path)
+    return out

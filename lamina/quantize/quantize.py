@@ -7,9 +7,11 @@
    the model's main output (logits, else last hidden state) on calibration
    batches is measured as nMSE = sum (q - f)^2 / sum f^2 over all batches, the
    way skip importance measures a removed block.
-2. Budget: layers are taken least sensitive first (a layer's score is its
-   smallest over the formats, and it gets that format). ``--fraction F``:
-   round(F x layers) of them. ``--max-drop D``: the largest count whose
+2. Budget: (layer, format) steps are taken least sensitive first; a layer
+   taken in several formats runs in the one listed first in ``--formats``
+   (``int8fused,bf16``: every layer goes to bf16 early, on its tiny bf16
+   score, and to int8 only where its int8 score is low). ``--fraction F``:
+   round(F x steps) of them (with one format: of the layers). ``--max-drop D``: the largest count whose
    validation metric (accuracy; perplexity for a language model) loses at
    most D against float, found by bisection on the count (each tried count is
    measured and recorded; the chosen one was measured, so the budget holds
@@ -47,7 +49,7 @@ from ..models import LoadedModel, load_model, save_json
 from ..runfolder import check_out, claim, discard, plan_writes, record
 from ..runtime import Runtime, describe
 from ..verify import _main_output, save_checked
-from .formats import FORMATS, apply_layers, linear_names, parse_formats, quantized_linear, swap
+from .formats import FORMATS, apply_layers, bf16_blocks, linear_names, parse_formats, quantized_linear, swap
 
 WRITES = ["quant_plan.json", "model"]
 PLAN_FILE = "quant_plan.json"
@@ -63,7 +65,8 @@ class QuantizeConfig(Runtime):
     out: str = field(metadata={"help": "output folder: OUT/quant_plan.json (every layer's score and choice) and "
                                        "OUT/model (the float model the plan is applied to on loading)"})
     fraction: float | None = field(default=None, metadata={
-        "help": "share of the Linear layers to quantize, least sensitive first (0 to 1)"})
+        "help": "share of the Linear layers to quantize, least sensitive first (0 to 1); with several --formats, "
+                "the share of (layer, format) steps"})
     max_drop: float | None = field(default=None, metadata={
         "help": "largest loss of validation accuracy (perplexity for a language model) allowed against float; "
                 "needs a model with a task record (a `lamina finetune` / prune / distill OUT)"})
@@ -74,9 +77,12 @@ class QuantizeConfig(Runtime):
     latency_repeats: int = field(default=7, metadata={
         "help": "timed forwards per tried count for --latency-ms (after one warm-up; the median is compared)"})
     formats: str = field(default="bf16", metadata={
-        "help": f"comma-separated formats a layer may take ({', '.join(FORMATS)}): bf16 = bfloat16 weights and "
-                f"GEMM (the fast one on CPUs with AMX / AVX512-BF16), int8dyn = int8 weights + per-token int8 "
-                f"activations, int8wo = int8 weights only (smaller, not faster on this CPU)"})
+        "help": f"comma-separated formats a layer may take, preferred first ({', '.join(FORMATS)}): int8fused = "
+                f"int8 weights + int8 activations quantized inside oneDNN's kernel (fastest here, lossier), "
+                f"bf16 = bfloat16 weights and GEMM (fast on CPUs with AMX / AVX512-BF16, nearly lossless), "
+                f"int8dyn = torchao int8 weights + per-token int8 activations, int8wo = torchao int8 weights only "
+                f"(both smaller, not faster on this CPU); e.g. int8fused,bf16: int8 where a layer tolerates it, "
+                f"bf16 elsewhere"})
     data: str | None = field(default=None, metadata={
         "help": "calibration data when the model has no task record (bundled name, table, folder)"})
     limit: int | None = field(default=None, metadata={"help": "rows of --data to read before calibration"})
@@ -169,16 +175,37 @@ def sensitivity(lm: LoadedModel, batches, formats=("int8dyn",)) -> dict[str, dic
     return scores
 
 
-def order(scores: dict[str, dict[str, float]]) -> list[tuple[str, str, float]]:
-    """(layer, its best format, that score), least sensitive first (ties: module order)."""
+def order(scores: dict[str, dict[str, float]], formats=None) -> list[tuple[str, str, float]]:
+    """Every (layer, format, score) step, least sensitive first (ties: module order, then ``formats`` order).
+
+    With one format this is the layers' ranking; with several, a layer appears once per format, so the cheap
+    steps (a bf16 layer) come before the lossy ones (the same layer in int8) and a budget takes a layer to the
+    lossy format only where its score is low enough."""
     names = list(scores)
-    best = [(n, *min(scores[n].items(), key=lambda kv: kv[1])) for n in names]
-    return sorted(best, key=lambda t: (t[2], names.index(t[0])))
+    formats = list(formats or next(iter(scores.values()), {}))
+    steps = [(n, f, s) for n in names for f, s in scores[n].items()]
+    return sorted(steps, key=lambda t: (t[2], names.index(t[0]), formats.index(t[1]) if t[1] in formats else 0))
+
+
+def assign(steps, formats) -> dict[str, str]:
+    """{layer: format} for the taken ``steps``: a layer taken in several formats runs in the one listed first
+    in ``formats`` (the faster one: --formats int8fused,bf16 puts a layer in int8 once its int8 step is taken,
+    in bf16 while only its bf16 step is)."""
+    pos = {f: i for i, f in enumerate(formats)}
+    chosen: dict[str, str] = {}
+    for n, f, _ in steps:
+        if n not in chosen or pos.get(f, 0) < pos.get(chosen[n], 0):
+            chosen[n] = f
+    return chosen
+
+
+def _block_paths(lm: LoadedModel) -> tuple:
+    return tuple(getattr(lm.blocks, "block_paths", ()) or ())
 
 
 def quantized_copy(lm: LoadedModel, layers: dict[str, str]) -> LoadedModel:
     out = copy.copy(lm)
-    out.module = apply_layers(copy.deepcopy(lm.module), layers).eval()
+    out.module = apply_layers(copy.deepcopy(lm.module), layers, _block_paths(lm)).eval()
     return out
 
 
@@ -214,14 +241,14 @@ def _drop(base: float, v: float, task) -> float:
     return base - v if task[1].higher_is_better else v - base
 
 
-def _by_max_drop(lm, ranked, task, max_drop: float) -> tuple[int, float, list]:
+def _by_max_drop(lm, ranked, formats, task, max_drop: float) -> tuple[int, float, list]:
     """The largest count (bisection) whose measured validation drop is <= max_drop: (count, drop, tried)."""
     base = _metric(lm, task)
     tried: dict[int, float] = {}
 
     def drop_at(k: int) -> float:
         if k not in tried:
-            tried[k] = _drop(base, _metric(quantized_copy(lm, {n: f for n, f, _ in ranked[:k]}), task), task)
+            tried[k] = _drop(base, _metric(quantized_copy(lm, assign(ranked[:k], formats)), task), task)
         return tried[k]
 
     lo, hi = 0, len(ranked)  # drop_at(lo) <= max_drop holds for lo = 0 by definition
@@ -258,7 +285,7 @@ def latency_ms(lm: LoadedModel, batch: dict, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _by_latency(lm, ranked, batch, goal: float, repeats: int) -> tuple[int, float, list]:
+def _by_latency(lm, ranked, formats, batch, goal: float, repeats: int) -> tuple[int, float, list]:
     """The smallest count (least sensitive first) whose measured latency meets ``goal``: (count, ms, tried).
 
     Bisection on the count, every tried count measured and recorded; the returned count was itself measured to
@@ -267,7 +294,7 @@ def _by_latency(lm, ranked, batch, goal: float, repeats: int) -> tuple[int, floa
 
     def ms_at(k: int) -> float:
         if k not in tried:
-            tried[k] = latency_ms(quantized_copy(lm, {n: f for n, f, _ in ranked[:k]}), batch, repeats)
+            tried[k] = latency_ms(quantized_copy(lm, assign(ranked[:k], formats)), batch, repeats)
         return tried[k]
 
     lo, hi = 0, len(ranked)
@@ -276,7 +303,7 @@ def _by_latency(lm, ranked, batch, goal: float, repeats: int) -> tuple[int, floa
     elif ms_at(hi) > goal:
         k, best = min(tried.items(), key=lambda kv: kv[1])
         raise UsageError(f"no count of quantized layers meets --latency-ms {goal:g}: float {tried[0]:.4g} ms, all "
-                         f"{len(ranked)} layers {tried[len(ranked)]:.4g} ms (best reachable: {best:.4g} ms with {k} "
+                         f"{len(ranked)} steps {tried[len(ranked)]:.4g} ms (best reachable: {best:.4g} ms with {k} "
                          f"layer(s), batch {_rows(batch)}, {torch.get_num_threads()} thread(s))", value=goal,
                          allowed=f"--latency-ms >= {best:.4g} on this machine now",
                          fix=f"raise --latency-ms to {best:.4g} or more, prune the model first, or lower "
@@ -325,19 +352,23 @@ def quantize(model, config: QuantizeConfig | None = None) -> QuantizeResult:
                          allowed="a `lamina finetune` / prune / distill OUT folder", fix="use --fraction instead")
     batches, task = _calibration(lm, model, config)
     scores = sensitivity(lm, batches, formats)
-    ranked = order(scores)
+    ranked = order(scores, formats)
     search, drop, latency = None, None, None
     if config.fraction is not None:
         count = int(round(config.fraction * len(ranked)))
     elif config.max_drop is not None:
-        count, drop, search = _by_max_drop(lm, ranked, task, config.max_drop)
+        count, drop, search = _by_max_drop(lm, ranked, formats, task, config.max_drop)
     else:
         timed = {k: v[:config.latency_batch_size] for k, v in batches[0].items()}  # calibration rows
-        count, ms, search = _by_latency(lm, ranked, timed, config.latency_ms, config.latency_repeats)
+        count, ms, search = _by_latency(lm, ranked, formats, timed, config.latency_ms,
+                                        config.latency_repeats)
         latency = {"goal_ms": config.latency_ms, "measured_ms": ms, "float_ms": search[0]["latency_ms"],
                    "batch": {k: list(v.shape) for k, v in timed.items()}, "threads": torch.get_num_threads(),
                    "repeats": config.latency_repeats, "statistic": "median after one warm-up, wall time"}
-    chosen = {n: f for n, f, _ in ranked[:count]}
+    chosen = assign(ranked[:count], formats)
+    first = {}
+    for i, (n, _, _) in enumerate(ranked):
+        first.setdefault(n, i)
     qlm = quantized_copy(lm, chosen)
     plan = {"formats": list(formats), "budget": {"fraction": config.fraction, "max_drop": config.max_drop,
                                                  "latency_ms": config.latency_ms},
@@ -347,8 +378,10 @@ def quantize(model, config: QuantizeConfig | None = None) -> QuantizeResult:
                             "from": "task record (training rows)" if task else f"--data {config.data}"},
             "task": task[0].to_dict() if task else None,
             "layers": [{"name": n, "scores": scores[n], "quantized": n in chosen, "format": chosen.get(n),
-                        "rank": i} for i, (n, _, _) in enumerate(ranked)],
-            "count": count, "of": len(ranked), "validation_drop": drop, "latency": latency, "search": search,
+                        "rank": r} for r, n in enumerate(sorted(first, key=first.get))],
+            "steps": [{"name": n, "format": f, "score": v, "taken": i < count} for i, (n, f, v) in enumerate(ranked)],
+            "bf16_blocks": bf16_blocks(names, {n for n, f in chosen.items() if f == "bf16"}, _block_paths(lm)),
+            "count": count, "of": len(ranked), "by_format": {f: sum(v == f for v in chosen.values()) for f in formats}, "validation_drop": drop, "latency": latency, "search": search,
             "model": lm.describe(), "source": str(model) if isinstance(model, (str, Path)) else lm.source,
             "runtime": describe(lm.device, lm.dtype)}
     plan_path, model_path = out / PLAN_FILE, out / "model"
@@ -364,8 +397,8 @@ def quantize(model, config: QuantizeConfig | None = None) -> QuantizeResult:
             discard(model_path)  # only what lamina just wrote there
             raise
         save_json(plan_path, plan)
-    log.info("quantize: %d of %d Linear layers quantized", count, len(ranked))
-    return QuantizeResult(str(out), str(plan_path), str(model_path), plan, list(chosen), len(ranked), drop)
+    log.info("quantize: %d of %d Linear layers quantized", len(chosen), len(names))
+    return QuantizeResult(str(out), str(plan_path), str(model_path), plan, list(chosen), len(names), drop)
 
 
 def _reload_check(qlm: LoadedModel, out: Path, batch: dict) -> dict:
@@ -410,6 +443,6 @@ def load_quantized(path, runtime: Runtime | None = None) -> LoadedModel:
     if want and lm.fingerprint() != want:
         raise LaminaError("the float model in this folder is not the one the plan was made for (fingerprints "
                           "differ)", value=str(path), allowed=want, fix="quantize the model again")
-    apply_layers(lm.module, chosen)
+    apply_layers(lm.module, chosen, _block_paths(lm))
     lm.module.eval()
     return lm
