@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import HERE, machine, save_result, write_section  # noqa: E402
+import _llm_recovery  # noqa: E402
 
 from lamina.analyze.lm_importance import angular_pick, lm_importance  # noqa: E402
 from lamina.compress.depth import drop_blocks_  # noqa: E402
@@ -190,113 +191,6 @@ def run_speed(args, lm, joint_set: list[str], targets: dict) -> dict:
                        "tokens_per_s": dec, "speedup": dec["joint_22"] / dec["teacher"]}}
 
 
-def _log_ppl(lm, task, rows) -> float:
-    return float(task.evaluate(lm, rows, batch_size=8)["loss"])
-
-
-def _recover(lm, student, task, rows, recipe: dict, args) -> dict:
-    """Train ``student`` (in place) on ``rows`` in the given order: AdamW, linear warm-up then decay.
-
-    The tied input embedding / output head stays frozen (a third of the parameters, and the one
-    place where a handful of steps on one small domain can overfit); every block and norm trains.
-    Loss = ce * next-token CE + kd * T^2 KL(teacher || student) at every position (lamina.distill.losses).
-    """
-    import torch.nn.functional as F
-    from lamina.distill.losses import kd_loss
-    from lamina.task import logits_of
-    m = student.module
-    emb = m.get_input_embeddings().weight
-    params = [p for p in m.parameters() if p is not emb]
-    for p in m.parameters():
-        p.requires_grad_(p is not emb)
-    opt = torch.optim.AdamW(params, lr=args.recovery_lr, weight_decay=0.0)
-    steps = len(rows) // args.recovery_batch
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
-    m.train()
-    curve = []
-    t0 = time.perf_counter()
-    for s in range(steps):
-        r = rows[s * args.recovery_batch:(s + 1) * args.recovery_batch]
-        b = task.batch(student, r)
-        pred, target = task.align(logits_of(student.forward(b)).float(), r)
-        loss = torch.zeros(())
-        parts = {}
-        if recipe["ce"] > 0:
-            ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1))
-            loss, parts["ce"] = loss + recipe["ce"] * ce, float(ce.detach())
-        if recipe["kd"] > 0:
-            with torch.no_grad():
-                t_pred = task.align(logits_of(lm.forward(b)).float(), r)[0]
-            kd = kd_loss(pred, t_pred, recipe["temperature"])
-            loss, parts["kd"] = loss + recipe["kd"] * kd, float(kd.detach())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        curve.append({"step": s + 1, "loss": float(loss.detach()), **parts})
-        print(f"  step {s + 1}/{steps} loss {float(loss.detach()):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    m.eval()
-    for p in m.parameters():
-        p.requires_grad_(False)
-    return {"steps": steps, "train_seconds": time.perf_counter() - t0, "curve": curve}
-
-
-RECIPES = {"ce": {"ce": 1.0, "kd": 0.0, "temperature": 1.0},
-           "kd": {"ce": 1.0, "kd": 1.0, "temperature": 1.0}}
-
-
-def run_recovery(args, res: dict) -> dict:
-    """KD vs CE-only recovery of the 22-block joint student: a fixed token budget, 3 seeds each, paired rows.
-
-    Seed s draws the training blocks (a permutation of the training split) and the order; both recipes
-    of one seed see the same blocks in the same order, so their difference is paired.
-    """
-    import numpy as np
-    torch.set_num_threads(args.threads or 1)
-    lm = load_model("smollm2")
-    task = LMTaskSpec(data="debates", seq_len=args.seq_len, seed=0).prepare(lm)
-    eval_rows = task.split["test"][: args.eval_blocks]
-    remove = sorted(int(b.split(".")[1]) for b in res["joint"]["greedy_path"][30 - BUDGETS[0] - 1])
-    n_rows = args.recovery_steps * args.recovery_batch
-    settings = {"remove": remove, "seq_len": args.seq_len, "eval_blocks": len(eval_rows), "steps": args.recovery_steps,
-                "batch": args.recovery_batch, "lr": args.recovery_lr, "recipes": RECIPES,
-                "tokens_per_run": n_rows * args.seq_len, "threads": args.threads or 1,
-                "trained": "every block and norm; the tied embedding / output head frozen"}
-    old = res.get("recovery") or {}
-    rec = old if old.get("settings") == settings else {"settings": settings, "runs": {}}
-    rec["loadavg"] = list(os.getloadavg())
-    rec["teacher_log_ppl"] = _log_ppl(lm, task, eval_rows)
-    rec["pruned_log_ppl"] = _log_ppl(_pruned(lm, remove), task, eval_rows)
-    for seed in range(args.seeds):
-        rows = np.random.default_rng(seed).permutation(np.asarray(task.split["train"]))[:n_rows].tolist()
-        for name, recipe in RECIPES.items():
-            key = f"{name}_seed{seed}"
-            if key in rec["runs"]:
-                continue
-            torch.manual_seed(seed)
-            student = _pruned(lm, remove)
-            run = _recover(lm, student, task, rows, recipe, args)
-            run["log_ppl"] = _log_ppl(student, task, eval_rows)
-            rec["runs"][key] = run
-            print(f"recovery {key}: log ppl {run['log_ppl']:.4f} (pruned {rec['pruned_log_ppl']:.4f}, teacher "
-                  f"{rec['teacher_log_ppl']:.4f}), {run['train_seconds']:.0f} s", flush=True)
-            res["recovery"] = rec
-            _save(res)
-    seeds = [s for s in range(args.seeds) if f"kd_seed{s}" in rec["runs"] and f"ce_seed{s}" in rec["runs"]]
-    kd = np.array([rec["runs"][f"kd_seed{s}"]["log_ppl"] for s in seeds])
-    ce = np.array([rec["runs"][f"ce_seed{s}"]["log_ppl"] for s in seeds])
-    gap = rec["pruned_log_ppl"] - rec["teacher_log_ppl"]
-    rec["summary"] = {"seeds": len(seeds), "kd_log_ppl_mean": float(kd.mean()), "kd_log_ppl_std": float(kd.std(ddof=1)),
-                      "ce_log_ppl_mean": float(ce.mean()), "ce_log_ppl_std": float(ce.std(ddof=1)),
-                      "gap": gap, "kd_gap_recovered": float((rec["pruned_log_ppl"] - kd.mean()) / gap),
-                      "ce_gap_recovered": float((rec["pruned_log_ppl"] - ce.mean()) / gap),
-                      "kd_minus_ce": float((kd - ce).mean()), "kd_minus_ce_std": float((kd - ce).std(ddof=1))}
-    return rec
-
-
 def recovery_targets(rec: dict, targets: dict) -> None:
     s = rec["summary"]
     targets["kd_gap_recovered"] = {"value": s["kd_gap_recovered"], "goal": ">= 0.5",
@@ -374,7 +268,7 @@ def _save(res: dict) -> None:
     # a MiniLM part measured by a separate `--minilm-only` run is kept (the two may run side by side)
     p = HERE / "results" / "llm.json"
     old = json.loads(p.read_text()) if p.exists() else {}
-    for part, prefixes in (("minilm", ("minilm_",)), ("recovery", ("kd_",))):
+    for part, prefixes in (("minilm", ("minilm_",)), ("recovery", ("kd_",)), ("recovery_step", ())):
         if part in old and part not in res:
             res[part] = old[part]
             for k, v in old.get("targets", {}).items():
@@ -520,13 +414,18 @@ def main(argv=None):
     ap.add_argument("--minilm", action="store_true", help="also joint vs even on a MiniLM classifier fine-tuned here")
     ap.add_argument("--minilm-only", action="store_true", help="only the MiniLM part (merged into the last results)")
     ap.add_argument("--minilm-limit", type=int, default=800, help="rows of the MiniLM teacher's data")
-    ap.add_argument("--part", default="depth", choices=("depth", "minilm", "speed", "recovery", "seeds"),
+    ap.add_argument("--part", default="depth", choices=("depth", "minilm", "speed", "recovery", "step", "seeds"),
                     help="depth: the SmolLM2 depth table (+ --speed / --minilm); the others run one part alone "
                          "and merge it into the last results")
     ap.add_argument("--seeds", type=int, default=3, help="recovery: seeds per recipe")
     ap.add_argument("--recovery-steps", type=int, default=24, help="recovery: optimizer steps per run")
     ap.add_argument("--recovery-batch", type=int, default=4, help="recovery: blocks per step")
     ap.add_argument("--recovery-lr", type=float, default=1e-4, help="recovery: peak AdamW learning rate")
+    ap.add_argument("--recipes", type=lambda v: v.split(","), default=["ce", "kd"],
+                    help="recovery: comma-separated, of " + ", ".join(_llm_recovery.RECIPES))
+    ap.add_argument("--curve-points", type=int, default=4, help="recovery: held-out evaluations per run")
+    ap.add_argument("--step-threads", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
+                    help="step: thread counts to time")
     args = ap.parse_args(argv)
     args.minilm_only = args.minilm_only or args.part == "minilm"
     if args.part == "seeds":  # merged into the existing results (it needs their greedy path)
@@ -547,10 +446,23 @@ def main(argv=None):
     if args.part == "recovery":  # merged into the existing results (it needs their joint 22-block set)
         p = HERE / "results" / "llm.json"
         res = json.loads(p.read_text())
-        rec = run_recovery(args, res)
-        rec["command"] = "python bench/llm.py " + " ".join(sys.argv[1:])
-        res["recovery"] = rec
+        cmd = "python bench/llm.py " + " ".join(sys.argv[1:])
+
+        def save(rec):  # after every finished run: a rerun with the same settings resumes from here
+            res["recovery"] = rec | {"command": cmd}
+            _save(res)
+        rec = _llm_recovery.run_recovery(args, res, save)
+        save(rec)
         recovery_targets(rec, res.setdefault("targets", {}))
+        _save(res)
+        _write(res)
+        return res
+    if args.part == "step":  # one training step's cost, before / after the speed changes (merged)
+        p = HERE / "results" / "llm.json"
+        res = json.loads(p.read_text())
+        res["recovery_step"] = _llm_recovery.run_step(args, res) | {
+            "command": "python bench/llm.py " + " ".join(sys.argv[1:]), "machine": machine()}
+        res.pop("recovery", None)  # a recovery run may be writing it meanwhile: _save keeps what is on disk
         _save(res)
         _write(res)
         return res
