@@ -62,7 +62,7 @@ class Trainer:
         self.params = [p for p in m.parameters() if p is not emb]
         for p in m.parameters():
             p.requires_grad_(p is not emb)
-        if getattr(m, "is_gradient_checkpointing", False):
+        if getattr(m, "is_activation_checkpointing", getattr(m, "is_gradient_checkpointing", False)):
             m.gradient_checkpointing_disable()
         self.opt = opt or torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0, fused=opts["fused_adam"] or None)
         warm = max(1, steps // 10)
@@ -282,4 +282,94 @@ def summary(rec: dict) -> dict:
                 "ce_gap_recovered": float((rec["pruned_log_ppl"] - ce.mean()) / gap),
                 "kd_minus_ce": float((kd - ce).mean()), "kd_minus_ce_std": float((kd - ce).std(ddof=1)),
                 "kd_minus_ce_per_seed": (kd - ce).tolist()}
+    return out
+
+
+def _ms(x: dict) -> str:
+    return f"{x['median']:.2f} ({x['min']:.2f}–{x['max']:.2f})"
+
+
+STEP_NAMES = {"kd_before": "CE + KD, plain fp32 (before)", "kd_teacher_bf16": "+ teacher bf16 only",
+              "kd_autocast": "+ student bf16 autocast only", "kd_chunked_kd": "+ chunked KD only",
+              "kd_fused_adam": "+ fused AdamW only", "kd_after": "CE + KD, all four (after)",
+              "ce_before": "CE only, plain fp32 (before)", "ce_after": "CE only, autocast + fused AdamW (after)"}
+
+
+def step_lines(s: dict) -> list[str]:
+    """The BENCHMARKS.md paragraph on one training step's cost (``--part step``)."""
+    ths = sorted(s["threads"], key=int)
+    c = s["checks"]
+    out = [f"Training step of the 22-block student (`{s['command']}`): {s['batch']} blocks of {s['seq_len']} tokens, "
+           "forward + backward + AdamW (+ the teacher's forward for KD), seconds per step, median (min–max) of "
+           f"{s['repeats']} interleaved repeats after a warm-up round, on this shared 2-core machine:", "",
+           "| step | " + " | ".join(f"{t} thread(s)" for t in ths) + " |", "|---|" + "---|" * len(ths)]
+    for k, name in STEP_NAMES.items():
+        out.append(f"| {name} | " + " | ".join(_ms(s["threads"][t]["seconds"][k]) for t in ths) + " |")
+    out += ["", "Speed-up of the whole step: " + "; ".join(
+        f"{t} thread(s): CE + KD {s['threads'][t]['kd_speedup']:.2f}x, CE only {s['threads'][t]['ce_speedup']:.2f}x "
+        f"(1-minute load average {min(s['threads'][t]['loadavg_1min']):.1f}–{max(s['threads'][t]['loadavg_1min']):.1f})"
+        for t in ths) + ". Where the time goes (torch.profiler, one step, self CPU time, "
+        f"{ths[0]} thread): before — " + ", ".join(
+        f"{e['op'].replace('aten::', '')} {e['self_s']:.2f} s" for e in s["threads"][ths[0]]["profile"]["kd_before"][:5])
+        + "; after — " + ", ".join(f"{e['op'].replace('aten::', '')} {e['self_s']:.2f} s"
+                                    for e in s["threads"][ths[0]]["profile"]["kd_after"][:5]) + ".", "",
+        f"Checks on {c['rows']} training blocks: KD of the teacher against itself {c['kd_teacher_vs_itself']:.1e}; "
+        f"CE as computed here minus the model's own `labels=` loss {c['ce_minus_model_own_loss']:.1e}; KL from the "
+        f"fp32 teacher to its bf16 copy {c['kl_teacher_fp32_to_bf16']:.4f} nats, against a KD loss of the pruned "
+        f"student of {c['kd_pruned_student_vs_teacher']:.3f} (fp32 teacher) / "
+        f"{c['kd_pruned_student_vs_bf16_teacher']:.3f} (bf16 teacher); the student's CE in fp32 "
+        f"{c['student_ce_fp32']:.4f}, under bf16 autocast {c['student_ce_autocast']:.4f} (KL between the two "
+        f"{c['kl_student_fp32_to_autocast']:.4f}). Gradient checkpointing is off (HF's default); the chunked KD "
+        "loss equals autograd's to float precision (tests/test_lm_distill.py).", ""]
+    return out
+
+
+def recovery_lines(rc: dict) -> list[str]:
+    """The BENCHMARKS.md paragraph on KD vs CE-only recovery (``--part recovery``)."""
+    st, sm = rc["settings"], rc["summary"]
+    names = {"ce": "CE only", "kd": "CE + KD", "kd_only": "KD only"}
+    rs = sm["recipes"]
+    steps_s = [x for r in rc["runs"].values() for x in r["step_seconds"]]
+    by = {n: float(np.median([x for k, r in rc["runs"].items() if k.startswith(n + "_seed")
+                              for x in r["step_seconds"]])) for n in rs}
+    loads = [x for r in rc["runs"].values() for x in (r["loadavg_start"], r["loadavg_end"])]
+    out = [f"Recovery (`{rc['command']}`): the 22-block joint student (removed {st['remove']}) trained for "
+           f"{st['steps']} AdamW steps of {st['batch']} blocks of {st['seq_len']} tokens = **{st['tokens_per_run']} "
+           f"tokens per run** (peak lr {st['lr']}, {st['schedule']}; {st['trained']}; teacher bf16, student bf16 "
+           "autocast with fp32 weights, see the step table above), "
+           + ", ".join(f"{names.get(k, k)} (CE weight {v['ce']}, KD weight {v['kd']}, T = {v['temperature']})"
+                       for k, v in st["recipes"].items() if k in rs)
+           + f"; {sm['seeds']} seeds each (seed s draws the training blocks and their order; every recipe of a "
+           f"seed sees the same ones). Held-out: the first {st['eval_blocks']} test blocks "
+           f"({st['eval_blocks'] * (st['seq_len'] - 1)} predicted tokens; documents never seen in training), "
+           "evaluated in fp32.", "",
+           "| | log perplexity (mean ± std over seeds) | min–max | perplexity | share of the pruning gap recovered |",
+           "|---|---|---|---|---|",
+           f"| teacher | {rc['teacher_log_ppl']:.4f} | | {np.exp(rc['teacher_log_ppl']):.2f} | |",
+           f"| pruned, no training | {rc['pruned_log_ppl']:.4f} | | {np.exp(rc['pruned_log_ppl']):.2f} | 0 |"]
+    for k, v in rs.items():
+        sd = f" ± {v['log_ppl_std']:.4f}" if v["log_ppl_std"] is not None else ""
+        out.append(f"| {names.get(k, k)} | {v['log_ppl_mean']:.4f}{sd} | {v['log_ppl_min']:.4f}–{v['log_ppl_max']:.4f}"
+                   f" | {np.exp(v['log_ppl_mean']):.2f} | {v['gap_recovered']:.3f} |")
+    at = [0] + st["curve_at"]
+    out += ["", "Learning curve: held-out log perplexity after N steps (N × "
+            f"{st['batch'] * st['seq_len']} tokens), mean over seeds:", "",
+            "| steps | " + " | ".join(str(a) for a in at) + " |", "|---|" + "---|" * len(at)]
+    for k in rs:
+        runs = [r for key, r in rc["runs"].items() if key.startswith(k + "_seed")]
+        pts = [np.mean([next(c["log_ppl"] for c in r["curve"] if c["step"] == a) for r in runs]) for a in at]
+        out.append(f"| {names.get(k, k)} | " + " | ".join(f"{p:.4f}" for p in pts) + " |")
+    if "kd_minus_ce" in sm:
+        d, sd = sm["kd_minus_ce"], sm["kd_minus_ce_std"]
+        verdict = ("KD beats CE-only beyond the seed spread" if d < 0 and -d > sd else
+                   "KD is ahead but within the seed spread" if d < 0 else "KD does not beat CE-only")
+        out += ["", f"KD − CE per seed (paired): " + ", ".join(f"{x:+.4f}" for x in sm["kd_minus_ce_per_seed"])
+                + f"; mean {d:+.4f}, std {sd:.4f} nats: {verdict}. Time: a training step took "
+                + ", ".join(f"{by[n]:.1f} s ({names.get(n, n)})" for n in by)
+                + f", median over runs (all steps {min(steps_s):.1f}–{max(steps_s):.1f} s), at a 1-minute load average "
+                f"of {min(loads):.1f}–{max(loads):.1f} from other sessions ({st['threads']} thread); six runs took "
+                f"{sum(r['train_seconds'] for r in rc['runs'].values()) / 60:.0f} minutes of training plus the "
+                "held-out evaluations. `--recovery-steps N` reruns it with another budget; a rerun with the same "
+                "settings keeps the finished runs (saved after each), and `--recipes ce,kd,kd_only` adds Minitron's "
+                "KD-only recipe to the same seeds.", ""]
     return out
