@@ -254,6 +254,8 @@ def run_recovery(args, res: dict, save) -> dict:
                   f"{rec['teacher_log_ppl']:.4f}), {run['train_seconds']:.0f} s", flush=True)
             save(rec)
     rec["summary"] = summary(rec)
+    if args.note:
+        rec["note"] = args.note
     return rec
 
 
@@ -359,6 +361,22 @@ def recovery_lines(rc: dict) -> list[str]:
         runs = [r for key, r in rc["runs"].items() if key.startswith(k + "_seed")]
         pts = [np.mean([next(c["log_ppl"] for c in r["curve"] if c["step"] == a) for r in runs]) for a in at]
         out.append(f"| {names.get(k, k)} | " + " | ".join(f"{p:.4f}" for p in pts) + " |")
+    pair = [sd for sd in range(10) if f"ce_seed{sd}" in rc["runs"] and f"kd_seed{sd}" in rc["runs"]]
+    if pair:
+        diffs = [np.mean([rc["runs"][f"kd_seed{x}"]["curve"][i]["log_ppl"] - rc["runs"][f"ce_seed{x}"]["curve"][i]["log_ppl"]
+                          for x in pair]) for i in range(1, len(at))]
+        out += ["", "KD − CE along the curve (paired, mean over seeds): " + ", ".join(
+            f"step {a}: {x:+.4f}" for a, x in zip(at[1:], diffs)) + "."]
+        ce_end = np.mean([rc["runs"][f"ce_seed{x}"]["log_ppl"] for x in pair])
+        if ce_end < rc["teacher_log_ppl"]:
+            out += ["", f"CE only ends below the teacher's own held-out log perplexity ({ce_end:.4f} against "
+                    f"{rc['teacher_log_ppl']:.4f}): {st['tokens_per_run']} tokens of debate text adapt the student to "
+                    "the domain, which the teacher never saw, so \"the gap pruning opened\" is more than recovered by "
+                    "either recipe and the teacher is no ceiling for CE. The KL term pulls the student toward the "
+                    "teacher's distribution, which on this domain is worse than what CE learns"
+                    + (", so KD ahead early turns into KD behind once CE passes the teacher." if diffs[0] < 0 < diffs[-1]
+                       else ".") + " Minitron meets this with teacher correction (fine-tune the teacher on the "
+                    "distillation data before pruning and distilling); it is not run here."]
     if "kd_minus_ce" in sm:
         d, sd = sm["kd_minus_ce"], sm["kd_minus_ce_std"]
         verdict = ("KD beats CE-only beyond the seed spread" if d < 0 and -d > sd else
@@ -367,9 +385,11 @@ def recovery_lines(rc: dict) -> list[str]:
                 + f"; mean {d:+.4f}, std {sd:.4f} nats: {verdict}. Time: a training step took "
                 + ", ".join(f"{by[n]:.1f} s ({names.get(n, n)})" for n in by)
                 + f", median over runs (all steps {min(steps_s):.1f}–{max(steps_s):.1f} s), at a 1-minute load average "
-                f"of {min(loads):.1f}–{max(loads):.1f} from other sessions ({st['threads']} thread); six runs took "
+                f"of {min(loads):.1f}–{max(loads):.1f} from other sessions ({st['threads']} thread); the {len(rc['runs'])} runs took "
                 f"{sum(r['train_seconds'] for r in rc['runs'].values()) / 60:.0f} minutes of training plus the "
                 "held-out evaluations. `--recovery-steps N` reruns it with another budget; a rerun with the same "
                 "settings keeps the finished runs (saved after each), and `--recipes ce,kd,kd_only` adds Minitron's "
                 "KD-only recipe to the same seeds.", ""]
+    if rc.get("note"):
+        out += [rc["note"], ""]
     return out

@@ -406,6 +406,7 @@ def main(argv=None):
     ap.add_argument("--recipes", type=lambda v: v.split(","), default=["ce", "kd"],
                     help="recovery: comma-separated, of " + ", ".join(_llm_recovery.RECIPES))
     ap.add_argument("--curve-points", type=int, default=4, help="recovery: held-out evaluations per run")
+    ap.add_argument("--note", default="", help="recovery: a sentence on how it was run, printed under its results")
     ap.add_argument("--step-threads", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
                     help="step: thread counts to time")
     args = ap.parse_args(argv)
