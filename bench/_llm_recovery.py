@@ -148,8 +148,10 @@ def checks(lm, teachers, student, task, rows) -> dict:
             "student_ce_fp32": s_ce[0], "student_ce_autocast": s_ce[1]}
 
 
-def run_step(args, res: dict) -> dict:
-    """Seconds per training step, before/after and each change alone, interleaved; profiles; checks."""
+def run_step(args, res: dict, save) -> dict:
+    """Seconds per training step, before/after and each change alone, interleaved; profiles; checks.
+
+    ``save(out)`` after each thread count, so a stopped run keeps the counts it finished."""
     from torch.profiler import ProfilerActivity, profile
     lm, task, remove, teachers, make = _setup(args, res)
     student = make()
@@ -190,6 +192,7 @@ def run_step(args, res: dict) -> dict:
             "ce_speedup": float(np.median(times["ce_before"]) / np.median(times["ce_after"])),
             "loadavg_1min": loads, "profile": prof}
         print(f"{th} thread(s): " + ", ".join(f"{n} {np.median(v):.2f} s" for n, v in times.items()), flush=True)
+        save(out)
     return out
 
 
@@ -287,8 +290,11 @@ def summary(rec: dict) -> dict:
     return out
 
 
-def _ms(x: dict) -> str:
-    return f"{x['median']:.2f} ({x['min']:.2f}–{x['max']:.2f})"
+def _ms(x: dict | None) -> str:
+    if x is None:
+        return "–"
+    return f"{x['median']:.2f}" + (f" ({x['min']:.2f}–{x['max']:.2f})" if "min" in x else
+                                   f" (1 round)" if x.get("n") == 1 else "")
 
 
 STEP_NAMES = {"kd_before": "CE + KD, plain fp32 (before)", "kd_teacher_bf16": "+ teacher bf16 only",
@@ -302,27 +308,43 @@ def step_lines(s: dict) -> list[str]:
     ths = sorted(s["threads"], key=int)
     c = s["checks"]
     out = [f"Training step of the 22-block student (`{s['command']}`): {s['batch']} blocks of {s['seq_len']} tokens, "
-           "forward + backward + AdamW (+ the teacher's forward for KD), seconds per step, median (min–max) of "
-           f"{s['repeats']} interleaved repeats after a warm-up round, on this shared 2-core machine:", "",
+           "forward + backward + AdamW (+ the teacher's forward for KD), seconds per step, median"
+           + ("" if s.get("partial") else " (min–max)") + f" of {s['repeats']} interleaved repeats after a warm-up "
+           "round, on this shared 2-core machine" + (f" ({s['partial']})" if s.get("partial") else "") + ":", "",
            "| step | " + " | ".join(f"{t} thread(s)" for t in ths) + " |", "|---|" + "---|" * len(ths)]
     for k, name in STEP_NAMES.items():
-        out.append(f"| {name} | " + " | ".join(_ms(s["threads"][t]["seconds"][k]) for t in ths) + " |")
+        out.append(f"| {name} | " + " | ".join(_ms(s["threads"][t]["seconds"].get(k)) for t in ths) + " |")
+    done = [t for t in ths if "kd_speedup" in s["threads"][t]]
     out += ["", "Speed-up of the whole step: " + "; ".join(
         f"{t} thread(s): CE + KD {s['threads'][t]['kd_speedup']:.2f}x, CE only {s['threads'][t]['ce_speedup']:.2f}x "
         f"(1-minute load average {min(s['threads'][t]['loadavg_1min']):.1f}–{max(s['threads'][t]['loadavg_1min']):.1f})"
-        for t in ths) + ". Where the time goes (torch.profiler, one step, self CPU time, "
-        f"{ths[0]} thread): before — " + ", ".join(
-        f"{e['op'].replace('aten::', '')} {e['self_s']:.2f} s" for e in s["threads"][ths[0]]["profile"]["kd_before"][:5])
-        + "; after — " + ", ".join(f"{e['op'].replace('aten::', '')} {e['self_s']:.2f} s"
-                                    for e in s["threads"][ths[0]]["profile"]["kd_after"][:5]) + ".", "",
-        f"Checks on {c['rows']} training blocks: KD of the teacher against itself {c['kd_teacher_vs_itself']:.1e}; "
-        f"CE as computed here minus the model's own `labels=` loss {c['ce_minus_model_own_loss']:.1e}; KL from the "
-        f"fp32 teacher to its bf16 copy {c['kl_teacher_fp32_to_bf16']:.4f} nats, against a KD loss of the pruned "
-        f"student of {c['kd_pruned_student_vs_teacher']:.3f} (fp32 teacher) / "
-        f"{c['kd_pruned_student_vs_bf16_teacher']:.3f} (bf16 teacher); the student's CE in fp32 "
-        f"{c['student_ce_fp32']:.4f}, under bf16 autocast {c['student_ce_autocast']:.4f} (KL between the two "
-        f"{c['kl_student_fp32_to_autocast']:.4f}). Gradient checkpointing is off (HF's default); the chunked KD "
-        "loss equals autograd's to float precision (tests/test_lm_distill.py).", ""]
+        for t in done) + "."]
+    for t in ths:
+        if t != "1" and "1" in s["threads"] and "kd_before" in s["threads"][t]["seconds"]:
+            r = s["threads"][t]["seconds"]["kd_before"]["median"] / s["threads"]["1"]["seconds"]["kd_before"]["median"]
+            out[-1] += (f" At {t} threads the plain step took {r:.1f}x its 1-thread time at this load (OpenMP threads "
+                        "wait on each other whenever one is descheduled), so the recovery runs use 1 thread.")
+    prof = s.get("profile_smoke")
+    if prof:
+        out[-1] += (f" Where the time goes (torch.profiler, one step, self CPU time, {prof['threads']} thread, "
+                    f"`{prof['command']}` at load {prof['loadavg_1min']:.0f}, where the step took "
+                    f"{prof['seconds_1_repeat']['kd_before']:.1f} s before and {prof['seconds_1_repeat']['kd_after']:.1f} s "
+                    "after): before — " + ", ".join(f"{o} {t:.2f} s" for o, t in prof["kd_before"]) + "; after — "
+                    + ", ".join(f"{o} {t:.2f} s" for o, t in prof["kd_after"]) + ".")
+    elif done:
+        pr = s["threads"][done[0]]["profile"]
+        out[-1] += (f" Where the time goes (torch.profiler, one step, self CPU time, {done[0]} thread): before — "
+                    + ", ".join(f"{e['op'].replace('aten::', '')} {e['self_s']:.2f} s" for e in pr["kd_before"][:5])
+                    + "; after — " + ", ".join(f"{e['op'].replace('aten::', '')} {e['self_s']:.2f} s"
+                                              for e in pr["kd_after"][:5]) + ".")
+    out += ["", f"Checks on {c['rows']} training blocks: KD of the teacher against itself {c['kd_teacher_vs_itself']:.1e}; "
+            f"CE as computed here minus the model's own `labels=` loss {c['ce_minus_model_own_loss']:.1e}; KL from the "
+            f"fp32 teacher to its bf16 copy {c['kl_teacher_fp32_to_bf16']:.4f} nats, against a KD loss of the pruned "
+            f"student of {c['kd_pruned_student_vs_teacher']:.3f} (fp32 teacher) / "
+            f"{c['kd_pruned_student_vs_bf16_teacher']:.3f} (bf16 teacher); the student's CE in fp32 "
+            f"{c['student_ce_fp32']:.4f}, under bf16 autocast {c['student_ce_autocast']:.4f} (KL between the two "
+            f"{c['kl_student_fp32_to_autocast']:.4f}). Gradient checkpointing is off (HF's default); the chunked KD "
+            "loss equals autograd's to float precision (tests/test_lm_distill.py).", ""]
     return out
 
 

@@ -443,10 +443,12 @@ def main(argv=None):
     if args.part == "step":  # one training step's cost, before / after the speed changes (merged)
         p = HERE / "results" / "llm.json"
         res = json.loads(p.read_text())
-        res["recovery_step"] = _llm_recovery.run_step(args, res) | {
-            "command": "python bench/llm.py " + " ".join(sys.argv[1:]), "machine": machine()}
-        res.pop("recovery", None)  # a recovery run may be writing it meanwhile: _save keeps what is on disk
-        _save(res)
+        def save(part):
+            res["recovery_step"] = part | {"command": "python bench/llm.py " + " ".join(sys.argv[1:]),
+                                           "machine": machine()}
+            res.pop("recovery", None)  # a recovery run may be writing it meanwhile: _save keeps what is on disk
+            _save(res)
+        save(_llm_recovery.run_step(args, res, save))
         _write(res)
         return res
     if args.minilm_only:  # merged into the existing results, with its own command
