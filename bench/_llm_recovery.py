@@ -319,6 +319,17 @@ def step_lines(s: dict) -> list[str]:
         f"{t} thread(s): CE + KD {s['threads'][t]['kd_speedup']:.2f}x, CE only {s['threads'][t]['ce_speedup']:.2f}x "
         f"(1-minute load average {min(s['threads'][t]['loadavg_1min']):.1f}–{max(s['threads'][t]['loadavg_1min']):.1f})"
         for t in done) + "."]
+    for t in done:
+        sec = s["threads"][t]["seconds"]
+        if "min" in sec["kd_before"]:
+            sep = {k: sec[f"{k}_after"]["max"] < sec[f"{k}_before"]["min"] for k in ("kd", "ce")}
+            single = [k for k in STEP_NAMES if k.startswith("kd_") and k not in ("kd_before", "kd_after")]
+            clear = [k[3:] for k in single if sec[k]["max"] < sec["kd_before"]["min"]]
+            out[-1] += (f" At {t} thread(s) the before and after ranges " + "; ".join(
+                f"{'CE + KD' if k == 'kd' else 'CE only'}: {'do not overlap' if v else 'overlap (within noise)'}"
+                for k, v in sep.items()) + "; of the single changes, "
+                + (", ".join(clear) + " alone clear the plain step's range" if clear else
+                   "each alone overlaps the plain step's range (the medians rank them, the spread does not)") + ".")
     for t in ths:
         if t != "1" and "1" in s["threads"] and "kd_before" in s["threads"][t]["seconds"]:
             r = s["threads"][t]["seconds"]["kd_before"]["median"] / s["threads"]["1"]["seconds"]["kd_before"]["median"]
