@@ -267,10 +267,20 @@ def run_minilm(args) -> dict:
     return out
 
 
-def _save(res: dict) -> None:
+def _save(res: dict, own: str | None = None) -> None:
     # a MiniLM part measured by a separate `--minilm-only` run is kept (the two may run side by side)
     p = HERE / "results" / "llm.json"
     old = json.loads(p.read_text()) if p.exists() else {}
+    if own:  # a part run alone (recovery, step) replaces only its own section and targets on disk
+        old[own] = res[own]
+        prefix = {"recovery": "kd_"}.get(own)
+        for k, v in res.get("targets", {}).items():
+            if prefix and k.startswith(prefix):
+                old.setdefault("targets", {})[k] = v
+        res.clear()
+        res.update(old)
+        save_result("llm", res)
+        return
     for part, prefixes in (("minilm", ("minilm_",)), ("recovery", ("kd_",)), ("recovery_step", ())):
         if part in old and part not in res:
             res[part] = old[part]
@@ -433,21 +443,21 @@ def main(argv=None):
 
         def save(rec):  # after every finished run: a rerun with the same settings resumes from here
             res["recovery"] = rec | {"command": cmd}
-            _save(res)
+            _save(res, own="recovery")
         rec = _llm_recovery.run_recovery(args, res, save)
         save(rec)
         recovery_targets(rec, res.setdefault("targets", {}))
-        _save(res)
+        _save(res, own="recovery")
         _write(res)
         return res
     if args.part == "step":  # one training step's cost, before / after the speed changes (merged)
         p = HERE / "results" / "llm.json"
         res = json.loads(p.read_text())
+
         def save(part):
             res["recovery_step"] = part | {"command": "python bench/llm.py " + " ".join(sys.argv[1:]),
                                            "machine": machine()}
-            res.pop("recovery", None)  # a recovery run may be writing it meanwhile: _save keeps what is on disk
-            _save(res)
+            _save(res, own="recovery_step")  # a recovery run may be writing its own section meanwhile
         save(_llm_recovery.run_step(args, res, save))
         _write(res)
         return res
