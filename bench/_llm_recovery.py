@@ -309,7 +309,7 @@ def step_lines(s: dict) -> list[str]:
     c = s["checks"]
     out = [f"Training step of the 22-block student (`{s['command']}`): {s['batch']} blocks of {s['seq_len']} tokens, "
            "forward + backward + AdamW (+ the teacher's forward for KD), seconds per step, median"
-           + ("" if s.get("partial") else " (min–max)") + f" of {s['repeats']} interleaved repeats after a warm-up "
+           + (" (min–max)" if "min" in s["threads"][ths[0]]["seconds"]["kd_before"] else "") + f" of {s['repeats']} interleaved repeats after a warm-up "
            "round, on this shared 2-core machine" + (f" ({s['partial']})" if s.get("partial") else "") + ":", "",
            "| step | " + " | ".join(f"{t} thread(s)" for t in ths) + " |", "|---|" + "---|" * len(ths)]
     for k, name in STEP_NAMES.items():
