@@ -39,6 +39,38 @@ def test_kd_of_an_lm_against_itself_is_zero_at_every_position(setup):
     assert float(kd_loss(pred, pred.flip(0), 2.0)) > 0
 
 
+
+def _kd_by_autograd(s, t, tau):
+    import torch.nn.functional as F
+    k = s.shape[-1]
+    ls = F.log_softmax(s.reshape(-1, k).double() / tau, -1)
+    lt = F.log_softmax(t.reshape(-1, k).double() / tau, -1)
+    return tau * tau * (lt.exp() * (lt - ls)).sum() / ls.shape[0]
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_chunked_kd_loss_and_gradient_equal_autograd_over_many_chunks(monkeypatch, tau):
+    import importlib
+    losses = importlib.import_module("lamina.distill.losses")
+    monkeypatch.setattr(losses, "_KD_CHUNK", 3 * 50)  # 3 rows a chunk: 7 chunks, the last one short
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(2, 10, 50, generator=g) * 3).requires_grad_()
+    t = torch.randn(2, 10, 50, generator=g) * 3
+    got = kd_loss(s, t, tau)
+    (got * 0.7).backward()
+    sd = s.detach().double().requires_grad_()
+    want = _kd_by_autograd(sd, t, tau)
+    (want * 0.7).backward()
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    torch.testing.assert_close(s.grad.double(), sd.grad, rtol=1e-4, atol=1e-7)
+    # a bf16 student gets a bf16 gradient; no gradient is built for a student without one
+    sb = s.detach().bfloat16().requires_grad_()
+    kd_loss(sb, t, tau).backward()
+    assert sb.grad.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert float(kd_loss(s, t, tau)) == pytest.approx(float(want.detach()), rel=1e-5)
+
+
 def test_distill_self_with_kd_only_stays_at_zero(setup):
     res = distill(str(setup / "teacher"), str(setup / "teacher"), DistillConfig(out=str(setup / "o0"),
                                 data=str(setup / "d.txt"), seq_len=8, ce=0.0, kd=1.0, cosine=0.0, fsp=0.0,
