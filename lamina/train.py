@@ -1,4 +1,4 @@
-"""The training loop ``finetune`` and ``distill`` share.
+"""The training loop ``finetune``, ``distill`` and ``elastic`` share, and their common settings.
 
 One loop, so both get the same guarantees:
 - **Same curve on 1 or N ranks.** Every epoch shuffles the training rows with
@@ -16,6 +16,8 @@ One loop, so both get the same guarantees:
   without a gain stop the run (``stopped_early`` is true only when requested
   epochs were skipped), and the best epoch's weights are what the caller saves.
 - A progress bar per epoch shows the running losses (rank 0 only).
+- **One set of flags.** :class:`TrainConfig` declares the loop's settings (epochs, lr, batch size, ...)
+  once; every training stage's config inherits it, as every model-running config inherits ``Runtime``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +35,10 @@ import torch.distributed as tdist
 
 from .checkpoint import CHECKPOINT, CHECKPOINT_FILES, load_checkpoint, remove_checkpoint, save_checkpoint
 from .errors import UsageError
+from .runtime import Runtime
 
-__all__ = ["CHECKPOINT", "CHECKPOINT_FILES", "Loop", "check_loop_args", "fit", "init_distributed", "remove_checkpoint", "world"]
+__all__ = ["CHECKPOINT", "CHECKPOINT_FILES", "Loop", "TrainConfig", "check_loop_args", "fit", "init_distributed",
+           "loop_field", "remove_checkpoint", "world"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,40 @@ def check_loop_args(epochs, lr, batch_size, patience) -> None:
         raise UsageError("--patience must be a non-negative integer", value=patience,
                          allowed="an integer >= 0 (epochs without a validation gain before stopping)",
                          fix="e.g. --patience 2")
+
+
+def loop_field(default, help_: str):
+    """A training-loop setting: keyword-only (as ``Runtime``'s are), so a stage's own required fields such
+    as ``out`` keep their place. A stage whose default or help differs redeclares the field with this, under
+    the same name: dataclasses keep a redeclared field where the base put it."""
+    return field(default=default, kw_only=True, metadata={"help": help_})
+
+
+@dataclass(frozen=True)
+class TrainConfig(Runtime):
+    """The settings of :func:`fit` that every training stage (finetune, distill, elastic) exposes, with one
+    help text each; the stage configs inherit them (``lamina <stage> --help`` shows them right after the
+    runtime flags). Defaults here are distill's and elastic's; finetune redeclares ``epochs``, ``lr``,
+    ``seed`` and ``progress``, elastic ``seed`` and ``patience``, distill ``seed``."""
+
+    epochs: int = loop_field(3, "passes over the training rows")
+    lr: float = loop_field(1e-4, "peak AdamW learning rate (linear warm-up and decay)")
+    batch_size: int = loop_field(32, "rows per optimizer step (over all ranks)")
+    weight_decay: float = loop_field(0.01, "AdamW weight decay (not on biases and norms)")
+    patience: int | None = loop_field(2, "stop after this many epochs without a validation gain; the best epoch "
+                                         "is kept")
+    seed: int = loop_field(0, "seed of the row order")
+    resume: bool = loop_field(False, "continue an interrupted run from its checkpoint in OUT")
+    overwrite: bool = loop_field(False, "replace what lamina wrote in OUT (a file it did not write is never "
+                                        "touched)")
+    progress: bool = loop_field(True, "show a progress bar with the current losses")
+
+    def __post_init__(self):
+        check_loop_args(self.epochs, self.lr, self.batch_size, self.patience)
+
+    def loop(self) -> Loop:
+        return Loop(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay,
+                    patience=self.patience, seed=self.seed, progress=self.progress)
 
 
 def stop_now(epoch: int, best_epoch: int, patience: int | None, epochs: int) -> bool:

@@ -40,14 +40,14 @@ import torch
 from .._cliargs import as_config
 from ..errors import UsageError
 from ..files import read_json
-from ..runtime import Runtime, describe, oom_message, resolve_device
+from ..runtime import describe, oom_message, resolve_device
 from ..models import LoadedModel, load_model, place, random_init, recalibrate_bn, save_json
 from ..task import check_classes, default_spec, logits_of, make_task, num_classes, read_task
 from ..resume import RESUME, check_resume, rows_hash, same_path
 from ..runfolder import check_out, claim, plan_writes
 from ..runfolder import record as record_files
 from ..verify import save_checked
-from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, remove_checkpoint, world
+from ..train import CHECKPOINT, TrainConfig, fit, init_distributed, loop_field, remove_checkpoint, world
 from .losses import CenterLoss, LossWeights, make_adapters, total_loss
 from .taps import record
 
@@ -56,8 +56,8 @@ _W = {f.name: dict(f.metadata) for f in fields(LossWeights)}
 
 
 @dataclass(frozen=True)
-class DistillConfig(Runtime):
-    """Settings of ``lamina distill``."""
+class DistillConfig(TrainConfig):
+    """Settings of ``lamina distill`` (the training loop's: :class:`lamina.train.TrainConfig`)."""
 
     out: str = field(metadata={"help": "output folder: OUT/model, OUT/distill.json"})
     width: float | None = field(default=None, metadata={
@@ -81,22 +81,12 @@ class DistillConfig(Runtime):
         "choices": ("all", "stages")})
     layer_map: str | None = field(default=None, metadata={
         "help": "student block : teacher block pairs, e.g. '0:1,1:3,2:5' (default: from plan.json)"})
-    epochs: int = field(default=3, metadata={"help": "passes over the training rows"})
-    lr: float = field(default=1e-4, metadata={"help": "peak AdamW learning rate (linear warm-up and decay)"})
-    batch_size: int = field(default=32, metadata={"help": "rows per optimizer step (over all ranks)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases and norms)"})
-    patience: int | None = field(default=2, metadata={
-        "help": "stop after this many epochs without a validation gain; the best epoch is kept"})
+    seed: int = loop_field(0, "seed of the order, the adapters and a re-initialized student")
     train_limit: int | None = field(default=None, metadata={
         "help": "train on at most this many of the training rows (stratified); validation and test stay whole"})
-    seed: int = field(default=0, metadata={"help": "seed of the order, the adapters and a re-initialized student"})
     calibration_samples: int = field(default=256, metadata={
         "help": "training rows whose activations rank the channels of a --width copy and re-estimate a "
                 "BatchNorm student's running statistics before each validation"})
-    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its checkpoint in OUT"})
-    overwrite: bool = field(default=False, metadata={
-        "help": "replace what lamina wrote in OUT (a file it did not write is never touched)"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar with the current losses"})
 
     def __post_init__(self):
         if not self.out:
@@ -104,7 +94,7 @@ class DistillConfig(Runtime):
         if self.width is not None and (isinstance(self.width, bool) or not 0 < self.width < 1):
             raise UsageError("--width must be a fraction in (0, 1)", value=self.width, allowed="e.g. 0.5 or 0.25",
                              fix="--width 0.25")
-        check_loop_args(self.epochs, self.lr, self.batch_size, self.patience)
+        super().__post_init__()  # the training loop's settings
         self.weights()  # validates them
         if self.layer_map is not None:
             parse_layer_map(self.layer_map)
@@ -114,10 +104,6 @@ class DistillConfig(Runtime):
     def weights(self) -> LossWeights:
         return LossWeights(ce=self.ce, kd=self.kd, temperature=self.temperature, cosine=self.cosine, fsp=self.fsp,
                            center=self.center)
-
-    def loop(self) -> Loop:
-        return Loop(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay,
-                    patience=self.patience, seed=self.seed, progress=self.progress)
 
 
 def parse_layer_map(text: str) -> dict[int, int]:

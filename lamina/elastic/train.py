@@ -47,9 +47,9 @@ from ..models import LoadedModel, load_model, recalibrate_bn, save_json
 from ..resume import RESUME, check_resume, rows_hash, same_path
 from ..runfolder import check_out, claim, plan_writes
 from ..runfolder import record as record_files
-from ..runtime import Runtime, describe, oom_message, resolve_device
+from ..runtime import describe, oom_message, resolve_device
 from ..task import check_classes, default_spec, logits_of, make_task, num_classes, read_task
-from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, remove_checkpoint, world
+from ..train import CHECKPOINT, TrainConfig, fit, init_distributed, loop_field, remove_checkpoint, world
 from ..verify import save_checked
 from .budget import Budget, Grid, kept_groups, make_grid
 from .family import Family
@@ -61,8 +61,8 @@ RECORD = "elastic.json"
 
 
 @dataclass(frozen=True)
-class ElasticConfig(Runtime):
-    """Settings of ``lamina elastic``."""
+class ElasticConfig(TrainConfig):
+    """Settings of ``lamina elastic`` (the training loop's: :class:`lamina.train.TrainConfig`)."""
 
     out: str = field(metadata={"help": "output folder: OUT/model (the trained parent), OUT/elastic.json"})
     data: str | None = field(default=None, metadata={
@@ -94,30 +94,22 @@ class ElasticConfig(Runtime):
                 "(no backward) only gives the sub-members' in-place KD target, and it changes only through the "
                 "weights it shares with them (cheaper by two forwards of the full model per row)"})
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature of both KD losses (> 0)"})
-    epochs: int = field(default=3, metadata={"help": "passes over the training rows"})
-    lr: float = field(default=1e-4, metadata={"help": "peak AdamW learning rate (linear warm-up and decay)"})
-    batch_size: int = field(default=32, metadata={"help": "rows per optimizer step (over all ranks)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases and norms)"})
-    patience: int | None = field(default=2, metadata={
-        "help": "stop after this many epochs without a validation gain of the full member; the best epoch is kept"})
+    patience: int | None = loop_field(2, "stop after this many epochs without a validation gain of the full "
+                                         "member; the best epoch is kept")
+    seed: int = loop_field(0, "seed of the row order and of the members drawn each step")
     train_limit: int | None = field(default=None, metadata={
         "help": "train on at most this many of the training rows (stratified); validation and test stay whole"})
-    seed: int = field(default=0, metadata={"help": "seed of the row order and of the members drawn each step"})
     calibration_samples: int = field(default=256, metadata={
         "help": "training rows that rank channels, heads and blocks, and re-estimate BatchNorm statistics"})
     latency_batch: int = field(default=1, metadata={"help": "rows per forward when timing each member"})
     latency_repeats: int = field(default=7, metadata={
         "help": "timed forwards per member (members interleaved, after one warm-up round); the median is kept"})
     threads: int | None = field(default=1, metadata={"help": "torch threads while timing members (None: as is)"})
-    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its checkpoint in OUT"})
-    overwrite: bool = field(default=False, metadata={
-        "help": "replace what lamina wrote in OUT (a file it did not write is never touched)"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar with the current losses"})
 
     def __post_init__(self):
         if not self.out:
             raise UsageError("--out is required", value=self.out, allowed="a path", fix="pass --out PATH")
-        check_loop_args(self.epochs, self.lr, self.batch_size, self.patience)
+        super().__post_init__()  # the training loop's settings
         if isinstance(self.sampled, bool) or not isinstance(self.sampled, int) or self.sampled < 0:
             raise UsageError("--sampled must be a non-negative integer", value=self.sampled,
                              allowed="0, 1, 2, ...", fix="--sampled 2")
@@ -147,10 +139,6 @@ class ElasticConfig(Runtime):
                                  (self.heads, "--heads", float), (self.channels, "--channels", float)):
             if text is not None:
                 parse_list(text, flag, kind)
-
-    def loop(self) -> Loop:
-        return Loop(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay,
-                    patience=self.patience, seed=self.seed, progress=self.progress)
 
 
 @dataclass

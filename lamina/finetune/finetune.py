@@ -28,37 +28,35 @@ import torch
 
 from .._cliargs import as_config
 from ..errors import UsageError
-from ..runtime import Runtime, describe, oom_message, resolve_device
+from ..runtime import describe, oom_message, resolve_device
 from ..models import load_model, place, save_json
 from ..resume import RESUME, check_resume, rows_hash, same_path
 from ..runfolder import check_out, claim, plan_writes, record
 from ..verify import save_checked
 from ..lm_task import LMTaskSpec
 from ..task import TASK_FILE, ClassificationTask, TaskSpec, is_causal_lm, make_task
-from ..train import CHECKPOINT, Loop, check_loop_args, fit, init_distributed, remove_checkpoint, world
+from ..train import CHECKPOINT, Loop, TrainConfig, fit, init_distributed, loop_field, remove_checkpoint, world
 from .heads import attach_head, head_parameters
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class FinetuneConfig(Runtime):
-    """Settings of ``lamina finetune``."""
+class FinetuneConfig(TrainConfig):
+    """Settings of ``lamina finetune`` (the training loop's: :class:`lamina.train.TrainConfig`)."""
 
     out: str = field(metadata={"help": "output folder: OUT/model, OUT/finetune.json"})
     full: bool = field(default=False, metadata={
         "help": "fine-tune every weight; default trains only the head (what runs after the last block)"})
-    epochs: int = field(default=6, metadata={
-        "help": "passes over the training rows (at most: --patience stops earlier; the best epoch is kept)"})
-    lr: float | None = field(default=None, metadata={
-        "help": "peak learning rate of AdamW (linear warm-up and decay); default 1e-4 with --full, 1e-3 head only"})
-    batch_size: int = field(default=32, metadata={"help": "rows per optimizer step (over all ranks)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases and norms)"})
-    patience: int | None = field(default=2, metadata={
-        "help": "stop after this many epochs without a validation gain; the best epoch is kept"})
+    # the training loop's settings are TrainConfig's; these four differ from its defaults or help
+    epochs: int = loop_field(6, "passes over the training rows (at most: --patience stops earlier; the best "
+                                "epoch is kept)")
+    lr: float | None = loop_field(None, "peak learning rate of AdamW (linear warm-up and decay); default 1e-4 "
+                                        "with --full, 1e-3 head only")
+    seed: int = loop_field(0, "seed of the subsample, the split, the head and the order")
+    progress: bool = loop_field(True, "show a progress bar")
     limit: int | None = field(default=None, metadata={
         "help": "use a stratified subsample of this many rows; 0 or unset: all rows"})
-    seed: int = field(default=0, metadata={"help": "seed of the subsample, the split, the head and the order"})
     val: float = field(default=0.1, metadata={"help": "fraction of rows held out for validation (early stopping)"})
     test: float = field(default=0.2, metadata={"help": "fraction of rows held out for the test accuracy"})
     max_length: int = field(default=128, metadata={"help": "tokens per text (longer texts are truncated)"})
@@ -74,15 +72,11 @@ class FinetuneConfig(Runtime):
     probe_scores: str | None = field(default=None, metadata={
         "help": "scores.json of `lamina analyze` on the base model and the same data (--limit, --seed): warn when "
                 "the fine-tuned test accuracy is below its best frozen linear probe"})
-    resume: bool = field(default=False, metadata={"help": "continue an interrupted run from its checkpoint in OUT"})
-    overwrite: bool = field(default=False, metadata={
-        "help": "replace what lamina wrote in OUT (a file it did not write is never touched)"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self):
         if not self.out:
             raise UsageError("--out is required", value=self.out, allowed="a folder", fix="pass --out teacher/")
-        check_loop_args(self.epochs, self.lr, self.batch_size, self.patience)
+        super().__post_init__()  # the training loop's settings
         for name in ("val", "test"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 0.5:
@@ -97,8 +91,7 @@ class FinetuneConfig(Runtime):
         # small data (issue 12: MiniLM, 2,400 sentences): 3 epochs at 5e-5 gave 0.555, 6 at 1e-4 0.647;
         # bench/finetune_defaults.py compares the two
         lr = self.lr if self.lr is not None else (1e-4 if self.full else 1e-3)
-        return Loop(epochs=self.epochs, lr=lr, batch_size=self.batch_size, weight_decay=self.weight_decay,
-                    patience=self.patience, seed=self.seed, progress=self.progress)
+        return dataclasses.replace(super().loop(), lr=lr)
 
 
 @dataclass
