@@ -14,6 +14,8 @@ Parts (each re-runnable alone with --part; results/quantize.json is rewritten af
   second format, on the held-out rows.
 - latency: median of interleaved repeats of one forward (batch 1 and 8, one and two threads), quartiles and
   min-max, load average recorded; warm-up calls excluded.
+- composed: for a new S only: quantize S and re-score student_fp32 and composed (the teacher side kept; the previous
+  student's numbers kept under previous_students).
 Writes bench/results/quantize.json (top-level ``targets``) and the BENCHMARKS.md "quantize" section.
 """
 
@@ -33,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import HERE, machine, save_result, write_section  # noqa: E402
 
-PARTS = ("quantize", "accuracy", "sweep", "latency")
+PARTS = ("quantize", "accuracy", "sweep", "latency", "composed")
 
 
 def _latency(models: dict, batch: dict, threads: int, repeats: int) -> dict:
@@ -94,16 +96,16 @@ def _models(args, res: dict, which: str):
     return out
 
 
-def part_quantize(args, res):
+def part_quantize(args, res, keys=("mixed", "composed")):
     from lamina.quantize import QuantizeConfig, quantize
     work = Path(args.out_work)
-    t0 = time.perf_counter()
-    m = quantize(args.teacher, QuantizeConfig(out=str(work / "mixed"), max_drop=args.max_drop, formats=args.formats,
-                                              overwrite=True))
-    t1 = time.perf_counter()
-    c = quantize(args.student, QuantizeConfig(out=str(work / "composed"), max_drop=args.max_drop,
-                                              formats=args.formats, overwrite=True))
-    for key, r, sec in (("mixed", m, t1 - t0), ("composed", c, time.perf_counter() - t1)):
+    done = []
+    for key in keys:
+        t0 = time.perf_counter()
+        r = quantize(args.teacher if key == "mixed" else args.student,
+                     QuantizeConfig(out=str(work / key), max_drop=args.max_drop, formats=args.formats, overwrite=True))
+        done.append((key, r, time.perf_counter() - t0))
+    for key, r, sec in done:
         res[key] = {"out": r.out, "quantized_layers": len(r.quantized), "of": r.layers,
                     "by_format": r.plan["by_format"], "steps": r.plan["count"], "of_steps": r.plan["of"],
                     "validation_drop": r.metric_drop, "search": r.plan["search"],
@@ -158,6 +160,41 @@ def _score(models: dict, args, res: dict) -> dict:
 
 def part_accuracy(args, res):
     res["scores"] = _score(_models(args, res, "accuracy"), args, res)
+
+
+def part_composed(args, res):
+    """Only the student side, for a new --student: quantize it (the composed plan) and re-score student_fp32 and
+    composed against the fp32 teacher; the teacher-side entries (mixed, all_*, sweep) are kept as measured. The
+    previous student's numbers are kept under previous_students, so a recipe change stays comparable."""
+    import lamina
+    old = res.get("student")
+    if old and old != args.student and "student_fp32" in res.get("scores", {}):
+        prev = res.setdefault("previous_students", {})
+        prev[old] = {"composed": res.get("composed"), "recipe": _recipe(old),
+                     "scores": {k: res["scores"][k] for k in ("student_fp32", "composed") if k in res["scores"]},
+                     "targets": {k: v for k, v in res.get("targets", {}).items() if "composed" in k}}
+    part_quantize(args, res, keys=("composed",))
+    models = {"fp32": lamina.load_model(args.teacher), "student_fp32": lamina.load_model(args.student),
+              "composed": lamina.load_model(res["composed"]["out"])}
+    scores = _score(models, args, res)
+    res.setdefault("scores", {}).update({k: scores[k] for k in ("student_fp32", "composed")})
+
+
+def _recipe(student: str) -> dict | None:
+    """How the student was made, from its distill.json and its prune plan.json (a record, read as JSON only)."""
+    d = Path(student) / "distill.json"
+    if not d.exists():
+        return None
+    r = json.loads(d.read_text())
+    c, h = r.get("config", {}), r.get("history", {})
+    plan = Path(r.get("student") or "") / "plan.json"
+    depth = json.loads(plan.read_text()).get("depth", {}) if plan.exists() else {}
+    return {"kept_teacher_blocks": sorted(int(v) for v in (r.get("layer_map") or {}).values()),
+            "prune_method": depth.get("method"),
+            **{k: c.get(k) for k in ("epochs", "lr", "patience", "ce", "kd", "temperature", "cosine", "fsp", "seed")},
+            "best_epoch": h.get("best_epoch"), "best_val_accuracy": h.get("best_val_accuracy"),
+            "val_accuracy_by_epoch": [e.get("val_accuracy") for e in h.get("epochs", [])],
+            "train_rows": r.get("train_rows")}
 
 
 def part_sweep(args, res):
@@ -294,12 +331,13 @@ def main(argv=None) -> dict:
         res.setdefault("machine", {})[part] = machine()
         t0 = time.perf_counter()
         {"quantize": part_quantize, "accuracy": part_accuracy, "sweep": part_sweep,
-         "latency": part_latency}[part](args, res)
+         "latency": part_latency, "composed": part_composed}[part](args, res)
         res["commands"][part] = cmd
         res.setdefault("seconds", {})[part] = round(time.perf_counter() - t0, 1)
         res.setdefault("load_average_end", {})[part] = list(os.getloadavg())
         res["targets"] = _targets(res, args)
         res["teacher"], res["student"], res["formats"] = args.teacher, args.student, args.formats
+        res["student_recipe"] = _recipe(args.student)
         save_result("quantize", res)  # partial results survive a later part's failure
     _write(res)
     return res
@@ -312,6 +350,16 @@ def _cell(lat: dict, k: str, m: str) -> str:
     return f"{v['median_ms']:.1f} ({v['q1_ms']:.1f}-{v['q3_ms']:.1f})"
 
 
+def _recipe_text(r: dict) -> str:
+    c = r.get("student_recipe")
+    if not c:
+        return "CE + KD + SKT"
+    return (f"teacher blocks {c['kept_teacher_blocks']} kept by prune --method {c['prune_method']}; CE {c['ce']} + KD "
+            f"{c['kd']} (T {c['temperature']}) + SKT cosine {c['cosine']} / FSP {c['fsp']}, {c['epochs']} epochs at "
+            f"lr {c['lr']}, patience {c['patience']}, best epoch {c['best_epoch']} of validation accuracies "
+            f"{c['val_accuracy_by_epoch']}")
+
+
 def _write(r: dict) -> None:
     cmds = {}
     for p, c in r["commands"].items():
@@ -319,8 +367,8 @@ def _write(r: dict) -> None:
     m, c = r.get("mixed", {}), r.get("composed", {})
     lines = ["Commands: " + "; ".join(f"{', '.join(ps)}: `{cmd}`" for cmd, ps in cmds.items()), "",
              f"Teacher: MiniLM fine-tuned on {r.get('task', {}).get('limit')} Rotten Tomatoes rows (max length "
-             f"{r.get('task', {}).get('max_length')}); student: its 3-of-6 block prune, distilled (CE + KD + SKT, 2 "
-             f"epochs). Scored on the teacher's {r.get('test_rows')} test rows and on {r.get('heldout_rows')} "
+             f"{r.get('task', {}).get('max_length')}); student: its 3-of-6 block prune, distilled ({_recipe_text(r)})."
+             f" Scored on the teacher's {r.get('test_rows')} test rows and on {r.get('heldout_rows')} "
              f"held-out Rotten Tomatoes rows outside the teacher's 800 (\"changed\": predictions that differ from "
              f"the fp32 teacher's). Formats `{r['formats']}`. mixed = `lamina quantize teacher --max-drop 0.01 "
              f"--formats {r['formats']}` ({m.get('by_format')} of {m.get('of')} Linear layers); composed = the same "
