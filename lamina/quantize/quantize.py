@@ -47,6 +47,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -428,7 +429,11 @@ def quantize(model, config: QuantizeConfig | None = None) -> QuantizeResult:
                          allowed="a `lamina finetune` / prune / distill OUT folder, or a causal LM with --data TEXT",
                          fix="use --fraction instead")
     batches, task = _calibration(lm, model, config)
+    t0 = time.perf_counter()
     scores = sensitivity(lm, batches, formats)
+    cost = {"sensitivity_s": time.perf_counter() - t0, "sensitivity_forwards": len(names) * len(formats),
+            "threads": torch.get_num_threads()}
+    t0 = time.perf_counter()
     ranked = order(scores, formats)
     search, drop, latency = None, None, None
     if config.fraction is not None:
@@ -442,6 +447,7 @@ def quantize(model, config: QuantizeConfig | None = None) -> QuantizeResult:
         latency = {"goal_ms": config.latency_ms, "measured_ms": ms, "float_ms": search[0]["latency_ms"],
                    "batch": {k: list(v.shape) for k, v in timed.items()}, "threads": torch.get_num_threads(),
                    "repeats": config.latency_repeats, "statistic": "median after one warm-up, wall time"}
+    cost["budget_s"] = time.perf_counter() - t0  # the --max-drop / --latency-ms search (0 for --fraction)
     chosen = assign(ranked[:count], formats)
     first = {}
     for i, (n, _, _) in enumerate(ranked):
@@ -465,7 +471,7 @@ def quantize(model, config: QuantizeConfig | None = None) -> QuantizeResult:
             "steps": [{"name": n, "format": f, "score": v, "taken": i < count} for i, (n, f, v) in enumerate(ranked)],
             "bf16_blocks": bf16_blocks(names, {n for n, f in chosen.items() if f == "bf16"}, _block_paths(lm)),
             "count": count, "of": len(ranked), "by_format": {f: sum(v == f for v in chosen.values()) for f in formats},
-            "validation_drop": drop, "validation": validation, "latency": latency, "search": search,
+            "validation_drop": drop, "validation": validation, "latency": latency, "search": search, "cost": cost,
             "model": lm.describe(), "source": str(model) if isinstance(model, (str, Path)) else lm.source,
             "runtime": describe(lm.device, lm.dtype)}
     plan_path, model_path = out / PLAN_FILE, out / "model"
