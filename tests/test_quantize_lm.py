@@ -141,3 +141,16 @@ def test_logits_are_never_built_whole_while_scoring(llm, monkeypatch):
     d = lm.module.config.hidden_size
     assert all(h.shape == (4, 8, d) for h in change.ref)
     assert change() == 0.0  # nothing quantized: no change
+
+
+def test_a_fine_tuned_lm_is_quantized_on_its_own_task_record(llm, tmp_path):
+    from lamina.finetune import FinetuneConfig, finetune
+    finetune(str(llm / "lm"), str(llm / "d.txt"), FinetuneConfig(out=str(tmp_path / "ft"), full=True, seq_len=6,
+                                                                  epochs=1, batch_size=8, lr=1e-3, progress=False))
+    res = quantize(str(tmp_path / "ft"), QuantizeConfig(out=str(tmp_path / "q"), max_drop=0.05,
+                                                        calibration_samples=4))  # no --data: the record's task
+    rec = json.loads((tmp_path / "ft" / "finetune.json").read_text())["task"]
+    plan = res.plan
+    assert plan["task"] == {k: v for k, v in rec.items() if k not in ("documents", "blocks")}
+    assert plan["calibration"]["from"] == "task record (training blocks)" and plan["calibration"]["rows"] == 4
+    assert plan["validation"]["drop"] <= 0.05 and read_task(res.out).seq_len == 6
