@@ -113,6 +113,10 @@ def test_cli_end_to_end_and_bench_reports_test_perplexity(llm, tmp_path, capsys)
     task = _task(llm, lm)
     assert rec["task"]["kind"] == "lm" and rec["test_rows"] == len(task.split["test"])
     assert rec["models"][0]["perplexity"] == pytest.approx(_ppl(lm, task, task.split["test"], 8), rel=1e-5)
+    # lamina.load gives the same quantized module
+    b = task.batch(lm, task.split["test"][:2])
+    with torch.no_grad():
+        assert torch.equal(lamina.load(str(q))(**b).logits, lm.module(**b).logits)
 
 
 def test_a_budget_nothing_meets_names_the_best_reachable(llm, tmp_path, monkeypatch):
