@@ -56,8 +56,12 @@ def test_sensitivity_equals_a_naive_requantize_and_forward(llm, monkeypatch):
     lm = lamina.load_model(str(llm / "lm"))
     task = _task(llm, lm)
     batches = list(task.batches(lm, task.split["train"][:6], 3))
-    monkeypatch.setattr(qlm, "LOGIT_BYTES", 4 * 64 * 5)  # 5 positions per chunk: several chunks per batch
+    monkeypatch.setattr(qlm, "LOGIT_BYTES", 4 * 24 * 5)  # 5 vocabulary rows per chunk: 13 chunks per batch
     scores = sensitivity(lm, batches, ("int8fused", "bf16"))
+    monkeypatch.setattr(qlm, "REF_LOGIT_BYTES", 0)  # the float logits recomputed, not kept: the same scores
+    again = sensitivity(lm, batches, ("int8fused", "bf16"))
+    assert again.keys() == scores.keys() and all(
+        again[n][f] == pytest.approx(scores[n][f], rel=1e-6) for n in scores for f in scores[n])
     names = linear_names(lm.module)
     assert list(scores) == names and "lm_head" in names
     with torch.no_grad():

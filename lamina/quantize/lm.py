@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 LOGIT_BYTES = 64 * 2 ** 20  # one chunk of float32 logits (positions x vocabulary)
+REF_LOGIT_BYTES = 256 * 2 ** 20  # the float logits of all calibration blocks are kept when they fit this
 EVAL_LOGIT_BYTES = 256 * 2 ** 20  # one batch of full logits when perplexity is evaluated
 
 
@@ -103,8 +104,15 @@ class LogitChange:
         self._quantized: dict[tuple, nn.Module] = {}
         with torch.inference_mode():
             self.ref = [final_hidden(lm, b, head) for b in self.batches]
-            self.den = sum(float((self._logits(h, lo, hi, None) ** 2).sum())
-                           for h in self.ref for lo, hi in self._chunks(h))
+            # the float logits are kept when they are small (each later call then runs the head once, not twice)
+            keep = 4 * self.vocab * sum(h.numel() // h.shape[-1] for h in self.ref) <= REF_LOGIT_BYTES
+            self.kept = [[self._logits(h, lo, hi, None) for lo, hi in self._chunks(h)] for h in self.ref] if keep \
+                else None
+            self.den = sum(float((self._ref(i, j, lo, hi) ** 2).sum())
+                           for i, h in enumerate(self.ref) for j, (lo, hi) in enumerate(self._chunks(h)))
+
+    def _ref(self, i: int, j: int, lo: int, hi: int) -> torch.Tensor:
+        return self.kept[i][j] if self.kept is not None else self._logits(self.ref[i], lo, hi, None)
 
     def _chunks(self, h: torch.Tensor):
         return _row_chunks(self.vocab, h.numel() // h.shape[-1])
@@ -123,11 +131,10 @@ class LogitChange:
     def __call__(self, head_format: str | None = None) -> float:
         num = 0.0
         with torch.inference_mode():
-            for b, ref in zip(self.batches, self.ref):
+            for i, b in enumerate(self.batches):
                 h = final_hidden(self.lm, b, self.head)
-                for lo, hi in self._chunks(h):
-                    num += float(((self._logits(h, lo, hi, head_format) - self._logits(ref, lo, hi, None)) ** 2)
-                                 .sum())
+                for j, (lo, hi) in enumerate(self._chunks(h)):
+                    num += float(((self._logits(h, lo, hi, head_format) - self._ref(i, j, lo, hi)) ** 2).sum())
         return num / self.den if self.den > 0 else num
 
     def forget(self, fmt: str) -> None:
