@@ -235,8 +235,8 @@ def _prune(ns):
 def _quantize_args(p):
     from .quantize import QuantizeConfig
     p.add_argument("model", help="the model to quantize: a `lamina finetune` / prune / distill OUT folder "
-                                 "(calibrated on its own training rows), or minilm, a Hugging Face folder, ... "
-                                 "with --data")
+                                 "(calibrated on its own training rows), or minilm, smollm2, a Hugging Face "
+                                 "folder, ... with --data (a causal LM: text, packed into --seq-len blocks)")
     add_config_args(p, QuantizeConfig)
 
 
@@ -248,7 +248,12 @@ def _quantize(ns):
     print(f"layers      {len(res.quantized)} of {res.layers} Linear layers quantized "
           f"({', '.join(f'{n} {f}' for f, n in res.plan['by_format'].items())})")
     if res.metric_drop is not None:
-        print(f"validation  measured drop {res.metric_drop:.4g} (allowed {res.plan['budget']['max_drop']})")
+        print(f"validation  measured drop {res.metric_drop:.4g} (allowed {res.plan['budget']['max_drop']}; "
+              f"{res.plan['max_drop_unit']})")
+    val = res.plan.get("validation") or {}
+    if val.get("metric") == "perplexity":
+        print(f"perplexity  validation {val['float']:.4g} float -> {val['quantized']:.4g} quantized "
+              f"({100 * val['drop']:+.2f}%)")
     if res.plan.get("latency"):
         lat = res.plan["latency"]
         print(f"latency     measured {lat['measured_ms']:.4g} ms (goal {lat['goal_ms']:g}; "

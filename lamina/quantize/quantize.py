@@ -6,14 +6,18 @@
    in, then the float one put back) in each of ``--formats``, and the change of
    the model's main output (logits, else last hidden state) on calibration
    batches is measured as nMSE = sum (q - f)^2 / sum f^2 over all batches, the
-   way skip importance measures a removed block.
+   way skip importance measures a removed block. A causal LM: the nMSE of its
+   next-token logits at every position, with the float model's final hidden
+   states kept instead of its logits and the logits recomputed in chunks
+   (:mod:`lamina.quantize.lm`), so memory stays bounded at any vocabulary.
 2. Budget: (layer, format) steps are taken least sensitive first; a layer
    taken in several formats runs in the one listed first in ``--formats``
    (``int8fused,bf16``: every layer goes to bf16 early, on its tiny bf16
    score, and to int8 only where its int8 score is low). ``--fraction F``:
    round(F x steps) of them (with one format: of the layers). ``--max-drop D``: the largest count whose
-   validation metric (accuracy; perplexity for a language model) loses at
-   most D against float, found by bisection on the count (each tried count is
+   validation metric loses at most D against float (a classifier: accuracy
+   as a fraction, 0.01 = one point; a causal LM: perplexity's relative
+   increase, 0.01 = +1%, see :mod:`lamina.quantize.lm` for why relative), found by bisection on the count (each tried count is
    measured and recorded; the chosen one was measured, so the budget holds
    after the fact even when the loss is not monotone in the count).
    ``--latency-ms X``: the smallest count whose measured latency (median wall
@@ -30,7 +34,12 @@
 
 Calibration rows: a fine-tuned / pruned / distilled folder's task record
 (its training rows; validation rows for ``--max-drop``), else ``--data``
-(+ ``--limit``). See :mod:`lamina.quantize.formats` for what runs fast here.
+(+ ``--limit``). A causal LM given ``--data`` text gets the LM task
+``lamina distill`` gives it (:class:`lamina.lm_task.LMTaskSpec`: documents
+split train / val / test, packed ``--seq-len`` blocks): calibration on training
+blocks, ``--max-drop`` on validation blocks, and the task goes into
+quant_plan.json so ``lamina bench OUT`` reports perplexity on its test blocks.
+An LM's validation perplexity before and after is recorded in any case. See :mod:`lamina.quantize.formats` for what runs fast here.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,11 +55,14 @@ import torch
 
 from .._cliargs import as_config
 from ..errors import LaminaError, UsageError
+from ..lm_task import LMTaskSpec
 from ..models import LoadedModel, load_model, save_json
 from ..runfolder import check_out, claim, discard, plan_writes, record
 from ..runtime import Runtime, describe
+from ..task import is_causal_lm
 from ..verify import _main_output, save_checked
 from .formats import FORMATS, apply_layers, bf16_blocks, linear_names, parse_formats, quantized_linear, swap
+from .lm import LogitChange, eval_batch_size, head_name, relative_increase
 
 WRITES = ["quant_plan.json", "model"]
 PLAN_FILE = "quant_plan.json"
@@ -68,8 +81,10 @@ class QuantizeConfig(Runtime):
         "help": "share of the Linear layers to quantize, least sensitive first (0 to 1); with several --formats, "
                 "the share of (layer, format) steps"})
     max_drop: float | None = field(default=None, metadata={
-        "help": "largest loss of validation accuracy (perplexity for a language model) allowed against float; "
-                "needs a model with a task record (a `lamina finetune` / prune / distill OUT)"})
+        "help": "largest loss allowed against float on the validation rows: a classifier's accuracy, as a "
+                "fraction (0.01 = one point; needs a model with a task record, a `lamina finetune` / prune / "
+                "distill OUT); a causal LM's perplexity, as a relative increase (0.01 = perplexity +1 percent; "
+                "its task record or --data text)"})
     latency_ms: float | None = field(default=None, metadata={
         "help": "latency goal in milliseconds for one forward of --latency-batch-size calibration rows: the least "
                 "sensitive layers are quantized until the measured latency meets it (each tried count measured)"})
@@ -85,11 +100,15 @@ class QuantizeConfig(Runtime):
                 f"bf16 elsewhere"})
     data: str | None = field(default=None, metadata={
         "help": "calibration data when the model has no task record (bundled name, table, folder)"})
-    limit: int | None = field(default=None, metadata={"help": "rows of --data to read before calibration"})
+    limit: int | None = field(default=None, metadata={
+        "help": "rows of --data to read before calibration (documents for a causal LM, split train / validation "
+                "/ test as `lamina finetune` splits them)"})
     calibration_samples: int = field(default=64, metadata={
         "help": "rows on which each layer's sensitivity is measured (a few batches keep it cheap)"})
     batch_size: int = field(default=32, metadata={"help": "rows per forward pass"})
     max_length: int = field(default=128, metadata={"help": "tokens per text of --data (a task record has its own)"})
+    seq_len: int = field(default=128, metadata={
+        "help": "tokens per packed block when a causal LM is quantized on --data text (a task record has its own)"})
     seed: int = field(default=0, metadata={"help": "seed of the calibration subsample of --data"})
     overwrite: bool = field(default=False, metadata={
         "help": "replace the OUT/quant_plan.json and OUT/model lamina wrote (a file it did not write is never "
@@ -111,7 +130,8 @@ class QuantizeConfig(Runtime):
         if self.max_drop is not None and not (isinstance(self.max_drop, (int, float)) and self.max_drop >= 0):
             raise UsageError("--max-drop must be >= 0", value=self.max_drop, allowed="a number >= 0",
                              fix="e.g. --max-drop 0.01 (one accuracy point)")
-        for name in ("calibration_samples", "batch_size", "max_length", "latency_batch_size", "latency_repeats"):
+        for name in ("calibration_samples", "batch_size", "max_length", "seq_len", "latency_batch_size",
+                     "latency_repeats"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive integer", value=v,
@@ -156,20 +176,37 @@ def nmse(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
     return num / den if den > 0 else num
 
 
+def output_change(lm: LoadedModel, batches):
+    """A callable () -> nMSE of ``lm``'s main output now against its output at this call, on ``batches``.
+
+    A causal LM with a Linear output head: the next-token logits, in bounded memory
+    (:class:`lamina.quantize.lm.LogitChange`); anything else: the main output kept whole."""
+    head = head_name(lm)
+    if head is not None:
+        return LogitChange(lm, batches, head)
+    ref = _run(lm, batches)
+    return lambda head_format=None: nmse(ref, _run(lm, batches))
+
+
 def sensitivity(lm: LoadedModel, batches, formats=("int8dyn",)) -> dict[str, dict[str, float]]:
     """{layer name: {format: nMSE of the main output with only that layer quantized}} on ``batches``.
 
     Each layer is swapped for a quantized copy and put back, so ``lm`` is unchanged afterwards."""
     lm.module.eval()
-    ref = _run(lm, batches)
+    change = output_change(lm, batches)
+    head = head_name(lm)
     scores: dict[str, dict[str, float]] = {}
     for name in linear_names(lm.module):
         orig = lm.module.get_submodule(name)
         scores[name] = {}
         for fmt in formats:
+            if name == head:  # an LM's head: its logits are the measured output, quantized chunk by chunk there
+                scores[name][fmt] = change(head_format=fmt)
+                change.forget(fmt)
+                continue
             swap(lm.module, name, quantized_linear(orig, fmt))
             try:
-                scores[name][fmt] = nmse(ref, _run(lm, batches))
+                scores[name][fmt] = change()
             finally:
                 swap(lm.module, name, orig)
     return scores
@@ -209,15 +246,31 @@ def quantized_copy(lm: LoadedModel, layers: dict[str, str]) -> LoadedModel:
     return out
 
 
-def _calibration(lm: LoadedModel, model, config: QuantizeConfig):
-    """(calibration batches, the task spec or None)."""
+def _spec(lm: LoadedModel, model, config: QuantizeConfig):
+    """The task the model is calibrated and validated on: its record, else --data text for a causal LM, else None."""
     from ..compress._selfscore import task_of
     spec = task_of(model)
+    if spec is None and config.data and is_causal_lm(lm):
+        spec = LMTaskSpec(data=str(config.data), limit=config.limit, seed=config.seed, seq_len=config.seq_len)
+    return spec
+
+
+def _batch_size(lm: LoadedModel, task, requested: int) -> int:
+    """``requested``, or fewer blocks for an LM task so one batch's full logits stay bounded."""
+    if task is None or getattr(task, "kind", None) != "lm":
+        return requested
+    vocab = int(getattr(getattr(lm.module, "config", None), "vocab_size", 0) or 1)
+    return eval_batch_size(requested, task.spec.seq_len, vocab)
+
+
+def _calibration(lm: LoadedModel, model, config: QuantizeConfig):
+    """(calibration batches, (the task spec, the task) or None)."""
+    spec = _spec(lm, model, config)
     if spec is not None:
         from ..task import make_task
         task = make_task(spec, lm)
         rows = task.train_rows(config.calibration_samples, spec.seed)
-        return list(task.batches(lm, rows, config.batch_size)), (spec, task)
+        return list(task.batches(lm, rows, _batch_size(lm, task, config.batch_size))), (spec, task)
     if not config.data:
         raise UsageError("quantize needs calibration data: the model has no task record", value=str(model),
                          allowed="a `lamina finetune` / prune / distill OUT folder, or --data DATA",
@@ -233,12 +286,36 @@ def _calibration(lm: LoadedModel, model, config: QuantizeConfig):
 
 def _metric(lm: LoadedModel, task) -> float:
     spec, t = task
-    res = t.evaluate(lm, t.split["val"], 64)
+    res = t.evaluate(lm, t.split["val"], _batch_size(lm, t, 64))
     return float(res[t.metric])
 
 
+def _is_lm(task) -> bool:
+    return task is not None and getattr(task[1], "kind", None) == "lm"
+
+
 def _drop(base: float, v: float, task) -> float:
+    """The --max-drop unit: accuracy lost (a fraction); for an LM, perplexity's relative increase."""
+    if _is_lm(task):
+        return relative_increase(base, v)
     return base - v if task[1].higher_is_better else v - base
+
+
+def _drop_text(d: float, task) -> str:
+    if _is_lm(task):
+        return f"raises validation perplexity by {100 * d:.3g}% ({d:.4g})"
+    return f"loses {d:.4g} {task[1].metric} on validation"
+
+
+def _validation(lm: LoadedModel, qlm: LoadedModel, task, drop_from_search) -> dict:
+    """Validation metric before and after, measured on the saved plan's model (recorded in quant_plan.json)."""
+    base, after = _metric(lm, task), _metric(qlm, task)
+    d = _drop(base, after, task)
+    # batch_size matters for int8fused: its one activation scale per call is taken over the whole batch
+    return {"metric": task[1].metric, "rows": int(len(task[1].split["val"])), "batch_size": _batch_size(lm, task[1], 64),
+            "float": base, "quantized": after,
+            "drop": d, "drop_unit": ("relative perplexity increase (quantized / float - 1)" if _is_lm(task)
+                                     else f"{task[1].metric} lost (float - quantized)")}
 
 
 def _by_max_drop(lm, ranked, formats, task, max_drop: float) -> tuple[int, float, list]:
@@ -262,10 +339,10 @@ def _by_max_drop(lm, ranked, formats, task, max_drop: float) -> tuple[int, float
             hi = mid
     log_ = [{"count": k, "drop": d} for k, d in sorted(tried.items())]
     if lo == 0:
-        best = min(tried.items(), key=lambda kv: kv[1])
+        best = min(((k, d) for k, d in tried.items() if k > 0), key=lambda kv: kv[1])
         raise UsageError(f"no layer can be quantized within --max-drop {max_drop}: the least sensitive layer alone "
-                         f"loses {drop_at(1):.4g} {task[1].metric} on validation (best reachable: "
-                         f"{best[1]:.4g} with {best[0]} layer(s))", value=max_drop,
+                         f"{_drop_text(drop_at(1), task)} (best reachable: {best[1]:.4g} with {best[0]} "
+                         f"layer(s))", value=max_drop,
                          allowed=f"--max-drop >= {drop_at(1):.4g}",
                          fix=f"raise --max-drop to {drop_at(1):.4g} or more, or use --fraction")
     return lo, tried[lo], log_ + [{"baseline": base}]
@@ -346,12 +423,17 @@ def quantize(model, config: QuantizeConfig | None = None) -> QuantizeResult:
         raise UsageError("the model has no nn.Linear layer to quantize", value=lm.name,
                          allowed="a model with Linear layers (transformers, classifier heads)",
                          fix="quantize a transformer or a model with a Linear head")
-    from ..compress._selfscore import task_of
-    if config.max_drop is not None and task_of(model) is None:
-        raise UsageError("--max-drop needs validation rows: the model has no task record", value=str(model),
-                         allowed="a `lamina finetune` / prune / distill OUT folder", fix="use --fraction instead")
+    if config.max_drop is not None and _spec(lm, model, config) is None:
+        raise UsageError("--max-drop needs validation rows: the model has no task record (and is not a causal LM "
+                         "given --data text)", value=str(model),
+                         allowed="a `lamina finetune` / prune / distill OUT folder, or a causal LM with --data TEXT",
+                         fix="use --fraction instead")
     batches, task = _calibration(lm, model, config)
+    t0 = time.perf_counter()
     scores = sensitivity(lm, batches, formats)
+    cost = {"sensitivity_s": time.perf_counter() - t0, "sensitivity_forwards": len(names) * len(formats),
+            "threads": torch.get_num_threads()}
+    t0 = time.perf_counter()
     ranked = order(scores, formats)
     search, drop, latency = None, None, None
     if config.fraction is not None:
@@ -365,23 +447,31 @@ def quantize(model, config: QuantizeConfig | None = None) -> QuantizeResult:
         latency = {"goal_ms": config.latency_ms, "measured_ms": ms, "float_ms": search[0]["latency_ms"],
                    "batch": {k: list(v.shape) for k, v in timed.items()}, "threads": torch.get_num_threads(),
                    "repeats": config.latency_repeats, "statistic": "median after one warm-up, wall time"}
+    cost["budget_s"] = time.perf_counter() - t0  # the --max-drop / --latency-ms search (0 for --fraction)
     chosen = assign(ranked[:count], formats)
     first = {}
     for i, (n, _, _) in enumerate(ranked):
         first.setdefault(n, i)
     qlm = quantized_copy(lm, chosen)
+    # an LM's perplexity before / after is always recorded; a classifier's accuracy when --max-drop asked for it
+    validation = _validation(lm, qlm, task, drop) if task and (config.max_drop is not None or _is_lm(task)) else None
     plan = {"formats": list(formats), "budget": {"fraction": config.fraction, "max_drop": config.max_drop,
                                                  "latency_ms": config.latency_ms},
-            "score": "nMSE of the model's main output (logits, else last hidden state) with only this layer "
-                     "quantized, on the calibration rows",
+            "score": ("nMSE of the next-token logits (every position of the calibration blocks) with only this "
+                      "layer quantized" if head_name(lm) else
+                      "nMSE of the model's main output (logits, else last hidden state) with only this layer "
+                      "quantized, on the calibration rows"),
+            "max_drop_unit": ("relative increase of validation perplexity (0.01 = +1 percent)" if _is_lm(task) else
+                              "validation accuracy lost, as a fraction (0.01 = one point)"),
             "calibration": {"rows": sum(int(next(iter(b.values())).shape[0]) for b in batches),
-                            "from": "task record (training rows)" if task else f"--data {config.data}"},
+                            "from": _calibration_source(model, task, config)},
             "task": task[0].to_dict() if task else None,
             "layers": [{"name": n, "scores": scores[n], "quantized": n in chosen, "format": chosen.get(n),
                         "rank": r} for r, n in enumerate(sorted(first, key=first.get))],
             "steps": [{"name": n, "format": f, "score": v, "taken": i < count} for i, (n, f, v) in enumerate(ranked)],
             "bf16_blocks": bf16_blocks(names, {n for n, f in chosen.items() if f == "bf16"}, _block_paths(lm)),
-            "count": count, "of": len(ranked), "by_format": {f: sum(v == f for v in chosen.values()) for f in formats}, "validation_drop": drop, "latency": latency, "search": search,
+            "count": count, "of": len(ranked), "by_format": {f: sum(v == f for v in chosen.values()) for f in formats},
+            "validation_drop": drop, "validation": validation, "latency": latency, "search": search, "cost": cost,
             "model": lm.describe(), "source": str(model) if isinstance(model, (str, Path)) else lm.source,
             "runtime": describe(lm.device, lm.dtype)}
     plan_path, model_path = out / PLAN_FILE, out / "model"
@@ -399,6 +489,14 @@ def quantize(model, config: QuantizeConfig | None = None) -> QuantizeResult:
         save_json(plan_path, plan)
     log.info("quantize: %d of %d Linear layers quantized", len(chosen), len(names))
     return QuantizeResult(str(out), str(plan_path), str(model_path), plan, list(chosen), len(names), drop)
+
+
+def _calibration_source(model, task, config: QuantizeConfig) -> str:
+    from ..compress._selfscore import task_of
+    if task is None:
+        return f"--data {config.data}"
+    what = "training blocks" if _is_lm(task) else "training rows"
+    return f"task record ({what})" if task_of(model) is not None else f"--data {config.data} ({what})"
 
 
 def _reload_check(qlm: LoadedModel, out: Path, batch: dict) -> dict:
