@@ -320,6 +320,12 @@ def run_recovery(args, res: dict, save) -> dict:
         if (rec.get("teacher_correction") or {}).get("stamp") != tc["stamp"]:  # runs toward another teacher
             rec["runs"] = {k: v for k, v in rec["runs"].items()
                            if not RECIPES.get(k.rsplit("_seed", 1)[0], {}).get("teacher")}
+        # how much of each student's training draw the teacher also trained on (one training split, two draws)
+        train = np.asarray(task.split["train"])
+        t_rows = set(np.random.default_rng(CORRECTION_SEED).permutation(train)[:tc["training_blocks"]].tolist())
+        tc["training_split_blocks"] = len(train)
+        tc["shared_blocks_per_seed"] = [len(t_rows & set(np.random.default_rng(sd).permutation(train)[:n_rows].tolist()))
+                                        for sd in range(args.seeds)]
         rec["teacher_correction"] = tc
         print(f"corrected teacher: held-out log ppl {tc['log_ppl']:.4f} after {tc['tokens']} tokens "
               f"({tc['train_seconds']:.0f} s training)", flush=True)
@@ -493,7 +499,14 @@ def correction_lines(rc: dict) -> list[str]:
                 f"step {c['step']}: {c['log_ppl']:.4f}" for c in tc["curve"]) + ". The students are still pruned "
             "from the original teacher (the same 22-block initialization as the other recipes); only the KD target "
             "changes. The pruning gap and the share of it recovered stay measured against the original teacher "
-            "(what pruning opened)."]
+            "(what pruning opened)."
+            + (f" Not an equal-cost comparison: the corrected recipe also pays the teacher's one-time {tc['tokens']} "
+               f"tokens of CE on the 30-block model, and the teacher's draw and each student's draw come from the "
+               f"same {tc['training_split_blocks']}-block training split (they share "
+               + "/".join(str(x) for x in tc["shared_blocks_per_seed"]) + " blocks for seeds "
+               + "/".join(str(i) for i in range(len(tc["shared_blocks_per_seed"]))) + "), so the KD student learns "
+               "from the same text twice, once through the teacher. CE only at twice the tokens would repeat blocks "
+               "on this split and was not run." if "shared_blocks_per_seed" in tc else "")]
 
 
 def recovery_lines(rc: dict) -> list[str]:
