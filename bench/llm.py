@@ -203,10 +203,10 @@ def recovery_targets(rec: dict, targets: dict) -> None:
     if v:
         tc = rec["teacher_correction"]
         cur = {"gap": s["recipes"]["kd_corrected"]["gap_recovered"], "d": v["mean"], "sd": v["std"]}
-        how = (f"CE + KD toward the corrected teacher (Minitron: the teacher first fine-tuned with CE on "
-               f"{tc['tokens']} training-split tokens); `uncorrected` = KD toward the original teacher")
+        how = (f"measured for CE + KD toward the corrected teacher (Minitron: the teacher first fine-tuned with CE "
+               f"on {tc['tokens']} training-split tokens)")
     else:
-        cur, how = plain, "CE + KD toward the original teacher"
+        cur, how = plain, "measured for CE + KD toward the original teacher"
     gap_goal = ">= 0.5 of the log-ppl gap between the pruned student and the original teacher; " + how
     targets["kd_gap_recovered"] = {"value": cur["gap"], "goal": gap_goal, "tokens_per_run": tokens,
                                    "met": bool(cur["gap"] >= 0.5)}
@@ -403,9 +403,10 @@ def _write(r: dict) -> None:
     lines += ["Targets: " + "; ".join(f"`{k}` {v['value']:.3f}" + (f" (seed std {v['seed_std']:.3f})" if "seed_std" in v
                                                                   else "")
                                       + f" (goal {v['goal']}: {'met' if v['met'] else 'NOT met'}"
-                                      + (f"; uncorrected teacher {v['uncorrected']['value']:.3f}: "
-                                         f"{'met' if v['uncorrected']['met'] else 'NOT met'}" if "uncorrected" in v
-                                         else "") + ")"
+                                      + ")" + (f" [CE + KD toward the original, uncorrected teacher: "
+                                               f"{v['uncorrected']['value']:.3f}, "
+                                               f"{'met' if v['uncorrected']['met'] else 'NOT met'}]"
+                                               if "uncorrected" in v else "")
                                       for k, v in r["targets"].items()) + ".", ""]
     write_section("llm", lines)
 
@@ -465,7 +466,11 @@ def main(argv=None):
     if args.part == "recovery":  # merged into the existing results (it needs their joint 22-block set)
         p = HERE / "results" / "llm.json"
         res = json.loads(p.read_text())
-        cmd = "python bench/llm.py " + " ".join(sys.argv[1:])
+        argv = sys.argv[1:]  # the command without its --note text (printed under the results anyway)
+        if "--note" in argv:
+            i = argv.index("--note")
+            argv = argv[:i] + argv[i + 2:]
+        cmd = "python bench/llm.py " + " ".join(a for a in argv if not a.startswith("--note="))
 
         def save(rec):  # after every finished run: a rerun with the same settings resumes from here
             res["recovery"] = rec | {"command": cmd}
