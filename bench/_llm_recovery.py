@@ -22,8 +22,11 @@ Design decisions (measured by ``step``, see BENCHMARKS.md "llm"):
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,7 +38,13 @@ from lamina.models import load_model
 
 RECIPES = {"ce": {"ce": 1.0, "kd": 0.0, "temperature": 1.0},
            "kd": {"ce": 1.0, "kd": 1.0, "temperature": 1.0},
-           "kd_only": {"ce": 0.0, "kd": 1.0, "temperature": 1.0}}
+           "kd_only": {"ce": 0.0, "kd": 1.0, "temperature": 1.0},
+           # Minitron's teacher correction: the KD target is the teacher fine-tuned with CE on the training split
+           # first (``--teacher-correction STEPS``); the student is still pruned from the original teacher
+           "kd_corrected": {"ce": 1.0, "kd": 1.0, "temperature": 1.0, "teacher": "corrected"},
+           "kd_only_corrected": {"ce": 0.0, "kd": 1.0, "temperature": 1.0, "teacher": "corrected"}}
+# the corrected teacher's own draw of training blocks, apart from the students' seeds 0, 1, 2
+CORRECTION_SEED = 1000
 FAST = {"teacher_bf16": True, "autocast": True, "chunked_kd": True, "fused_adam": True}
 PLAIN = {k: False for k in FAST}
 
@@ -196,6 +205,78 @@ def run_step(args, res: dict, save) -> dict:
     return out
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def corrected_teacher(args, lm, task, eval_rows, curve_at_of, start_log_ppl: float) -> tuple:
+    """Minitron's teacher correction: a copy of the 30-block teacher fine-tuned with CE on training blocks.
+
+    Trained once with the students' recipe (AdamW, peak lr, warm-up + linear decay, batch, bf16 autocast,
+    tied embedding frozen) for ``--teacher-correction`` steps on its own draw of the training split (seed
+    ``CORRECTION_SEED``; never validation or test documents). Cached under ``--work`` as safetensors (no
+    pickle) with its sha256, checked before reuse. Returns ({False: fp32, True: bf16} modules, record)."""
+    from safetensors.torch import load_model as st_load, save_model as st_save
+    steps, batch = args.teacher_correction, args.recovery_batch
+    train = task.split["train"]
+    if steps * batch > len(train):
+        raise SystemExit(f"--teacher-correction {steps} x {batch} blocks asked, the training split has {len(train)}")
+    stamp = {"steps": steps, "batch": batch, "lr": args.recovery_lr, "seq_len": args.seq_len, "seed": CORRECTION_SEED,
+             "split": "train", "data": "debates", "schedule": "linear warm-up (10%), linear decay", "speed": FAST,
+             "eval_blocks": len(eval_rows)}
+    d = Path(args.work) / "teacher-corrected"
+    meta_p, w = d / "meta.json", d / "model.safetensors"
+    module = copy.deepcopy(lm.module)
+    meta = json.loads(meta_p.read_text()) if meta_p.exists() else {}
+    if meta.get("stamp") == stamp and w.exists() and _sha256(w) == meta.get("sha256"):
+        st_load(module, str(w), strict=True)
+        rec = meta["record"] | {"cached": str(d)}
+    else:
+        t_lm = copy.copy(lm)
+        t_lm.module = module
+        rows = np.random.default_rng(CORRECTION_SEED).permutation(np.asarray(train))[:steps * batch].tolist()
+        torch.manual_seed(CORRECTION_SEED)
+        tr = Trainer({False: None, True: None}, t_lm, task, RECIPES["ce"], args.recovery_lr, steps, FAST)
+        curve_at = curve_at_of(steps)
+        rec = {"stamp": stamp, "tokens": steps * batch * args.seq_len, "training_blocks": len(rows),
+               "loadavg_start": os.getloadavg()[0], "curve": [{"step": 0, "log_ppl": start_log_ppl}],
+               "step_seconds": [], "eval_seconds": 0.0}
+        for s in range(steps):
+            t = time.perf_counter()
+            tr.step(rows[s * batch:(s + 1) * batch])
+            rec["step_seconds"].append(time.perf_counter() - t)
+            if s + 1 in curve_at:
+                t = time.perf_counter()
+                module.eval()
+                rec["curve"].append({"step": s + 1, "log_ppl": _log_ppl(t_lm, task, eval_rows)})
+                module.train()
+                rec["eval_seconds"] += time.perf_counter() - t
+                print(f"  teacher correction step {s + 1}: held-out log ppl {rec['curve'][-1]['log_ppl']:.4f} "
+                      f"({np.median(rec['step_seconds']):.1f} s/step, load {os.getloadavg()[0]:.1f})", flush=True)
+        tr.done()
+        rec |= {"log_ppl": rec["curve"][-1]["log_ppl"], "train_seconds": float(sum(rec["step_seconds"])),
+                "step_seconds_median": float(np.median(rec["step_seconds"])), "loadavg_end": os.getloadavg()[0]}
+        d.mkdir(parents=True, exist_ok=True)
+        st_save(module, str(w))
+        meta_p.write_text(json.dumps({"stamp": stamp, "sha256": _sha256(w), "record": rec}))
+        # reload it as a later run will, and check it gives the same held-out loss
+        check = copy.deepcopy(lm.module)
+        st_load(check, str(w), strict=True)
+        c_lm = copy.copy(lm)
+        c_lm.module = check.eval()
+        again = _log_ppl(c_lm, task, eval_rows)
+        if abs(again - rec["log_ppl"]) > 1e-4:
+            raise SystemExit(f"the saved corrected teacher reloads to log ppl {again}, trained {rec['log_ppl']}")
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return {False: module, True: copy.deepcopy(module).to(torch.bfloat16).eval()}, rec
+
+
 def run_recovery(args, res: dict, save) -> dict:
     """KD vs CE-only recovery at a fixed token budget, paired seeds; ``save(rec)`` after every finished run.
 
@@ -227,6 +308,28 @@ def run_recovery(args, res: dict, save) -> dict:
         save(rec)
     print(f"teacher log ppl {rec['teacher_log_ppl']:.4f}, pruned {rec['pruned_log_ppl']:.4f} on {len(eval_rows)} "
           f"test blocks; {n_rows} training blocks per run ({n_rows * args.seq_len} tokens)", flush=True)
+    by_teacher = {None: teachers}
+    if any(r.get("teacher") == "corrected" for r in recipes.values()):
+        if not args.teacher_correction:
+            raise SystemExit("recipes " + ",".join(k for k, r in recipes.items() if r.get("teacher")) +
+                             " need --teacher-correction STEPS (the corrected teacher's CE fine-tuning steps)")
+        by_teacher["corrected"], tc = corrected_teacher(
+            args, lm, task, eval_rows, lambda n: sorted({*range(max(1, n // args.curve_points), n,
+                                                                max(1, n // args.curve_points)), n}),
+            rec["teacher_log_ppl"])
+        if (rec.get("teacher_correction") or {}).get("stamp") != tc["stamp"]:  # runs toward another teacher
+            rec["runs"] = {k: v for k, v in rec["runs"].items()
+                           if not RECIPES.get(k.rsplit("_seed", 1)[0], {}).get("teacher")}
+        # how much of each student's training draw the teacher also trained on (one training split, two draws)
+        train = np.asarray(task.split["train"])
+        t_rows = set(np.random.default_rng(CORRECTION_SEED).permutation(train)[:tc["training_blocks"]].tolist())
+        tc["training_split_blocks"] = len(train)
+        tc["shared_blocks_per_seed"] = [len(t_rows & set(np.random.default_rng(sd).permutation(train)[:n_rows].tolist()))
+                                        for sd in range(args.seeds)]
+        rec["teacher_correction"] = tc
+        print(f"corrected teacher: held-out log ppl {tc['log_ppl']:.4f} after {tc['tokens']} tokens "
+              f"({tc['train_seconds']:.0f} s training)", flush=True)
+        save(rec)
     for seed in range(args.seeds):
         rows = np.random.default_rng(seed).permutation(np.asarray(task.split["train"]))[:n_rows].tolist()
         for name, recipe in recipes.items():
@@ -235,7 +338,8 @@ def run_recovery(args, res: dict, save) -> dict:
                 continue
             torch.manual_seed(seed)
             student = make()
-            tr = Trainer(teachers, student, task, recipe, args.recovery_lr, args.recovery_steps, FAST)
+            tr = Trainer(by_teacher[recipe.get("teacher")], student, task, recipe, args.recovery_lr,
+                         args.recovery_steps, FAST)
             run = {"steps": args.recovery_steps, "loadavg_start": os.getloadavg()[0], "train_curve": [],
                    "curve": [{"step": 0, "log_ppl": rec["pruned_log_ppl"]}], "step_seconds": []}
             for s in range(args.recovery_steps):
@@ -277,6 +381,15 @@ def summary(rec: dict) -> dict:
                                  "log_ppl_std": float(v.std(ddof=1)) if len(v) > 1 else None,
                                  "log_ppl_min": float(v.min()), "log_ppl_max": float(v.max()),
                                  "gap_recovered": float((rec["pruned_log_ppl"] - v.mean()) / gap)}
+    # every other recipe against CE only, paired by seed (the seeds that ran both)
+    out["vs_ce"] = {}
+    for n in names:
+        both = [s for s in sorted({int(k.rsplit("_seed", 1)[1]) for k in rec["runs"]})
+                if n != "ce" and f"{n}_seed{s}" in rec["runs"] and f"ce_seed{s}" in rec["runs"]]
+        if len(both) >= 2:
+            x = np.array([rec["runs"][f"{n}_seed{s}"]["log_ppl"] - rec["runs"][f"ce_seed{s}"]["log_ppl"] for s in both])
+            out["vs_ce"][n] = {"seeds": both, "mean": float(x.mean()), "std": float(x.std(ddof=1)),
+                               "per_seed": x.tolist(), "beats_ce_beyond_spread": bool(x.mean() < 0 and -x.mean() > x.std(ddof=1))}
     if len(seeds) >= 2:
         kd = np.array([rec["runs"][f"kd_seed{s}"]["log_ppl"] for s in seeds])
         ce = np.array([rec["runs"][f"ce_seed{s}"]["log_ppl"] for s in seeds])
@@ -359,11 +472,49 @@ def step_lines(s: dict) -> list[str]:
     return out
 
 
+NAMES = {"ce": "CE only", "kd": "CE + KD", "kd_only": "KD only", "kd_corrected": "CE + KD, corrected teacher",
+         "kd_only_corrected": "KD only, corrected teacher"}
+
+
+def _recipe_text(k: str, v: dict) -> str:
+    return (f"{NAMES.get(k, k)} (CE weight {v['ce']}, KD weight {v['kd']}, T = {v['temperature']}"
+            + (", KD toward the corrected teacher" if v.get("teacher") == "corrected" else "") + ")")
+
+
+def correction_lines(rc: dict) -> list[str]:
+    """The teacher-correction sentences: what it trained on, its cost, its held-out curve."""
+    tc = rc.get("teacher_correction")
+    if not tc:
+        return []
+    st = tc["stamp"]
+    return ["", f"Teacher correction (Minitron, Sreenivas et al. 2024): a copy of the 30-block teacher fine-tuned once "
+            f"with CE for {st['steps']} steps of {st['batch']} blocks of {st['seq_len']} tokens = {tc['tokens']} tokens "
+            + ("(the students' budget; " if tc["tokens"] == rc["settings"]["tokens_per_run"] else "(")
+            + f"peak lr {st['lr']}, {st['schedule']}, bf16 autocast, tied embedding frozen), on "
+            f"its own draw of {tc['training_blocks']} training-split blocks (seed {st['seed']}; no validation or test "
+            f"document), cached under `--work` as safetensors with its sha256. Cost: {tc['train_seconds']:.0f} s of "
+            f"training ({tc['step_seconds_median']:.1f} s/step median, 1-minute load {tc['loadavg_start']:.1f} at the "
+            f"start, {tc['loadavg_end']:.1f} at the end) plus {tc['eval_seconds']:.0f} s of held-out evaluations. "
+            "Held-out log perplexity along its training: " + ", ".join(
+                f"step {c['step']}: {c['log_ppl']:.4f}" for c in tc["curve"]) + ". The students are still pruned "
+            "from the original teacher (the same 22-block initialization as the other recipes); only the KD target "
+            "changes. The pruning gap and the share of it recovered stay measured against the original teacher "
+            "(what pruning opened)."
+            + (f" Not an equal-cost comparison: the corrected recipe also pays the teacher's one-time {tc['tokens']} "
+               f"tokens of CE on the 30-block model, and the teacher's draw and each student's draw come from the "
+               f"same {tc['training_split_blocks']}-block training split (they share "
+               + "/".join(str(x) for x in tc["shared_blocks_per_seed"]) + " blocks for seeds "
+               + "/".join(str(i) for i in range(len(tc["shared_blocks_per_seed"]))) + "), so the KD student learns "
+               "from the same text twice, once through the teacher. CE only at twice the tokens would repeat blocks "
+               "on this split and was not run." if "shared_blocks_per_seed" in tc else "")]
+
+
 def recovery_lines(rc: dict) -> list[str]:
     """The BENCHMARKS.md paragraph on KD vs CE-only recovery (``--part recovery``)."""
     st, sm = rc["settings"], rc["summary"]
-    names = {"ce": "CE only", "kd": "CE + KD", "kd_only": "KD only"}
+    names = NAMES
     rs = sm["recipes"]
+    tc = rc.get("teacher_correction")
     steps_s = [x for r in rc["runs"].values() for x in r["step_seconds"]]
     by = {n: float(np.median([x for k, r in rc["runs"].items() if k.startswith(n + "_seed")
                               for x in r["step_seconds"]])) for n in rs}
@@ -372,16 +523,18 @@ def recovery_lines(rc: dict) -> list[str]:
            f"{st['steps']} AdamW steps of {st['batch']} blocks of {st['seq_len']} tokens = **{st['tokens_per_run']} "
            f"tokens per run** (peak lr {st['lr']}, {st['schedule']}; {st['trained']}; teacher bf16, student bf16 "
            "autocast with fp32 weights, see the step table above), "
-           + ", ".join(f"{names.get(k, k)} (CE weight {v['ce']}, KD weight {v['kd']}, T = {v['temperature']})"
-                       for k, v in st["recipes"].items() if k in rs)
+           + ", ".join(_recipe_text(k, v) for k, v in st["recipes"].items() if k in rs)
            + f"; {sm['seeds']} seeds each (seed s draws the training blocks and their order; every recipe of a "
            f"seed sees the same ones). Held-out: the first {st['eval_blocks']} test blocks "
            f"({st['eval_blocks'] * (st['seq_len'] - 1)} predicted tokens; documents never seen in training), "
-           "evaluated in fp32.", "",
+           "evaluated in fp32." + (" " + " ".join(correction_lines(rc)).strip() if tc else ""), "",
            "| | log perplexity (mean ± std over seeds) | min–max | perplexity | share of the pruning gap recovered |",
            "|---|---|---|---|---|",
-           f"| teacher | {rc['teacher_log_ppl']:.4f} | | {np.exp(rc['teacher_log_ppl']):.2f} | |",
-           f"| pruned, no training | {rc['pruned_log_ppl']:.4f} | | {np.exp(rc['pruned_log_ppl']):.2f} | 0 |"]
+           f"| teacher | {rc['teacher_log_ppl']:.4f} | | {np.exp(rc['teacher_log_ppl']):.2f} | |"]
+    if tc:
+        out.append(f"| teacher, corrected ({tc['tokens']} tokens of CE) | {tc['log_ppl']:.4f} | | "
+                   f"{np.exp(tc['log_ppl']):.2f} | |")
+    out.append(f"| pruned, no training | {rc['pruned_log_ppl']:.4f} | | {np.exp(rc['pruned_log_ppl']):.2f} | 0 |")
     for k, v in rs.items():
         sd = f" ± {v['log_ppl_std']:.4f}" if v["log_ppl_std"] is not None else ""
         out.append(f"| {names.get(k, k)} | {v['log_ppl_mean']:.4f}{sd} | {v['log_ppl_min']:.4f}–{v['log_ppl_max']:.4f}"
@@ -394,35 +547,58 @@ def recovery_lines(rc: dict) -> list[str]:
         runs = [r for key, r in rc["runs"].items() if key.startswith(k + "_seed")]
         pts = [np.mean([next(c["log_ppl"] for c in r["curve"] if c["step"] == a) for r in runs]) for a in at]
         out.append(f"| {names.get(k, k)} | " + " | ".join(f"{p:.4f}" for p in pts) + " |")
-    pair = [sd for sd in range(10) if f"ce_seed{sd}" in rc["runs"] and f"kd_seed{sd}" in rc["runs"]]
-    if pair:
-        diffs = [np.mean([rc["runs"][f"kd_seed{x}"]["curve"][i]["log_ppl"] - rc["runs"][f"ce_seed{x}"]["curve"][i]["log_ppl"]
-                          for x in pair]) for i in range(1, len(at))]
-        out += ["", "KD − CE along the curve (paired, mean over seeds): " + ", ".join(
-            f"step {a}: {x:+.4f}" for a, x in zip(at[1:], diffs)) + "."]
+    diffs = {}
+    for n, v in sm.get("vs_ce", {}).items():
+        diffs[n] = [np.mean([rc["runs"][f"{n}_seed{x}"]["curve"][i]["log_ppl"] - rc["runs"][f"ce_seed{x}"]["curve"][i]["log_ppl"]
+                             for x in v["seeds"]]) for i in range(1, len(at))]
+    if diffs:
+        out += ["", "Minus CE only along the curve (paired, mean over seeds): " + "; ".join(
+            f"{names.get(n, n)}: " + ", ".join(f"step {a}: {x:+.4f}" for a, x in zip(at[1:], d))
+            for n, d in diffs.items()) + "."]
+        pair = sm["vs_ce"][next(iter(diffs))]["seeds"]
         ce_end = np.mean([rc["runs"][f"ce_seed{x}"]["log_ppl"] for x in pair])
         if ce_end < rc["teacher_log_ppl"]:
-            out += ["", f"CE only ends below the teacher's own held-out log perplexity ({ce_end:.4f} against "
+            d = diffs.get("kd")
+            out += ["", f"CE only ends below the original teacher's own held-out log perplexity ({ce_end:.4f} against "
                     f"{rc['teacher_log_ppl']:.4f}): {st['tokens_per_run']} tokens of debate text adapt the student to "
                     "the domain, which the teacher never saw, so \"the gap pruning opened\" is more than recovered by "
-                    "either recipe and the teacher is no ceiling for CE. The KL term pulls the student toward the "
-                    "teacher's distribution, which on this domain is worse than what CE learns"
-                    + (", so KD ahead early turns into KD behind once CE passes the teacher." if diffs[0] < 0 < diffs[-1]
-                       else ".") + " Minitron meets this with teacher correction (fine-tune the teacher on the "
-                    "distillation data before pruning and distilling); it is not run here."]
+                    "either recipe and the original teacher is no ceiling for CE. The KL term toward it pulls the "
+                    "student toward a distribution that on this domain is worse than what CE learns"
+                    + (", so KD ahead early turns into KD behind once CE passes the teacher." if d and d[0] < 0 < d[-1]
+                       else ".")
+                    + (" Minitron meets this with teacher correction (fine-tune the teacher on the distillation data "
+                       "first); it is not run here." if not tc else
+                       f" Teacher correction (above) moves the KD target to {tc['log_ppl']:.4f}, "
+                       + ("below" if tc["log_ppl"] < ce_end else "still above")
+                       + f" what CE only reaches ({ce_end:.4f})." + _corrected_verdict(sm, names))]
+    for n, v in sm.get("vs_ce", {}).items():
+        d, sd = v["mean"], v["std"]
+        verdict = (f"{names.get(n, n)} beats CE only beyond the seed spread" if v["beats_ce_beyond_spread"] else
+                   f"{names.get(n, n)} is ahead but within the seed spread" if d < 0 else
+                   f"{names.get(n, n)} does not beat CE only")
+        out += ["", f"{names.get(n, n)} − CE only per seed (paired, seeds {v['seeds']}): "
+                + ", ".join(f"{x:+.4f}" for x in v["per_seed"]) + f"; mean {d:+.4f}, std {sd:.4f} nats: {verdict}."]
     if "kd_minus_ce" in sm:
-        d, sd = sm["kd_minus_ce"], sm["kd_minus_ce_std"]
-        verdict = ("KD beats CE-only beyond the seed spread" if d < 0 and -d > sd else
-                   "KD is ahead but within the seed spread" if d < 0 else "KD does not beat CE-only")
-        out += ["", f"KD − CE per seed (paired): " + ", ".join(f"{x:+.4f}" for x in sm["kd_minus_ce_per_seed"])
-                + f"; mean {d:+.4f}, std {sd:.4f} nats: {verdict}. Time: a training step took "
-                + ", ".join(f"{by[n]:.1f} s ({names.get(n, n)})" for n in by)
-                + f", median over runs (all steps {min(steps_s):.1f}–{max(steps_s):.1f} s), at a 1-minute load average "
-                f"of {min(loads):.1f}–{max(loads):.1f} from other sessions ({st['threads']} thread); the {len(rc['runs'])} runs took "
-                f"{sum(r['train_seconds'] for r in rc['runs'].values()) / 60:.0f} minutes of training plus the "
-                "held-out evaluations. `--recovery-steps N` reruns it with another budget; a rerun with the same "
-                "settings keeps the finished runs (saved after each), and `--recipes ce,kd,kd_only` adds Minitron's "
-                "KD-only recipe to the same seeds.", ""]
+        out[-1] += (" Time: a training step took "
+                    + ", ".join(f"{by[n]:.1f} s ({names.get(n, n)})" for n in by)
+                    + f", median over runs (all steps {min(steps_s):.1f}–{max(steps_s):.1f} s), at a 1-minute load "
+                    f"average of {min(loads):.1f}–{max(loads):.1f} from other sessions ({st['threads']} thread); the "
+                    f"{len(rc['runs'])} runs took {sum(r['train_seconds'] for r in rc['runs'].values()) / 60:.0f} "
+                    "minutes of training plus the held-out evaluations. `--recovery-steps N` reruns it with another "
+                    "budget; a rerun with the same settings keeps the finished runs (saved after each), `--recipes "
+                    "ce,kd,kd_only` adds Minitron's KD-only recipe to the same seeds, and `--teacher-correction STEPS "
+                    "--recipes kd_corrected,kd_only_corrected` the recipes toward the corrected teacher (trained once, "
+                    "cached in `--work`; the CE-only runs are reused).")
+        out.append("")
     if rc.get("note"):
         out += [rc["note"], ""]
     return out
+
+
+def _corrected_verdict(sm: dict, names: dict) -> str:
+    v = sm.get("vs_ce", {}).get("kd_corrected")
+    if not v:
+        return ""
+    return (f" With it, CE + KD ends {v['mean']:+.4f} nats against CE only (paired std {v['std']:.4f}), "
+            + ("ahead beyond the seed spread." if v["beats_ce_beyond_spread"] else
+               "ahead, but within the seed spread." if v["mean"] < 0 else "still behind."))
