@@ -164,6 +164,11 @@ def test_report_and_prune_read_the_lm_scores(lm_run, tmp_path, capsys):
                      "--method", method, "--out", str(out)]) == 0
         depth = json.loads((out / "plan.json").read_text())["depth"]
         assert depth["remove"] == [f"blocks.{int(np.argmin(imp[key]))}"]
+        # the report marks the same set for this method at the same budget (prune's own rule, no second copy)
+        assert f"{method} would remove" in text and f"--method {method} --drop-blocks 0.25" in text
+        from lamina.report._context import highlights
+        shown = {h["label"]: h["value"] for h in highlights(s)}
+        assert shown[f"{method} would remove"] == ", ".join(depth["remove"])
     out = tmp_path / "angular"
     assert main(["prune", str(model), "--scores", str(run / "scores.json"), "--drop-blocks", "0.5",
                  "--method", "angular", "--out", str(out)]) == 0

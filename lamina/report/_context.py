@@ -205,10 +205,35 @@ def highlights(s: Scores) -> list[dict]:
             out.append({"label": "least needed blocks (perplexity)", "value": ", ".join(b for _, b in ppl[:3]),
                         "note": "lowest perplexity change when skipped (lower is better): "
                                 + ", ".join(f"{v:+.4g}" for v, _ in ppl[:3])})
+        if ppl:
+            out += _method_sets(s)
         fixed = [b for b, ok in zip(imp.blocks, imp.skippable) if not ok]
         if fixed:
             out.append({"label": "not skippable", "value": str(len(fixed)),
                         "note": ", ".join(fixed[:6]) + (" …" if len(fixed) > 6 else "")})
+    return out
+
+
+SET_FRACTION = 0.25  # the budget at which the report shows each depth method's choice (Gromov et al. drop ~25%)
+SET_METHODS = ("perplexity", "block_influence", "skip_nmse", "angular", "even")
+
+
+def _method_sets(s: Scores) -> list[dict]:
+    """For a causal LM's scores: the blocks each depth method of ``lamina prune`` would remove at a quarter of the
+    blocks, computed by prune's own plan rule (so the report and prune cannot disagree). A method the scores cannot
+    serve (e.g. no angular span of that size) is left out rather than guessed."""
+    from ..compress.plan import PlanConfig, make_plan
+    from ..errors import LaminaError
+    out = []
+    for m in SET_METHODS:
+        try:
+            depth = make_plan(s.raw, PlanConfig(drop_blocks=SET_FRACTION, method=m))["depth"]
+        except LaminaError:
+            continue
+        if depth and depth.get("remove"):
+            out.append({"label": f"{m} would remove", "value": ", ".join(depth["remove"]),
+                        "note": f"lamina prune --method {m} --drop-blocks {SET_FRACTION} "
+                                f"({depth['n_removed']} of {depth['n_blocks']} blocks)"})
     return out
 
 
