@@ -168,6 +168,33 @@ def default_spec(lm, data: str, seq_len: int = 128, **kw):
     return TaskSpec(data=str(data), **kw)
 
 
+def teacher_spec(teacher_src, teacher, data=None, seq_len: int = 128):
+    """The task a teacher (distill, elastic) is trained against: its own record, with ``data`` replacing the
+    record's data where given; without a record, ``data`` read as an LM task for a causal LM, else as labelled
+    classification. Refuses a teacher that is neither a classifier nor a causal LM, and fills an image model's
+    input size from the model."""
+    import dataclasses
+    from pathlib import Path as _P
+    spec = read_task(teacher_src) if isinstance(teacher_src, (str, _P)) else None
+    if spec is None:
+        if not data:
+            raise UsageError("the teacher has no task record, so the data is unknown", value=str(teacher_src),
+                             allowed="a `lamina finetune` folder, or --data", fix="pass --data DATA")
+        spec = default_spec(teacher, data, seq_len=seq_len)
+    elif data and data != spec.data:
+        spec = dataclasses.replace(spec, data=data, limit=None)
+    lm_task = getattr(spec, "kind", "classification") == "lm"
+    if not lm_task and num_classes(teacher) is None:
+        raise UsageError("the teacher is neither a classifier nor a causal language model lamina knows",
+                         value=str(teacher_src),
+                         allowed="a `lamina finetune` output, a *ForSequenceClassification/ImageClassification "
+                                 "folder, or a causal LM with --data text",
+                         fix="fine-tune it first: lamina finetune --model M --data D --out T")
+    if not lm_task and spec.image_size is None and teacher.image_size:
+        spec = dataclasses.replace(spec, image_size=teacher.image_size)
+    return spec
+
+
 def make_task(spec, lm) -> Task:
     """The Task of ``spec`` prepared for ``lm`` (an LM task tokenizes and packs with its tokenizer)."""
     from .lm_task import LMTaskSpec

@@ -30,6 +30,7 @@ accuracy of student and teacher, the map, the weights).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -42,7 +43,7 @@ from ..errors import UsageError
 from ..files import read_json
 from ..runtime import describe, oom_message, resolve_device
 from ..models import LoadedModel, load_model, place, random_init, recalibrate_bn, save_json
-from ..task import check_classes, default_spec, logits_of, make_task, num_classes, read_task
+from ..task import check_classes, logits_of, make_task, num_classes, teacher_spec
 from ..resume import RESUME, check_resume, rows_hash, same_path
 from ..runfolder import check_out, claim, plan_writes
 from ..runfolder import record as record_files
@@ -206,27 +207,11 @@ def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size
     # its memory), except for --width, whose student is sliced from the teacher's full-precision weights
     # (the teacher is cast once the student exists).
     teacher = load_model(teacher, runtime=rt, for_training=config.width is not None)  # a missing teacher is named first
-    spec = read_task(teacher_src) if isinstance(teacher_src, (str, Path)) else None
-    import dataclasses
-    if spec is None:
-        if not config.data:
-            raise UsageError("the teacher has no task record, so the data is unknown", value=str(teacher_src),
-                             allowed="a `lamina finetune` folder, or --data", fix="pass --data DATA")
-        # a causal LM learns next tokens of --data text (packed --seq-len blocks); anything else classifies
-        spec = default_spec(teacher, config.data, seq_len=config.seq_len)
-    elif config.data and config.data != spec.data:
-        spec = dataclasses.replace(spec, data=config.data, limit=None)
+    spec = teacher_spec(teacher_src, teacher, config.data, config.seq_len)
     lm_task = getattr(spec, "kind", "classification") == "lm"
-    if not lm_task and num_classes(teacher) is None:
-        raise UsageError("the teacher is not a classifier lamina knows", value=str(teacher_src),
-                         allowed="a `lamina finetune` output or a *ForSequenceClassification/ImageClassification "
-                                 "folder, or a causal LM with --data text", fix="fine-tune it first: lamina finetune "
-                                                                               "--model M --data D --out T")
     if lm_task and config.center > 0:
         raise UsageError("the centre loss needs class labels; a language-modelling task has none", value=config.center,
                          allowed="--center 0 for a causal LM", fix="drop --center")
-    if not lm_task and spec.image_size is None and teacher.image_size:
-        spec = dataclasses.replace(spec, image_size=teacher.image_size)
     task = make_task(spec, teacher)
     split = task.split
     student_src = student
@@ -251,7 +236,6 @@ def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size
     w = config.weights()
     notes = []
     if w.fsp > 0 and len(s_paths) < 2:  # FSP relates pairs of taps; a one-block student has none
-        import dataclasses
         w = dataclasses.replace(w, fsp=0.0)
         notes.append("fsp weight set to 0: the student has a single mapped block, so no pair of taps")
         log.warning(notes[-1])

@@ -48,7 +48,7 @@ from ..resume import RESUME, check_resume, rows_hash, same_path
 from ..runfolder import check_out, claim, plan_writes
 from ..runfolder import record as record_files
 from ..runtime import describe, oom_message, resolve_device
-from ..task import check_classes, default_spec, logits_of, make_task, num_classes, read_task
+from ..task import check_classes, logits_of, make_task, num_classes, teacher_spec
 from ..train import CHECKPOINT, TrainConfig, fit, init_distributed, loop_field, remove_checkpoint, world
 from ..verify import save_checked
 from .budget import Budget, Grid, kept_groups, make_grid
@@ -180,23 +180,8 @@ def elastic(teacher, config: ElasticConfig | None = None) -> ElasticResult:
 
 
 def _task(teacher_src, teacher: LoadedModel, config: ElasticConfig):
-    spec = read_task(teacher_src) if isinstance(teacher_src, (str, Path)) else None
-    if spec is None:
-        if not config.data:
-            raise UsageError("the teacher has no task record, so the data is unknown", value=str(teacher_src),
-                             allowed="a `lamina finetune` folder, or --data", fix="pass --data DATA")
-        spec = default_spec(teacher, config.data, seq_len=config.seq_len)
-    elif config.data and config.data != spec.data:
-        spec = dataclasses.replace(spec, data=config.data, limit=None)
+    spec = teacher_spec(teacher_src, teacher, config.data, config.seq_len)
     lm_task = getattr(spec, "kind", "classification") == "lm"
-    if not lm_task and num_classes(teacher) is None:
-        raise UsageError("the teacher is neither a classifier nor a causal language model lamina knows",
-                         value=str(teacher_src),
-                         allowed="a `lamina finetune` output, a *ForSequenceClassification/ImageClassification "
-                                 "folder, or a causal LM with --data text",
-                         fix="fine-tune it first: lamina finetune --model M --data D --out T")
-    if not lm_task and spec.image_size is None and teacher.image_size:
-        spec = dataclasses.replace(spec, image_size=teacher.image_size)
     task = make_task(spec, teacher)
     if not lm_task:
         check_classes(num_classes(teacher), task.ds)
