@@ -169,6 +169,7 @@ def test_report_and_prune_read_the_lm_scores(lm_run, tmp_path, capsys):
         from lamina.report._context import highlights
         shown = {h["label"]: h["value"] for h in highlights(s)}
         assert shown[f"{method} would remove"] == ", ".join(depth["remove"])
+    _marks_are_prunes_plans(main, model, run, s, html, tmp_path)
     out = tmp_path / "angular"
     assert main(["prune", str(model), "--scores", str(run / "scores.json"), "--drop-blocks", "0.5",
                  "--method", "angular", "--out", str(out)]) == 0
@@ -182,6 +183,33 @@ def test_report_and_prune_read_the_lm_scores(lm_run, tmp_path, capsys):
     with pytest.raises(UsageError, match="angular distance") as e:
         make_plan(scores, PlanConfig(drop_blocks=0.75, method="angular"))
     assert "--spans" in e.value.fix
+
+
+def _marks_are_prunes_plans(main, model, run, s, html, tmp_path):
+    """The markers on the importance bars: per method, exactly the blocks `lamina prune --method M --drop-blocks
+    0.25` removes, in every panel, with a legend entry; and they are in the page."""
+    from lamina.report import _plots as plots
+    from lamina.report._context import SET_FRACTION, SET_METHODS
+    from lamina.report.report import importance_marks
+    marks = importance_marks(s)
+    assert set(marks) == set(SET_METHODS)  # every score-based method can serve a quarter of 4 blocks
+    fig = plots.importance_figure(s.main.importance, None, marks)
+    for method in SET_METHODS:
+        out = tmp_path / f"q-{method}"
+        assert main(["prune", str(model), "--scores", str(run / "scores.json"), "--drop-blocks", str(SET_FRACTION),
+                     "--method", method, "--out", str(out)]) == 0
+        plan = json.loads((out / "plan.json").read_text())["depth"]["remove"]
+        assert [s.main.importance.blocks[i] for i in marks[method]] == plan
+        drawn = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_gid() == f"remove-{method}"]
+        assert len(drawn) == 3  # Block Influence, skip nMSE and perplexity-change panels
+        for ln in drawn:
+            assert [f"blocks.{round(x)}" for x in ln.get_xdata()] == plan
+        assert f'id="remove-{method}' in html
+    labels = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert all(any(f"--method {m} removes" in t for t in labels) for m in SET_METHODS)
+    # the classifier's report draws no marks (its scores are not an LM's)
+    assert importance_marks(type(s)(raw={}, layers=s.layers, main=type(s.main)(), control=None,
+                                    definitions={})) == {}
 
 
 def test_transfer_refuses_text_without_labels(lm_run, tmp_path, capsys):

@@ -218,23 +218,32 @@ SET_FRACTION = 0.25  # the budget at which the report shows each depth method's 
 SET_METHODS = ("perplexity", "block_influence", "skip_nmse", "angular", "even")
 
 
-def _method_sets(s: Scores) -> list[dict]:
+def method_sets(s: Scores) -> dict[str, dict]:
     """For a causal LM's scores: the blocks each depth method of ``lamina prune`` would remove at a quarter of the
-    blocks, computed by prune's own plan rule (so the report and prune cannot disagree). A method the scores cannot
-    serve (e.g. no angular span of that size) is left out rather than guessed."""
+    blocks, ``{method: plan.json's "depth"}``, computed by prune's own plan rule (so the report and prune cannot
+    disagree). A method the scores cannot serve (e.g. no angular span of that size) is left out rather than guessed;
+    so is ``joint``, which chooses on the model itself, not from scores.json. Empty for other scores."""
     from ..compress.plan import PlanConfig, make_plan
     from ..errors import LaminaError
-    out = []
+    imp = s.main.importance
+    if imp is None or "perplexity_change" not in imp.lm:
+        return {}
+    out = {}
     for m in SET_METHODS:
         try:
             depth = make_plan(s.raw, PlanConfig(drop_blocks=SET_FRACTION, method=m))["depth"]
         except LaminaError:
             continue
         if depth and depth.get("remove"):
-            out.append({"label": f"{m} would remove", "value": ", ".join(depth["remove"]),
-                        "note": f"lamina prune --method {m} --drop-blocks {SET_FRACTION} "
-                                f"({depth['n_removed']} of {depth['n_blocks']} blocks)"})
+            out[m] = depth
     return out
+
+
+def _method_sets(s: Scores) -> list[dict]:
+    return [{"label": f"{m} would remove", "value": ", ".join(d["remove"]),
+             "note": f"lamina prune --method {m} --drop-blocks {SET_FRACTION} "
+                     f"({d['n_removed']} of {d['n_blocks']} blocks); marked on the importance bars"}
+            for m, d in method_sets(s).items()]
 
 
 def _importance_by_layer(imp: Importance | None) -> dict[str, tuple]:

@@ -223,15 +223,48 @@ def _imp_values(side: Importance, key: str) -> list:
     return side.lm.get(key) or [None] * len(side.blocks)
 
 
-def importance_figure(main: Importance, control: Importance | None = None) -> Figure:
-    """Block Influence and skip nMSE bars per block; blocks that cannot be skipped hatched and labelled."""
+# one marker per depth method whose removal set is drawn on the importance bars (a causal LM's report)
+SET_MARKS = {"perplexity": ("v", "#0891b2"), "block_influence": ("s", "#7c3aed"), "skip_nmse": ("D", "#db2777"),
+             "angular": ("^", "#16a34a"), "even": ("o", "#4b5563")}
+_ROW = 0.075  # height of one method's row of markers, as a fraction of the panel
+
+
+def _mark_sets(ax, marks: dict[str, list[int]], xs) -> None:
+    """One row of markers per method in a band above the bars, over each block that method would remove.
+
+    The y limits are stretched (in the axis' own scale, so a symlog panel too) until the bars fill only the part
+    below the band; the rows sit at fixed heights of the panel, so every panel lines its rows up the same way.
+    Each row is one artist with ``gid`` ``remove-<method>``: its x data are the marked blocks' positions."""
+    lo, hi = ax.get_ylim()
+    tr = ax.yaxis.get_transform()
+    a, b = tr.transform(np.array([lo, hi], dtype=float))
+    room = 1.0 - _ROW * (len(marks) + 0.3)
+    ax.set_ylim(lo, float(tr.inverted().transform(np.array([a + (b - a) / room]))[0]))
+    for k, (method, idx) in enumerate(marks.items()):
+        shape, color = SET_MARKS.get(method, ("o", MUTED))
+        y = 1.0 - _ROW * (k + 0.65)
+        ax.plot([-0.6, len(xs) - 0.4], [y, y], color=GRID, linewidth=0.7, transform=ax.get_xaxis_transform(),
+                zorder=2)  # a faint guide: which row a marker is on
+        ax.plot([xs[i] for i in idx], [y] * len(idx), linestyle="none", marker=shape, markersize=6.5,
+                color=color, markeredgecolor="white", markeredgewidth=0.5, transform=ax.get_xaxis_transform(),
+                clip_on=False, zorder=5, gid=f"remove-{method}")
+
+
+def importance_figure(main: Importance, control: Importance | None = None,
+                      marks: dict[str, list[int]] | None = None) -> Figure:
+    """Block Influence and skip nMSE bars per block; blocks that cannot be skipped hatched and labelled.
+
+    ``marks``: {depth method: indices into ``main.blocks`` it would remove}; each method gets a row of markers
+    above the bars of every panel, over the blocks it removes, and a legend entry, so where methods disagree
+    shows at a glance."""
+    marks = {m: list(v) for m, v in (marks or {}).items() if v}
     n = len(main.blocks)
     ctrl = control
     panels = [("block_influence", "#7c3aed"), ("skip_nmse", "#db2777")]
     if "perplexity_change" in main.lm:  # a causal LM: the perplexity change when skipped, lower is better
         panels.append(("perplexity_change", "#0891b2"))
     with _style():
-        fig = Figure(figsize=(4.6 * len(panels), 3.3), layout="constrained")
+        fig = Figure(figsize=(4.6 * len(panels), 3.3 + 0.22 * len(marks)), layout="constrained")
         axes = fig.subplots(1, len(panels))
         x = np.arange(n)
         width = 0.4 if control is not None else 0.7
@@ -281,6 +314,8 @@ def importance_figure(main: Importance, control: Importance | None = None) -> Fi
             ax.set_xlim(-0.6, n - 0.4)
             ax.set_xlabel("block")
             ax.grid(axis="x", visible=False)
+            if marks:
+                _mark_sets(ax, marks, x)  # on the block, not on one of its two bars
         handles = [Patch(color="#7c3aed", label="pretrained (Block Influence)"),
                    Patch(color="#db2777", label="pretrained (skip nMSE)")]
         if len(panels) > 2:
@@ -291,5 +326,9 @@ def importance_figure(main: Importance, control: Importance | None = None) -> Fi
                                  label="random-init control"))
         if not all(main.skippable):
             handles.append(Patch(facecolor="#f3f4f6", edgecolor="#9ca3af", hatch="///", label="not skippable"))
-        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
+        for m, idx in marks.items():
+            shape, color = SET_MARKS.get(m, ("o", MUTED))
+            handles.append(Line2D([], [], linestyle="none", marker=shape, markersize=6.5, color=color,
+                                  markeredgecolor="white", label=f"--method {m} removes ({len(idx)})"))
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5))
         return fig

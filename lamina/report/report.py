@@ -41,7 +41,7 @@ from . import _catalog as cat
 from . import _context as ctx
 from . import _pareto as pareto
 from . import _plots as plots
-from ._scores import parse_scores
+from ._scores import Scores, parse_scores
 from ._stages import section, stage_paths
 
 log = logging.getLogger(__name__)
@@ -168,9 +168,18 @@ def _figures(s, fmt: str) -> dict:
         if ci is not None and ci.blocks != s.main.importance.blocks:
             log.warning("report: the control's importance lists other blocks; drawing it is skipped")
             ci = None
-        fig = plots.importance_figure(s.main.importance, ci)
+        fig = plots.importance_figure(s.main.importance, ci, importance_marks(s))
         out["importance"] = plots.render(fig, fmt, "block importance")
     return out
+
+
+def importance_marks(s: Scores) -> dict[str, list[int]]:
+    """{depth method: indices of the blocks it would remove at a quarter of the blocks}, as the importance bars mark
+    them (a causal LM's scores; empty otherwise). The sets are ``lamina prune``'s own plans (``ctx.method_sets``)."""
+    imp = s.main.importance
+    if imp is None:
+        return {}
+    return {m: [imp.blocks.index(b) for b in d["remove"] if b in imp.blocks] for m, d in ctx.method_sets(s).items()}
 
 
 def _stages(run: Path, extra, fmt: str, points: list[dict]) -> list[dict]:
@@ -281,6 +290,7 @@ def render_html(run: str | Path, config: ReportConfig = ReportConfig()) -> tuple
         "nav": [(sid, _NAV[sid]) for sid in sections if sid in _NAV] + [(st["id"], st["heading"]) for st in stages],
         "importance_target": s.main.importance.target if s.main.importance else None,
         "lm_importance": _lm_importance(s.raw.get("importance")),
+        "importance_marks": list(importance_marks(s)),
         "unskippable": [b for b, ok in zip(s.main.importance.blocks, s.main.importance.skippable) if not ok]
         if s.main.importance else [],
         "scores_sha": hashlib.sha256(scores_bytes).hexdigest(),
