@@ -141,3 +141,60 @@ def test_finetune_an_lm_on_text_and_distill_reads_its_task(setup):
                 DistillConfig(out=str(setup / "r"), epochs=1, batch_size=8, fsp=0.0, progress=False))
     assert d.record["task"] == rec["task"]
     assert d.record["teacher_test"] == rec["test"]  # read from finetune.json: the same blocks
+
+
+def test_cli_teacher_correction_trains_caches_reuses_and_refuses_a_changed_cache(setup, capsys):
+    """Minitron's teacher correction through `lamina distill`: the corrected teacher's validation loss is below the
+    original's (recomputed here from the saved weights), a second run reuses the cached copy, a cache whose bytes
+    no longer match their sha256 is refused, and distill.json says which teacher the student learned from."""
+    from safetensors.torch import load_model as st_load
+    from lamina.cli import main
+    txt, out = str(setup / "d.txt"), setup / "r"
+    args = ["distill", "--teacher", str(setup / "teacher"), "--student", str(setup / "student"), "--data", txt,
+            "--seq-len", "8", "--epochs", "1", "--batch-size", "8", "--lr", "3e-3", "--fsp", "0", "--no-progress",
+            "--teacher-correction", "12", "--out", str(out)]
+    assert main(args) == 0
+    rec = json.loads((out / "distill.json").read_text())
+    used = rec["teacher_used"]
+    assert used["teacher"] == "corrected" and used["cached"] is False and used["steps"] == 12
+    assert used["val_loss_after"] < used["val_loss_before"]
+    # independently: the saved weights in the teacher's architecture, evaluated on the recorded task's blocks
+    lm = load_model(str(setup / "teacher"))
+    task = make_task(LMTaskSpec(**{k: v for k, v in rec["task"].items() if k not in ("documents", "blocks")}), lm)
+    original = task.evaluate(lm, task.split["val"])["loss"]
+    st_load(lm.module, str(out / "corrected-teacher" / "model.safetensors"), strict=True)
+    corrected = task.evaluate(lm, task.split["val"])["loss"]
+    assert corrected == pytest.approx(used["val_loss_after"], rel=1e-5) and original == pytest.approx(
+        used["val_loss_before"], rel=1e-5)
+    assert corrected < original
+    assert task.evaluate(lm, task.split["test"])["loss"] == pytest.approx(used["test"]["loss"], rel=1e-5)
+    assert rec["teacher_test"]["loss"] == pytest.approx(
+        task.evaluate(load_model(str(setup / "teacher")), task.split["test"])["loss"], rel=1e-5)  # the original's
+    # the second run reuses it (same bytes, not retrained)
+    w = out / "corrected-teacher" / "model.safetensors"
+    stat = w.stat().st_mtime_ns
+    assert main(args + ["--overwrite"]) == 0
+    again = json.loads((out / "distill.json").read_text())["teacher_used"]
+    assert again["cached"] is True and again["sha256"] == used["sha256"] and w.stat().st_mtime_ns == stat
+    # changed bytes: refused before loading, a clear message, exit 1
+    raw = bytearray(w.read_bytes())
+    raw[-1] ^= 0xFF
+    w.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert main(args + ["--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "sha256" in err and "delete" in err and "Traceback" not in err
+    # without the flag: the original teacher, and said so
+    assert main(args[:-4] + ["--out", str(setup / "r0")]) == 0
+    assert json.loads((setup / "r0" / "distill.json").read_text())["teacher_used"]["teacher"] == "original"
+    assert main(args[:-2] + ["--out", str(setup / "r1"), "--teacher-correction", "-1"]) == 2
+
+
+def test_kd_follows_the_corrected_teacher(setup):
+    """A student equal to the original teacher has KD 0 toward it (the test above this file's); toward the
+    corrected teacher its KD is positive: the KD target really is the corrected copy."""
+    res = distill(str(setup / "teacher"), str(setup / "teacher"), DistillConfig(
+        out=str(setup / "oc"), data=str(setup / "d.txt"), seq_len=8, ce=0.0, kd=1.0, cosine=0.0, fsp=0.0, epochs=1,
+        batch_size=8, weight_decay=0.0, lr=1e-12, progress=False, teacher_correction=12, teacher_correction_lr=3e-3))
+    assert res.record["teacher_used"]["teacher"] == "corrected"
+    assert res.record["history"]["epochs"][0]["train"]["kd"] > 0

@@ -28,7 +28,7 @@ OWN_HELP = {DistillConfig: {"seed"}, ElasticConfig: {"seed", "patience"},
 KEYS = {
     DistillConfig: "device torch_dtype trust_remote_code out width scratch data seq_len ce kd temperature cosine fsp "
                    "center taps layer_map epochs lr batch_size weight_decay patience train_limit seed "
-                   "calibration_samples resume overwrite progress",
+                   "teacher_correction teacher_correction_lr calibration_samples resume overwrite progress",
     FinetuneConfig: "device torch_dtype trust_remote_code out full epochs lr batch_size weight_decay patience limit "
                     "seed val test max_length seq_len image_size text_column label_column skip_bad_files "
                     "probe_scores resume overwrite progress",

@@ -20,6 +20,10 @@
   every pair of mapped taps, optional I2CL centre loss on the student's
   mean-pooled last block output. Parts with weight 0 are not computed, and the
   teacher is not run at all when no part needs it.
+- **Teacher correction** (Minitron, causal LMs): ``--teacher-correction N``
+  fine-tunes a copy of the teacher with next-token CE for N steps first and
+  distills toward that copy (``._correct``: cached in OUT/corrected-teacher as
+  safetensors + sha256; distill.json's ``teacher_used`` says which teacher).
 - **Training**: ``lamina.train.fit`` (AdamW, warm-up/decay, checkpoints every
   epoch, ``--resume``, early stopping on validation accuracy, torchrun).
 
@@ -85,6 +89,13 @@ class DistillConfig(TrainConfig):
     seed: int = loop_field(0, "seed of the order, the adapters and a re-initialized student")
     train_limit: int | None = field(default=None, metadata={
         "help": "train on at most this many of the training rows (stratified); validation and test stay whole"})
+    teacher_correction: int = field(default=0, metadata={
+        "help": "Minitron's teacher correction (causal LMs): first fine-tune a copy of the teacher with next-token "
+                "CE for this many steps of --batch-size training blocks (peak --lr, warm-up and decay), then distill "
+                "toward it instead of the original; kept in OUT/corrected-teacher (safetensors + sha256) and reused "
+                "by a later run into OUT with the same settings. 0: distill toward the teacher as given"})
+    teacher_correction_lr: float | None = field(default=None, metadata={
+        "help": "peak learning rate of the teacher correction (default: --lr)"})
     calibration_samples: int = field(default=256, metadata={
         "help": "training rows whose activations rank the channels of a --width copy and re-estimate a "
                 "BatchNorm student's running statistics before each validation"})
@@ -99,6 +110,16 @@ class DistillConfig(TrainConfig):
         self.weights()  # validates them
         if self.layer_map is not None:
             parse_layer_map(self.layer_map)
+        if isinstance(self.teacher_correction, bool) or not isinstance(self.teacher_correction, int) \
+                or self.teacher_correction < 0:
+            raise UsageError("--teacher-correction must be a whole number of steps >= 0", value=self.teacher_correction,
+                             allowed="0 (off) or a positive integer", fix="--teacher-correction 64")
+        if self.teacher_correction_lr is not None and not (isinstance(self.teacher_correction_lr, (int, float))
+                                                           and not isinstance(self.teacher_correction_lr, bool)
+                                                           and 0 < self.teacher_correction_lr < 1):
+            raise UsageError("--teacher-correction-lr must be a learning rate in (0, 1)",
+                             value=self.teacher_correction_lr, allowed="e.g. 1e-5; default: --lr",
+                             fix="--teacher-correction-lr 1e-5")
         if self.taps not in ("all", "stages"):
             raise UsageError("unknown --taps", value=self.taps, allowed="all, stages", fix="--taps stages")
 
@@ -195,7 +216,8 @@ def distill(teacher, student=None, config: DistillConfig | None = None) -> Disti
 def writes() -> list[str]:
     """What ``distill`` writes in OUT."""
     from ..finetune.finetune import checkpoint_files
-    return ["model", "distill.json", *checkpoint_files(), RESUME]
+    from ._correct import files
+    return ["model", "distill.json", *checkpoint_files(), RESUME, *files()]
 
 
 def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size: int) -> DistillResult:
@@ -220,6 +242,16 @@ def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size
         teacher = place(teacher, rt)  # the --width copy is made: the teacher now runs in the compute dtype
     if config.scratch:
         student = random_init(student, seed=config.seed)
+    used = {"teacher": "original", "path": str(teacher_src)}
+    if config.teacher_correction:
+        if not lm_task:
+            raise UsageError("--teacher-correction fine-tunes a causal LM teacher on next tokens; this task is "
+                             "classification", value=config.teacher_correction, allowed="0 for a classifier",
+                             fix="drop --teacher-correction (fine-tune the teacher with lamina finetune instead)")
+        from ._correct import corrected_teacher  # after the student: a --width copy is cut from the original
+        original_test = _teacher_test(teacher_src, teacher, task)
+        teacher, used = corrected_teacher(teacher, task, config, out, rank, size)
+        used["test"] = task.evaluate(teacher, split["test"])
     if not lm_task:
         if num_classes(student) != num_classes(teacher):
             raise UsageError("the student predicts another number of classes than the teacher",
@@ -326,7 +358,8 @@ def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size
     hist = fit(mods, params, step, train_rows, split["val"], validate, loop, out,
                resume=config.resume, desc="distill", device=student.device, dtype=teacher.compute_dtype)
     test = task.evaluate(student, split["test"])
-    t_rec = _teacher_test(teacher_src, teacher, task)
+    # the original teacher's: the student's retention is measured against what it was pruned from
+    t_rec = original_test if config.teacher_correction else _teacher_test(teacher_src, teacher, task)
     rec = {"lamina_distill": 1, "teacher": str(teacher_src),
            "student": str(student_src) if student_src is not None else f"narrow copy, width {config.width}",
            "scratch": config.scratch, "task": task.record(), "weights": asdict(w),
@@ -338,7 +371,7 @@ def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size
            "runtime": {**describe(student.device, teacher.compute_dtype), "teacher_dtype": _dt(teacher.dtype),
                        "student_weights_dtype": _dt(student.dtype)},
            "history": hist, "test": test,
-           "teacher_test": t_rec, "accuracy_retained": test["accuracy"] / t_rec["accuracy"] if t_rec["accuracy"] else None,
+           "teacher_test": t_rec, "teacher_used": used, "accuracy_retained": test["accuracy"] / t_rec["accuracy"] if t_rec["accuracy"] else None,
            "metric": task.metric,
            "model_path": str(out / "model"), "seconds": None}
     if rank == 0:
