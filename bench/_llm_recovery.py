@@ -22,7 +22,6 @@ Design decisions (measured by ``step``, see BENCHMARKS.md "llm"):
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import time
@@ -32,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from _llm_common import evaluate, indices, pruned, smollm2_task
 from lamina.distill.losses import kd_loss
-from lamina.lm_task import LMTaskSpec
-from lamina.models import load_model
+from lamina.trust import sha256_of
 
 RECIPES = {"ce": {"ce": 1.0, "kd": 0.0, "temperature": 1.0},
            "kd": {"ce": 1.0, "kd": 1.0, "temperature": 1.0},
@@ -109,30 +108,19 @@ class Trainer:
             p.requires_grad_(False)
 
 
-def _pruned(lm, remove: list[int]):
-    from lamina.blocks import find_blocks
-    from lamina.compress.depth import drop_blocks_
-    m = copy.deepcopy(lm.module)
-    drop_blocks_(m, remove)
-    out = copy.copy(lm)
-    out.module, out.blocks = m, find_blocks(m)
-    return out
-
-
 def _setup(args, res: dict):
-    lm = load_model("smollm2")
+    lm, task = smollm2_task(args.seq_len)
     for p in lm.module.parameters():
         p.requires_grad_(False)
     lm.module.eval()
-    task = LMTaskSpec(data="debates", seq_len=args.seq_len, seed=0).prepare(lm)
     # the joint method's 22-block set: its greedy path's 8th set
-    remove = sorted(int(b.split(".")[1]) for b in res["joint"]["greedy_path"][lm.blocks.n_blocks - 22 - 1])
+    remove = indices(res["joint"]["greedy_path"][lm.blocks.n_blocks - 22 - 1])
     teachers = {False: lm.module, True: copy.deepcopy(lm.module).to(torch.bfloat16).eval()}
-    return lm, task, remove, teachers, (lambda: _pruned(lm, remove))
+    return lm, task, remove, teachers, (lambda: pruned(lm, remove))
 
 
 def _log_ppl(lm, task, rows) -> float:
-    return float(task.evaluate(lm, rows, batch_size=8)["loss"])
+    return float(evaluate(lm, task, rows)["loss"])
 
 
 def checks(lm, teachers, student, task, rows) -> dict:
@@ -205,14 +193,6 @@ def run_step(args, res: dict, save) -> dict:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def corrected_teacher(args, lm, task, eval_rows, curve_at_of, start_log_ppl: float) -> tuple:
     """Minitron's teacher correction: a copy of the 30-block teacher fine-tuned with CE on training blocks.
 
@@ -232,7 +212,7 @@ def corrected_teacher(args, lm, task, eval_rows, curve_at_of, start_log_ppl: flo
     meta_p, w = d / "meta.json", d / "model.safetensors"
     module = copy.deepcopy(lm.module)
     meta = json.loads(meta_p.read_text()) if meta_p.exists() else {}
-    if meta.get("stamp") == stamp and w.exists() and _sha256(w) == meta.get("sha256"):
+    if meta.get("stamp") == stamp and w.exists() and sha256_of(w) == meta.get("sha256"):
         st_load(module, str(w), strict=True)
         rec = meta["record"] | {"cached": str(d)}
     else:
@@ -262,7 +242,7 @@ def corrected_teacher(args, lm, task, eval_rows, curve_at_of, start_log_ppl: flo
                 "step_seconds_median": float(np.median(rec["step_seconds"])), "loadavg_end": os.getloadavg()[0]}
         d.mkdir(parents=True, exist_ok=True)
         st_save(module, str(w))
-        meta_p.write_text(json.dumps({"stamp": stamp, "sha256": _sha256(w), "record": rec}))
+        meta_p.write_text(json.dumps({"stamp": stamp, "sha256": sha256_of(w), "record": rec}))
         # reload it as a later run will, and check it gives the same held-out loss
         check = copy.deepcopy(lm.module)
         st_load(check, str(w), strict=True)

@@ -26,9 +26,7 @@ Usage: python bench/llm.py [--seq-len 64] [--calib-blocks 4] [--eval-blocks 16] 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,13 +37,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import HERE, machine, save_result, write_section  # noqa: E402
 import _llm_recovery  # noqa: E402
+from _llm_common import calib_batches, evaluate, indices, pruned, smollm2_task  # noqa: E402
 
 from lamina.analyze.lm_importance import angular_pick, lm_importance  # noqa: E402
-from lamina.compress.depth import drop_blocks_  # noqa: E402
 from lamina.compress.joint import joint_select  # noqa: E402
 from lamina.compress.plan import even_pick  # noqa: E402
 from lamina.lm_task import LMTaskSpec  # noqa: E402
-from lamina.blocks import find_blocks  # noqa: E402
 from lamina.models import load_model  # noqa: E402
 
 BUDGETS = (22, 15)
@@ -56,18 +53,6 @@ def _lowest(values: list[float], m: int) -> list[int]:
     return sorted(sorted(range(len(values)), key=lambda i: (values[i], i))[:m])
 
 
-def _ppl(lm, task, rows) -> dict:
-    return task.evaluate(lm, rows, batch_size=8)
-
-
-def _pruned(lm, remove: list[int]):
-    m = copy.deepcopy(lm.module)
-    drop_blocks_(m, remove)
-    out = copy.copy(lm)
-    out.module, out.blocks = m, find_blocks(m)
-    return out
-
-
 def run(args) -> dict:
     # one thread: on a shared, oversubscribed CPU two OpenMP threads ran a forward 5x slower than one
     torch.set_num_threads(args.threads or 1)
@@ -75,12 +60,10 @@ def run(args) -> dict:
     t_all = time.time()
     res = {"machine": machine(), "command": "python bench/llm.py " + " ".join(sys.argv[1:]),
            "model": "smollm2", "data": "debates"}
-    lm = load_model("smollm2")
-    spec = LMTaskSpec(data="debates", seq_len=args.seq_len, seed=0)
-    task = spec.prepare(lm)
+    lm, task = smollm2_task(args.seq_len)
     calib_rows = task.split["train"][: args.calib_blocks]
     eval_rows = task.split["test"][: args.eval_blocks]
-    calib = [task.batch(lm, calib_rows[s:s + 4]) for s in range(0, len(calib_rows), 4)]
+    calib = calib_batches(lm, task, args.calib_blocks)
     res["task"] = task.record() | {"calibration_blocks": len(calib_rows), "eval_blocks": len(eval_rows),
                                    "eval_tokens_predicted": len(eval_rows) * (args.seq_len - 1)}
     n = lm.blocks.n_blocks
@@ -90,7 +73,7 @@ def run(args) -> dict:
             lm.forward(b)
         fwd = time.perf_counter() - t
     res["calibration_forward_seconds"] = fwd
-    res["teacher"] = _ppl(lm, task, eval_rows)
+    res["teacher"] = evaluate(lm, task, eval_rows)
     print(f"teacher perplexity {res['teacher']['perplexity']:.3f} on {len(eval_rows)} blocks; one calibration "
           f"forward {fwd:.1f} s", flush=True)
     _save(res)
@@ -119,10 +102,10 @@ def run(args) -> dict:
                   "perplexity_change": _lowest(imp["perplexity_change"], m),
                   "angular": angular_pick(imp["angular"][str(m)], m),
                   "even": even_pick(list(range(n)), m),
-                  "joint": sorted(int(b.split(".")[1]) for b in path[m - 1])}
+                  "joint": indices(path[m - 1])}
         table[str(keep)] = {}
         for meth in METHODS:
-            ev = _ppl(_pruned(lm, choice[meth]), task, eval_rows)
+            ev = evaluate(pruned(lm, choice[meth]), task, eval_rows)
             table[str(keep)][meth] = {"remove": choice[meth], "perplexity": ev["perplexity"],
                                       "loss": ev["loss"], "next_token_accuracy": ev["next_token_accuracy"]}
             print(f"{n} -> {keep}: {meth:<18} ppl {ev['perplexity']:9.2f}  remove {choice[meth]}", flush=True)
@@ -168,7 +151,7 @@ def run_speed(args, lm, joint_set: list[str], targets: dict) -> dict:
     from lamina.bench import BenchConfig, bench
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    small = _pruned(lm, sorted(int(b.split(".")[1]) for b in joint_set))
+    small = pruned(lm, indices(joint_set))
     small.module.save_pretrained(work / "smollm2-joint-22")
     lm.tokenizer.save_pretrained(work / "smollm2-joint-22")
     sp = bench([lm, str(work / "smollm2-joint-22")],
@@ -224,10 +207,8 @@ def run_seeds(args, res: dict) -> dict:
     calibration blocks and objective as the recorded greedy path: does a seed beat the search's set?"""
     from lamina.compress.joint import _Calib
     torch.set_num_threads(args.threads or 1)
-    lm = load_model("smollm2")
-    task = LMTaskSpec(data="debates", seq_len=args.seq_len, seed=0).prepare(lm)
-    calib_rows = task.split["train"][: args.calib_blocks]
-    calib = [task.batch(lm, calib_rows[s:s + 4]) for s in range(0, len(calib_rows), 4)]
+    lm, task = smollm2_task(args.seq_len)
+    calib = calib_batches(lm, task, args.calib_blocks)
     n = lm.blocks.n_blocks
     path = res["joint"]["greedy_path"]
     alone = [int(c["remove"][0].split(".")[1]) for c in res["joint"]["rounds"][0]["candidates"]]
@@ -237,7 +218,7 @@ def run_seeds(args, res: dict) -> dict:
         cal = _Calib(lm, calib, res["joint"]["objective"])
         for keep in BUDGETS:
             m = n - keep
-            sets = {"search": sorted(int(b.split(".")[1]) for b in path[m - 1]),
+            sets = {"search": indices(path[m - 1]),
                     "even": even_pick(list(range(n)), m), "best_alone": sorted(alone[:m])}
             scores = dict(zip(sets, cal.scores(list(sets.values()))))
             win = min(sets, key=lambda k: (scores[k], k != "search"))
@@ -274,7 +255,7 @@ def run_minilm(args) -> dict:
         row = {}
         for meth, remove in (("joint", j["remove"]), ("even", even_pick(list(range(6)), m)),
                              ("joint_nmse_unseeded", old["remove"])):
-            acc = task.evaluate(_pruned(lm, remove), test)["accuracy"]
+            acc = task.evaluate(pruned(lm, remove), test)["accuracy"]
             row[meth] = {"remove": remove, "accuracy": acc}
             print(f"minilm {kept} of 6: {meth:<20} acc {acc:.4f} remove {remove}", flush=True)
         row["joint"].update({"calibration_error": j["score"], "chosen_by": j["chosen_by"], "seeded": j["seeded"]})

@@ -141,3 +141,22 @@ def die_in_epoch(monkeypatch, epoch: int):
 
     monkeypatch.setattr(lamina.train, "_validate", validate)
     return lambda: monkeypatch.setattr(lamina.train, "_validate", real)
+
+
+@pytest.fixture
+def lm_pair(tmp_path):
+    """``make(n_texts, text_seed, student="student")`` writes into tmp_path a text file ``d.txt`` of tiny sentences
+    (one per line), a tiny 3-block Llama ``teacher/`` and ``<student>/``: the teacher without block 1, saved with
+    its tokenizer (the LM tests' teacher / pruned-student pair); returns tmp_path."""
+    def make(n_texts: int = 80, text_seed: int = 2, student: str = "student"):
+        from lamina.compress.depth import drop_blocks_
+        from lamina.models import load_model
+        texts, _ = lt.tiny_sentences(n_texts, seed=text_seed)
+        (tmp_path / "d.txt").write_text("\n".join(texts))
+        t = lt.save_tiny_causal_lm(tmp_path / "teacher", layers=3)
+        s = load_model(str(t)).module
+        drop_blocks_(s, [1])
+        s.save_pretrained(tmp_path / student)
+        lt.tiny_tokenizer().save_pretrained(tmp_path / student)
+        return tmp_path
+    return make

@@ -5,19 +5,12 @@ import json
 import torch
 
 from lamina.bench import BenchConfig, bench
-from lamina.compress.depth import drop_blocks_
 from lamina.models import load_model
-from lamina.testing import save_tiny_causal_lm, tiny_sentences, tiny_tokenizer
 
 
-def test_bench_records_decode_tokens_per_s_and_cached_tokens_equal_a_no_cache_run(tmp_path, capsys):
-    texts, _ = tiny_sentences(60, seed=3)
-    (tmp_path / "d.txt").write_text("\n".join(texts))
-    t = save_tiny_causal_lm(tmp_path / "teacher", layers=3)
-    s = load_model(str(t)).module
-    drop_blocks_(s, [1])
-    s.save_pretrained(tmp_path / "student")
-    tiny_tokenizer().save_pretrained(tmp_path / "student")
+def test_bench_records_decode_tokens_per_s_and_cached_tokens_equal_a_no_cache_run(lm_pair, capsys):
+    tmp_path = lm_pair(60, 3)  # d.txt, teacher/, student/ (conftest.py)
+    t = tmp_path / "teacher"
     res = bench([str(t), str(tmp_path / "student")],
                 BenchConfig(data=str(tmp_path / "d.txt"), seq_len=8, batch_sizes=(1,), warmup=1, repeats=3,
                             decode_tokens=5, out=str(tmp_path / "b"), progress=False))

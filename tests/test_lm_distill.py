@@ -6,25 +6,16 @@ import math
 import pytest
 import torch
 
-from lamina.compress.depth import drop_blocks_
 from lamina.distill import DistillConfig, distill
 from lamina.distill.losses import kd_loss
 from lamina.lm_task import LMTaskSpec
 from lamina.models import load_model
 from lamina.task import make_task
-from lamina.testing import save_tiny_causal_lm, tiny_sentences, tiny_tokenizer
 
 
 @pytest.fixture()
-def setup(tmp_path):
-    texts, _ = tiny_sentences(80, seed=2)
-    (tmp_path / "d.txt").write_text("\n".join(texts))
-    t = save_tiny_causal_lm(tmp_path / "teacher", layers=3)
-    s = load_model(str(t)).module
-    drop_blocks_(s, [1])
-    s.save_pretrained(tmp_path / "student")
-    tiny_tokenizer().save_pretrained(tmp_path / "student")
-    return tmp_path
+def setup(lm_pair):
+    return lm_pair(80, 2)  # tmp_path: d.txt, teacher/, student/ (conftest.py)
 
 
 def test_kd_of_an_lm_against_itself_is_zero_at_every_position(setup):

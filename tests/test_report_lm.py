@@ -3,10 +3,7 @@
 import json
 
 from lamina.cli import main
-from lamina.compress.depth import drop_blocks_
-from lamina.models import load_model
 from lamina.report._pareto import collect, figure, front, metric_of
-from lamina.testing import save_tiny_causal_lm, tiny_sentences, tiny_tokenizer
 
 
 def test_lm_points_use_perplexity_and_lower_is_better(tmp_path):
@@ -33,15 +30,9 @@ def test_lm_points_use_perplexity_and_lower_is_better(tmp_path):
     assert front([1000, 1200], [-20.0, -25.0]) == [True, False]
 
 
-def test_report_of_a_tiny_lm_run_shows_perplexity(tmp_path, capsys):
-    texts, _ = tiny_sentences(80, seed=5)
-    txt = tmp_path / "d.txt"
-    txt.write_text("\n".join(texts))
-    t = save_tiny_causal_lm(tmp_path / "teacher", layers=3)
-    s = load_model(str(t)).module
-    drop_blocks_(s, [1])
-    s.save_pretrained(tmp_path / "small")
-    tiny_tokenizer().save_pretrained(tmp_path / "small")
+def test_report_of_a_tiny_lm_run_shows_perplexity(lm_pair, capsys):
+    tmp_path = lm_pair(80, 5, student="small")  # d.txt, teacher/, small/ (conftest.py)
+    txt, t = tmp_path / "d.txt", tmp_path / "teacher"
     run = tmp_path / "run"
     assert main(["capture", "--model", str(t), "--data", str(txt), "--pooling", "mean", "--limit", "20",
                  "--seq-len", "8", "--out", str(run), "--no-progress"]) == 0
