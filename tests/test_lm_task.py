@@ -143,3 +143,26 @@ def test_bench_measures_perplexity_of_an_lm_and_its_pruned_copy(tmp_path, corpus
     ref = make_task(spec_from_record(res["task"]), lm)
     assert s["perplexity"] == pytest.approx(ref.evaluate(lm, ref.split["test"])["perplexity"], rel=1e-6)
     assert s["blocks"] == 2 and s["vs_first"]["perplexity_ratio"] == pytest.approx(s["perplexity"] / t["perplexity"])
+
+
+def test_a_datasets_text_column(tmp_path):
+    """A save_to_disk folder (one split, or a split of several) is text for the LM task: its text column, by the
+    table's rule (a labelled split must name the column)."""
+    datasets = pytest.importorskip("datasets")
+    docs = ["first document here", "", "second one", "third and last"]
+    datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(tmp_path / "one"))
+    ds = load_corpus(str(tmp_path / "one"))
+    assert ds.inputs == ["first document here", "second one", "third and last"] and ds.meta["unlabelled"]
+    assert ds.meta["text_column"] == "body"
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs, "label": [0, 1, 0, 1]}),
+                               "test": datasets.Dataset.from_dict({"text": ["x"], "label": [0]})})
+    dd.save_to_disk(str(tmp_path / "two"))
+    assert load_corpus(f"{tmp_path / 'two'}:train", text_column="text").inputs == ds.inputs
+    with pytest.raises(UsageError, match="label column") as e:
+        load_corpus(f"{tmp_path / 'two'}:train")
+    assert "--text-column" in e.value.fix
+    with pytest.raises(UsageError, match="text column is not in") as e:
+        load_corpus(f"{tmp_path / 'two'}:train", text_column="txt")
+    assert "text" in e.value.fix
+    with pytest.raises(UsageError, match="several splits"):
+        load_corpus(str(tmp_path / "two"), text_column="text")

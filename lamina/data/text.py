@@ -10,6 +10,8 @@ Sources (``load_corpus``):
     a table           CSV/TSV/JSONL/Parquet: the text column (``text_column``; a table
                       with a label-like column must name it, so a labelled table is
                       never read as text by a guess)
+    datasets          a save_to_disk folder (``FOLDER`` or ``FOLDER:split``) or a Hub id
+                      ``NAME:split``: its text column, by the table's rule
 
 The result is a :class:`~lamina.data.Dataset` of kind 'text' whose labels are
 all 0 under the single class 'text' (``meta['unlabelled']`` is True): the
@@ -62,6 +64,37 @@ def _read_txt(path: Path) -> str:
                          fix="convert it, e.g. `iconv -f latin1 -t utf-8`") from e
 
 
+def _text_column(cols: list[str], text_column: str | None, where: str) -> str:
+    """The column of a table or ``datasets`` split that holds the text: the one named, else a guess that is
+    refused when a label-like column is there (a labelled table is never read as text by a guess)."""
+    if text_column is None:
+        labels = [c for c in cols if c.lower() in _GUESS_LABEL]
+        if labels:  # a labelled table: guessing which column is the text is how a label ends up modelled
+            raise UsageError("the table has a label column; say which column holds the text to model",
+                             value=f"{where} (columns: {', '.join(cols)})", allowed=", ".join(cols),
+                             fix="pass --text-column COLUMN")
+        guess = [c for c in cols if c.lower() in _GUESS_TEXT]
+        if not guess and len(cols) != 1:
+            raise UsageError("could not guess the text column of the table", value=where,
+                             allowed=", ".join(cols), fix="pass --text-column COLUMN")
+        return guess[0] if guess else cols[0]
+    if text_column not in cols:
+        raise UsageError(f"the text column is not in {where}", value=text_column, allowed=", ".join(cols),
+                         fix=suggest(text_column, cols) or "pass one of the columns with --text-column")
+    return text_column
+
+
+def _hf_text(spec: str, text_column: str | None) -> Dataset:
+    """A ``datasets`` split's text column: a save_to_disk folder (``FOLDER[:split]``) or a Hub id ``NAME:split``."""
+    from .hf_datasets import _from_disk, _from_hub, _saved_folder
+    hf, name, source = _from_disk(spec) if _saved_folder(Path(spec)) or _saved_folder(
+        Path(spec.rpartition(":")[0])) else _from_hub(spec)
+    col = _text_column([str(c) for c in hf.column_names], text_column, name)
+    ds = _corpus(name, [v if isinstance(v, str) else "" for v in hf[col]], np.arange(len(hf)), source)
+    ds.meta["text_column"] = col
+    return ds
+
+
 def _table_text(path: Path, text_column: str | None) -> Dataset:
     import pandas as pd
     suf = path.suffix.lower()
@@ -76,20 +109,7 @@ def _table_text(path: Path, text_column: str | None) -> Dataset:
         raise UsageError(f"could not read the table: {e}", value=str(path), allowed=", ".join(_TABLE_EXT),
                          fix="check the file format and extension") from e
     cols = [str(c) for c in df.columns]
-    if text_column is None:
-        labels = [c for c in cols if c.lower() in _GUESS_LABEL]
-        if labels:  # a labelled table: guessing which column is the text is how a label ends up modelled
-            raise UsageError("the table has a label column; say which column holds the text to model",
-                             value=f"{path} (columns: {', '.join(cols)})", allowed=", ".join(cols),
-                             fix="pass --text-column COLUMN")
-        guess = [c for c in cols if c.lower() in _GUESS_TEXT]
-        if not guess and len(cols) != 1:
-            raise UsageError("could not guess the text column of the table", value=str(path),
-                             allowed=", ".join(cols), fix="pass --text-column COLUMN")
-        text_column = guess[0] if guess else cols[0]
-    elif text_column not in cols:
-        raise UsageError(f"the text column is not in {path}", value=text_column, allowed=", ".join(cols),
-                         fix=suggest(text_column, cols) or "pass one of the columns with --text-column")
+    text_column = _text_column(cols, text_column, str(path))
     col = df[text_column]
     docs = [str(v) if isinstance(v, str) else "" for v in col.tolist()]
     ds = _corpus(path.stem, docs, df.index.to_numpy(), str(path))
@@ -129,6 +149,9 @@ def load_corpus(spec, text_column: str | None = None, document_per_file: bool = 
             raise UsageError(f"the bundled text {spec!r} has a fixed column; --text-column applies to tables",
                              value=text_column, allowed="no --text-column", fix="drop --text-column")
         return debates() if spec == "debates" else rotten_tomatoes_text()
+    from .hf_datasets import is_hf_spec
+    if is_hf_spec(spec):  # checked first: a save_to_disk folder is a folder, but not of .txt files
+        return _hf_text(spec, text_column)
     path = Path(spec)
     if not path.exists():
         raise UsageError("the text data is neither a bundled text nor an existing path", value=spec,
