@@ -295,3 +295,18 @@ def test_analyze_refuses_text_that_changed_since_the_capture(lm_run, tmp_path, c
     assert main(["analyze", str(run), "--no-control", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "no longer packs into the blocks" in err and "capture again" in err
+
+
+def test_importance_samples_default_is_64_blocks_for_an_lm_and_512_samples_otherwise(lm_run):
+    from lamina.analyze import AnalyzeConfig
+    from lamina.analyze.analyze import importance_samples
+    from lamina.errors import UsageError
+    assert importance_samples(AnalyzeConfig(), packed=True) == 64
+    assert importance_samples(AnalyzeConfig(), packed=False) == 512
+    assert importance_samples(AnalyzeConfig(importance_samples=0), packed=True) == 0  # 0: all, as asked
+    with pytest.raises(UsageError, match="importance.samples"):
+        AnalyzeConfig(importance_samples=-1)
+    _, _, run = lm_run
+    scores = json.loads((run / "scores.json").read_text())
+    assert scores["settings"]["importance_samples"] == 64  # the resolved default is recorded
+    assert scores["importance"]["n_samples"] == LIMIT  # fewer captured blocks than that: all of them

@@ -90,3 +90,22 @@ def test_lm_importance_equals_naive_recomputation(arch):
 def test_angular_pick_is_the_span_with_the_smallest_distance():
     assert angular_pick([0.3, 0.1, 0.2], 2) == [1, 2]
     assert angular_pick([0.1, 0.1], 3) == [0, 1, 2]
+
+
+def test_importance_of_a_union_of_batches_from_per_batch_sums_is_exact():
+    """bench/llm_importance_samples.py scores sample sizes by adding per-batch sums: the union of the batches'
+    sums must give exactly what lm_importance gives on those batches together."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import llm_importance_samples as S
+    lm, batches = _setup("llama")
+    batches.append({"input_ids": torch.randint(4, 64, (3, 9), generator=torch.Generator().manual_seed(2)),
+                    "attention_mask": torch.ones(3, 9, dtype=torch.long)})
+    units = [S._unit_sums(lm, b) for b in batches]
+    for pick in ([0, 1, 2], [0, 2], [1]):
+        want = lm_importance(lm, [batches[i] for i in pick], spans=(1,))
+        got = S.scores_of([units[i] for i in pick])
+        for key in ("block_influence", "skip_nmse", "perplexity_change"):
+            assert got[key].tolist() == pytest.approx(want[key], rel=1e-9, abs=1e-12)
+        assert got["angular_1"].tolist() == pytest.approx(want["angular"]["1"], rel=1e-9, abs=1e-12)

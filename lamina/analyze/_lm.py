@@ -28,6 +28,11 @@ from ..compress.joint import _logits
 from .lm_importance import lm_importance
 
 LOGIT_ELEMENTS = 1 << 25  # 32M floats = 128 MiB per (B, T, V) logits tensor
+# --importance-samples' default for a causal LM: packed blocks the importance runs over. Its cost is ~26 forwards
+# over them (the N skips re-run the blocks after each one); on SmolLM2 / debates 64 blocks already rank the 30 blocks
+# and pick a quarter-of-the-blocks set as a larger sample does (bench/llm_importance_samples.py, BENCHMARKS.md llm),
+# where the classifier default of 512 cost hours on two CPU cores.
+LM_IMPORTANCE_SAMPLES = 64
 DEFAULT_SPANS = (1, 2, 4, 8)
 
 DEFINITIONS = {

@@ -70,8 +70,11 @@ class AnalyzeConfig(Runtime):
                 "the scores do not depend on it"})
     importance: bool = field(default=True, metadata={
         "help": "score every block (Block Influence, skip nMSE); needs the model"})
-    importance_samples: int = field(default=512, metadata={
-        "help": "samples the importance sums run over (stratified subset of the store's samples; 0 = all)"})
+    importance_samples: int | None = field(default=None, metadata={
+        "help": "samples the importance sums run over (a subset of the store's samples, stratified for a "
+                "classifier; 0 = all); default 512 samples, or 64 packed blocks for a causal LM, whose importance "
+                "runs about 26 forward passes over them (64 blocks already rank SmolLM2's blocks as 512 would: "
+                "BENCHMARKS.md, llm)"})
     spans: tuple[int, ...] = field(default=(1, 2, 4, 8), metadata={
         "help": "a causal LM captured on packed text: the n of the angular distance between the input of block l "
                 "and the output of block l+n-1 (removing n consecutive blocks, Gromov et al.); spans longer "
@@ -93,9 +96,12 @@ class AnalyzeConfig(Runtime):
         if not self.spans or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.spans):
             raise UsageError("--spans must be positive block counts", value=self.spans,
                              allowed="integers >= 1 (blocks removed together)", fix="--spans 1 2 4 8")
-        if self.importance_samples < 0:
+        if self.importance_samples is not None and (isinstance(self.importance_samples, bool)
+                                                    or not isinstance(self.importance_samples, int)
+                                                    or self.importance_samples < 0):
             raise UsageError("--importance-samples must be >= 0", value=self.importance_samples,
-                             allowed="0 (all) or a positive count", fix="--importance-samples 512")
+                             allowed="0 (all) or a positive count",
+                             fix="--importance-samples 64, or leave it out for the default")
 
 
 @dataclass
@@ -251,6 +257,15 @@ def _reload(store: FeatureStore, model, data, runtime=None) -> tuple[LoadedModel
     return lm, ds
 
 
+
+def importance_samples(config: AnalyzeConfig, packed: bool) -> int:
+    """--importance-samples, or its default: 512 samples of a classifier, ``LM_IMPORTANCE_SAMPLES`` packed blocks
+    of a causal LM (its importance costs ~26 forwards over them; see ``_lm``)."""
+    if config.importance_samples is not None:
+        return config.importance_samples
+    from ._lm import LM_IMPORTANCE_SAMPLES
+    return LM_IMPORTANCE_SAMPLES if packed else 512
+
 def analyze(run, config: AnalyzeConfig = AnalyzeConfig(), *, model=None, data=None) -> AnalyzeResult:
     """Compute every per-layer metric of the run's store and write RUN/scores.json.
 
@@ -311,12 +326,13 @@ def _analyze(store: FeatureStore, run_dir: Path, path: Path, config: AnalyzeConf
         kw = dict(batch_size=cap.get("batch_size", 32), max_length=cap.get("max_length", 128),
                   image_size=cap.get("image_size"), progress=config.progress)
         packed = bool(man.get("lm_task"))
+        n_imp = importance_samples(config, packed)
+        scores["settings"]["importance_samples"] = n_imp
         if packed:
             from ._lm import importance_rows
-            few = importance_rows(ds, config.importance_samples, config.seed)
+            few = importance_rows(ds, n_imp, config.seed)
         else:
-            few = ds if not config.importance_samples or config.importance_samples >= len(ds) else \
-                subsample(ds, config.importance_samples, config.seed, min_per_class=0)
+            few = ds if not n_imp or n_imp >= len(ds) else subsample(ds, n_imp, config.seed, min_per_class=0)
         if config.importance and packed:
             with oom_message(kw["batch_size"], "--batch-size of the capture (or --importance-samples)", lm.device):
                 scores["importance"] = _lm_importance(lm, few, config, kw)
