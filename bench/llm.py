@@ -313,6 +313,10 @@ def _write(r: dict) -> None:
     # hand-written from the one CLI run of `lamina analyze` on SmolLM2 (merge of lmanalyze); kept when a part
     # rewrites the section, since no part of this script makes that run
     lines += ["LM importance through the CLI (`lamina capture --model smollm2 --data debates --pooling last --limit 32 --seq-len 64 --out R` then `lamina analyze R`, control on; 08:00 UTC, load average 9-10 on the 2 shared cores, so wall times are slow and noisy): capture of 32 packed training blocks of 64 tokens (the LM task's document split, 2,048 tokens) 51 s; analyze 2,513 s in all, peak RSS 2.3 GB. The LM importance of all 30 blocks took 1,348 s = 26.5 plain forward passes over the same blocks (one forward: 50.8 s at that load; block evaluations: 15.5 forwards; batches of 10 blocks, the cap that keeps one batch's logits under 2^25 floats, summed over 8,192-wide vocabulary chunks); the random-init control's took 997 s (19.6 forwards); the rest is the two captures and the label-free metrics. Full perplexity on those blocks 49.44. Least needed blocks (lowest first): perplexity change 13 (+1.55), 14 (+1.91), 17 (+2.51), 16 (+2.83), 12 (+3.75); Block Influence 25, 17, 14, 13, 26; skip nMSE on logits 17, 25, 5, 4, 12; smallest angular distance: n=1 block 25, n=2 blocks 14-15, n=4 blocks 12-15, n=8 blocks 11-18. Most needed: block 0 (perplexity 1.1e5 without it), 1 (1,089), 11 (349), 29 (262), 28 (152). The middle blocks 12-17 and 25-26, which lead most of these lists, are what the 22-block sets in the table above mostly remove.", ""]
+    samples = HERE / "results" / "llm_importance_samples.json"  # bench/llm_importance_samples.py, its own run
+    if samples.exists():
+        import llm_importance_samples
+        lines += llm_importance_samples.lines(json.loads(samples.read_text()))
     sd = j.get("seeded")
     if sd:
         lines += [f"Seed sets (`{sd.get('command', '--part seeds')}`): the joint method also scores the evenly spaced "
