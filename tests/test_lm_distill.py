@@ -189,3 +189,26 @@ def test_kd_follows_the_corrected_teacher(setup):
         batch_size=8, weight_decay=0.0, lr=1e-12, progress=False, teacher_correction=12, teacher_correction_lr=3e-3))
     assert res.record["teacher_used"]["teacher"] == "corrected"
     assert res.record["history"]["epochs"][0]["train"]["kd"] > 0
+
+
+def test_resume_of_an_lm_distill_with_teacher_correction_ends_where_an_uninterrupted_run_does(setup, monkeypatch):
+    """An LM distill cut after epoch 1 and resumed: the cached corrected teacher is reused (not retrained) and the
+    student ends with the uninterrupted run's weights and loss curve."""
+    from conftest import die_in_epoch
+
+    def cfg(out, **kw):
+        return DistillConfig(out=str(setup / out), data=str(setup / "d.txt"), seq_len=8, epochs=3, batch_size=8,
+                             lr=1e-3, fsp=0.0, progress=False, teacher_correction=6, **kw)
+    ref = distill(str(setup / "teacher"), str(setup / "student"), cfg("ref"))
+    restore = die_in_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        distill(str(setup / "teacher"), str(setup / "student"), cfg("cut"))
+    restore()
+    res = distill(str(setup / "teacher"), str(setup / "student"), cfg("cut", resume=True))
+    assert res.record["teacher_used"]["cached"] is True and ref.record["teacher_used"]["cached"] is False
+    assert res.record["teacher_used"]["sha256"] == ref.record["teacher_used"]["sha256"]
+    a, b = load_model(ref.model_path).module.state_dict(), load_model(res.model_path).module.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    la = [e["train"]["loss"] for e in ref.record["history"]["epochs"]]
+    assert [e["train"]["loss"] for e in res.record["history"]["epochs"]] == pytest.approx(la, rel=1e-6)
