@@ -240,6 +240,8 @@ def _mark_sets(ax, marks: dict[str, list[int]], xs) -> None:
     a, b = tr.transform(np.array([lo, hi], dtype=float))
     room = 1.0 - _ROW * (len(marks) + 0.3)
     ax.set_ylim(lo, float(tr.inverted().transform(np.array([a + (b - a) / room]))[0]))
+    ax.set_yticks([t for t in ax.get_yticks() if lo <= t <= hi])  # no value ticks beside the band of markers
+    ax.set_ylim(lo, float(tr.inverted().transform(np.array([a + (b - a) / room]))[0]))  # set_yticks may widen it
     for k, (method, idx) in enumerate(marks.items()):
         shape, color = SET_MARKS.get(method, ("o", MUTED))
         y = 1.0 - _ROW * (k + 0.65)
