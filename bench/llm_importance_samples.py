@@ -88,7 +88,8 @@ def analyse(units: list[dict], sizes: list[int], unit: int, draws: int, seed: in
     n_blocks = len(pool["skip_nmse"])
     k = round(QUARTER * n_blocks)
     fixed = {0}  # block 0 is never a removal candidate worth counting (perplexity x1000 without it)
-    out = {"pool_blocks": len(units) * unit, "remove_k": k, "sizes": {}}
+    out = {"pool_blocks": len(units) * unit, "remove_k": k, "sizes": {},
+           "pool_scores": {key: [float(x) for x in v] for key, v in pool.items()}}
     for n in sizes:
         m = n // unit
         row = {}
@@ -111,6 +112,11 @@ def analyse(units: list[dict], sizes: list[int], unit: int, draws: int, seed: in
 
 NAMES = {"perplexity_change": "perplexity change", "skip_nmse": "skip nMSE", "block_influence": "Block Influence",
          "angular_1": "angular n=1"}
+
+
+def units_of(r: dict) -> list[dict]:
+    """Each unit's seconds and 1-minute load (recorded in the result)."""
+    return r.get("unit_timing") or []
 
 
 def lines(r: dict) -> list[str]:
@@ -138,6 +144,31 @@ def lines(r: dict) -> list[str]:
             "from other sessions while they ran), so the cost is linear in the blocks: at the old default of 512 blocks "
             f"about {512 / (st['pool_blocks'] // r['units']) * r['unit_seconds_median'] / 3600:.1f} hours at this "
             "load and block length.", ""]
+    big = max((n for n, row in st["sizes"].items() if row["perplexity_change"]["split_half_spearman_q"]), key=int)
+    row = st["sizes"][big]
+    from lamina.analyze._lm import LM_IMPORTANCE_SAMPLES
+    unit_s = r["unit_seconds_median"] / (st["pool_blocks"] // r["units"])  # seconds per block of `seq` tokens
+    others = [row[k]["split_half_spearman_q"][1] for k in SCORES if k != "perplexity_change"]
+    pc = st["pool_scores"]["perplexity_change"]
+    (v8, b8), (v9, b9) = sorted((v, i) for i, v in enumerate(pc) if i != 0)[st["remove_k"] - 1:st["remove_k"] + 1]
+    first = min(units_of(r), key=lambda u: u["load"]) if units_of(r) else None
+    out += [f"The default this sets: `lamina analyze` scores a causal LM on {LM_IMPORTANCE_SAMPLES} packed blocks "
+            "unless `--importance-samples` says otherwise (`LM_IMPORTANCE_SAMPLES` in `lamina/analyze/_lm.py`; a "
+            f"classifier keeps 512 samples). At the capture's default block of 128 tokens that is "
+            f"{LM_IMPORTANCE_SAMPLES * 128:,} tokens, more than the largest split-half size measured here "
+            f"({int(big) * seq:,} tokens), where the noisiest score, the perplexity change, already has a split-half "
+            f"Spearman of {row['perplexity_change']['split_half_spearman_q'][1]:.3f} and two independent draws share "
+            f"{row['perplexity_change']['quarter_set_agree_q'][1]:.0f} of the 8 blocks a quarter plan removes (on "
+            f"the whole pool the 8th and 9th lowest perplexity changes, blocks {b8} and {b9}, differ by "
+            f"{100 * (v9 - v8) / v8:.0f}%: the margin where draws disagree), and the other three scores are "
+            f"at {min(others):.3f} or above. More blocks cost linearly and change the ranking little: "
+            f"{LM_IMPORTANCE_SAMPLES} blocks of 128 tokens take about "
+            f"{LM_IMPORTANCE_SAMPLES * 2 * unit_s / 60:.0f} minutes at this load, the old default of 512 about "
+            f"{512 * 2 * unit_s / 3600:.1f} hours"
+            + (f" (on a quiet machine, as the unit measured at load {first['load']:.1f} took {first['seconds']:.0f} s: "
+               f"about {LM_IMPORTANCE_SAMPLES * 2 * first['seconds'] / (st['pool_blocks'] // r['units']) / 60:.0f} "
+               f"minutes for {LM_IMPORTANCE_SAMPLES} blocks of 128 tokens)" if first else "")
+            + "; a user who wants more passes `--importance-samples N` (0: all).", ""]
     return out
 
 
@@ -179,15 +210,17 @@ def main() -> None:
     loads = [u["load"] for u in units if "load" in u]
     res["unit_load_range"] = [min(loads), max(loads)] if loads else None
     res["draws"] = args.draws
+    res["unit_timing"] = [{"seconds": u["seconds"], "load": u["load"]} for u in units if "load" in u]
     half = len(units) // 2 * args.unit  # the largest size two disjoint draws can both have
-    sizes = sorted({n for n in (8, 16, 32, 64, 128, 256, 512) if n <= len(units) * args.unit and n % args.unit == 0}
-                   | ({half} if half else set()))
+    sizes = sorted({n for n in (8, 16, 32, 64, 128, 256, 512) if n < len(units) * args.unit and n % args.unit == 0}
+                   | ({half} if half else set()))  # the pool itself is the reference, not a row
     res["stability"] = analyse(units, sizes, args.unit, args.draws, seed=1)
     res["machine"]["load_average_end"] = list(os.getloadavg())
     old = HERE / "results" / "llm_importance_samples.json"
     if args.analyse_only and old.exists():  # keep what the measuring run recorded (its machine, timing, task)
         prev = json.loads(old.read_text())
-        res = prev | {k: res[k] for k in ("units", "unit_seconds_median", "unit_load_range", "draws", "stability")}
+        res = prev | {k: res[k] for k in ("units", "unit_seconds_median", "unit_load_range", "draws", "unit_timing",
+                                    "stability")}
         res["analysed"] = "python bench/llm_importance_samples.py " + " ".join(sys.argv[1:])
     save_result("llm_importance_samples", res)
     print("\n".join(lines(res)))
