@@ -130,7 +130,8 @@ def lines(r: dict) -> list[str]:
            "per size. *Split-half*: Spearman rank correlation of the 30 per-block scores between two disjoint draws of n "
            "blocks (independent data); *quarter set*: how many of the 8 lowest-scoring blocks (block 0 left out), "
            "what a quarter-of-the-blocks plan removes, the two draws share; *vs pool*: Spearman of n blocks against "
-           f"all {st['pool_blocks']} (overlapping data, an upper bound). Median (quartiles).", "",
+           f"all {st['pool_blocks']} (overlapping data, an upper bound). Median (quartiles)."
+           + (f" Note: {r['note']}." if r.get("note") else ""), "",
            "| blocks (tokens) | " + " | ".join(f"{NAMES[k]}: split-half / quarter set / vs pool" for k in SCORES)
            + " |", "|---|" + "---|" * len(SCORES)]
     f = lambda q, d=3: "–" if q is None else (f"{q[1]:.{d}f}" + (f" ({q[0]:.{d}f}–{q[2]:.{d}f})" if d else ""))  # noqa: E731
