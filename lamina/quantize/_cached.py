@@ -38,6 +38,7 @@ from torch import nn
 
 from ..analyze.importance import _caching, _eval_mode, prefix_stubs
 from ..blocks import block_output, patched_forwards, with_output
+from .lm import final_hidden, head_name
 
 CACHE_BYTES = 1 << 30  # all calibration batches' block outputs; above it, sensitivity runs full forwards
 
@@ -96,10 +97,14 @@ def cache_blocks(lm, batches, names: list[str], limit: int | None = None) -> tup
     mods = [by_path[p] for p in paths]
     linears = {n: lm.module.get_submodule(n) for n in names}
     outputs, start, total = [], {}, 0
+    head = head_name(lm)
     with torch.inference_mode(), _eval_mode(lm.module):
         for i, b in enumerate(batches):
             with _caching(mods, keep=True) as cache, _first_calls(linears, cache, start if i == 0 else None):
-                lm.forward(b)
+                if head is not None:  # an LM: stopped before its output head, the full logits are not needed
+                    final_hidden(lm, b, head)  # (so the head is never called here: start N, after every block)
+                else:
+                    lm.forward(b)
             if any(c != 1 for c in cache.calls):
                 return None, f"a block ran {max(cache.calls)} times in one forward (shared or skipped blocks)"
             if any(block_output(o) is None for o in cache.outputs):

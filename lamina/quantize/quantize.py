@@ -201,7 +201,7 @@ ROUTES = ("auto", "cached", "naive")
 
 
 def sensitivity(lm: LoadedModel, batches, formats=("int8dyn",), route: str = "auto",
-                cost: dict | None = None) -> dict[str, dict[str, float]]:
+                cost: dict | None = None, layers: list[str] | None = None) -> dict[str, dict[str, float]]:
     """{layer name: {format: nMSE of the main output with only that layer quantized}} on ``batches``.
 
     Each layer is swapped for a quantized copy and put back, so ``lm`` is unchanged afterwards.
@@ -209,11 +209,18 @@ def sensitivity(lm: LoadedModel, batches, formats=("int8dyn",), route: str = "au
     from the float model's cached block outputs (:mod:`lamina.quantize._cached`: the same numbers, fewer block
     evaluations); "naive" runs the whole model per (layer, format); "auto" caches when the cache fits
     ``_cached.CACHE_BYTES`` and the blocks run once each per forward, else runs naive. ``cost``, when given,
-    is filled with the route that ran and what it cost (quant_plan.json's ``cost``)."""
+    is filled with the route that ran and what it cost (quant_plan.json's ``cost``). ``layers``: score only
+    these Linears (default: every one; a benchmark times a sample)."""
     if route not in ROUTES:
         raise UsageError("unknown sensitivity route", value=route, allowed=", ".join(ROUTES), fix="route='auto'")
     lm.module.eval()
     names = linear_names(lm.module)
+    if layers is not None:
+        unknown = [n for n in layers if n not in names]
+        if unknown:
+            raise UsageError("not a Linear layer of the model", value=unknown[:3], allowed="names from "
+                             "lamina.quantize.formats.linear_names", fix="pass Linear layer names, or None for all")
+        names = [n for n in names if n in set(layers)]
     t0 = time.perf_counter()
     blocks, why = _cached.cache_blocks(lm, batches, names) if route != "naive" else (None, "route='naive' asked")
     if blocks is None and route == "cached":
@@ -221,6 +228,7 @@ def sensitivity(lm: LoadedModel, batches, formats=("int8dyn",), route: str = "au
                           fix="use route='auto' (falls back to full forwards)")
     cache_s = time.perf_counter() - t0
     change = output_change(lm, batches)
+    setup_s = time.perf_counter() - t0  # the cache (cached route) and the float reference output (both)
     head = head_name(lm)
     scores: dict[str, dict[str, float]] = {}
     n_blocks = len(_block_paths(lm))
@@ -249,6 +257,7 @@ def sensitivity(lm: LoadedModel, batches, formats=("int8dyn",), route: str = "au
             "batches": len(batches), "scored": len(names) * len(formats),
             "cache_bytes": blocks.nbytes if blocks is not None else 0,
             "cache_bound_bytes": _cached.CACHE_BYTES, "cache_s": cache_s if blocks is not None else 0.0,
+            "setup_s": setup_s, "layers_s": time.perf_counter() - t0 - setup_s,
             "first_block": ({n: blocks.start.get(n, n_blocks) for n in names} if blocks is not None else None)})
     return scores
 
