@@ -10,6 +10,11 @@
    next-token logits at every position, with the float model's final hidden
    states kept instead of its logits and the logits recomputed in chunks
    (:mod:`lamina.quantize.lm`), so memory stays bounded at any vocabulary.
+   Each block's output on the calibration batches is cached once, and a layer
+   first called in block k is scored by running only blocks k..N-1 and what
+   follows them (:mod:`lamina.quantize._cached`): the same numbers as a whole
+   forward, fewer block evaluations; when the cache would exceed its bound,
+   whole forwards run. quant_plan.json ``cost.sensitivity`` records the route.
 2. Budget: (layer, format) steps are taken least sensitive first; a layer
    taken in several formats runs in the one listed first in ``--formats``
    (``int8fused,bf16``: every layer goes to bf16 early, on its tiny bf16
