@@ -442,12 +442,19 @@ def _not_removable(lm: LoadedModel, sel: list[int]) -> dict[int, str]:
 
 def _skip_stubs(mods: list[nn.Module], j: int, cache: _Cache) -> dict:
     """Forwards that make one model forward compute "block j skipped": blocks before j return their cached
-    outputs, block j its cached input, later blocks run. A module that is several blocks (ALBERT) gets one
-    :class:`~lamina.blocks.PerCall` forward, one handler per call."""
+    outputs, block j its cached input, later blocks run."""
+    return prefix_stubs(mods, j, cache.outputs, _identity_from_cache(cache.outputs[j], cache.inputs[j]))
+
+
+def prefix_stubs(mods: list[nn.Module], k: int, outputs: list, at_k=None) -> dict:
+    """Forwards for one model forward in which blocks 0..k-1 return ``outputs[i]`` (no compute), block k runs
+    ``at_k`` (None: its own forward) and later blocks run. Used by skip importance and by quantize's
+    sensitivity from cached block outputs (:mod:`lamina.quantize._cached`). A module that is several blocks
+    (ALBERT) gets one :class:`~lamina.blocks.PerCall` forward, one handler per call: make a fresh set per
+    model forward."""
     per_mod: dict[nn.Module, list] = {}
     for i, m in enumerate(mods):
-        fn = _returning(cache.outputs[i]) if i < j else (
-            _identity_from_cache(cache.outputs[j], cache.inputs[j]) if i == j else None)
+        fn = _returning(outputs[i]) if i < k else (at_k if i == k else None)
         per_mod.setdefault(m, []).append(fn)
     stubs = {}
     for m, fns in per_mod.items():

@@ -30,6 +30,8 @@ reports. (An absolute 0.02 perplexity would be below bf16's own rounding,
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -128,11 +130,13 @@ class LogitChange:
             self._quantized[key] = quantized_linear(_sliced(self.float_head, lo, hi), fmt)
         return self._quantized[key](h).float()
 
-    def __call__(self, head_format: str | None = None) -> float:
+    def __call__(self, head_format: str | None = None, around=None) -> float:
+        """``around(i)``: a context the i-th batch's forward runs in (cached blocks' stubs), or None."""
         num = 0.0
         with torch.inference_mode():
             for i, b in enumerate(self.batches):
-                h = final_hidden(self.lm, b, self.head)
+                with around(i) if around is not None else contextlib.nullcontext():
+                    h = final_hidden(self.lm, b, self.head)
                 for j, (lo, hi) in enumerate(self._chunks(h)):
                     num += float(((self._logits(h, lo, hi, head_format) - self._ref(i, j, lo, hi)) ** 2).sum())
         return num / self.den if self.den > 0 else num

@@ -10,6 +10,11 @@
    next-token logits at every position, with the float model's final hidden
    states kept instead of its logits and the logits recomputed in chunks
    (:mod:`lamina.quantize.lm`), so memory stays bounded at any vocabulary.
+   Each block's output on the calibration batches is cached once, and a layer
+   first called in block k is scored by running only blocks k..N-1 and what
+   follows them (:mod:`lamina.quantize._cached`): the same numbers as a whole
+   forward, fewer block evaluations; when the cache would exceed its bound,
+   whole forwards run. quant_plan.json ``cost.sensitivity`` records the route.
 2. Budget: (layer, format) steps are taken least sensitive first; a layer
    taken in several formats runs in the one listed first in ``--formats``
    (``int8fused,bf16``: every layer goes to bf16 early, on its tiny bf16
@@ -44,6 +49,7 @@ An LM's validation perplexity before and after is recorded in any case. See :mod
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -61,6 +67,7 @@ from ..runfolder import check_out, claim, discard, plan_writes, record
 from ..runtime import Runtime, describe
 from ..task import is_causal_lm
 from ..verify import _main_output, save_checked
+from . import _cached
 from .formats import FORMATS, apply_layers, bf16_blocks, linear_names, parse_formats, quantized_linear, swap
 from .lm import LogitChange, eval_batch_size, head_name, relative_increase
 
@@ -164,9 +171,15 @@ class QuantizeResult:
         return asdict(self)
 
 
-def _run(lm: LoadedModel, batches) -> list[torch.Tensor]:
+def _run(lm: LoadedModel, batches, around=None) -> list[torch.Tensor]:
+    """The main output on each batch; ``around(i)``, when given, is a context the i-th forward runs in."""
+    around = around or (lambda i: contextlib.nullcontext())
+    out = []
     with torch.inference_mode():
-        return [_main_output(lm.forward(b)).detach().float() for b in batches]
+        for i, b in enumerate(batches):
+            with around(i):
+                out.append(_main_output(lm.forward(b)).detach().float())
+    return out
 
 
 def nmse(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
@@ -177,7 +190,8 @@ def nmse(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
 
 
 def output_change(lm: LoadedModel, batches):
-    """A callable () -> nMSE of ``lm``'s main output now against its output at this call, on ``batches``.
+    """A callable (head_format=None, around=None) -> nMSE of ``lm``'s main output now against its output at this
+    call, on ``batches`` (``around(i)``: a context the i-th forward runs in, e.g. cached blocks' stubs).
 
     A causal LM with a Linear output head: the next-token logits, in bounded memory
     (:class:`lamina.quantize.lm.LogitChange`); anything else: the main output kept whole."""
@@ -185,30 +199,71 @@ def output_change(lm: LoadedModel, batches):
     if head is not None:
         return LogitChange(lm, batches, head)
     ref = _run(lm, batches)
-    return lambda head_format=None: nmse(ref, _run(lm, batches))
+    return lambda head_format=None, around=None: nmse(ref, _run(lm, batches, around))
 
 
-def sensitivity(lm: LoadedModel, batches, formats=("int8dyn",)) -> dict[str, dict[str, float]]:
+ROUTES = ("auto", "cached", "naive")
+
+
+def sensitivity(lm: LoadedModel, batches, formats=("int8dyn",), route: str = "auto",
+                cost: dict | None = None, layers: list[str] | None = None) -> dict[str, dict[str, float]]:
     """{layer name: {format: nMSE of the main output with only that layer quantized}} on ``batches``.
 
-    Each layer is swapped for a quantized copy and put back, so ``lm`` is unchanged afterwards."""
+    Each layer is swapped for a quantized copy and put back, so ``lm`` is unchanged afterwards.
+    ``route``: "cached" runs, for a Linear first called in block k, only blocks k..N-1 and what follows them
+    from the float model's cached block outputs (:mod:`lamina.quantize._cached`: the same numbers, fewer block
+    evaluations); "naive" runs the whole model per (layer, format); "auto" caches when the cache fits
+    ``_cached.CACHE_BYTES`` and the blocks run once each per forward, else runs naive. ``cost``, when given,
+    is filled with the route that ran and what it cost (quant_plan.json's ``cost``). ``layers``: score only
+    these Linears (default: every one; a benchmark times a sample)."""
+    if route not in ROUTES:
+        raise UsageError("unknown sensitivity route", value=route, allowed=", ".join(ROUTES), fix="route='auto'")
     lm.module.eval()
+    names = linear_names(lm.module)
+    if layers is not None:
+        unknown = [n for n in layers if n not in names]
+        if unknown:
+            raise UsageError("not a Linear layer of the model", value=unknown[:3], allowed="names from "
+                             "lamina.quantize.formats.linear_names", fix="pass Linear layer names, or None for all")
+        names = [n for n in names if n in set(layers)]
+    t0 = time.perf_counter()
+    blocks, why = _cached.cache_blocks(lm, batches, names) if route != "naive" else (None, "route='naive' asked")
+    if blocks is None and route == "cached":
+        raise LaminaError("sensitivity cannot run from cached block outputs", value=why, allowed="route='auto'",
+                          fix="use route='auto' (falls back to full forwards)")
+    cache_s = time.perf_counter() - t0
     change = output_change(lm, batches)
+    setup_s = time.perf_counter() - t0  # the cache (cached route) and the float reference output (both)
     head = head_name(lm)
     scores: dict[str, dict[str, float]] = {}
-    for name in linear_names(lm.module):
+    n_blocks = len(_block_paths(lm))
+    runs = 0
+    for name in names:
         orig = lm.module.get_submodule(name)
+        around = blocks.around(name) if blocks is not None else None
+        runs += len(formats) * len(batches) * (blocks.block_runs(name) if blocks is not None else n_blocks)
         scores[name] = {}
         for fmt in formats:
             if name == head:  # an LM's head: its logits are the measured output, quantized chunk by chunk there
-                scores[name][fmt] = change(head_format=fmt)
+                scores[name][fmt] = change(head_format=fmt, around=around)
                 change.forget(fmt)
                 continue
             swap(lm.module, name, quantized_linear(orig, fmt))
             try:
-                scores[name][fmt] = change()
+                scores[name][fmt] = change(around=around)
             finally:
                 swap(lm.module, name, orig)
+    if cost is not None:
+        naive = len(names) * len(formats) * len(batches) * n_blocks
+        cost.update({
+            "route": "cached block outputs" if blocks is not None else "full forwards",
+            "route_why": "" if blocks is not None else why,
+            "block_evaluations": runs, "block_evaluations_naive": naive, "blocks": n_blocks,
+            "batches": len(batches), "scored": len(names) * len(formats),
+            "cache_bytes": blocks.nbytes if blocks is not None else 0,
+            "cache_bound_bytes": _cached.CACHE_BYTES, "cache_s": cache_s if blocks is not None else 0.0,
+            "setup_s": setup_s, "layers_s": time.perf_counter() - t0 - setup_s,
+            "first_block": ({n: blocks.start.get(n, n_blocks) for n in names} if blocks is not None else None)})
     return scores
 
 
@@ -430,9 +485,10 @@ def quantize(model, config: QuantizeConfig | None = None) -> QuantizeResult:
                          fix="use --fraction instead")
     batches, task = _calibration(lm, model, config)
     t0 = time.perf_counter()
-    scores = sensitivity(lm, batches, formats)
+    route_cost: dict = {}
+    scores = sensitivity(lm, batches, formats, cost=route_cost)
     cost = {"sensitivity_s": time.perf_counter() - t0, "sensitivity_forwards": len(names) * len(formats),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "sensitivity": route_cost}
     t0 = time.perf_counter()
     ranked = order(scores, formats)
     search, drop, latency = None, None, None

@@ -8,8 +8,19 @@ latency adds to that model's point. Known records:
     plan.json       result.parameters_after                (a pruned model)
     distill.json    test.accuracy, parameters.student      (a distilled student)
     bench.json      per model: accuracy, parameters, latency at each batch size
+    quant_plan.json model.parameters                        (a quantized model: ``lamina quantize`` OUT)
+    extract.json    parameters                              (an extracted elastic member)
+    elastic.json    members: val_metric, parameters, latency_ms at latency_batch  (every member of the family)
 
-and any other ``*.json`` with a numeric ``test.accuracy`` (or ``accuracy``) and
+A quantized model and an extracted member record no test metric of their own:
+they become points once a bench.json measured them (``lamina bench Q``: the
+quantized model as a user reloads it, on its source's test rows). The members of
+an elastic family carry only their validation metric (``lamina elastic`` never
+scores the test rows) and the latency elastic measured: they are drawn with it,
+their stage says "(validation)", and their latency counts only at the batch
+size every timed point shares.
+
+And any other ``*.json`` with a numeric ``test.accuracy`` (or ``accuracy``) and
 an integer ``parameters`` (later stages: transfer heads, elastic, quantized
 models) becomes a point named after its folder. Records of one model (its
 folder, or ``FOLDER/model``) merge into one point; bench.json's measurements win
@@ -37,13 +48,18 @@ from matplotlib.ticker import FuncFormatter
 from . import _context as ctx
 from . import _plots as plots
 
-KINDS = {"finetune.json": "fine-tuned", "plan.json": "pruned", "distill.json": "distilled"}
+KINDS = {"finetune.json": "fine-tuned", "plan.json": "pruned", "distill.json": "distilled",
+         "quant_plan.json": "quantized", "extract.json": "elastic member"}
+MEMBER_KIND = "elastic member (validation)"
+# a stage folder whose model/ IS its model (quantize's OUT/model is the float model the plan is applied to: the
+# quantized model is OUT itself, and OUT/model is not it)
+_MODEL_IS_OUT = ("finetune.json", "plan.json", "distill.json", "extract.json")
 
 
 def _key(path: str | Path) -> str:
     """One key per model: a stage folder and its ``model/`` subfolder are the same model."""
     p = Path(str(path))
-    if p.name == "model" and any((p.parent / f).exists() for f in ("finetune.json", "plan.json", "distill.json")):
+    if p.name == "model" and any((p.parent / f).exists() for f in _MODEL_IS_OUT):
         p = p.parent
     try:
         return str(p.resolve()) if p.exists() else str(path)
@@ -80,6 +96,13 @@ def _records(f: Path, d) -> list[dict]:
                         "parameters": _num(m.get("parameters")),
                         "latency": {b: v for b, v in lat.items() if v is not None}, "bench": True})
         return out
+    if f.name == "elastic.json":
+        return _members(f, d)
+    if f.name == "quant_plan.json":  # its validation numbers are not a test metric: bench.json gives the point's
+        model = d.get("model") if isinstance(d.get("model"), dict) else {}
+        return [{**base, "kind": KINDS[f.name], "parameters": _num(model.get("parameters"))}]
+    if f.name == "extract.json":
+        return [{**base, "kind": KINDS[f.name], "parameters": _num(d.get("parameters"))}]
     if f.name == "plan.json":
         res = d.get("result") or {}
         return [{**base, "kind": "pruned", "parameters": _num(res.get("parameters_after"))}] if res else []
@@ -95,6 +118,25 @@ def _records(f: Path, d) -> list[dict]:
     if f.name in ("scores.json", "config.json", "compare.json") or acc is None or params is None:
         return []
     return [{**base, "kind": f.stem, "accuracy": acc, "parameters": params}]  # a later stage's record
+
+
+def _members(f: Path, d: dict) -> list[dict]:
+    """One point per member of an elastic family, by its validation metric and elastic's own latency."""
+    metric = d.get("metric") if isinstance(d.get("metric"), str) else "accuracy"
+    if metric not in ("accuracy", "perplexity") or not isinstance(d.get("members"), list):
+        return []  # another metric has no place on the accuracy / perplexity axis
+    out = []
+    for i, m in enumerate(d["members"]):
+        if not isinstance(m, dict):
+            continue
+        budget = " ".join(f"{k[0]}{m[k]:g}" for k in ("depth", "ffn", "heads", "channels")
+                          if isinstance(m.get(k), (int, float)) and not isinstance(m.get(k), bool))
+        lat, batch = _num(m.get("latency_ms")), m.get("latency_batch")
+        out.append({"key": f"{_key(f.parent)}#member{i}", "name": f"{f.parent.name} {budget or i}".strip(),
+                    "source": f.name, "kind": MEMBER_KIND, metric: _num(m.get("val_metric")),
+                    "parameters": _num(m.get("parameters")),
+                    "latency": {str(batch): lat} if lat is not None and isinstance(batch, int) else {}})
+    return out
 
 
 def collect(run: Path, extra) -> list[dict]:
