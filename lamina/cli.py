@@ -450,7 +450,7 @@ _extract.add_args = _extract_args
 def _transfer_args(p):
     from .transfer import TransferConfig
     p.add_argument("run", help="a run folder written by `lamina capture` (its model must be reloadable)")
-    add_config_args(p, TransferConfig)
+    add_config_args(p, TransferConfig, skip=TransferConfig.NO_FLAGS)
 
 
 @verb("transfer", "train a head on the frozen backbone (last/best/mix/select/side) -> RUN/transfer/HEAD, "

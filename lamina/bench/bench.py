@@ -11,6 +11,10 @@ faster and how much worse is the small model", on the same inputs:
   default (``--memory-format auto``), as a conv net should be deployed on a
   CPU: oneDNN's NHWC kernels are faster for both sides of a comparison
   (BENCHMARKS.md "transfer"); ``contiguous`` keeps the loaded NCHW layout.
+- **BatchNorm folding** (``--fold-batchnorm``, off by default): every inference BatchNorm that reads a
+  convolution's output is folded into it (:mod:`lamina.bench.fold`), in every model alike; each model's
+  outputs are checked against its unfolded ones and the result is recorded per model
+  (``batchnorm_folded``: pairs folded, largest difference).
 - **FLOPs** per sample from ``torch.utils.flop_counter`` on the batch of the
   largest size (matmuls and convolutions, what dominates); the ideal speed-up
   is the FLOP ratio, and ``speedup_efficiency`` = measured / ideal.
@@ -97,6 +101,10 @@ class BenchConfig(Runtime):
         "choices": MEMORY_FORMATS,
         "help": "layout of 2-D conv nets while timing: auto = channels_last for a model with Conv2d layers (NHWC, "
                 "oneDNN's faster path on CPUs: how such a model should be deployed), contiguous = as loaded (NCHW)"})
+    fold_batchnorm: bool = field(default=False, metadata={
+        "help": "fold every inference BatchNorm into the convolution that feeds it before timing, in every model "
+                "alike (lamina.bench.fold: exact up to float rounding, checked on a batch; a conv net is deployed "
+                "this way: one memory pass less per BatchNorm)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing OUT/bench.json"})
     progress: bool = field(default=True, metadata={"help": "show progress"})
 
@@ -224,10 +232,17 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
     test = task.split["test"]
     need = max(config.batch_sizes)
     rows = np.resize(test, need)  # repeated when the test split is smaller than the largest batch
+    params = [int(sum(p.numel() for p in lm.module.parameters())) for lm in lms]  # before any fold: as saved
+    folds = [None] * len(lms)
+    if config.fold_batchnorm:  # before the layout change: the folded weights are then laid out like any other
+        from .fold import fold_batchnorm
+        for lm in lms:
+            lm.module.eval()
+        folds = [fold_batchnorm(lm, task.batch(lm, rows[:2])) for lm in lms]
     layouts = [to_memory_format_(lm, config.memory_format) for lm in lms]
     recs = [{"model": lab, "class": type(lm.module).__name__, "blocks": lm.blocks.n_blocks,
-             "parameters": int(sum(p.numel() for p in lm.module.parameters())), "memory_format": lay,
-             "latency": {}} for lab, lm, lay in zip(labels, lms, layouts)]
+             "parameters": n, "memory_format": lay, "batchnorm_folded": fold,
+             "latency": {}} for lab, lm, lay, n, fold in zip(labels, lms, layouts, params, folds)]
     with limit_threads(config.threads or None):
         for lm in lms:
             lm.module.eval()

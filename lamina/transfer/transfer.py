@@ -43,12 +43,12 @@ import torch
 from ..blocks import BlockMap, Tap, select_taps
 from ..errors import LaminaError, UsageError
 from ..models import save_json
-from ..runtime import Runtime, check_runtime, resolve_device, resolve_dtype
+from ..runtime import check_runtime, resolve_device, resolve_dtype
 from ..runfolder import RUN_CONFIG, claim, plan_writes, record
 from ..runfolder import update_run_config, versions
 from ..store import FeatureStore
 from ..threads import limit_threads
-from ..train import Loop, check_loop_args
+from ..train import Loop, TrainConfig, check_loop_args, loop_field
 from ._memory import PeakMemory
 from ._pools import kept_per_way, parse, pooled_inputs
 from ._rows import refuse_unlabelled, reload_model_and_data, split_rows
@@ -64,8 +64,11 @@ RECORD = "transfer.json"
 
 
 @dataclass(frozen=True)
-class TransferConfig(Runtime):
-    """Settings of ``lamina transfer``."""
+class TransferConfig(TrainConfig):
+    """Settings of ``lamina transfer`` (the training loop's: :class:`lamina.train.TrainConfig`, with a head's
+    defaults)."""
+
+    NO_FLAGS = ("resume",)  # TrainConfig fields transfer has no use for: not offered on the command line
 
     head: str = field(default="mix", metadata={"choices": HEADS, "help": (
         "last: linear on the last captured layer; best: linear on the best layer by validation; mix: softmax-"
@@ -80,13 +83,15 @@ class TransferConfig(Runtime):
                 "rows); default: analyze's split of the store"})
     fractions: tuple[float, ...] = field(default=(0.6, 0.2, 0.2), metadata={
         "help": "train/validation/test fractions of the store's rows when --task is not given (analyze's split)"})
-    seed: int = field(default=0, metadata={"help": "seed of the split (without --task), the head's init and order"})
-    epochs: int | None = field(default=None, metadata={"help": "passes over the training rows (default 40; side 6)"})
-    lr: float | None = field(default=None, metadata={"help": "peak AdamW learning rate (default 3e-3; side 1e-3)"})
-    batch_size: int = field(default=64, metadata={"help": "rows per step (side: also rows per backbone pass)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    patience: int | None = field(default=5, metadata={
-        "help": "stop after this many epochs without a validation gain (the best epoch is kept)"})
+    # the training loop's settings: TrainConfig's fields, with a head's defaults (a head on pooled features
+    # trains for seconds: more epochs, a larger learning rate and batch than fine-tuning)
+    seed: int = loop_field(0, "seed of the split (without --task), the head's init and order")
+    epochs: int | None = loop_field(None, "passes over the training rows (default 40; side 6)")
+    lr: float | None = loop_field(None, "peak AdamW learning rate (default 3e-3; side 1e-3)")
+    batch_size: int = loop_field(64, "rows per step (side: also rows per backbone pass)")
+    weight_decay: float = loop_field(0.01, "AdamW weight decay")
+    patience: int | None = loop_field(5, "stop after this many epochs without a validation gain (the best epoch "
+                                         "is kept)")
     hidden: int | None = field(default=None, metadata={"help": "mix: an MLP head with this hidden width "
                                                                "(default: linear)"})
     pooling: str | None = field(default=None, metadata={
@@ -104,16 +109,22 @@ class TransferConfig(Runtime):
     side_cache_mb: int = field(default=512, metadata={
         "help": "side: keep the backbone's token-level outputs in memory when they fit in this many MiB "
                 "(else recompute them every epoch)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace RUN/transfer/HEAD and its transfer.json entry"})
-    progress: bool = field(default=False, metadata={"help": "show progress bars"})
+    overwrite: bool = loop_field(False, "replace RUN/transfer/HEAD and its transfer.json entry")
+    progress: bool = loop_field(False, "show progress bars")
+    # A head trains in seconds to minutes and writes no checkpoint: TrainConfig's resume has nothing to resume
+    # (not a CLI flag of transfer: NO_FLAGS; the API refuses True).
+    resume: bool = loop_field(False, "not used by transfer (a head writes no checkpoint)")
 
-    def __post_init__(self):
+    def __post_init__(self):  # not TrainConfig's: epochs and lr may be None (a head's own default)
         if self.head not in HEADS:
             from ..errors import suggest
             raise UsageError("unknown head", value=self.head, allowed=", ".join(HEADS),
                              fix=suggest(self.head, HEADS) or "--head mix")
         check_loop_args(self.epochs if self.epochs is not None else 1, self.lr, self.batch_size, self.patience)
         check_runtime(self)
+        if self.resume:
+            raise UsageError("transfer has nothing to resume: a head writes no checkpoint", value=self.resume,
+                             allowed="False", fix="run lamina transfer again (with --overwrite to replace a head)")
         if self.pooling is not None:
             parse(self.pooling)
             if self.head == "side":
