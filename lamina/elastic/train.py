@@ -55,7 +55,7 @@ from ..runtime import describe, oom_message, resolve_device
 from ..task import check_classes, logits_of, make_task, num_classes, teacher_spec
 from ..train import CHECKPOINT, TrainConfig, fit, init_distributed, loop_field, remove_checkpoint, world
 from ..verify import save_checked
-from .budget import Budget, Grid, kept_groups, make_grid
+from .budget import Budget, Grid, Written, kept_groups, make_grid
 from .family import Family
 from .order import block_order, check_depths, order_
 
@@ -166,16 +166,13 @@ class ElasticConfig(TrainConfig):
 
 
 @dataclass
-class ElasticResult:
+class ElasticResult(Written):
     """What ``elastic`` wrote (``elastic.json`` holds all of it)."""
 
     out: str
     model_path: str
     members: list
     record: dict
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def writes() -> list[str]:
