@@ -38,7 +38,8 @@ separate cost of the 2/3 and 1/2 budgets; met when both the wall-time and the FL
 
 Usage: python bench/elastic.py [--work DIR] [--part profile|separate|elastic|selector ...]
        [--model minilm|efficientnet ...] [--seeds 0 1 2] [--epochs 2 (distill)] [--elastic-epochs 1]
-       [--sampled 0] [--teacher-kd 0] [--hidden 0] [--repeats N]
+       [--sampled 0] [--teacher-kd 0] [--hidden 0] [--target full|teacher] [--full-fraction 1]
+       [--no-train-full] [--elastic-lr LR] [--elastic-batch-size N] [--repeats N]
 A distill seed recorded in the results with this recipe, or an elastic run finished in --work with the
 same config, is kept, not re-run, so an interrupted invocation can be started again.
 """
@@ -247,15 +248,31 @@ def run_separate(work: Path, model: str, args) -> None:
 
 
 def _elastic_config(model: str, args) -> dict:
-    return {**ELASTIC[model], "epochs": args.elastic_epochs, "sampled": args.sampled, "teacher_kd": args.teacher_kd,
-            "hidden": args.hidden}
+    kw = {**ELASTIC[model], "epochs": args.elastic_epochs, "sampled": args.sampled, "teacher_kd": args.teacher_kd,
+          "hidden": args.hidden}
+    # the flags added later appear only when set, so a run recorded before them keeps its config
+    if getattr(args, "target", "full") != "full":
+        kw["target"] = args.target
+    if getattr(args, "full_fraction", 1.0) != 1.0:
+        kw["full_fraction"] = args.full_fraction
+    if getattr(args, "no_train_full", False):
+        kw["train_full"] = False
+    if getattr(args, "elastic_lr", None):
+        kw["lr"] = args.elastic_lr
+    if getattr(args, "elastic_batch_size", None):
+        kw["batch_size"] = args.elastic_batch_size
+    return kw
 
 
 def _argv(t: Path, e: Path, kw: dict) -> list[str]:
     """The `lamina elastic` command line of the run made here through the Python API (same config)."""
+    def flag(k, v):
+        name = k.replace("_", "-")
+        if isinstance(v, bool):
+            return [f"--{name}" if v else f"--no-{name}"]
+        return [f"--{name}", f"{v:g}" if isinstance(v, float) else str(v)]
     return ["elastic", "--teacher", str(t), "--out", str(e), *[x for k, v in kw.items() if k != "seed"
-                                                               for x in (f"--{k.replace('_', '-')}", f"{v:g}"
-                                                                         if isinstance(v, float) else str(v))],
+                                                               for x in flag(k, v)],
             "--seed", str(kw.get("seed", 0))]
 
 
@@ -346,8 +363,17 @@ def run_profile(work: Path, model: str, args) -> None:
         with torch.no_grad():
             return logits_of(teacher.forward(batch)).float()
 
-    def elastic_step():
-        loss, _ = sandwich_loss(fam, task, batch, rows, subs, cfg, t_logits() if cfg.teacher_kd > 0 else None)
+    from lamina.distill.taps import record
+    to_teacher = cfg.target == "teacher"
+
+    def elastic_step():  # the step's draw of the full member: trained (the costlier case)
+        if to_teacher or cfg.teacher_kd > 0:
+            with torch.no_grad(), record(teacher.module, teacher.blocks.block_paths if to_teacher and cfg.hidden
+                                         else []) as feats:
+                tl = logits_of(teacher.forward(batch)).float()
+        else:
+            tl, feats = None, None
+        loss, _ = sandwich_loss(fam, task, batch, rows, subs, cfg, tl, cfg.train_full, feats and dict(feats))
         loss.backward()
         parent.module.zero_grad(set_to_none=True)
 
@@ -380,12 +406,13 @@ def run_profile(work: Path, model: str, args) -> None:
             if r:
                 times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    parts = sum(med[f"member_{b.label()}"] for b in trained) + (med["teacher_forward"] if cfg.teacher_kd > 0 else 0)
+    parts = sum(med[f"member_{b.label()}"] for b in trained) + \
+        (med["teacher_forward"] if cfg.teacher_kd > 0 or to_teacher else 0)
     dist = sum(med[k] for k in med if k.startswith("distill_step_"))
     _commit(model, "profile", {
         "seconds": {k: {"median": med[k], "min": min(v), "max": max(v)} for k, v in times.items()},
         "elastic_over_its_members": med["elastic_step"] / parts, "elastic_over_distill_steps": med["elastic_step"] / dist,
-        "members_trained": [b.label() for b in trained], "teacher_forward_counted": cfg.teacher_kd > 0,
+        "members_trained": [b.label() for b in trained], "teacher_forward_counted": cfg.teacher_kd > 0 or to_teacher,
         "rows": len(rows), "repeats": args.repeats, "threads": torch.get_num_threads(), "config": kw,
         "load_average": [load0, list(os.getloadavg())], "command": _command()})
     print(f"{model} profile: elastic step {med['elastic_step'] * 1000:.0f} ms, its members alone "
@@ -495,6 +522,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--sampled", type=int, default=0, help="random sub-models per elastic step (--sampled)")
     ap.add_argument("--teacher-kd", type=float, default=0.0, help="elastic --teacher-kd")
     ap.add_argument("--hidden", type=float, default=0.0, help="elastic --hidden")
+    ap.add_argument("--target", choices=("full", "teacher"), default="full", help="elastic --target")
+    ap.add_argument("--full-fraction", type=float, default=1.0, help="elastic --full-fraction")
+    ap.add_argument("--no-train-full", action="store_true", help="elastic --no-train-full")
+    ap.add_argument("--elastic-lr", type=float, default=None, help="elastic --lr (default: the distill lr)")
+    ap.add_argument("--elastic-batch-size", type=int, default=None,
+                    help="elastic --batch-size (default: distill's, 32); FLOPs count rows, so more steps cost no more")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in this process")
     ap.add_argument("--repeats", type=int, default=15, help="timed rounds when the selector's choice is re-measured")
     args = ap.parse_args(argv)
