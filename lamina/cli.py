@@ -384,11 +384,14 @@ _distill.add_args = _distill_args
 
 
 # ---------------------------------------------------------------- elastic ----
-def _elastic_args(p):
-    from .elastic import ElasticConfig
-    p.add_argument("--teacher", required=True, help="the model to make elastic: a `lamina finetune` folder, a "
-                                                    "classifier folder with --data, or a causal LM with --data text")
-    add_config_args(p, ElasticConfig)
+def _elastic_cli(verb_fn, config: str, first: tuple, help_: str) -> None:
+    """Both elastic verbs: one argument naming their input (``first``: argparse's name or flags), then the
+    flags of their config (``lamina.elastic.<config>``)."""
+    def add(p):
+        from .elastic import ElasticConfig, ExtractConfig
+        p.add_argument(*first, **({"required": True} if first[0].startswith("-") else {}), help=help_)
+        add_config_args(p, {"ElasticConfig": ElasticConfig, "ExtractConfig": ExtractConfig}[config])
+    verb_fn.add_args = add
 
 
 @verb("elastic", "train one model whose nested sub-models (depth x widths) are all usable -> OUT/model, "
@@ -416,13 +419,8 @@ def _elastic(ns):
     return 0
 
 
-_elastic.add_args = _elastic_args
-
-
-def _extract_args(p):
-    from .elastic import ExtractConfig
-    p.add_argument("elastic", help="the OUT folder of `lamina elastic`")
-    add_config_args(p, ExtractConfig)
+_elastic_cli(_elastic, "ElasticConfig", ("--teacher",), "the model to make elastic: a `lamina finetune` folder, "
+             "a classifier folder with --data, or a causal LM with --data text")
 
 
 @verb("elastic-extract", "cut one member out of a `lamina elastic` family, no training -> OUT/model "
@@ -443,7 +441,7 @@ def _extract(ns):
     return 0
 
 
-_extract.add_args = _extract_args
+_elastic_cli(_extract, "ExtractConfig", ("elastic",), "the OUT folder of `lamina elastic`")
 
 
 # --------------------------------------------------------------- transfer ----

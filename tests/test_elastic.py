@@ -221,6 +221,75 @@ def test_without_training_the_full_member_only_sub_members_give_gradients(nodrop
         _cfg("x", train_full=False, teacher_kd=1.0)
 
 
+def test_sub_members_can_distill_from_the_teacher_and_the_full_member_can_sit_a_step_out(nodrop_teacher):
+    """--target teacher: each sub-member's KD target is the original teacher's logits and its hidden target the
+    teacher's output of the same block (checked against both models' output_hidden_states); a step on which the
+    full member is not trained does not run it at all, so a block only it keeps gets no gradient."""
+    import torch.nn.functional as F
+    from lamina.distill.losses import ce_loss, kd_loss
+    from lamina.distill.taps import record
+    from lamina.task import logits_of, make_task, read_task
+    t = load_model(str(nodrop_teacher))
+    parent = copy.copy(t)
+    parent.module = copy.deepcopy(t.module)
+    with torch.no_grad():
+        for p in parent.module.parameters():
+            p.add_(0.01 * torch.randn_like(p, generator=torch.Generator().manual_seed(3)))  # not the teacher
+    task = make_task(read_task(nodrop_teacher), t)
+    rows = task.split["train"][:8]
+    batch = task.batch(parent, rows)
+    grid = Grid((2, 1))
+    fam = Family(parent, [0], grid)  # depth 1 keeps block 1
+    cfg = _cfg("x", widths=None, teacher_kd=0.0, kd=0.5, hidden=0.7, target="teacher", train_full=False)
+    with torch.no_grad(), record(t.module, t.blocks.block_paths) as feats:
+        t_logits = logits_of(t.forward(batch)).float()
+    fam.module(grid.smallest)  # built first: a deep copy of the parent would carry the hook below
+    calls = []
+    hook = parent.module.register_forward_pre_hook(lambda *_: calls.append(1))
+    parent.module.train()
+    loss, parts = sandwich_loss(fam, task, batch, rows, [grid.smallest], cfg, t_logits, False, dict(feats))
+    hook.remove()
+    assert not calls and set(parts) == {"members", "hidden"}  # the full member was not run
+    loss.backward()
+    block0 = parent.module.get_submodule(parent.blocks.block_paths[0])
+    assert all(p.grad is None for p in block0.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in parent.module.get_submodule(parent.blocks.block_paths[1]).parameters())
+    parent.module.eval()
+    with torch.no_grad():
+        loss, parts = sandwich_loss(fam, task, batch, rows, [grid.smallest], cfg, t_logits, False, dict(feats))
+        hs_t = t.module(**batch, output_hidden_states=True).hidden_states
+        small = fam.extract(grid.smallest).module(**batch, output_hidden_states=True)
+    labels = task.align(t_logits, rows)[1]
+    m = batch["attention_mask"].float()
+    cos = float(((1 - F.cosine_similarity(hs_t[2], small.hidden_states[1], dim=-1)) * m).sum() / m.sum())
+    ref = ce_loss(small.logits, labels) + 0.5 * kd_loss(small.logits, t_logits, 2.0) + 0.7 * cos
+    assert cos > 1e-4 and float(loss) == pytest.approx(float(ref), rel=1e-5)
+    # trained this step: the full member's own loss is added, the sub-member's target is still the teacher's
+    with torch.no_grad():
+        both, parts = sandwich_loss(fam, task, batch, rows, [grid.smallest], _cfg(
+            "x", widths=None, teacher_kd=0.0, kd=0.5, hidden=0.7, target="teacher"), t_logits, True, dict(feats))
+        full = logits_of(parent.forward(batch)).float()
+    assert "full" in parts and float(both) == pytest.approx(float(ref + ce_loss(full, labels)), rel=1e-5)
+
+
+def test_the_full_member_is_trained_on_the_drawn_fraction_of_the_steps():
+    from lamina.elastic.train import full_now
+    cfg = _cfg("x", full_fraction=0.25)
+    picks = [full_now(cfg, [r, r + 1]) for r in range(0, 4000, 2)]
+    assert abs(sum(picks) / len(picks) - 0.25) < 0.04  # about the fraction asked
+    assert picks == [full_now(cfg, [r, r + 1]) for r in range(0, 4000, 2)]  # the same rows decide the same
+    assert all(full_now(_cfg("x"), [r]) for r in range(50))
+    assert not any(full_now(_cfg("x", train_full=False, teacher_kd=0.0), [r]) for r in range(50))
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(UsageError, match="full.fraction"):
+            _cfg("x", full_fraction=bad)
+    with pytest.raises(UsageError, match="never does"):
+        _cfg("x", full_fraction=0.5, train_full=False, teacher_kd=0.0)
+    with pytest.raises(UsageError, match="target"):
+        _cfg("x", target="parent")
+
+
 def test_a_member_runs_on_the_parents_own_tensors_where_it_keeps_them_whole():
     """Depth-only cuts keep whole tensors: the member's forward gets the parent's Parameters themselves (no
     slice, so no scatter of the gradient into a zero tensor of the parent's size); width cuts get prefix views

@@ -139,3 +139,15 @@ def kept_groups(fraction: float, n_kv: int) -> int:
                          "their group)", value=f"{fraction:g} of {n_kv} groups = {g:g}", allowed=ok,
                          fix=f"--heads {ok.split(', ')[0]},{ok.split(', ')[-1]}")
     return int(round(g))
+
+
+class Written:
+    """What an elastic stage wrote (the shape :class:`ElasticResult` and :class:`ExtractResult` share): a folder
+    with ``model_path`` (the saved model) and ``record`` (its elastic.json / extract.json, all of it)."""
+
+    model_path: str
+    record: dict
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+        return asdict(self)

@@ -19,7 +19,7 @@ member whose latency measured by ``lamina elastic`` is at most X ms).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._cliargs import as_config
@@ -31,7 +31,7 @@ from ..runfolder import record as record_files
 from ..runtime import Runtime
 from ..task import make_task, spec_from_record
 from ..verify import save_checked
-from .budget import Budget, Grid
+from .budget import Budget, Grid, Written
 from .family import Family
 from .select import budget_of, pick
 from .train import RECORD
@@ -81,7 +81,7 @@ class ExtractConfig(Runtime):
 
 
 @dataclass
-class ExtractResult:
+class ExtractResult(Written):
     """What ``elastic_extract`` wrote."""
 
     path: str
@@ -90,9 +90,6 @@ class ExtractResult:
     parameters: int
     chosen_by: str
     record: dict
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def read_family(elastic_dir) -> dict:

@@ -12,7 +12,10 @@
    detached logits (+ ``hidden`` x the cosine of its block outputs to the full member's outputs
    of the same blocks); one backward over the sum, one optimizer step on the shared weights
    (``train_full=False``: the full member's forward only gives that target, without its own
-   loss or backward). The
+   loss or backward; ``full_fraction`` p < 1: it is trained on a drawn fraction p of the steps).
+   ``target='teacher'``: the sub-members distill from the original, frozen teacher instead (its logits,
+   and with ``hidden`` its block outputs: distill's targets), run once per step and shared by every
+   member; the full member is then run only on the steps that train it. The
    members are drawn from a generator seeded by (seed, the step's first row), so a resumed run draws
    what the uninterrupted one did; under torchrun rank 0's draw is broadcast to every rank. Everything else is distill's loop (:func:`lamina.train.fit`):
    the teacher's task record and split, checkpoints, ``--resume``, torchrun, early stopping on the
@@ -26,7 +29,8 @@ Writes E/model (the ordered, trained parent: the full member) and E/elastic.json
 
 Training cost (``training`` in elastic.json): optimizer steps, wall seconds of the loop, and
 estimated FLOPs = training rows seen x (3 x forward FLOPs per row of each member trained per
-step, in expectation over the draw, + 1 x the teacher's forward when it is run). Forward FLOPs
+step, in expectation over the draw, + 1 x each forward run without a backward: the teacher's, and the
+full member's on the steps it gives the sub-members' target without being trained). Forward FLOPs
 per row are counted by torch's FlopCounterMode on one calibration batch (``flops_per_row``).
 """
 
@@ -51,7 +55,7 @@ from ..runtime import describe, oom_message, resolve_device
 from ..task import check_classes, logits_of, make_task, num_classes, teacher_spec
 from ..train import CHECKPOINT, TrainConfig, fit, init_distributed, loop_field, remove_checkpoint, world
 from ..verify import save_checked
-from .budget import Budget, Grid, kept_groups, make_grid
+from .budget import Budget, Grid, Written, kept_groups, make_grid
 from .family import Family
 from .order import block_order, check_depths, order_
 
@@ -93,6 +97,15 @@ class ElasticConfig(TrainConfig):
         "help": "train the full member on its own loss each step (the sandwich rule); --no-train-full: its forward "
                 "(no backward) only gives the sub-members' in-place KD target, and it changes only through the "
                 "weights it shares with them (cheaper by two forwards of the full model per row)"})
+    target: str = field(default="full", metadata={
+        "help": "what the sub-members distill from: 'full' (in-place: the full member's detached logits and block "
+                "outputs, BigNAS/DynaBERT) or 'teacher' (the original, frozen teacher's: run once per step without "
+                "gradients, shared by every member, counted in the training cost; distill's targets)",
+        "choices": ("full", "teacher")})
+    full_fraction: float = field(default=1.0, metadata={
+        "help": "fraction of the steps on which the full member is trained (each step drawn like the members; "
+                "1: every step, the sandwich rule). On the other steps it is run only when --target full needs "
+                "its outputs, without a backward"})
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature of both KD losses (> 0)"})
     patience: int | None = loop_field(2, "stop after this many epochs without a validation gain of the full "
                                          "member; the best epoch is kept")
@@ -126,6 +139,17 @@ class ElasticConfig(TrainConfig):
         LossWeights(ce=self.ce, kd=self.kd, temperature=self.temperature, cosine=0, fsp=0)  # validates them
         if not (isinstance(self.hidden, (int, float)) and self.hidden >= 0):
             raise UsageError("--hidden must be >= 0", value=self.hidden, allowed="a float >= 0", fix="--hidden 1")
+        if self.target not in ("full", "teacher"):
+            raise UsageError("--target must be 'full' or 'teacher'", value=self.target, allowed="full, teacher",
+                             fix="--target teacher")
+        if isinstance(self.full_fraction, bool) or not isinstance(self.full_fraction, (int, float)) or \
+                not 0 < self.full_fraction <= 1:
+            raise UsageError("--full-fraction must be in (0, 1]", value=self.full_fraction,
+                             allowed="a float > 0 and <= 1 (--no-train-full: never)", fix="--full-fraction 0.25")
+        if not self.train_full and self.full_fraction < 1:
+            raise UsageError("--full-fraction sets how often the full member is trained, which --no-train-full "
+                             "never does", value=self.full_fraction, allowed="--full-fraction 1 with --no-train-full",
+                             fix="drop --full-fraction, or drop --no-train-full")
         if not self.train_full and self.teacher_kd > 0:
             raise UsageError("--teacher-kd trains the full member, which --no-train-full does not train",
                              value=self.teacher_kd, allowed="--teacher-kd 0 with --no-train-full",
@@ -142,16 +166,13 @@ class ElasticConfig(TrainConfig):
 
 
 @dataclass
-class ElasticResult:
+class ElasticResult(Written):
     """What ``elastic`` wrote (``elastic.json`` holds all of it)."""
 
     out: str
     model_path: str
     members: list
     record: dict
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def writes() -> list[str]:
@@ -230,58 +251,90 @@ def draw(grid: Grid, sampled: int, seed: int, rows) -> list[Budget]:
     return [small, *(pool[i] for i in pick)]
 
 
-def _same_draw(grid: Grid, config: ElasticConfig, rows, device, size: int) -> list[Budget]:
-    """:func:`draw` on rank 0's rows, broadcast, so every torchrun rank trains the same members in a step
-    (their summed gradients are then the gradient of one sandwich over the global batch)."""
-    members = draw(grid, config.sampled, config.seed, rows)
+def full_now(config: ElasticConfig, rows) -> bool:
+    """Whether the full member is trained on ``rows``: always, never (``--no-train-full``), or on a
+    ``--full-fraction`` of the steps, drawn by a generator seeded by (seed, the step's first row, 1) so a
+    resumed run and every torchrun rank decide what an uninterrupted rank 0 did."""
+    if not config.train_full:
+        return False
+    if config.full_fraction >= 1:
+        return True
+    first = np.asarray(rows)[:1]
+    return bool(np.random.default_rng([config.seed, int(first[0]) if len(first) else 0, 1]).random()
+                < config.full_fraction)
+
+
+def _same_draw(grid: Grid, config: ElasticConfig, rows, device, size: int) -> tuple[list[Budget], bool]:
+    """:func:`draw` and :func:`full_now` on rank 0's rows, broadcast, so every torchrun rank trains the same
+    members in a step (their summed gradients are then the gradient of one sandwich over the global batch)."""
+    members, full = draw(grid, config.sampled, config.seed, rows), full_now(config, rows)
     if size == 1:
-        return members
+        return members, full
     pool = grid.members()
-    idx = torch.tensor([pool.index(b) for b in members] or [-1], dtype=torch.long, device=device)
+    idx = torch.tensor([int(full), *([pool.index(b) for b in members] or [-1])], dtype=torch.long, device=device)
     torch.distributed.broadcast(idx, src=0)
-    return [pool[i] for i in idx.tolist() if i >= 0]
+    return [pool[i] for i in idx.tolist()[1:] if i >= 0], bool(idx[0])
 
 
 def sandwich_loss(fam: Family, task, batch: dict, rows, members: list[Budget], config: ElasticConfig,
-                  teacher_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """The loss of one step (module doc): the full member's, plus each of ``members``' against it.
+                  teacher_logits: torch.Tensor | None = None, train_full: bool | None = None,
+                  teacher_feats: dict | None = None) -> tuple[torch.Tensor, dict]:
+    """The loss of one step (module doc): the full member's, plus each of ``members``' against their target.
 
-    ``teacher_logits`` (B, K) / (B, T, V): the original teacher's, for the full member's KD (None: no KD).
-    Returns (the summed loss, a mean over rows; parts: 'full' and 'members' as floats).
+    ``teacher_logits`` (B, K) / (B, T, V): the original teacher's, for the full member's KD (None: no KD) and,
+    with ``config.target == 'teacher'``, the sub-members' KD target. ``teacher_feats``: the teacher's block
+    outputs by block path (the sub-members' hidden targets under ``--target teacher --hidden``).
+    ``train_full``: whether the full member is trained this step (None: ``config.train_full``); when it is not
+    and the sub-members' targets are the teacher's, the full member is not run at all.
+    Returns (the summed loss, a mean over rows; parts: 'full' (when it ran) and 'members' as floats).
     """
     from ..distill.losses import LossWeights, cosine_loss, total_loss
     from ..distill.taps import record
+    train_full = config.train_full if train_full is None else train_full
+    to_teacher = config.target == "teacher"
+    if to_teacher and members and teacher_logits is None:
+        raise ValueError("--target teacher needs the teacher's logits")
     hidden = config.hidden > 0 and bool(members)
-    with record(fam.parent.module, fam.parent.blocks.block_paths if hidden else []) as full_feats, \
-            torch.set_grad_enabled(torch.is_grad_enabled() and config.train_full):
-        z = logits_of(fam.forward(fam.grid.full, batch)).float()
-    pred, labels = task.align(z, rows)
+    if hidden and to_teacher and teacher_feats is None:
+        raise ValueError("--target teacher --hidden needs the teacher's block outputs")
+    loss, out, full_feats, target = None, {}, {}, None
     t_pred = task.align(teacher_logits, rows)[0] if teacher_logits is not None else None
-    w_full = LossWeights(ce=config.ce, kd=config.teacher_kd if t_pred is not None else 0.0,
-                         temperature=config.temperature, cosine=0.0, fsp=0.0)
-    loss, parts = total_loss(w_full, student_logits=pred, teacher_logits=t_pred, labels=labels)
-    out = {"full": parts["total"]}
-    if not config.train_full:  # the full member's loss is logged, not trained on
-        loss = torch.zeros((), device=pred.device)
-    target = pred.detach()
+    labels = None
+    if train_full or (members and not to_teacher):
+        with record(fam.parent.module, fam.parent.blocks.block_paths if hidden and not to_teacher else []) \
+                as full_feats, torch.set_grad_enabled(torch.is_grad_enabled() and train_full):
+            z = logits_of(fam.forward(fam.grid.full, batch)).float()
+        pred, labels = task.align(z, rows)
+        w_full = LossWeights(ce=config.ce, kd=config.teacher_kd if t_pred is not None else 0.0,
+                             temperature=config.temperature, cosine=0.0, fsp=0.0)
+        loss, parts = total_loss(w_full, student_logits=pred, teacher_logits=t_pred, labels=labels)
+        out["full"] = parts["total"]
+        if not train_full:  # the full member's loss is logged, not trained on
+            loss = None
+        target = pred.detach()
+    if to_teacher:
+        target, full_feats = t_pred, teacher_feats
     w_sub = LossWeights(ce=config.ce, kd=config.kd, temperature=config.temperature, cosine=0.0, fsp=0.0)
     sub, sub_hidden = 0.0, 0.0
     for b in members:
         taps = fam.taps(b) if hidden else []
         with record(fam.module(b), [s for s, _ in taps]) as feats:
-            zb = task.align(logits_of(fam.forward(b, batch)).float(), rows)[0]
+            zb, lab = task.align(logits_of(fam.forward(b, batch)).float(), rows)
+        labels = lab if labels is None else labels
         lb, pb = total_loss(w_sub, student_logits=zb, teacher_logits=target, labels=labels)
-        if hidden:  # the member's block j against the full member's output of the same block, detached
+        if hidden:  # the member's block j against the full member's (or teacher's) output of the same block
             h = cosine_loss([full_feats[p].detach() for _, p in taps], [feats[s] for s, _ in taps], None,
                             batch.get("attention_mask"))
             lb = lb + config.hidden * h
             sub_hidden += float(h.detach())
-        loss = loss + lb
+        loss = lb if loss is None else loss + lb
         sub += pb["total"] + (config.hidden * float(h.detach()) if hidden else 0.0)
     if members:
         out["members"] = sub / len(members)
         if hidden:
             out["hidden"] = sub_hidden / len(members)
+    if loss is None:  # nothing trained this step (a grid of one member whose full member sits this step out)
+        loss = fam.parent.module.parameters().__next__().sum() * 0.0
     return loss, out
 
 
@@ -289,6 +342,7 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
     import copy
 
     from ..bench.bench import flops_per_sample
+    from ..distill.taps import record
     from ..finetune.finetune import checkpoint_files
     from .select import score_members
     t_start = time.perf_counter()
@@ -334,15 +388,22 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
     for p in teacher.module.parameters():
         p.requires_grad_(False)
 
+    to_teacher = config.target == "teacher"
+    t_taps = teacher.blocks.block_paths if to_teacher and config.hidden > 0 else []
+    full_steps = [0, 0]  # steps on which the full member was trained, steps (this process; for the record)
+
     def step(rows, gbs):
         b = task.batch(parent, rows)
         with oom_message(len(rows), "--batch-size", parent.device):
-            t_logits = None
-            if config.teacher_kd > 0:
-                with torch.no_grad():
+            subs, train_full = _same_draw(grid, config, rows, parent.device, size)
+            full_steps[0] += int(train_full)
+            full_steps[1] += 1
+            t_logits, t_feats = None, None
+            if (config.teacher_kd > 0 and train_full) or (to_teacher and subs):
+                # the ordered parent's blocks are the teacher's blocks, permuted inside: same outputs, same paths
+                with torch.no_grad(), record(teacher.module, t_taps) as t_feats:
                     t_logits = logits_of(teacher.forward(b)).float()
-            loss, parts = sandwich_loss(fam, task, b, rows, _same_draw(grid, config, rows, parent.device, size),
-                                        config, t_logits)
+            loss, parts = sandwich_loss(fam, task, b, rows, subs, config, t_logits, train_full, t_feats)
         scale = len(rows) / gbs
         return loss * scale, {k: torch.tensor(v * scale, device=loss.device) for k, v in parts.items()}
 
@@ -375,9 +436,14 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
     sub = draw(grid, 0, 0, [])  # the smallest, when there is one
     pool = [b for b in members if b not in (grid.full, grid.smallest)]
     k = min(config.sampled, len(pool))
-    per_row = (3 if config.train_full else 1) * flops[grid.full] + sum(3 * flops[b] for b in sub) + \
-        (k * 3 * float(np.mean([flops[b] for b in pool])) if k else 0.0) + \
-        (t_flops if config.teacher_kd > 0 else 0.0)
+    # in expectation over the draw: the full member trained on a fraction p of the steps (forward + backward),
+    # run forward only on the others when the sub-members distill from it; the teacher's forward on the steps
+    # that need its logits
+    p = (config.full_fraction if config.train_full else 0.0)
+    has_subs = bool(sub)
+    per_row = 3 * p * flops[grid.full] + ((1 - p) * flops[grid.full] if has_subs and not to_teacher else 0.0) + \
+        sum(3 * flops[b] for b in sub) + (k * 3 * float(np.mean([flops[b] for b in pool])) if k else 0.0) + \
+        (t_flops if to_teacher and has_subs else p * t_flops if config.teacher_kd > 0 else 0.0)
     t_sel = time.perf_counter()
     rec_members = score_members(fam, task, calib, split["val"], config) if rank == 0 else []
     select_seconds = time.perf_counter() - t_sel
@@ -397,7 +463,9 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
            "training": {"steps": steps, "rows": rows_seen, "wall_s": wall, "flops": rows_seen * per_row,
                         "flops_per_row": {"full_forward": flops[grid.full], "teacher_forward": t_flops,
                                           "step_expected": per_row},
-                        "members_per_step": 1 + len(sub) + k,
+                        "members_per_step": 1 + len(sub) + k, "full_fraction": p,
+                        # realized in this process (a resumed run counts its own steps only)
+                        "full_trained_steps": full_steps[0], "steps_run": full_steps[1],
                         # one-time work outside the training loop (a separate route's analogue: its scores run)
                         "order_s": order_seconds, "select_s": select_seconds,
                         "resumed_from": hist.get("resumed_from")},
