@@ -118,9 +118,24 @@ class Int8FusedLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone(),
                                                                   requires_grad=False)
         self._packed = _prepack(q, scale, self.bias)
+        self._group = self._index = None  # set by fuse.fuse_int8 when siblings share one fused GEMM
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._group is not None:
+            return self._group(x, self._index)
         return torch.ops.quantized.linear_dynamic(x.float(), self._packed, False).to(x.dtype)
+
+    def __deepcopy__(self, memo):
+        # The packed weight's own copy goes through torch's pickling of packed params, which re-packs it for the
+        # *global* quantized engine (x86 here), not onednn: such a copy computed different outputs (measured). So a
+        # copy re-packs from the int8 weight and scales for onednn, exactly as built; a fused group is copied once
+        # (memo) and re-packed the same way, so the copy's members share their own group.
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        state = {k: v for k, v in self.__dict__.items() if k != "_packed"}
+        new.__dict__.update(copy.deepcopy(state, memo))
+        new._packed = _prepack(new.weight.detach(), new.weight_scale, new.bias)
+        return new
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, engine={FUSED_ENGINE}"
@@ -287,11 +302,13 @@ def swap(module: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
-def apply_layers(module: nn.Module, layers: dict[str, str], block_paths=()) -> nn.Module:
+def apply_layers(module: nn.Module, layers: dict[str, str], block_paths=(), fuse: bool = True) -> nn.Module:
     """Quantize, in place, each Linear named in ``layers`` (name -> format): bf16 and int8fused layers are swapped
     for :class:`BF16Linear` / :class:`Int8FusedLinear` copies, int8dyn / int8wo ones go through torchao's
     ``quantize_`` with a per-module filter; every other module is left as it is. A block (of ``block_paths``)
-    whose every Linear is bf16 is then wrapped in :class:`BF16Block`. Returns ``module``."""
+    whose every Linear is bf16 is then wrapped in :class:`BF16Block`. With ``fuse``, sibling int8fused layers that
+    read the same input (query / key / value, ...) run as one GEMM (:mod:`.fuse`; exact: the same outputs).
+    Returns ``module``."""
     names = linear_names(module)
     by_fmt: dict[str, set] = {}
     for name, fmt in layers.items():
@@ -300,6 +317,9 @@ def apply_layers(module: nn.Module, layers: dict[str, str], block_paths=()) -> n
     for fmt in ("bf16", "int8fused"):
         for name in sorted(by_fmt.pop(fmt, ())):
             swap(module, name, quantized_linear(module.get_submodule(name), fmt))
+    if fuse:
+        from .fuse import fuse_int8
+        fuse_int8(module)
     if by_fmt:
         quantize_ = _torchao().quantize_
         with torch.no_grad():
