@@ -347,6 +347,7 @@ def main(argv=None) -> dict:
     res.setdefault("commands", {})
     cmd = "PYTHONPATH=. python bench/quantize.py " + " ".join(argv or sys.argv[1:])
     for part in args.part:
+        before = json.loads(json.dumps(res, default=float))
         res.setdefault("machine", {})[part] = machine()
         t0 = time.perf_counter()
         {"quantize": part_quantize, "mixed": lambda a, r: part_quantize(a, r, keys=("mixed",)), "accuracy": part_accuracy, "sweep": part_sweep,
@@ -357,9 +358,29 @@ def main(argv=None) -> dict:
         res["targets"] = _targets(res, args)
         res["teacher"], res["student"], res["formats"] = args.teacher, args.student, args.formats
         res["student_recipe"] = _recipe(args.student)
+        res = _merge(path, before, res)
+        res["targets"] = _targets(res, args)
         save_result("quantize", res)  # partial results survive a later part's failure
     _write(res)
     return res
+
+
+def _merge(path: Path, before: dict, res: dict) -> dict:
+    """What this part changed, written over the file as it is now: two parts run side by side (e.g. the sweep and
+    the student's) each keep the other's results. Per-part and per-model tables merge one level down."""
+    disk = json.loads(path.read_text()) if path.exists() else {}
+    if disk.get("version") != res.get("version"):
+        return res
+    res = json.loads(json.dumps(res, default=float))
+    for k, v in res.items():
+        was = before.get(k)
+        if v == was:
+            continue
+        if k in ("scores", "machine", "commands", "seconds", "load_average_end", "latency_ms") and isinstance(v, dict):
+            disk.setdefault(k, {}).update({kk: vv for kk, vv in v.items() if (was or {}).get(kk) != vv})
+        else:
+            disk[k] = v
+    return disk
 
 
 def _cell(lat: dict, k: str, m: str) -> str:

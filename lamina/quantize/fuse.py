@@ -43,6 +43,7 @@ class FusedInt8Group:
         bias = None if all(b is None for b in biases) else torch.cat(
             [b.detach() if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, members)])
         self.sizes = [m.out_features for m in members]
+        self.reduce_range = members[0].reduce_range
         self._weights = (q, scale, bias)  # kept to re-pack a copy (see __deepcopy__)
         self._packed = _prepack(q, scale, bias)
         self._x = self._parts = None
@@ -50,7 +51,7 @@ class FusedInt8Group:
 
     def __call__(self, x: torch.Tensor, index: int) -> torch.Tensor:
         if self._x is not x or index not in self._left:  # a new input (or a member asking twice): one fused GEMM
-            y = torch.ops.quantized.linear_dynamic(x.float(), self._packed, False)
+            y = torch.ops.quantized.linear_dynamic(x.float(), self._packed, self.reduce_range)
             self._x, self._parts, self._left = x, y.split(self.sizes, dim=-1), set(range(len(self.sizes)))
         out = self._parts[index]
         self._left.discard(index)
@@ -64,6 +65,7 @@ class FusedInt8Group:
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         new.sizes, new._weights = list(self.sizes), copy.deepcopy(self._weights, memo)
+        new.reduce_range = self.reduce_range
         new._packed = _prepack(*new._weights)
         new._x = new._parts = None
         new._left = set()
