@@ -58,6 +58,11 @@ probe script and every number are in BENCHMARKS.md "quantize"):
   its kernel; its Python front end is deprecated, so ``int8fused`` calls the
   same kind of kernel (on oneDNN) directly.
 
+On an AVX2-only CPU (AMD EPYC Zen 3, no VNNI / AMX / AVX512-BF16; BENCHMARKS.md "quantize" round 4) the
+picture differs: bf16 is emulated (one 256 x 384 x 1536 GEMM 200 ms against 16 ms float32), so ``bf16`` is
+only for the weights' size there, and the int8 GEMM is 1.5-1.8x float32 (thread CPU time, all three engines
+alike), with 7-bit activations (:func:`int8_reduce_range`) because 8-bit ones saturate.
+
 ``Int4WeightOnlyConfig`` on this CPU left a Linear's outputs bit-identical to
 float32 (it did not quantize anything usable here), so ``int4wo`` is refused
 on the CPU with a message rather than silently doing nothing.
