@@ -96,6 +96,10 @@ def _models(args, res: dict, which: str):
                                     and res.get("composed", {}).get("student") == args.student):
         print(f"{which}: the teacher side only (no composed model of this --student yet: --part composed scores "
               "student_fp32 and composed)", flush=True)
+        if which == "latency" and args.speed_proxy:  # the student's shape without its training: speed only
+            px = lamina.load_model(args.speed_proxy)
+            out["proxy_student_fp32"] = px
+            out["proxy_student_all_int8fused"] = quantized_copy(px, {n: "int8fused" for n in linear_names(px.module)})
         return out
     out["student_fp32"] = lamina.load_model(args.student)
     out["composed"] = lamina.load_model(res["composed"]["out"])
@@ -344,6 +348,9 @@ def main(argv=None) -> dict:
                          "int8fused, the rest float32: the one lossy format alone)")
     ap.add_argument("--heldout", type=int, default=2000, help="held-out Rotten Tomatoes rows scored beside the test")
     ap.add_argument("--out-work", default="/tmp/qbench")
+    ap.add_argument("--speed-proxy", default=None,
+                    help="latency without a composed model: a pruned (not yet distilled) student folder, timed in "
+                         "float32 and with every Linear int8fused (same shapes as the composed model; no accuracy)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--part", nargs="+", choices=PARTS, default=list(PARTS))
