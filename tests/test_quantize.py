@@ -251,16 +251,16 @@ def test_bench_of_a_quantize_folder_scores_its_sources_test_rows(tiny_teacher, t
 
 
 # ---------------------------------------------------------------- int8fused ----
-def _naive_int8fused(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _naive_int8fused(linear: nn.Linear, x: torch.Tensor, qmax: int = 255) -> torch.Tensor:
     """Weight int8 per output channel (symmetric, 127), activation uint8 per tensor (asymmetric over its min / max,
-    0 included), the integer GEMM in float64, dequantized: what oneDNN's dynamic int8 linear computes."""
+    0 included; 0..qmax), the integer GEMM in float64, dequantized: what oneDNN's dynamic int8 linear computes."""
     w, b, x = linear.weight.detach().double(), linear.bias.detach().double(), x.double()
     ws = w.abs().amax(1) / 127
     qw = torch.clamp(torch.round(w / ws[:, None]), -127, 127)
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    xs = (hi - lo) / 255
-    zp = min(255, max(0, round(-lo / xs)))
-    qx = torch.clamp(torch.round(x / xs) + zp, 0, 255) - zp
+    xs = (hi - lo) / qmax
+    zp = min(qmax, max(0, round(-lo / xs)))
+    qx = torch.clamp(torch.round(x / xs) + zp, 0, qmax) - zp
     return (qx @ qw.T) * xs * ws + b
 
 
@@ -272,7 +272,8 @@ def test_int8fused_matches_a_naive_per_channel_per_tensor_reference():
     q = quantized_linear(lin, "int8fused")
     with torch.inference_mode():
         got = q(x)
-    want = _naive_int8fused(lin, x)
+    # 7-bit activations where the CPU's int8 GEMM would saturate (no VNNI / AMX), 8-bit elsewhere
+    want = _naive_int8fused(lin, x, 127 if q.reduce_range else 255)
     assert got.dtype == torch.float32 and got.shape == (3, 7, 40)
     # the kernel rounds in float32 (scale, zero point): within a few quantization steps of the float64 reference
     step = float(want.abs().max()) / 127
@@ -326,6 +327,15 @@ def test_int8fused_refused_without_the_onednn_engine(tmp_path, monkeypatch):
     assert main(["quantize", "minilm", "--fraction", "0.5", "--formats", "int8fused", "--data", "x.csv",
                  "--out", str(tmp_path / "q")]) == 2
     assert not (tmp_path / "q").exists()
+
+
+def test_int8fused_reduce_range_follows_the_cpus_int8_instructions(monkeypatch):
+    from lamina.quantize import formats
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx512_vnni": False})
+    assert formats.int8_reduce_range() and quantized_linear(nn.Linear(8, 4), "int8fused").reduce_range
+    for cap in ("avx512_vnni", "avx_vnni", "amx_int8"):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda cap=cap: {"avx2": True, cap: True})
+        assert not formats.int8_reduce_range() and not quantized_linear(nn.Linear(8, 4), "int8fused").reduce_range
 
 
 def test_int8fused_leaves_the_global_engine_alone():

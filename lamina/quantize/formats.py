@@ -58,6 +58,11 @@ probe script and every number are in BENCHMARKS.md "quantize"):
   its kernel; its Python front end is deprecated, so ``int8fused`` calls the
   same kind of kernel (on oneDNN) directly.
 
+On an AVX2-only CPU (AMD EPYC Zen 3, no VNNI / AMX / AVX512-BF16; BENCHMARKS.md "quantize" round 4) the
+picture differs: bf16 is emulated (one 256 x 384 x 1536 GEMM 200 ms against 16 ms float32), so ``bf16`` is
+only for the weights' size there, and the int8 GEMM is 1.5-1.8x float32 (thread CPU time, all three engines
+alike), with 7-bit activations (:func:`int8_reduce_range`) because 8-bit ones saturate.
+
 ``Int4WeightOnlyConfig`` on this CPU left a Linear's outputs bit-identical to
 float32 (it did not quantize anything usable here), so ``int4wo`` is refused
 on the CPU with a message rather than silently doing nothing.
@@ -118,12 +123,45 @@ class Int8FusedLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone(),
                                                                   requires_grad=False)
         self._packed = _prepack(q, scale, self.bias)
+        self.reduce_range = int8_reduce_range()  # 7-bit activations where the int8 GEMM would saturate (see there)
+        self._group = self._index = None  # set by fuse.fuse_int8 when siblings share one fused GEMM
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x.float(), self._packed, False).to(x.dtype)
+        if self._group is not None:
+            return self._group(x, self._index)
+        return torch.ops.quantized.linear_dynamic(x.float(), self._packed, self.reduce_range).to(x.dtype)
+
+    def __deepcopy__(self, memo):
+        # The packed weight's own copy goes through torch's pickling of packed params, which re-packs it for the
+        # *global* quantized engine (x86 here), not onednn: such a copy computed different outputs (measured). So a
+        # copy re-packs from the int8 weight and scales for onednn, exactly as built; a fused group is copied once
+        # (memo) and re-packed the same way, so the copy's members share their own group.
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        state = {k: v for k, v in self.__dict__.items() if k != "_packed"}
+        new.__dict__.update(copy.deepcopy(state, memo))
+        new._packed = _prepack(new.weight.detach(), new.weight_scale, new.bias)
+        return new
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, engine={FUSED_ENGINE}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, engine={FUSED_ENGINE}, "
+                f"reduce_range={self.reduce_range}")
+
+
+def int8_reduce_range() -> bool:
+    """Whether int8fused must quantize activations to 7 bits (0..127) on this CPU.
+
+    Without VNNI (AVX512-VNNI, AVX-VNNI) or AMX-INT8, x86 int8 GEMMs multiply uint8 by int8 and add pairs of
+    products into int16 (``vpmaddubsw``), which saturates once two products exceed 32767 (255 x 127 x 2 = 64770).
+    Measured on an AVX2-only AMD EPYC (torch 2.13, onednn, fbgemm and x86 engines alike): 72 of 840 outputs of a
+    48 -> 40 layer were off by up to 40 quantization steps against an exact integer reference; with 7-bit
+    activations (``reduce_range``, 127 x 127 x 2 < 32767) every output matched the 7-bit reference to 3e-7. So
+    the format is exact integer arithmetic on every CPU, 8-bit activations where the hardware sums in 32 bits."""
+    try:
+        caps = torch.cpu.get_capabilities()
+    except AttributeError:  # a torch without the probe: the safe choice
+        return True
+    return not any(caps.get(k) for k in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def _prepack(q: torch.Tensor, scale: torch.Tensor, bias) -> object:
@@ -287,11 +325,13 @@ def swap(module: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
-def apply_layers(module: nn.Module, layers: dict[str, str], block_paths=()) -> nn.Module:
+def apply_layers(module: nn.Module, layers: dict[str, str], block_paths=(), fuse: bool = True) -> nn.Module:
     """Quantize, in place, each Linear named in ``layers`` (name -> format): bf16 and int8fused layers are swapped
     for :class:`BF16Linear` / :class:`Int8FusedLinear` copies, int8dyn / int8wo ones go through torchao's
     ``quantize_`` with a per-module filter; every other module is left as it is. A block (of ``block_paths``)
-    whose every Linear is bf16 is then wrapped in :class:`BF16Block`. Returns ``module``."""
+    whose every Linear is bf16 is then wrapped in :class:`BF16Block`. With ``fuse``, sibling int8fused layers that
+    read the same input (query / key / value, ...) run as one GEMM (:mod:`.fuse`; exact: the same outputs).
+    Returns ``module``."""
     names = linear_names(module)
     by_fmt: dict[str, set] = {}
     for name, fmt in layers.items():
@@ -300,6 +340,9 @@ def apply_layers(module: nn.Module, layers: dict[str, str], block_paths=()) -> n
     for fmt in ("bf16", "int8fused"):
         for name in sorted(by_fmt.pop(fmt, ())):
             swap(module, name, quantized_linear(module.get_submodule(name), fmt))
+    if fuse:
+        from .fuse import fuse_int8
+        fuse_int8(module)
     if by_fmt:
         quantize_ = _torchao().quantize_
         with torch.no_grad():
