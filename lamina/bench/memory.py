@@ -16,7 +16,8 @@ forward on the batch it is given, and reports:
   ``ru_maxrss`` minus the resident set before a single load (library code
   included, said in ``method``). On CUDA, ``torch.cuda.max_memory_allocated``
   (tensors only, no CUDA context);
-- ``after_load_bytes``: the same measure after loading, before the forward;
+- ``after_load_bytes``: the same measure after loading, before the forward (it can be below the weights'
+  bytes: safetensors weights may stay mapped from the file and count only once the forward touches them);
 - ``weight_bytes``: the bytes of the parameters and buffers (shared ones once).
 
 Nothing is pickled either way: the parent writes ``args.json`` (the model's
