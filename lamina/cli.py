@@ -340,6 +340,15 @@ def _bench(ns):
             print(f"decode {str(r['model'])[-28:]:<28} {d['tokens_per_s']:8.1f} tokens/s ({d['new_tokens']} new "
                   f"after {d['prompt_tokens']}, greedy, KV cache; "
                   f"{'same tokens without the cache' if d['same_tokens_without_cache'] else 'DIFFERS without the cache'})")
+    for r in res["models"]:  # causal LMs with --prefill-lens: one line per model and length
+        for n, p in (r.get("prefill") or {}).items():
+            sp = r["vs_first"]["prefill"][n]["speedup"]
+            print(f"prefill {n} tokens {str(r['model'])[-28:]:<28} " + " ".join(
+                f"{p['latency'][b]['median_ms']:9.2f} ms@{b} ({sp[b]:.2f}x)" for b in p["latency"]))
+        if r.get("memory"):
+            m = r["memory"]
+            print(f"memory {str(r['model'])[-28:]:<28} peak {m['peak_bytes'] / 2 ** 20:9.1f} MiB, weights "
+                  f"{m['weight_bytes'] / 2 ** 20:9.1f} MiB at {m['input_shape']}")
     print(f"bench: {res['path']}")
     _next("lamina report RUN --stages " + " ".join(ns.models) + "  (RUN: a `lamina analyze` run folder)")
     return 0

@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
 import torch
+
+import lamina.testing as lt
+from lamina.errors import UsageError
 
 from lamina.bench import BenchConfig, bench
 from lamina.models import load_model
@@ -48,3 +52,87 @@ def test_bench_records_decode_tokens_per_s_and_cached_tokens_equal_a_no_cache_ru
                  "--out", str(tmp_path / "b1")]) == 0
     assert "tokens/s" in capsys.readouterr().out
     assert main(["bench", str(t), "--data", str(tmp_path / "d.txt"), "--decode-tokens", "-1"]) == 2
+
+
+def _cli(*args):
+    from lamina.cli import main
+    return main(["bench", *map(str, args)])
+
+
+def test_bench_prefill_lengths_time_every_length_and_batch_on_the_test_text(lm_pair, capsys):
+    tmp_path = lm_pair(60, 3)
+    t, s, d = tmp_path / "teacher", tmp_path / "student", tmp_path / "d.txt"
+    assert _cli(t, s, "--data", d, "--seq-len", 8, "--batch-sizes", 1, 4, "--warmup", 0, "--repeats", 2,
+                "--decode-tokens", 0, "--prefill-lens", 4, 8, 64, "--no-accuracy", "--no-progress",
+                "--out", tmp_path / "b") == 0
+    saved = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert "prefill 64 tokens" in capsys.readouterr().out
+    from lamina.lm_task import LMTaskSpec
+    from lamina.task import make_task
+    lm = load_model(str(t))
+    task = make_task(LMTaskSpec(data=str(d), seq_len=8), lm)
+    stream = task.blocks[task.split["test"]].reshape(-1)  # independent: the test text, concatenated
+    inp = saved["prefill_inputs"]
+    assert inp["test_tokens"] == stream.numel()
+    assert inp["repeated"]["64"] == [b for b in (1, 4) if 64 * b > stream.numel()] and inp["repeated"]["4"] == []
+    from lamina.bench.prefill import prefill_batch
+    b4 = prefill_batch(stream, 4, 4)[0]["input_ids"]
+    assert torch.equal(b4.reshape(-1), stream[:16])
+    b8 = prefill_batch(stream, 8, 4)[0]["input_ids"]
+    assert torch.equal(b8, task.batch(lm, task.split["test"][:4])["input_ids"])  # --seq-len: the test blocks
+    long, rep = prefill_batch(stream, 64, 4)
+    assert rep and torch.equal(long["input_ids"].reshape(-1)[stream.numel():2 * stream.numel()], stream)
+    for rec in saved["models"]:
+        assert set(rec["prefill"]) == {"4", "8", "64"}
+        assert rec["prefill"]["8"]["latency"] == rec["latency"]  # the default length is `latency`, unchanged
+        for n in ("4", "64"):
+            for bs in ("1", "4"):
+                q = rec["prefill"][n]["latency"][bs]
+                assert q["repeats"] == 2 and 0 < q["min_ms"] <= q["median_ms"] <= q["max_ms"]
+                assert abs(q["tokens_per_s"] - int(bs) * int(n) / (q["median_ms"] / 1000)) < 1e-6 * q["tokens_per_s"]
+        # FLOPs grow at least linearly with the length (the matmuls; attention scores add more when counted)
+        f = [rec["prefill"][n]["flops_per_sample"] for n in ("4", "8", "64")]
+        assert f[0] < f[1] < f[2] and f[1] >= 2 * f[0] and f[2] >= 16 * f[0]
+    ref, st = saved["models"]
+    for n in ("4", "8", "64"):
+        v = st["vs_first"]["prefill"][n]
+        ideal = ref["prefill"][n]["flops_per_sample"] / st["prefill"][n]["flops_per_sample"]
+        assert abs(v["ideal_speedup"] - ideal) < 1e-9 and 1.2 < ideal < 1.6  # 2 of 3 blocks
+        for bs in ("1", "4"):
+            sp = ref["prefill"][n]["latency"][bs]["median_ms"] / st["prefill"][n]["latency"][bs]["median_ms"]
+            assert abs(v["speedup"][bs] - sp) < 1e-9 and abs(v["speedup_efficiency"][bs] - sp / ideal) < 1e-9
+    # bad input: a length <= 0 (usage), a length above the context (tiny Llama: 64)
+    assert _cli(t, "--data", d, "--seq-len", 8, "--prefill-lens", 0, "--out", tmp_path / "x") == 2
+    assert _cli(t, "--data", d, "--seq-len", 8, "--prefill-lens", 32, 65, "--no-progress",
+                "--out", tmp_path / "x") == 2
+    err = capsys.readouterr().err
+    assert "longer than the model's context" in err and "65" in err and "Traceback" not in err
+    with pytest.raises(UsageError):
+        BenchConfig(prefill_lens=(-3,))
+    # without --prefill-lens nothing changes: no prefill key
+    r = bench([str(t)], BenchConfig(data=str(d), seq_len=8, batch_sizes=(1,), warmup=0, repeats=1, decode_tokens=0,
+                                    accuracy=False, out=str(tmp_path / "b2"), progress=False))
+    assert "prefill" not in r["models"][0] and "prefill_inputs" not in r
+
+
+def test_bench_memory_is_measured_in_a_child_and_grows_with_batch_and_layers(lm_pair, tmp_path):
+    base = lm_pair(60, 3)
+    d, t = base / "d.txt", base / "teacher"
+    six = lt.save_tiny_causal_lm(base / "six", layers=6)  # twice the blocks of the teacher
+    r = bench([str(t), str(six)], BenchConfig(data=str(d), seq_len=8, batch_sizes=(1,), warmup=0, repeats=1,
+                                              decode_tokens=0, accuracy=False, memory=True,
+                                              out=str(base / "m"), progress=False))
+    m3, m6 = (rec["memory"] for rec in r["models"])
+    for m, path in ((m3, t), (m6, six)):
+        assert m["peak_bytes"] > 0 and m["peak_bytes"] >= m["after_load_bytes"] > 0
+        assert m["input_shape"]["input_ids"] == [1, 8] and "child process" in m["method"]
+        mod = load_model(str(path)).module  # independent: the weights' bytes
+        assert m["weight_bytes"] == sum(p.numel() * p.element_size() for p in mod.parameters()) + sum(
+            b.numel() * b.element_size() for b in mod.buffers())
+    assert m6["weight_bytes"] > 1.5 * m3["weight_bytes"]
+    # a much larger batch needs more memory (attention scores alone: 512 x 4 heads x 64 x 64 floats = 32 MiB)
+    from lamina.bench.memory import measure_memory
+    ids = torch.randint(4, 20, (512, 64))
+    big = measure_memory(str(t), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert big["peak_bytes"] > m3["peak_bytes"] + 16 * 2 ** 20
+    assert big["weight_bytes"] == m3["weight_bytes"]

@@ -18,6 +18,10 @@ faster and how much worse is the small model", on the same inputs:
 - **FLOPs** per sample from ``torch.utils.flop_counter`` on the batch of the
   largest size (matmuls and convolutions, what dominates); the ideal speed-up
   is the FLOP ratio, and ``speedup_efficiency`` = measured / ideal.
+- **Causal LMs**: prefill latency at more sequence lengths (``--prefill-lens``, :mod:`lamina.bench.prefill`)
+  beside the ``--seq-len`` one kept in ``latency``; decode tokens/s with the KV cache.
+- **Peak memory** (``--memory``): each model loaded and run once at the largest timed shape in a fresh child
+  process (:mod:`lamina.bench.memory`).
 - **Accuracy** on the held-out test rows of the first model's task
   (``finetune.json``), so a teacher and its pruned copies share one test set.
 
@@ -97,6 +101,12 @@ class BenchConfig(Runtime):
     decode_tokens: int = field(default=32, metadata={
         "help": "causal LMs: tokens generated greedily (KV cache, batch 1, the first test block as prompt) per "
                 "decode timing, reported as tokens/s; 0 skips decode"})
+    prefill_lens: tuple[int, ...] = field(default=(), metadata={
+        "help": "causal LMs: also time a prefill at these sequence lengths, each at every batch size, on the test "
+                "text cut into windows of that length (default: only --seq-len, recorded in latency)"})
+    memory: bool = field(default=False, metadata={
+        "help": "measure each model's peak memory (weights + activations) at the largest timed shape, in a fresh "
+                "child process per model (a few seconds each)"})
     memory_format: str = field(default="auto", metadata={
         "choices": MEMORY_FORMATS,
         "help": "layout of 2-D conv nets while timing: auto = channels_last for a model with Conv2d layers (NHWC, "
@@ -113,6 +123,10 @@ class BenchConfig(Runtime):
         if not bs or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in bs):
             raise UsageError("--batch-sizes must be positive integers", value=bs, allowed="e.g. 1 8 32",
                              fix="--batch-sizes 1 8 32")
+        pl = self.prefill_lens
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in pl):
+            raise UsageError("--prefill-lens must be positive integers (tokens)", value=pl,
+                             allowed="integers >= 1, at most the model's context", fix="--prefill-lens 32 128 512")
         for name, lo in (("warmup", 0), ("repeats", 1), ("decode_tokens", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -240,6 +254,7 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
             lm.module.eval()
         folds = [fold_batchnorm(lm, task.batch(lm, rows[:2])) for lm in lms]
     layouts = [to_memory_format_(lm, config.memory_format) for lm in lms]
+    prefill_lens = _prefill_lengths(config, lms, spec)
     recs = [{"model": lab, "class": type(lm.module).__name__, "blocks": lm.blocks.n_blocks,
              "parameters": n, "memory_format": lay, "batchnorm_folded": fold,
              "latency": {}} for lab, lm, lay, n, fold in zip(labels, lms, layouts, params, folds)]
@@ -274,10 +289,14 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
                                                "repeats": len(ts)}
             if bar is not None:
                 bar.close()
+            if prefill_lens:
+                _prefill(lms, recs, task, prefill_lens, config)
             if config.decode_tokens and all(is_causal_lm(lm) for lm in lms):
                 prompt = task.batch(lms[0], test[:1])
                 for rec, d in zip(recs, _decode(lms, prompt, config)):
                     rec["decode"] = d
+    if config.memory:
+        _memory(models, lms, recs, task, rows[:need], prefill_lens, config)
     if config.accuracy:
         acc_rows = test if not config.accuracy_limit else test[: config.accuracy_limit]
         for rec, lm in zip(recs, lms):
@@ -299,11 +318,15 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
                                   else None)}
         if "decode" in rec and "decode" in ref:
             rec["vs_first"]["decode_speedup"] = rec["decode"]["tokens_per_s"] / ref["decode"]["tokens_per_s"]
+        if "prefill" in rec:
+            rec["vs_first"]["prefill"] = _prefill_vs(ref["prefill"], rec["prefill"])
         if config.accuracy and task.metric != "accuracy":
             rec["vs_first"][f"{task.metric}_ratio"] = rec[task.metric] / ref[task.metric]
     result = {"lamina_bench": 1, "task": task.record(), "test_rows": int(len(test)),
               "settings": asdict(config), "machine": _machine(config),
               "runtime": describe(lms[0].device, lms[0].dtype), "models": recs}
+    if prefill_lens:
+        result["prefill_inputs"] = _prefill_inputs(task, prefill_lens, config.batch_sizes)
     with claim(out, "bench", [dest.name], config.overwrite):  # the folder's lock, the check again, the write
         record(out, "bench", [dest.name, dest.name + ".tmp"])
         save_json(dest, result)
@@ -316,3 +339,94 @@ def _machine(config: BenchConfig) -> dict:
             "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "threads": config.threads or torch.get_num_threads(),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+# ----------------------------------------------------------- causal LMs: prefill lengths, memory ----
+def _prefill_lengths(config: BenchConfig, lms, spec) -> tuple[int, ...]:
+    """The extra prefill lengths to time (``--seq-len`` is already ``latency``); checked against each context."""
+    if not config.prefill_lens:
+        return ()
+    if not all(is_causal_lm(lm) for lm in lms):
+        raise UsageError("--prefill-lens times causal language models only", value=config.prefill_lens,
+                         allowed="causal LM folders (a classifier's inputs have no free length)",
+                         fix="drop --prefill-lens")
+    from .prefill import check_lengths
+    check_lengths(config.prefill_lens, lms)
+    return tuple(dict.fromkeys(config.prefill_lens))  # order kept, duplicates once
+
+
+def _test_stream(task) -> torch.Tensor:
+    return task.blocks[torch.as_tensor(task.split["test"], dtype=torch.long)].reshape(-1)
+
+
+def _prefill_inputs(task, lengths, batch_sizes) -> dict:
+    from .prefill import prefill_batch
+    stream = _test_stream(task)
+    return {"source": "the test blocks as one token stream, cut into windows of each length; repeated from its "
+                      "start when shorter than batch x length (the --seq-len entry is the test blocks themselves)",
+            "test_tokens": int(stream.numel()),
+            "repeated": {str(n): [b for b in batch_sizes if prefill_batch(stream, n, b)[1]] for n in lengths}}
+
+
+def _prefill(lms, recs, task, lengths, config: BenchConfig) -> None:
+    """``rec["prefill"][length][batch]``: latency of every length x batch, models interleaved per round as in
+    ``latency``; the ``--seq-len`` entry reuses ``latency`` (the same inputs); FLOPs per length for the ideal."""
+    from .prefill import prefill_batch
+    stream = _test_stream(task)
+    seq = task.spec.seq_len
+    for rec in recs:
+        rec["prefill"] = {}
+    for n in lengths:
+        for rec, lm in zip(recs, lms):
+            one = prefill_batch(stream, n, 1)[0]
+            rec["prefill"][str(n)] = {"flops_per_sample": flops_per_sample(lm, one), "latency": {}}
+            if n == seq:
+                rec["prefill"][str(n)]["latency"] = rec["latency"]
+        if n == seq:
+            continue
+        for bs in config.batch_sizes:
+            batch = prefill_batch(stream, n, bs)[0]
+            times = [[] for _ in lms]
+            for r in range(config.warmup + config.repeats):
+                order = range(len(lms)) if r % 2 == 0 else reversed(range(len(lms)))
+                for i in order:
+                    with oom_message(bs, "--batch-sizes", lms[i].device):
+                        t = _time(lms[i], {k: v.to(lms[i].device) for k, v in batch.items()})
+                    if r >= config.warmup:
+                        times[i].append(t)
+            for rec, ts in zip(recs, times):
+                q = np.percentile(ts, [0, 25, 50, 75, 100]) * 1000
+                rec["prefill"][str(n)]["latency"][str(bs)] = {
+                    "median_ms": q[2], "p25_ms": q[1], "p75_ms": q[3], "min_ms": q[0], "max_ms": q[4],
+                    "tokens_per_s": bs * n / (q[2] / 1000), "repeats": len(ts)}
+
+
+def _prefill_vs(ref: dict, rec: dict) -> dict:
+    """Speed-up and efficiency (measured / FLOP-ideal) per length and batch, relative to the first model."""
+    out = {}
+    for n, r in rec.items():
+        f = ref[n]
+        ideal = f["flops_per_sample"] / r["flops_per_sample"] if r["flops_per_sample"] else None
+        speed = {b: f["latency"][b]["median_ms"] / r["latency"][b]["median_ms"] for b in r["latency"]}
+        out[n] = {"ideal_speedup": ideal, "speedup": speed,
+                  "speedup_efficiency": {b: s / ideal for b, s in speed.items()} if ideal else None}
+    return out
+
+
+def _memory(models, lms, recs, task, rows, lengths, config: BenchConfig) -> None:
+    """``rec["memory"]`` per model at the largest timed shape (largest batch x longest length)."""
+    from .memory import measure_memory
+    longest = max(lengths) if lengths and max(lengths) > task.spec.seq_len else None
+    for m, lm, rec in zip(models, lms, recs):
+        if not isinstance(m, (str, Path)):  # an object cannot be reloaded in another process without pickling
+            rec["memory"] = None
+            continue
+        if longest:
+            from .prefill import prefill_batch
+            batch = prefill_batch(_test_stream(task), longest, len(rows))[0]
+        else:  # each model's own batch (classifiers may tokenize differently)
+            batch = task.batch(lm, rows)
+        batch = {k: v.cpu() for k, v in batch.items() if torch.is_tensor(v)}
+        rec["memory"] = measure_memory(str(m), batch, device=config.device, torch_dtype=config.torch_dtype,
+                                       trust_remote_code=config.trust_remote_code,
+                                       memory_format=config.memory_format, threads=config.threads)
