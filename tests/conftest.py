@@ -160,3 +160,31 @@ def lm_pair(tmp_path):
         lt.tiny_tokenizer().save_pretrained(tmp_path / student)
         return tmp_path
     return make
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:  # a port the OS just handed out: no clash between tests run side by side
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def one_and_two_ranks():
+    """``run(args, root)``: ``lamina ARGS --out root/one`` in one process, then the same under torchrun with two
+    ranks into ``root/two`` (one intra-op thread each); asserts both exit 0 and returns (root/one, root/two)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def run(args, root):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+        one = subprocess.run([sys.executable, "-m", "lamina", *args, "--out", str(Path(root) / "one")],
+                             env=env, capture_output=True, text=True)
+        assert one.returncode == 0, one.stderr[-3000:]
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                              "--master_port", str(_free_port()), "-m", "lamina", *args,
+                              "--out", str(Path(root) / "two")], env=env, capture_output=True, text=True)
+        assert two.returncode == 0, two.stderr[-3000:]
+        return Path(root) / "one", Path(root) / "two"
+    return run

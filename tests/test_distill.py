@@ -4,10 +4,6 @@ follow one rank's loss curve; a resumed run ends where an uninterrupted one does
 teacher's most important channels; bad input exits 2."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -72,22 +68,12 @@ def test_layer_map_rules():
         layer_map(6, 3, None, "0:6")
 
 
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
-
-
-def test_two_ranks_follow_one_rank(tmp_path, nodrop_teacher, pruned_student):
+def test_two_ranks_follow_one_rank(tmp_path, nodrop_teacher, pruned_student, one_and_two_ranks):
     common = ["distill", "--teacher", str(nodrop_teacher), "--student", str(pruned_student), "--epochs", "2",
               "--lr", "3e-3", "--batch-size", "16", "--no-progress", "--patience", "5"]
-    one = subprocess.run([sys.executable, "-m", "lamina", *common, "--out", str(tmp_path / "one")],
-                         env=_env(), capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(29600 + os.getpid() % 1000), "-m", "lamina", *common,
-                          "--out", str(tmp_path / "two")], env=_env(), capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a = json.loads((tmp_path / "one" / "distill.json").read_text())["history"]
-    b = json.loads((tmp_path / "two" / "distill.json").read_text())["history"]
+    one, two = one_and_two_ranks(common, tmp_path)
+    a = json.loads((one / "distill.json").read_text())["history"]
+    b = json.loads((two / "distill.json").read_text())["history"]
     assert b["world_size"] == 2 and a["world_size"] == 1
     for ea, eb in zip(a["epochs"], b["epochs"]):
         for k in ("loss", "ce", "kd"):

@@ -470,24 +470,13 @@ def test_a_cnn_with_batchnorm_channels_and_depth(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_torchrun_ranks_follow_one_rank(tmp_path, nodrop_teacher):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+def test_two_torchrun_ranks_follow_one_rank(tmp_path, nodrop_teacher, one_and_two_ranks):
     common = ["elastic", "--teacher", str(nodrop_teacher), "--depths", "2,1", "--widths", "1,0.5", "--sampled", "1",
               "--epochs", "1", "--lr", "3e-3", "--batch-size", "16", "--no-progress", "--latency-repeats", "1",
               "--calibration-samples", "16", "--teacher-kd", "0.5"]
-    one = subprocess.run([sys.executable, "-m", "lamina", *common, "--out", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(29700 + os.getpid() % 1000), "-m", "lamina", *common, "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a = json.loads((tmp_path / "one" / "elastic.json").read_text())
-    b = json.loads((tmp_path / "two" / "elastic.json").read_text())
+    one, two = one_and_two_ranks(common, tmp_path)
+    a = json.loads((one / "elastic.json").read_text())
+    b = json.loads((two / "elastic.json").read_text())
     assert b["history"]["world_size"] == 2 and a["history"]["world_size"] == 1
     for k in ("loss", "full", "members"):
         assert b["history"]["epochs"][0]["train"][k] == pytest.approx(a["history"]["epochs"][0]["train"][k],

@@ -1,32 +1,18 @@
 """An LM distill (Minitron recipe) under torchrun: two ranks follow one rank (issue 13, item 6)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 
-def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
-
-
-def test_two_ranks_follow_one_rank_on_a_causal_lm(lm_pair):
+def test_two_ranks_follow_one_rank_on_a_causal_lm(lm_pair, one_and_two_ranks):
     root = lm_pair(80, 2)  # d.txt, teacher/ (tiny 3-block Llama), student/ (block 1 dropped)
     common = ["distill", "--teacher", str(root / "teacher"), "--student", str(root / "student"),
               "--data", str(root / "d.txt"), "--seq-len", "8", "--epochs", "2", "--batch-size", "8",
               "--lr", "3e-3", "--fsp", "0", "--patience", "5", "--no-progress"]
-    one = subprocess.run([sys.executable, "-m", "lamina", *common, "--out", str(root / "one")],
-                         env=_env(), capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(29700 + os.getpid() % 1000), "-m", "lamina", *common,
-                          "--out", str(root / "two")], env=_env(), capture_output=True, text=True)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a = json.loads((root / "one" / "distill.json").read_text())
-    b = json.loads((root / "two" / "distill.json").read_text())
+    one, two = one_and_two_ranks(common, root)
+    a = json.loads((one / "distill.json").read_text())
+    b = json.loads((two / "distill.json").read_text())
     assert a["history"]["world_size"] == 1 and b["history"]["world_size"] == 2
     assert len(a["history"]["epochs"]) == len(b["history"]["epochs"]) == 2
     for ea, eb in zip(a["history"]["epochs"], b["history"]["epochs"]):
