@@ -197,8 +197,11 @@ def test_prune_reload_equals_bypassed(name, folders, tmp_path):
         assert again.blocks.n_blocks == lm.blocks.n_blocks - 1
         if fmt == "huggingface":
             assert type(again.module) is type(lm.module)
-        torch.testing.assert_close(_out(again, batch), want, atol=1e-5 * float(want.abs().max()), rtol=1e-4,
-                                   msg=f"{name} drop {j}")
+        # 1e-4 of the output's scale: on an AVX2-only CPU oneDNN picks other conv algorithms for the reloaded
+        # (freshly laid out) weights than for the bypassed model's, and MobileNetV2's logits then differ by up to
+        # 2.8e-5 of their scale in 4 of 7,680 elements (measured on a Zen 3 EPYC); a wrong block is off by O(1)
+        torch.testing.assert_close(_out(again, batch), want, atol=1e-4 * float(want.abs().max()), rtol=1e-4,
+                                   msg=lambda m: f"{name} drop {j}: {m}")
         if hasattr(again.module, "generate"):
             ids = batch["input_ids"][:1, :4]
             kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
