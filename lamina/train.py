@@ -148,6 +148,12 @@ def _param_groups(params: list, weight_decay: float) -> list:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+def warmup_linear_decay(opt, total: int, warm: int):
+    """Linear warm-up over ``warm`` steps to the optimizer's lr, then linear decay to 0 at step ``total``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+
+
 def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: Loop, out: Path | None,
         resume: bool = False, desc: str = "train", device: torch.device | None = None,
         dtype: torch.dtype = torch.float32) -> dict:
@@ -180,8 +186,7 @@ def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: L
     total = steps_per_epoch * loop.epochs
     warm = max(1, int(loop.warmup * total))
     opt = torch.optim.AdamW(_param_groups(params, loop.weight_decay), lr=loop.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    sched = warmup_linear_decay(opt, total, warm)
     hist = {"epochs": [], "best_epoch": None, "best_val_accuracy": None, "stopped_early": False,
             "resumed_from": None, "world_size": size, "steps_per_epoch": steps_per_epoch}
     best_state = None

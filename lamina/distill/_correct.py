@@ -43,6 +43,7 @@ from ..errors import LaminaError
 from ..jsonio import write_json
 from ..runfolder import record as record_files
 from ..task import logits_of
+from ..train import warmup_linear_decay
 from ..trust import inside, sha256_of
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,7 @@ def _train(module, teacher, task, config, stamp) -> dict:
     steps = config.teacher_correction
     warm = max(1, steps // 10)
     opt = torch.optim.AdamW(params, lr=_lr(config), weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+    sched = warmup_linear_decay(opt, steps, warm)
     lm = copy.copy(teacher)
     lm.module = module
     torch.manual_seed(stamp["seed"])
