@@ -186,6 +186,39 @@ def _generate(lm, prompt: dict, new: int, cache: bool) -> torch.Tensor:
                               pad_token_id=0 if pad is None else pad)
 
 
+def _interleaved(lms, inputs, bs: int, config: BenchConfig, bar=None) -> list[list[float]]:
+    """Seconds per timed call, per model: ``warmup`` + ``repeats`` rounds, the models' order reversed every other
+    round (no model always runs first or last); the warm-up rounds are not kept."""
+    times: list[list[float]] = [[] for _ in lms]
+    for r in range(config.warmup + config.repeats):
+        order = range(len(lms)) if r % 2 == 0 else reversed(range(len(lms)))  # no fixed position
+        for i in order:
+            with oom_message(bs, "--batch-sizes", lms[i].device):  # outside the timed call
+                t = _time(lms[i], inputs[i])
+            if r >= config.warmup:
+                times[i].append(t)
+        if bar is not None:
+            bar.update(1)
+    return times
+
+
+def _summary(ts: list[float], **per_s: float) -> dict:
+    """Median, quartiles and range in ms of timed calls, plus ``name`` = amount per second for each ``name=amount``
+    (samples or tokens per call)."""
+    q = np.percentile(ts, [0, 25, 50, 75, 100]) * 1000
+    return {"median_ms": q[2], "p25_ms": q[1], "p75_ms": q[3], "min_ms": q[0], "max_ms": q[4],
+            **{k: v / (q[2] / 1000) for k, v in per_s.items()}, "repeats": len(ts)}
+
+
+def _speedups(ref: dict, rec: dict) -> dict:
+    """Speed-up over ``ref`` per batch (its median latency over ``rec``'s), the FLOP-ideal speed-up, and their
+    ratio (efficiency); ``ref`` and ``rec`` each hold ``flops_per_sample`` and ``latency[batch]``."""
+    ideal = ref["flops_per_sample"] / rec["flops_per_sample"] if rec["flops_per_sample"] else None
+    speed = {b: ref["latency"][b]["median_ms"] / rec["latency"][b]["median_ms"] for b in rec["latency"]}
+    return {"ideal_speedup": ideal, "speedup": speed,
+            "speedup_efficiency": {b: s / ideal for b, s in speed.items()} if ideal else None}
+
+
 def _decode(lms, prompt: dict, config: BenchConfig) -> list[dict]:
     """Greedy decode tokens/s per model (KV cache on), timed in interleaved rounds like the latency.
 
@@ -272,21 +305,8 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
                            unit="round", leave=False)
             for bs in config.batch_sizes:
                 inputs = [_layout_batch(task.batch(lm, rows[:bs]), lay) for lm, lay in zip(lms, layouts)]
-                times = [[] for _ in lms]
-                for r in range(config.warmup + config.repeats):
-                    order = range(len(lms)) if r % 2 == 0 else reversed(range(len(lms)))  # no fixed position
-                    for i in order:
-                        with oom_message(bs, "--batch-sizes", lms[i].device):  # outside the timed call
-                            t = _time(lms[i], inputs[i])
-                        if r >= config.warmup:
-                            times[i].append(t)
-                    if bar is not None:
-                        bar.update(1)
-                for rec, ts in zip(recs, times):
-                    q = np.percentile(ts, [0, 25, 50, 75, 100]) * 1000
-                    rec["latency"][str(bs)] = {"median_ms": q[2], "p25_ms": q[1], "p75_ms": q[3], "min_ms": q[0],
-                                               "max_ms": q[4], "samples_per_s": bs / (q[2] / 1000),
-                                               "repeats": len(ts)}
+                for rec, ts in zip(recs, _interleaved(lms, inputs, bs, config, bar)):
+                    rec["latency"][str(bs)] = _summary(ts, samples_per_s=bs)
             if bar is not None:
                 bar.close()
             if prefill_lens:
@@ -307,13 +327,10 @@ def bench(models, config: BenchConfig = BenchConfig()) -> dict:
                 rec[task.metric] = ev[task.metric]
     ref = recs[0]
     for rec in recs:
-        ideal = ref["flops_per_sample"] / rec["flops_per_sample"] if rec["flops_per_sample"] else None
-        speed = {bs: ref["latency"][bs]["median_ms"] / rec["latency"][bs]["median_ms"] for bs in rec["latency"]}
         rec["vs_first"] = {
             "parameter_ratio": rec["parameters"] / ref["parameters"],
             "flop_ratio": rec["flops_per_sample"] / ref["flops_per_sample"] if ref["flops_per_sample"] else None,
-            "ideal_speedup": ideal, "speedup": speed,
-            "speedup_efficiency": {bs: s / ideal for bs, s in speed.items()} if ideal else None,
+            **_speedups(ref, rec),
             "accuracy_retained": (rec["accuracy"] / ref["accuracy"] if config.accuracy and ref["accuracy"]
                                   else None)}
         if "decode" in rec and "decode" in ref:
@@ -386,31 +403,14 @@ def _prefill(lms, recs, task, lengths, config: BenchConfig) -> None:
             continue
         for bs in config.batch_sizes:
             batch = prefill_batch(stream, n, bs)[0]
-            times = [[] for _ in lms]
-            for r in range(config.warmup + config.repeats):
-                order = range(len(lms)) if r % 2 == 0 else reversed(range(len(lms)))
-                for i in order:
-                    with oom_message(bs, "--batch-sizes", lms[i].device):
-                        t = _time(lms[i], {k: v.to(lms[i].device) for k, v in batch.items()})
-                    if r >= config.warmup:
-                        times[i].append(t)
-            for rec, ts in zip(recs, times):
-                q = np.percentile(ts, [0, 25, 50, 75, 100]) * 1000
-                rec["prefill"][str(n)]["latency"][str(bs)] = {
-                    "median_ms": q[2], "p25_ms": q[1], "p75_ms": q[3], "min_ms": q[0], "max_ms": q[4],
-                    "tokens_per_s": bs * n / (q[2] / 1000), "repeats": len(ts)}
+            inputs = [{k: v.to(lm.device) for k, v in batch.items()} for lm in lms]
+            for rec, ts in zip(recs, _interleaved(lms, inputs, bs, config)):
+                rec["prefill"][str(n)]["latency"][str(bs)] = _summary(ts, tokens_per_s=bs * n)
 
 
 def _prefill_vs(ref: dict, rec: dict) -> dict:
     """Speed-up and efficiency (measured / FLOP-ideal) per length and batch, relative to the first model."""
-    out = {}
-    for n, r in rec.items():
-        f = ref[n]
-        ideal = f["flops_per_sample"] / r["flops_per_sample"] if r["flops_per_sample"] else None
-        speed = {b: f["latency"][b]["median_ms"] / r["latency"][b]["median_ms"] for b in r["latency"]}
-        out[n] = {"ideal_speedup": ideal, "speedup": speed,
-                  "speedup_efficiency": {b: s / ideal for b, s in speed.items()} if ideal else None}
-    return out
+    return {n: _speedups(ref[n], r) for n, r in rec.items()}
 
 
 def _memory(models, lms, recs, task, rows, lengths, config: BenchConfig) -> None:
