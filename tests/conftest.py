@@ -178,7 +178,8 @@ def one_and_two_ranks():
     from pathlib import Path
 
     def run(args, root):
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+        # TMPDIR: torchrun's agent leaves a torchelastic_* folder in the temp dir; keep it in the test's own
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]), TMPDIR=str(root))
         one = subprocess.run([sys.executable, "-m", "lamina", *args, "--out", str(Path(root) / "one")],
                              env=env, capture_output=True, text=True)
         assert one.returncode == 0, one.stderr[-3000:]

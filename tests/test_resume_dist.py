@@ -14,6 +14,8 @@ import pytest
 from lamina import CaptureConfig, FeatureStore, capture
 from lamina import testing as lt
 
+from conftest import _free_port
+
 
 @pytest.fixture
 def images_npz(tmp_path):
@@ -23,8 +25,10 @@ def images_npz(tmp_path):
     return path
 
 
-def _env(threads=1):
+def _env(threads=1, tmp=None):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(Path(__file__).parents[1]))
+    if tmp is not None:  # torchrun's agent leaves a torchelastic_* folder in the temp dir: keep it in the test's own
+        env["TMPDIR"] = str(tmp)
     return env
 
 
@@ -79,7 +83,7 @@ def test_two_ranks_equal_one(tmp_path, images_npz, text_csv, tiny_dirs, model):
                          env=_env(), capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(29500 + os.getpid() % 1000), "-m", "lamina", *common,
-                          "--out", str(tmp_path / "two")], env=_env(), capture_output=True, text=True)
+                          "--master_port", str(_free_port()), "-m", "lamina", *common,
+                          "--out", str(tmp_path / "two")], env=_env(tmp=tmp_path), capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
     assert _checksums(tmp_path / "one") == _checksums(tmp_path / "two")
