@@ -299,6 +299,25 @@ def test_resume_record_is_compared_key_by_key(tmp_path):
         check_resume(tmp_path, "finetune", {"teacher": "t", "lr": 1e-3}, resume=True)  # another stage's record
 
 
+
+def test_resume_of_a_run_recorded_before_a_setting_existed(tmp_path):
+    """A record written by an older lamina lacks a newer config field: resuming matches it while the field is
+    at its default (what the older lamina did), and refuses, naming it, once it is not."""
+    from dataclasses import asdict, replace
+
+    from lamina import DistillConfig
+    cfg = DistillConfig(out=str(tmp_path), epochs=2)
+    check_resume(tmp_path, "distill", asdict(cfg), resume=False, config=cfg)
+    rec = json.loads((tmp_path / "resume.json").read_text())
+    del rec["settings"]["teacher_correction"]  # as a run recorded before --teacher-correction existed
+    (tmp_path / "resume.json").write_text(json.dumps(rec))
+    check_resume(tmp_path, "distill", asdict(cfg), resume=True, config=replace(cfg, resume=True))
+    later = replace(cfg, teacher_correction=5)
+    with pytest.raises(UsageError, match="differs in: teacher_correction"):
+        check_resume(tmp_path, "distill", asdict(later), resume=True, config=later)
+    with pytest.raises(UsageError, match="differs in: teacher_correction"):  # without the config: no defaults known
+        check_resume(tmp_path, "distill", asdict(cfg), resume=True)
+
 # ---------------------------------------------------------------- 10: non-finite scores, strict JSON
 
 def _scores(skip):

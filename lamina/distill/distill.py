@@ -350,7 +350,7 @@ def _distill(teacher, student, config: DistillConfig, out: Path, rank: int, size
                 "teacher_fingerprint": teacher.fingerprint(),
                 "student_fingerprint": student.fingerprint(),
                 "rows": rows_hash(task.ds, getattr(task, "doc_split", None) or {**split, "train": train_rows})}
-    check_resume(out, "distill", settings, config.resume, rank)  # before training writes anything
+    check_resume(out, "distill", settings, config.resume, rank, config)  # before training writes anything
     if rank == 0:
         record_files(out, "distill", checkpoint_files())
     mods = {"student": student.module, **({"extra": extra} if len(extra) else {})}

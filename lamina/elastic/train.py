@@ -421,7 +421,7 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
     settings = {**asdict(config), "teacher": same_path(teacher_src), "data": same_path(config.data),
                 "teacher_fingerprint": teacher.fingerprint(),
                 "rows": rows_hash(task.ds, getattr(task, "doc_split", None) or {**split, "train": train_rows})}
-    check_resume(out, "elastic", settings, config.resume, rank)
+    check_resume(out, "elastic", settings, config.resume, rank, config)
     if rank == 0:
         record_files(out, "elastic", checkpoint_files())
     loop = dataclasses.replace(config.loop(), best="accuracy" if task.higher_is_better else "loss")

@@ -176,7 +176,7 @@ def _finetune(model, data: str, config: FinetuneConfig, out: Path, rank: int, si
     frozen = [lm.module.get_submodule(p) for p in lm.blocks.block_paths] if names is not None else []
     settings = {**asdict(config), "model": same_path(model), "model_fingerprint": base.fingerprint(),
                 "data": same_path(data), "rows": rows_hash(ds, getattr(task, "doc_split", None) or split)}
-    check_resume(out, "finetune", settings, config.resume, rank)  # before training writes anything
+    check_resume(out, "finetune", settings, config.resume, rank, config)  # before training writes anything
     if rank == 0:
         record(out, "finetune", checkpoint_files())
 
