@@ -295,7 +295,7 @@ def _speed(lat: dict, model: str, goal: float, text: str) -> dict | None:
         return None
     r1 = _ratio(b1, "fp32", model)
     t = {"value": round(r1["median"], 3), "iqr": [round(x, 3) for x in r1["iqr"]],
-         "load_average": b1["load_average"][0], "goal": f">= {goal} {text}", "met": r1["median"] >= goal}
+         "load_average": round(b1["load_average"][0], 2), "goal": f">= {goal} {text}", "met": r1["median"] >= goal}
     if "cpu_median_ms" in b1[model] and "cpu_median_ms" in b1["fp32"]:
         t["cpu_time_ratio"] = round(b1["fp32"]["cpu_median_ms"] / b1[model]["cpu_median_ms"], 3)
     if model in lat.get("b8_t2", {}) and "fp32" in lat["b8_t2"]:
@@ -434,6 +434,8 @@ def _merge(path: Path, before: dict, res: dict) -> dict:
     if disk.get("version") != res.get("version"):
         return res
     res = json.loads(json.dumps(res, default=float))
+    for k in set(before) - set(res):  # a part removed it (e.g. composed_not_measured once composed is measured)
+        disk.pop(k, None)
     for k, v in res.items():
         was = before.get(k)
         if v == was:
@@ -512,7 +514,8 @@ def _write(r: dict) -> None:
     lines += ["", "Targets (bench/results/quantize.json):", ""]
     for k, v in r["targets"].items():
         extra = "".join(f", {x} {v[x]}" for x in ("test_rows", "heldout_changed", "seed_std", "count", "random", "iqr", "two_threads",
-                                                   "two_threads_iqr", "load_average") if x in v)
+                                                   "two_threads_iqr", "cpu_time_ratio", "upper_bound_all_int8fused",
+                                                   "load_average", "previous") if x in v)
         lines.append(f"- `{k}`: {v['value']} (goal {v['goal']}; met: {v['met']}){extra}")
     notes = Path(HERE / "results" / "quantize_notes.md")
     if notes.exists():

@@ -82,6 +82,10 @@ def test_rerunning_one_part_keeps_the_other_parts_keys(record, tmp_path):
     t = qb._targets(merged)
     assert set(qb.ISSUE_KEYS) <= set(t)
     assert t["importance_minus_random"]["value"] == pytest.approx(0.004)
+    before, res = json.loads(json.dumps(merged)), json.loads(json.dumps(merged))
+    path.write_text(json.dumps(merged | {"composed_not_measured": "a note"}))
+    before["composed_not_measured"] = "a note"
+    assert "composed_not_measured" not in qb._merge(path, before, res)  # a key the part removed goes
 
 
 class _Tiny:
