@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -83,12 +84,46 @@ def main(argv=None) -> dict:
     path = Path(__file__).resolve().parent / "results" / "quantize_proxy.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     res = (_shapes if args.shape else _students if args.student else _retime)(args, folders)
-    res.setdefault("retimes", [])
     res["retimes"] = old.get("retimes", []) + res.get("retimes", [])  # every re-time kept: samples of one spread
     old.update(res)
-    old["targets"] = {**old.get("targets", {}), **res["targets"]}  # each mode's keys from its own measurements
+    old["targets"] = _targets(old)
     save_result("quantize_proxy", old)
     return old
+
+
+def _targets(rec: dict) -> dict:
+    """Every key from the records the file holds (proxy, students, retimes), so each mode keeps the others' keys.
+    A composed alternative's speed-up near its goal is one sample of a wide spread: its value is the median over
+    the --student run and every --time run of the same saved model, each run's ratio listed beside it."""
+    t = {}
+    px = rec.get("proxy")
+    if px:
+        rows = px["speedup_vs_fp32_teacher"]
+        best = max((m for m in rows if m.endswith("_int8fused") and m != "all_int8fused"), key=lambda m: rows[m]["cpu"])
+        t["composed_shape_proxy_best_b8"] = {
+            "value": rows[best]["cpu"], "shape": best, "wall": rows[best]["wall"],
+            "goal": ">= 5 (a PROXY, not the issue's minilm_composed_speedup_b8: the best pruned shape before "
+                    "distillation, every Linear int8fused, thread CPU time, batch 8, one thread)",
+            "met": rows[best]["cpu"] >= 5}
+        t["mixed_upper_bound_b8"] = {
+            "value": rows["all_int8fused"]["cpu"], "wall": rows["all_int8fused"]["wall"],
+            "goal": ">= 2.5 (not an issue key: every teacher Linear int8fused, the most any per-layer int8fused plan "
+                    "can give; thread CPU time, batch 8, one thread)", "met": rows["all_int8fused"]["cpu"] >= 2.5}
+    st = rec.get("students") or {}
+    for name, m in st.get("models", {}).items():
+        runs = [m["speedup_b8"]] + [r["speedup_vs_fp32_teacher"][f"{name}_composed"] for r in rec.get("retimes", [])
+                                    if r["models"].get(f"{name}_composed") == m["composed"]]
+        wall, cpu = [r["wall"] for r in runs], [r["cpu"] for r in runs]
+        value = round(statistics.median(wall), 3)
+        t[f"composed_alternative_{name}"] = {
+            "value": value, "cpu_time_ratio": round(statistics.median(cpu), 3), "runs_wall": wall, "runs_cpu": cpu,
+            "statistic": "median over interleaved runs (each a median)", "heldout_drop": m["heldout_drop"],
+            "load_average": st["load_average_start"][0],
+            "goal": f">= 5 at a held-out drop <= 0.02 (not the issue key, whose student is the 3-of-6 prune: {name} "
+                    f"distilled, `lamina quantize --max-drop {st.get('max_drop', 0.02)} --formats int8fused`, "
+                    f"against the fp32 teacher; batch 8, one thread)",
+            "met": value >= 5 and m["heldout_drop"] <= 0.02}
+    return t
 
 
 def _students(args, students: dict) -> dict:
@@ -116,7 +151,6 @@ def _students(args, students: dict) -> dict:
     load0 = list(os.getloadavg())
     lat = _latency(models, batch, 1, args.repeats)
     load1 = list(os.getloadavg())
-    targets = {}
     for name in students:
         drop = sc["fp32"]["heldout_accuracy"] - sc[f"composed_{name}"]["heldout_accuracy"]
         sp = _ratios(lat, "fp32", f"{name}_composed")
@@ -124,20 +158,13 @@ def _students(args, students: dict) -> dict:
                           "student_heldout_accuracy": sc[f"student_{name}"]["heldout_accuracy"],
                           "heldout_drop": round(drop, 4), "test_accuracy": sc[f"composed_{name}"]["test_accuracy"],
                           "speedup_b8": sp})
-        targets[f"composed_alternative_{name}"] = {
-            "value": sp["wall"], "heldout_drop": round(drop, 4), "cpu_time_ratio": sp["cpu"],
-            "wall_iqr": sp["wall_iqr"], "load_average": load0[0],
-            "goal": f">= 5 at a held-out drop <= 0.02 (not the issue key, whose student is the 3-of-6 prune: "
-                    f"{name} distilled, `lamina quantize --max-drop {args.max_drop} --formats int8fused`, against "
-                    f"the fp32 teacher; batch 8, one thread)", "met": sp["wall"] >= 5 and drop <= 0.02}
         print(f"{name}: held-out {rec[name]['heldout_accuracy']:.4f} (drop {drop:.4f}), x{sp['wall']} wall, "
               f"x{sp['cpu']} cpu", flush=True)
     return {"students": {"command": "PYTHONPATH=. python bench/quantize_proxy.py " + " ".join(sys.argv[1:]),
                          "machine": machine(), "heldout_rows": scratch["heldout_rows"], "repeats": args.repeats,
                          "batch": args.batch, "threads": 1, "load_average_start": load0, "load_average_end": load1,
-                         "teacher_heldout_accuracy": sc["fp32"]["heldout_accuracy"], "models": rec,
-                         "latency_ms": lat},
-            "targets": targets}
+                         "max_drop": args.max_drop, "teacher_heldout_accuracy": sc["fp32"]["heldout_accuracy"],
+                         "models": rec, "latency_ms": lat}}
 
 
 def _retime(args, saved: dict) -> dict:
@@ -158,8 +185,7 @@ def _retime(args, saved: dict) -> dict:
     return {"retimes": [{"command": "PYTHONPATH=. python bench/quantize_proxy.py " + " ".join(sys.argv[1:]),
                        "machine": machine(), "models": saved, "batch": args.batch, "threads": 1,
                        "repeats": args.repeats, "load_average_start": load0, "load_average_end": load1,
-                       "latency_ms": lat, "speedup_vs_fp32_teacher": rows}],
-            "targets": {}}
+                       "latency_ms": lat, "speedup_vs_fp32_teacher": rows}]}
 
 
 def _shapes(args, shapes: dict) -> dict:
@@ -185,23 +211,11 @@ def _shapes(args, shapes: dict) -> dict:
     for m, r in rows.items():
         print(f"{m}: {lat[m]['median_ms']:.1f} ms wall, {lat[m]['cpu_median_ms']:.1f} ms cpu; "
               f"x{r['wall']} wall, x{r['cpu']} cpu", flush=True)
-    best = max((m for m in rows if m.endswith("_int8fused") and m != "all_int8fused"), key=lambda m: rows[m]["cpu"])
     return {"version": 1, "teacher": args.teacher, "proxy": {
                 "command": "PYTHONPATH=. python bench/quantize_proxy.py " + " ".join(sys.argv[1:]),
                 "machine": machine(), "shapes": info, "batch": args.batch, "threads": 1, "repeats": args.repeats,
                 "load_average_start": load0, "load_average_end": load1, "latency_ms": lat,
-                "speedup_vs_fp32_teacher": rows},
-            "targets": {
-               "composed_shape_proxy_best_b8": {
-                   "value": rows[best]["cpu"], "shape": best, "wall": rows[best]["wall"],
-                   "goal": ">= 5 (a PROXY, not the issue's minilm_composed_speedup_b8: the best pruned shape before "
-                           "distillation, every Linear int8fused, thread CPU time, batch 8, one thread)",
-                   "met": rows[best]["cpu"] >= 5},
-               "mixed_upper_bound_b8": {
-                   "value": rows["all_int8fused"]["cpu"], "wall": rows["all_int8fused"]["wall"],
-                   "goal": ">= 2.5 (not an issue key: every teacher Linear int8fused, the most any per-layer "
-                           "int8fused plan can give; thread CPU time, batch 8, one thread)",
-                   "met": rows["all_int8fused"]["cpu"] >= 2.5}}}
+                "speedup_vs_fp32_teacher": rows}}
 
 
 if __name__ == "__main__":

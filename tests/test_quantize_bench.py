@@ -109,3 +109,25 @@ def test_latency_records_wall_and_thread_cpu_time_for_one_thread():
     two = qb._latency({"a": _Tiny(64)}, {"x": torch.randn(32, 64)}, 2, 3)
     torch.set_num_threads(threads)
     assert "cpu_median_ms" not in two["a"]  # the calling thread's CPU time is not the forward's with two threads
+
+
+def test_proxy_targets_come_from_every_record_and_pool_the_retimes():
+    """bench/quantize_proxy.py: the shape proxy, the distilled alternatives and every re-time live side by side; an
+    alternative's value is the median of its runs (the --student run first), met only with the drop inside 0.02."""
+    import quantize_proxy as qp
+    sp = lambda w, c: {"wall": w, "cpu": c}  # noqa: E731
+    rec = {"proxy": {"speedup_vs_fp32_teacher": {"all_int8fused": sp(1.6, 1.58), "a_fp32": sp(2.0, 2.0),
+                                                 "a_int8fused": sp(5.4, 5.1), "b_int8fused": sp(4.0, 4.2)}},
+           "students": {"load_average_start": [3.0], "max_drop": 0.02, "models": {
+               "a": {"composed": "/q/a", "heldout_drop": 0.011, "speedup_b8": sp(5.19, 4.97)},
+               "b": {"composed": "/q/b", "heldout_drop": 0.03, "speedup_b8": sp(6.0, 6.0)}}},
+           "retimes": [{"models": {"a_composed": "/q/a"}, "speedup_vs_fp32_teacher": {"a_composed": sp(5.34, 5.3)}},
+                       {"models": {"a_composed": "/elsewhere"}, "speedup_vs_fp32_teacher": {"a_composed": sp(1, 1)}},
+                       {"models": {"a_composed": "/q/a"}, "speedup_vs_fp32_teacher": {"a_composed": sp(4.9, 5.4)}}]}
+    t = qp._targets(rec)
+    assert t["composed_shape_proxy_best_b8"]["shape"] == "a_int8fused" and t["composed_shape_proxy_best_b8"]["met"]
+    assert t["mixed_upper_bound_b8"]["value"] == 1.58 and not t["mixed_upper_bound_b8"]["met"]
+    a = t["composed_alternative_a"]
+    assert a["runs_wall"] == [5.19, 5.34, 4.9]  # the run of another saved model is not pooled
+    assert a["value"] == 5.19 and a["cpu_time_ratio"] == 5.3 and a["met"]
+    assert not t["composed_alternative_b"]["met"]  # 6x, but 3 points of held-out accuracy lost
