@@ -476,7 +476,7 @@ def _write(r: dict) -> None:
              f"held-out Rotten Tomatoes rows outside the teacher's 800 (\"changed\": predictions that differ from "
              f"the fp32 teacher's). Formats `{r['formats']}`. mixed = `lamina quantize teacher --max-drop 0.01 "
              f"--formats {r['formats']}` ({m.get('by_format')} of {m.get('of')} Linear layers); composed = the same "
-             + (f"on the student ({c.get('by_format')} of {c.get('of')})." if c else
+             + (f"on the student at --max-drop {c.get('max_drop')} ({c.get('by_format')} of {c.get('of')})." if c else
                 "on the student: not measured in this round (see the notes below; proxy_student_* rows: the pruned "
                 "student's shape before distillation, timed only).") + " whole_model_bf16 (latency only) is the whole "
              f"network cast to bf16, a reference, not a lamina format.", "",
