@@ -323,7 +323,8 @@ def run_model(work: Path, name: str, args) -> dict:
     t = _teacher(work, name)
     trec = json.loads((t / "finetune.json").read_text())
     full = {"accuracy": trec["test"]["accuracy"], "trainable_parameters": trec["trainable_parameters"],
-            "seconds": trec["seconds"], "parameters": trec["parameters"], "test_rows": trec["test"]["n"],
+            "seconds": trec["seconds"], "cpu_seconds": trec.get("cpu_seconds"), "parameters": trec["parameters"],
+            "test_rows": trec["test"]["n"],
             "epochs_run": len(trec["history"]["epochs"]), "best_epoch": trec["history"]["best_epoch"],
             "steps_per_epoch": trec["history"].get("steps_per_epoch"), "lr": trec["config"]["lr"],
             "folder": str(t), "candidates": []}
@@ -433,6 +434,7 @@ def _summary(runs: dict, path: Path | None = None) -> dict:
         heads[h] = {"accuracy": _stats([r.test_accuracy for r in rs]),
                     "val_accuracy": [r.record["history"]["best_val_accuracy"] for r in rs],
                     "seconds": _stats([r.seconds for r in rs]),
+                    "cpu_seconds": _stats([r.record["cpu_seconds"] for r in rs]),
                     "trainable_parameters": rs[-1].trainable_parameters,
                     "peak_memory_in_process_bytes": rs[-1].peak_memory_bytes,
                     "layers": rs[-1].layers, "deepest_block": rs[-1].deepest_block, "n_blocks": rs[-1].n_blocks,
@@ -718,6 +720,23 @@ def _retained_heldout(r: dict) -> dict:
                     f"ratio is {test:.3f} (±0.08 per accuracy: cannot judge 2%)"}
 
 
+def _time_fraction(b: dict, full: dict, best: str) -> dict:
+    """The best head's training time over full fine-tuning's. Read from process CPU time where both record it:
+    on shared cores the wall time of a one-thread run stretches with the other jobs' load (a head trained at load
+    15-20 against a fine-tuning at 3-12 read 0.21 where one load gave 0.067), its CPU time barely does; the wall
+    ratio is kept beside it in the goal text."""
+    wall = b["seconds"]["mean"] / full["seconds"]
+    cpu = b["cpu_seconds"]["mean"] / full["cpu_seconds"] if b.get("cpu_seconds") and full.get("cpu_seconds") \
+        else None
+    tf = wall if cpu is None else cpu
+    goal = ("<= 0.10 of process CPU time (robust to other jobs' load; " + f"best head {best}: "
+            f"{b['cpu_seconds']['mean']:.1f} CPU s against {full['cpu_seconds']:.0f}; wall time "
+            f"{b['seconds']['mean']:.1f} s against {full['seconds']:.0f} s, fraction {wall:.3f}" if cpu is not None
+            else "<= 0.10 of wall time (no CPU time recorded") + "; training only, the one-time capture is reported " \
+        "apart)"
+    return {"value": tf, "goal": goal, "met": tf <= 0.10}
+
+
 def _targets(result: dict) -> dict:
     tg = {}
     beats = {h: [] for h in ("mix", "select", "side", *EXTRA)}
@@ -748,9 +767,7 @@ def _targets(result: dict) -> dict:
                                             "met": b["accuracy"]["mean"] / full["accuracy"] >= 0.98}
         pf = b["trainable_parameters"] / full["trainable_parameters"]
         tg[f"best_head_param_fraction_{m}"] = {"value": pf, "goal": "<= 0.02", "met": pf <= 0.02}
-        tf = b["seconds"]["mean"] / full["seconds"]
-        tg[f"best_head_time_fraction_{m}"] = {"value": tf, "goal": "<= 0.10 (training only; the one-time capture "
-                                                                  "is reported apart)", "met": tf <= 0.10}
+        tg[f"best_head_time_fraction_{m}"] = _time_fraction(b, full, best)
         mem = r["memory"] or {}
         sf = mem["side"]["rise_bytes"] / mem["full"]["rise_bytes"] if mem.get("full", {}).get("rise_bytes") \
             and "side" in mem else None
@@ -954,13 +971,15 @@ def _write(r: dict) -> None:
                   f"**{title}** ({full['test_rows']} test rows; capture of every layer "
                   f"{e['capture_seconds']:.0f} s, once for all heads):", "",
                   "| method | test accuracy | retained | trainable parameters | fraction | training s | fraction "
-                  "| peak memory rise MiB | layers read | deepest block |", "|---|---|---|---|---|---|---|---|---|---|",
+                  "| training CPU s | fraction | peak memory rise MiB | layers read | deepest block |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|",
                   f"| full fine-tuning | {full['accuracy']:.4f} | 1.000 | {full['trainable_parameters']:,} | 1 | "
-                  f"{full['seconds']:.0f} | 1 | "
+                  f"{full['seconds']:.0f} | 1 | " + (f"{full['cpu_seconds']:.0f} | 1 | " if full.get("cpu_seconds")
+                                                    else "- | - | ")
                   + (f"{mem['full']['rise_bytes'] / 2**20:.0f}" if "full" in mem else "-") + " | all | - |",
                   f"| frozen-head fine-tuning | {hf['accuracy']:.4f} | {hf['accuracy'] / full['accuracy']:.3f} | "
                   f"{hf['trainable_parameters']:,} | {hf['trainable_parameters'] / full['trainable_parameters']:.4f} "
-                  f"| {hf['seconds']:.0f} | {hf['seconds'] / full['seconds']:.3f} | "
+                  f"| {hf['seconds']:.0f} | {hf['seconds'] / full['seconds']:.3f} | - | - | "
                   "- | last | - |"]
         for h, v in e["heads"].items():
             a = v["accuracy"]
@@ -969,7 +988,9 @@ def _write(r: dict) -> None:
             lines.append(f"| {h} | {a['mean']:.4f} ± {a['std']:.4f} | {a['mean'] / full['accuracy']:.3f} | "
                          f"{v['trainable_parameters']:,} | "
                          f"{v['trainable_parameters'] / full['trainable_parameters']:.4f}"
-                         f" | {v['seconds']['mean']:.1f} | {v['seconds']['mean'] / full['seconds']:.3f} | {memh} | "
+                         f" | {v['seconds']['mean']:.1f} | {v['seconds']['mean'] / full['seconds']:.3f} | "
+                         + (f"{v['cpu_seconds']['mean']:.1f} | {v['cpu_seconds']['mean'] / full['cpu_seconds']:.3f}"
+                            if v.get("cpu_seconds") and full.get("cpu_seconds") else "- | -") + f" | {memh} | "
                          f"{reads} | {v['deepest_block']} of {v['n_blocks']} |")
         best = max(e["heads"].values(), key=lambda v: v["accuracy"]["mean"])["accuracy"]["mean"]
         n_test = full["test_rows"]

@@ -241,7 +241,9 @@ def transfer(run, config: TransferConfig = TransferConfig(), *, model=None, data
     stored = store.manifest.get("pooling", "mean")
     loop = config.loop()
     at = (resolve_device(config.device), resolve_dtype(config.torch_dtype, None))
-    t0 = time.perf_counter()
+    # process CPU time beside wall time: a ratio of training times read from CPU time barely moves with the load
+    # other processes put on a shared machine, wall time does (BENCHMARKS.md "transfer")
+    t0, c0 = time.perf_counter(), time.process_time()
     if side:
         head, dep, info, extra, feats_of, mem = _train_side(lm, ds, names, split, labels, n_classes, cap, config,
                                                             loop, store if stored == "none" else None, at)
@@ -259,7 +261,7 @@ def transfer(run, config: TransferConfig = TransferConfig(), *, model=None, data
 
         def feats_of(rows):
             return [X[n][rows] for n in reads], None
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     head.eval()
     test = test_record(head, feats_of, labels, split["test"])
     trainable = sum(p.numel() for p in head.parameters())
@@ -289,7 +291,8 @@ def transfer(run, config: TransferConfig = TransferConfig(), *, model=None, data
         rec = {"head": config.head, "test": test, "trainable_parameters": int(trainable),
                "backbone_parameters": int(sum(p.numel() for p in info["backbone"].module.parameters())),
                "deployed_parameters": int(sum(p.numel() for p in dep.module.parameters())),
-               "seconds": seconds, "peak_memory_bytes": int(mem.bytes), "peak_memory_method": mem.method,
+               "seconds": seconds, "cpu_seconds": cpu_seconds,
+               "peak_memory_bytes": int(mem.bytes), "peak_memory_method": mem.method,
                "layers": reads, "deepest_block": info["deepest_block"], "n_blocks": info["n_blocks"],
                "blocks_removed": info["removed"], "model_path": str(out),
                "reload_check": {"rows": int(len(calib)), "max_abs_difference": reload_diff,
@@ -360,6 +363,7 @@ def _write_record(run_dir: Path, store: FeatureStore, split: dict, split_info: d
                                                  "and class)",
                          "seconds": "wall time of training (store heads: from features in memory; side: including "
                                     "the frozen backbone's passes)",
+                         "cpu_seconds": "CPU time of this process over the same span as seconds (every thread)",
                          "peak_memory_bytes": "rise of peak memory during training (see peak_memory_method)",
                          "deepest_block": "index of the deepest block the head reads (-1: the embeddings only); "
                                           "the deployable model keeps blocks 0..deepest_block"}})
