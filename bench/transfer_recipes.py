@@ -9,7 +9,7 @@ scores every one on the held-out rows:
   standardization or L2 normalization: the independent reference for what a tuned linear probe on these
   features reaches;
 - lamina's own heads with other settings (`lamina transfer` on a copy of the capture; weight decay, epochs,
-  `mix --hidden`, `select` with three poolings), chosen on validation as lamina chooses.
+  `--l2-cv 5`, `mix --hidden`, `select` with three poolings), chosen on validation as lamina chooses.
 
 Features: one pass of the frozen backbone over the teacher's 600 rows and the 2,000 held-out rows (bench/transfer.py
 _Heldout), pooled per layer; their mean pooling is checked against the capture (the store). Each lamina head is
@@ -67,6 +67,8 @@ HEADS = {
     "last, weight decay 1": {"head": "last", "weight_decay": 1.0},
     "last, weight decay 10": {"head": "last", "weight_decay": 10.0},
     "last, 100 epochs, no early stop": {"head": "last", "epochs": 100, "patience": None},
+    "last --l2-cv 5": {"head": "last", "l2_cv": 5},
+    "best --l2-cv 5": {"head": "best", "l2_cv": 5},
     "mix": {"head": "mix"},
     "mix, weight decay 1": {"head": "mix", "weight_decay": 1.0},
     "mix --hidden 64": {"head": "mix", "hidden": 64},
@@ -124,7 +126,7 @@ def _layers(names: list[str], which: str) -> list[str]:
     return {"last": names[-1:], "last2": names[-2:], "last3": names[-3:], "all": names}.get(which, [which])
 
 
-def _probes(f: dict, seeds) -> list[dict]:
+def _probes(f: dict, seeds, only=None) -> list[dict]:
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
@@ -135,6 +137,8 @@ def _probes(f: dict, seeds) -> list[dict]:
     tr, va, te, ys, yh = f["split_train"], f["split_val"], f["split_test"], f["y_sub"], f["y_held"]
     rows = []
     for name, (which, ways, avg, pp) in PROBES.items():
+        if only is not None and name not in only:
+            continue
         layers = _layers(names, which)
 
         def x(tag):
@@ -159,13 +163,15 @@ def _probes(f: dict, seeds) -> list[dict]:
     return rows
 
 
-def _heads(work: Path, f: dict, seeds) -> list[dict]:
+def _heads(work: Path, f: dict, seeds, only=None) -> list[dict]:
     from lamina.transfer import TransferConfig, transfer
     from lamina.transfer._pools import parse
     from lamina.transfer.deploy import load_transfer
     t, rows = _task(work), []
     yh, ys = torch.as_tensor(f["y_held"]), torch.as_tensor(f["y_sub"])
     for name, kw in HEADS.items():
+        if only is not None and name not in only:
+            continue
         kw = dict(kw)
         src = work / ("minilm-transfer-none" if kw.pop("store", None) == "none" else "minilm-transfer-run")
         run = work / f"recipes-{src.name}"  # a copy: the benchmark's own heads stay as they are
@@ -231,6 +237,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", required=True, help="bench/transfer.py's --work (with the MiniLM capture)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--reuse", action="store_true", help="only assemble WORK/minilm-recipes.json")
+    ap.add_argument("--only", nargs="+", choices=[*PROBES, *HEADS], help=(
+        "measure only these recipes again; the others' rows are kept from WORK/minilm-recipes.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     work = Path(args.work)
@@ -244,8 +252,12 @@ def main(argv=None) -> dict:
     else:
         t0 = time.time()
         f = _features(work, work / "minilm-recipes-features.npz")
-        rows = _probes(f, args.seeds) + _heads(work, f, args.seeds)
-        res = {"command": "python bench/transfer_recipes.py " + " ".join(argv or sys.argv[1:]),
+        only = set(args.only) if args.only else None
+        kept = [r for r in json.loads(res_path.read_text())["rows"] if r["recipe"] not in only] if only else []
+        rows = _probes(f, args.seeds, only) + _heads(work, f, args.seeds, only)
+        rows = sorted(kept + rows, key=lambda r: [*PROBES, *HEADS].index(r["recipe"]))  # the tables' order
+        cmd = "python bench/transfer_recipes.py " + " ".join(argv or sys.argv[1:])
+        res = {"command": cmd if not only else json.loads(res_path.read_text())["command"] + "; then " + cmd,
                "rows": rows, "seconds": time.time() - t0,
                "check_mean_vs_store": float(f["check_mean_vs_store"]), **summarize(rows, base)}
         res_path.write_text(json.dumps(res, indent=2, default=float))

@@ -94,6 +94,11 @@ class TransferConfig(TrainConfig):
                                          "is kept)")
     hidden: int | None = field(default=None, metadata={"help": "mix: an MLP head with this hidden width "
                                                                "(default: linear)"})
+    l2_cv: int | None = field(default=None, metadata={
+        "help": "last/best: fit the linear head to convergence (full-batch L-BFGS) with an L2 penalty chosen by "
+                "this many-fold cross-validation on the training rows (e.g. 5), instead of AdamW with early "
+                "stopping on the validation rows; for small tasks, whose few validation rows cannot choose "
+                "(default: off)"})
     pooling: str | None = field(default=None, metadata={
         "help": "pooled heads: how each layer is pooled, one way or several joined by ',' (mean, max, cls, last "
                 "for token sequences; mean, max, mean2x2 for CNN maps); several ways need a store captured "
@@ -144,6 +149,11 @@ class TransferConfig(TrainConfig):
         if self.hidden is not None and self.hidden < 1:
             raise UsageError("--hidden must be a positive width", value=self.hidden, allowed=">= 1",
                              fix="--hidden 256, or leave it out for a linear head")
+        if self.l2_cv is not None and (isinstance(self.l2_cv, bool) or not isinstance(self.l2_cv, int)
+                                       or self.l2_cv < 2 or self.head not in ("last", "best")):
+            raise UsageError("--l2-cv is a number of folds (>= 2) for the linear heads last and best",
+                             value=f"--l2-cv {self.l2_cv} with --head {self.head}", allowed="--head last|best, "
+                             "--l2-cv 2 or more", fix="--head last --l2-cv 5, or leave --l2-cv out")
         if self.side_cache_mb < 0:
             raise UsageError("--side-cache-mb must be >= 0", value=self.side_cache_mb, allowed=">= 0 (0: never cache)",
                              fix="--side-cache-mb 512")
