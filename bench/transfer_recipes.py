@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import statistics
 import sys
@@ -256,7 +257,7 @@ def main(argv=None) -> dict:
         kept = [r for r in json.loads(res_path.read_text())["rows"] if r["recipe"] not in only] if only else []
         rows = _probes(f, args.seeds, only) + _heads(work, f, args.seeds, only)
         rows = sorted(kept + rows, key=lambda r: [*PROBES, *HEADS].index(r["recipe"]))  # the tables' order
-        cmd = "python bench/transfer_recipes.py " + " ".join(argv or sys.argv[1:])
+        cmd = "python bench/transfer_recipes.py " + shlex.join(argv or sys.argv[1:])
         res = {"command": cmd if not only else json.loads(res_path.read_text())["command"] + "; then " + cmd,
                "rows": rows, "seconds": time.time() - t0,
                "check_mean_vs_store": float(f["check_mean_vs_store"]), **summarize(rows, base)}
