@@ -147,7 +147,7 @@ def _head_ft(work: Path, name: str) -> dict:
         finetune(model, data, FinetuneConfig(out=str(out), overwrite=True, progress=False, **want))
     r = json.loads(rec.read_text())
     return {"accuracy": r["test"]["accuracy"], "trainable_parameters": r["trainable_parameters"],
-            "seconds": r["seconds"], "parameters": r["parameters"]}
+            "seconds": r["seconds"], "cpu_seconds": r.get("cpu_seconds"), "parameters": r["parameters"]}
 
 
 # ------------------------------------------------------------------ held-out rows: a test set that can resolve 2%
@@ -323,7 +323,8 @@ def run_model(work: Path, name: str, args) -> dict:
     t = _teacher(work, name)
     trec = json.loads((t / "finetune.json").read_text())
     full = {"accuracy": trec["test"]["accuracy"], "trainable_parameters": trec["trainable_parameters"],
-            "seconds": trec["seconds"], "parameters": trec["parameters"], "test_rows": trec["test"]["n"],
+            "seconds": trec["seconds"], "cpu_seconds": trec.get("cpu_seconds"), "parameters": trec["parameters"],
+            "test_rows": trec["test"]["n"],
             "epochs_run": len(trec["history"]["epochs"]), "best_epoch": trec["history"]["best_epoch"],
             "steps_per_epoch": trec["history"].get("steps_per_epoch"), "lr": trec["config"]["lr"],
             "folder": str(t), "candidates": []}
@@ -433,6 +434,7 @@ def _summary(runs: dict, path: Path | None = None) -> dict:
         heads[h] = {"accuracy": _stats([r.test_accuracy for r in rs]),
                     "val_accuracy": [r.record["history"]["best_val_accuracy"] for r in rs],
                     "seconds": _stats([r.seconds for r in rs]),
+                    "cpu_seconds": _stats([r.record["cpu_seconds"] for r in rs]),
                     "trainable_parameters": rs[-1].trainable_parameters,
                     "peak_memory_in_process_bytes": rs[-1].peak_memory_bytes,
                     "layers": rs[-1].layers, "deepest_block": rs[-1].deepest_block, "n_blocks": rs[-1].n_blocks,
@@ -715,7 +717,42 @@ def _retained_heldout(r: dict) -> dict:
                     f"{b['mean']:.4f} ± {b['std']:.4f} over seeds; full fine-tuning chosen on validation, lr "
                     f"{full['lr']:g}: {base:.4f}; paired 95% interval of the ratio {ci[0]:.3f}-{ci[1]:.3f}); "
                     f"other full fine-tuning candidate {others or '-'}; on the {full['test_rows']} test rows the "
-                    f"ratio is {test:.3f} (±0.08 per accuracy: cannot judge 2%)"}
+                    f"ratio is {test:.3f} (±0.08 per accuracy: cannot judge 2%)" + _recipes_note(r)}
+
+
+def _recipes_note(r: dict) -> str:
+    """What the recipe sweep (bench/transfer_recipes.py) adds to the MiniLM target's goal text."""
+    rc = r.get("recipes")
+    if not rc:
+        return ""
+    rs = rc["recipes"]
+
+    def one(k):
+        return f"{k} {rs[k]['heldout_accuracy']['mean']:.4f} (ratio {rs[k]['retained_heldout']:.3f})"
+    tie = [k for k in rc.get("cv_ties", []) if k != rc["chosen_by_cv"]]
+    tie = f" (tied on CV with {', '.join(one(k) for k in tie)}; fewer features chosen)" if tie else ""
+    return (f"; recipe sweep ({len(rs)} recipes, bench/transfer_recipes.py): chosen by 5-fold CV on the training "
+            f"rows {one(rc['chosen_by_cv'])}{tie}, lamina head chosen on validation "
+            f"{one(rc['chosen_by_validation'])}, "
+            f"best held-out of any recipe (not a choice) {one(rc['best_heldout'])}: blocked by a frozen MiniLM on "
+            f"420 training sentences")
+
+
+def _time_fraction(b: dict, full: dict, best: str) -> dict:
+    """The best head's training time over full fine-tuning's. Read from process CPU time where both record it:
+    on shared cores the wall time of a one-thread run stretches with the other jobs' load (a head trained at load
+    15-20 against a fine-tuning at 3-12 read 0.21 where one load gave 0.067), its CPU time barely does; the wall
+    ratio is kept beside it in the goal text."""
+    wall = b["seconds"]["mean"] / full["seconds"]
+    cpu = b["cpu_seconds"]["mean"] / full["cpu_seconds"] if b.get("cpu_seconds") and full.get("cpu_seconds") \
+        else None
+    tf = wall if cpu is None else cpu
+    goal = ("<= 0.10 of process CPU time (robust to other jobs' load; " + f"best head {best}: "
+            f"{b['cpu_seconds']['mean']:.1f} CPU s against {full['cpu_seconds']:.0f}; wall time "
+            f"{b['seconds']['mean']:.1f} s against {full['seconds']:.0f} s, fraction {wall:.3f}" if cpu is not None
+            else "<= 0.10 of wall time (no CPU time recorded") + "; training only, the one-time capture is reported " \
+        "apart)"
+    return {"value": tf, "goal": goal, "met": tf <= 0.10}
 
 
 def _targets(result: dict) -> dict:
@@ -748,9 +785,7 @@ def _targets(result: dict) -> dict:
                                             "met": b["accuracy"]["mean"] / full["accuracy"] >= 0.98}
         pf = b["trainable_parameters"] / full["trainable_parameters"]
         tg[f"best_head_param_fraction_{m}"] = {"value": pf, "goal": "<= 0.02", "met": pf <= 0.02}
-        tf = b["seconds"]["mean"] / full["seconds"]
-        tg[f"best_head_time_fraction_{m}"] = {"value": tf, "goal": "<= 0.10 (training only; the one-time capture "
-                                                                  "is reported apart)", "met": tf <= 0.10}
+        tg[f"best_head_time_fraction_{m}"] = _time_fraction(b, full, best)
         mem = r["memory"] or {}
         sf = mem["side"]["rise_bytes"] / mem["full"]["rise_bytes"] if mem.get("full", {}).get("rise_bytes") \
             and "side" in mem else None
@@ -817,9 +852,36 @@ FINDINGS = [
     "clearly wins at this size and `best_head_retained_minilm` is not met (0.933; on the test rows 0.959, and "
     "`side`, best there at 0.725, is 0.6947 held-out). The validation choice of learning rate (3e-5) is also the "
     "better one held-out (1e-4: 0.7315). Every head is within 0.011 of `last` on the held-out rows, inside the "
-    "seed spread: on MiniLM no head adds accuracy over a linear probe of the last block there. Not done (the "
-    "re-run used the time): a longer or wider `side`, `mix --hidden`, more poolings for `select`, chosen on "
-    "validation rows; the gap to close (0.05) is larger than any difference between heads measured so far.",
+    "seed spread: on MiniLM no head adds accuracy over a linear probe of the last block there. The recipes "
+    "left untried then (tuned regularization, `mix --hidden`, more poolings for `select`, standardization and "
+    "pooling choice) are in the recipe sweep (next finding).",
+    "- Recipe sweep (MiniLM, 6 Dec 2026, `python bench/transfer_recipes.py --work W`, its table above): 29 "
+    "recipes, each chosen without the held-out or test rows, none reaches 0.98 of full fine-tuning on the "
+    "held-out rows (0.7321 needed). A tuned linear probe (scikit-learn LogisticRegressionCV, L2 strength by "
+    "5-fold CV on the 420 training rows; strong penalties chosen, C 0.003-0.03 on standardized features) "
+    "reaches 0.7103 ± 0.0037 on the last block's mean pooling, 0.013 above lamina's `last` (0.6968 ± 0.0095; "
+    "early stopping on 60 validation rows ends its training after a few epochs, and its weight decay barely "
+    "matters: 0.1-10 give 0.697-0.703; 100 epochs without early stopping 0.7055). The recipe best on CV "
+    "(0.7611: the average of every layer's mean pooling, tied with every layer's mean+max) scores 0.7060 "
+    "(0.7162 for the tie); the best held-out accuracy of all 29, named after the fact and so not a choice, is "
+    "0.7293 (blocks 4-5, mean+max: 0.976). Max and first-token pooling do worse than mean on the last block "
+    "(0.683, 0.655); L2 normalization or no standardization change nothing beyond the spread. Among lamina's "
+    "heads, validation picks `select --pooling mean,max,cls` (validation 0.811, held-out 0.692): 60 "
+    "validation rows (one row is 1.7 points) choose noise. `mix --hidden 64` gives 0.7085 ± 0.0068, "
+    "`--hidden 256` 0.7013. So `best_head_retained_minilm` is blocked by a frozen MiniLM on 420 training "
+    "sentences, not by how lamina trains its heads: the tuned reference gains 0.01-0.015 over `last` and "
+    "would still keep 0.95 (CV choice 0.945-0.959). What the reference gains is now in lamina as "
+    "`--l2-cv K` (last, best: the linear head fitted to convergence by L-BFGS with the L2 penalty of the best "
+    "K-fold CV accuracy on the training rows; equal to scikit-learn's LogisticRegression at the same C, "
+    "tests/test_transfer_l2cv.py): `last --l2-cv 5` scores 0.7145 held-out on every seed (0.956 of full "
+    "fine-tuning; lamina's default `last` 0.6968 ± 0.0095), in 5.3 CPU s instead of 0.1; `best --l2-cv 5` "
+    "still picks its layer on validation and gains nothing (0.6927 ± 0.0013, 0.927; 41 CPU s). It is a flag, "
+    "not the default: on "
+    "validation it is below the default on both models (MiniLM 0.767 against 0.789; EfficientNet, "
+    "`lamina transfer efficientnet-transfer-run --head last --l2-cv 5 --task efficientnet-full`, seeds 0-2, "
+    "nice 19: 0.817 against 0.850, test 0.746 against 0.717 on 80 rows, 26 CPU s against 0.2, C 0.003-0.03), "
+    "although the default's validation accuracy is the maximum over its epochs of the same rows and so "
+    "flatters it.",
     "- Full fine-tuning converges at both learning rates (candidates table): early stopping ended every run "
     "that could stop, the training loss fell to 0.1-0.16 and the validation loss stopped falling (MiniLM) or "
     "flattened (EfficientNet at 2e-4, 28 of 30 epochs). It is not under-trained; on 320 images (480 "
@@ -861,12 +923,32 @@ FINDINGS = [
     "under `torch.inference_mode`. So `deploy_speedup_efficiency_efficientnet` is blocked on this hardware by "
     "the per-block FLOP rate, not by lamina's count or the cut: the FLOP ideal assumes every FLOP costs the "
     "same, and here the early depthwise blocks' FLOPs cost more.",
-    "- Training-time fractions of the re-run are not comparable: the heads trained at load 15-20 beside three "
-    "to five other processes of this re-run, while EfficientNet's chosen full fine-tuning (lr 5e-4) ran at "
-    "load 3-12 early in it, and MiniLM's full fine-tuning time is the earlier run's record (load 8-11); so "
-    "`best_head_time_fraction_efficientnet` reads 0.21 where the earlier run, with every method at one load, "
-    "measured 0.067 for the same head (select_multipool, the same test accuracy to the last digit). The "
-    "fractions need a re-run on a quiet machine; parameter fractions and accuracies do not depend on the load.",
+    "- Deployable speed re-measured once at normal priority (6 Dec 2026, 13:30-13:31 UTC, `--part speed` in the "
+    "command of the time-fraction finding, 15 interleaved rounds after 3 warm-up ones, channels_last, BatchNorm "
+    "folded, every other job at nice 19, 1-minute load 6.4-6.9): at batch 32 the teacher took 135.2 ms (quartiles "
+    "130.7-141.8) and the `best` head's cut model (blocks 0..13) 116.0 ms (110.3-123.1): speed-up 1.166 against "
+    "the FLOP-ideal 1.233, efficiency 0.945 (batch 1: 1.06, batch 8: 1.04), so "
+    "`deploy_speedup_efficiency_efficientnet` is met at the medians. The quartiles alone allow 1.06-1.29 (0.86-1.04 "
+    "of the ideal), and the loaded `--part parts` run's time shares (kept blocks 0.87-0.90 of the time) had "
+    "capped it near 0.90-0.93: those shares were measured at load 14-18 and move with it, so this one quieter "
+    "reading passes where the loaded ones did not; the margin (0.045) is inside the spread of one run.",
+    "- Training-time fractions (EfficientNet re-measured 6 Dec 2026, 13:22-13:31 UTC: `python bench/transfer.py "
+    "--work W --skip-minilm --part heads speed --repeats 15`, the lr-5e-4 full fine-tuning retrained in the same "
+    "process, at normal priority, every other job at nice 19): the run of 10:07-11:40 read 0.21 for "
+    "`best_head_time_fraction_efficientnet` because its heads trained at load 15-20 and the full fine-tuning "
+    "it is divided by at load 3-12. At one load, full fine-tuning took 205 s wall and 140 s of process CPU time "
+    "(17 epochs, best 13, test accuracy 0.7750 as before; 827 s wall in the loaded run), `select_multipool` "
+    "15.6 s wall and 9.4 s CPU (mean of 3 seeds; the same test accuracy, 0.8542, as both earlier runs): 0.076 of "
+    "wall time, 0.067 of CPU time, where the earlier run at one load measured 0.067. The wall time of this "
+    "one-thread fine-tuning was 1.47 x its CPU time even at normal priority (the niced jobs still take some "
+    "of the core), the heads' 1.55-1.8 x: CPU time is the measure a shared machine cannot stretch, so the "
+    "target now reads it (goal text: both). Every EfficientNet head's CPU fraction is <= 0.081 (side); "
+    "`select`, its 6 x 3 validation sweep included, trains in 3.3-5.7 CPU s per seed (`select_multipool` "
+    "7.6-11.3), so a faster sweep is not needed for the target and was not built. The frozen-head fine-tuning "
+    "was retrained the same way right after (13:46 UTC, `_head_ft`, normal priority, load 3.9-4.0): 14.3 s wall, "
+    "9.2 CPU s, the same test accuracy 0.4375 (69 s in the loaded run). Work folder: the lr-2e-4 candidate "
+    "(not retrained: 3011 s) and both captures were copied from the 10:07-11:40 run's folder; the lr-5e-4 full "
+    "fine-tuning, the frozen-head fine-tuning, every head and the deployable speed are this re-run's.",
     "- Provenance (re-run of 6 Dec 2026, 10:07-11:40 UTC; the earlier run's work folder was gone): both models' "
     "full fine-tuning candidates, frozen-head fine-tunings and captures were rebuilt by this script's functions "
     "(`_teacher_runs`, `_head_ft`, `_run`) into /tmp/transfer3/bw. EfficientNet's heads ran as `--part heads` "
@@ -918,6 +1000,35 @@ def _heldout_lines(e: dict) -> list[str]:
     return lines
 
 
+def _recipes_lines(e: dict) -> list[str]:
+    """The recipe sweep's table (bench/transfer_recipes.py): every recipe's choice-time accuracy and held-out
+    accuracy."""
+    rc = e.get("recipes")
+    if not rc:
+        return []
+    lines = ["", f"Recipe sweep (`{rc['command']}`, nice 19): which linear-probe recipe this frozen MiniLM supports on "
+             "420 training sentences. scikit-learn rows: LogisticRegressionCV (L2, 13 strengths 1e-4..1e2, 5-fold "
+             "stratified CV on the training rows, one fold draw per seed 0-2; the strength chosen, C, is per seed); "
+             "lamina rows: `lamina transfer --task` with those settings (seeds 0-2), chosen on the 60 validation "
+             "rows. Features: one pass of the frozen backbone, pooled per layer (mean pooling within "
+             f"{rc['check_mean_vs_store']:.0e} of the capture; each lamina head's test accuracy recomputed from them "
+             f"equals its own). Held-out: the {e['heldout']['rows']} rows above; full fine-tuning there "
+             f"{rc['full_finetune_heldout']:.4f}; 0.98 of it is {0.98 * rc['full_finetune_heldout']:.4f}.", "",
+             "| recipe | kind | CV accuracy | validation accuracy | test accuracy | held-out accuracy | held-out "
+             "retained | C per seed | CPU s |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def ms(v, k):
+        return f"{v[k]['mean']:.4f} ± {v[k]['std']:.4f}" if k in v else "-"
+    for k, v in rc["recipes"].items():
+        mark = (" (chosen by CV)" if k == rc["chosen_by_cv"] else "") + \
+            (" (chosen on validation)" if k == rc["chosen_by_validation"] else "")
+        lines.append(f"| {k}{mark} | {'scikit-learn' if 'cv_accuracy' in v else 'lamina'} | {ms(v, 'cv_accuracy')} | "
+                     f"{ms(v, 'val_accuracy')} | {ms(v, 'test_accuracy')} | {ms(v, 'heldout_accuracy')} | "
+                     f"{v['retained_heldout']:.3f} | " + (" ".join(f"{c:g}" for c in v["C"]) if "C" in v else "-")
+                     + f" | {v['cpu_seconds']:.1f} |")
+    return lines
+
+
 def _write(r: dict) -> None:
     lines = [f"Results: `bench/results/transfer.json` ({r['machine']['cpus']} shared CPUs, torch "
              f"{r['machine']['torch']}, 1 torch thread for every method); each part names the command that "
@@ -932,14 +1043,19 @@ def _write(r: dict) -> None:
              "CPU budget; full fine-tuning gets at least the recipe's number of optimizer steps instead of its 3 "
              "epochs, which on so few rows under-trained it (EfficientNet 0.400), with early stopping on "
              "validation, at two learning rates (`TEACHER_RUNS`: the recipe's, and a lower one with more epochs); "
-             "the run better on validation is the baseline. Time: training wall "
-             "time (heads from features in memory; the capture is a one-time cost shown apart). Memory: peak RSS "
+             "the run better on validation is the baseline. Time: training wall time and process CPU time "
+             "(`cpu_seconds` in finetune.json and transfer.json, over the same span; heads from features in memory; "
+             "the capture is a one-time cost shown apart); the time fraction target reads CPU time where both "
+             "record it. Memory: peak RSS "
              "of a process doing only that training (1 epoch; fine-tuning on 400 rows) minus that of a process "
              "that only loads the model and the data. The CPUs were shared with other jobs (load average "
              + ", ".join(f"{v:.1f}" for v in r["machine"]["load_average_start"]) + " when this section was "
-             "written; 12-15 for the whole re-run of 6 Dec 2026, 10:07-11:40 UTC, in which both models' full "
-             "fine-tuning candidates, captures and heads ran side by side with each other and with other sessions' "
-             "jobs; the memory figures are from the earlier run, 8-11 then), so training-time fractions are rough; "
+             "written; MiniLM: 12-15 for the whole re-run of 6 Dec 2026, 10:07-11:40 UTC, in which both models' "
+             "full fine-tuning candidates, captures and heads ran side by side with each other and with other "
+             "sessions' jobs; EfficientNet: its chosen full fine-tuning (lr 5e-4), heads and deployable speed "
+             "re-measured on 6 Dec 2026, 13:22-13:31 UTC, in one process at normal priority while every other job "
+             "on the machine ran at nice 19 (1-minute load 2.2 at the start, 3.2-7.6 during it); the memory "
+             "figures are from the earlier run, 8-11 then), so MiniLM's wall-time fractions are rough; "
              "accuracy, parameter and memory figures do not depend on the load (MiniLM's full fine-tuning "
              "re-run reproduced the earlier validation curves epoch by epoch; EfficientNet's did not exactly: "
              "convolution kernels on a loaded CPU are not bit-reproducible). MiniLM is also scored on "
@@ -954,14 +1070,17 @@ def _write(r: dict) -> None:
                   f"**{title}** ({full['test_rows']} test rows; capture of every layer "
                   f"{e['capture_seconds']:.0f} s, once for all heads):", "",
                   "| method | test accuracy | retained | trainable parameters | fraction | training s | fraction "
-                  "| peak memory rise MiB | layers read | deepest block |", "|---|---|---|---|---|---|---|---|---|---|",
+                  "| training CPU s | fraction | peak memory rise MiB | layers read | deepest block |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|",
                   f"| full fine-tuning | {full['accuracy']:.4f} | 1.000 | {full['trainable_parameters']:,} | 1 | "
-                  f"{full['seconds']:.0f} | 1 | "
+                  f"{full['seconds']:.0f} | 1 | " + (f"{full['cpu_seconds']:.0f} | 1 | " if full.get("cpu_seconds")
+                                                    else "- | - | ")
                   + (f"{mem['full']['rise_bytes'] / 2**20:.0f}" if "full" in mem else "-") + " | all | - |",
                   f"| frozen-head fine-tuning | {hf['accuracy']:.4f} | {hf['accuracy'] / full['accuracy']:.3f} | "
                   f"{hf['trainable_parameters']:,} | {hf['trainable_parameters'] / full['trainable_parameters']:.4f} "
                   f"| {hf['seconds']:.0f} | {hf['seconds'] / full['seconds']:.3f} | "
-                  "- | last | - |"]
+                  + (f"{hf['cpu_seconds']:.0f} | {hf['cpu_seconds'] / full['cpu_seconds']:.3f} | "
+                     if hf.get("cpu_seconds") and full.get("cpu_seconds") else "- | - | ") + "- | last | - |"]
         for h, v in e["heads"].items():
             a = v["accuracy"]
             memh = f"{mem[h]['rise_bytes'] / 2**20:.0f}" if h in mem else "-"
@@ -969,7 +1088,9 @@ def _write(r: dict) -> None:
             lines.append(f"| {h} | {a['mean']:.4f} ± {a['std']:.4f} | {a['mean'] / full['accuracy']:.3f} | "
                          f"{v['trainable_parameters']:,} | "
                          f"{v['trainable_parameters'] / full['trainable_parameters']:.4f}"
-                         f" | {v['seconds']['mean']:.1f} | {v['seconds']['mean'] / full['seconds']:.3f} | {memh} | "
+                         f" | {v['seconds']['mean']:.1f} | {v['seconds']['mean'] / full['seconds']:.3f} | "
+                         + (f"{v['cpu_seconds']['mean']:.1f} | {v['cpu_seconds']['mean'] / full['cpu_seconds']:.3f}"
+                            if v.get("cpu_seconds") and full.get("cpu_seconds") else "- | -") + f" | {memh} | "
                          f"{reads} | {v['deepest_block']} of {v['n_blocks']} |")
         best = max(e["heads"].values(), key=lambda v: v["accuracy"]["mean"])["accuracy"]["mean"]
         n_test = full["test_rows"]
@@ -987,7 +1108,7 @@ def _write(r: dict) -> None:
             lines.append(f"| {c['lr']:g} | {c['epochs']} ({c['patience']}) | {c['epochs_run']} | {c['best_epoch']} | "
                          f"{c['val_accuracy']:.3f} | {c['val_loss']:.3f} | {c['test_accuracy']:.4f} | "
                          f"{c['seconds']:.0f} | {' '.join(f'{v:.2f}' for v in c['val_curve'])} |")
-        lines += _heldout_lines(e)
+        lines += _heldout_lines(e) + _recipes_lines(e)
         if full["accuracy"] < best and not e.get("heldout"):
             lines += ["", f"Note: full fine-tuning is below the best frozen-backbone head here. On "
                       f"{e['task'].get('limit')} rows a retained ratio above 1 is within the test interval above "

@@ -7,6 +7,7 @@ model's; every head reloads to the same outputs; bad input is refused clearly.
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,9 @@ def test_every_head_round_trips_through_save_and_load(bert_run, head, sentences_
     rec = json.loads((bert_run / "transfer.json").read_text())["heads"][head]
     assert rec["test"]["ci_low"] <= rec["test"]["accuracy"] <= rec["test"]["ci_high"]
     assert rec["trainable_parameters"] == res.trainable_parameters > 0 and rec["peak_memory_method"]
+    # CPU time of the training span only: positive, and no more than every core busy for its wall time (a clock
+    # read from the start of the process, which has run the capture and earlier tests, would exceed it)
+    assert 0 < rec["cpu_seconds"] <= rec["seconds"] * (os.cpu_count() or 1) + 0.01
 
 
 def test_side_on_a_cnn_a_decoder_and_a_vit(tmp_path, tiny_dirs, tiny_vit_dir, sentences_csv):

@@ -17,6 +17,7 @@ from lamina.transfer import TransferConfig
 DEFAULTS = {"epochs": None, "lr": None, "batch_size": 64, "weight_decay": 0.01, "patience": 5, "seed": 0,
             "overwrite": False, "progress": False, "resume": False}
 FLAGS = ("--head --layers --task --fractions --seed --epochs --lr --batch-size --weight-decay --patience --hidden "
+         "--l2-cv "
          "--pooling --keep --group-lasso --side-width --side-cache-mb --overwrite --no-overwrite --progress "
          "--no-progress --device --torch-dtype --trust-remote-code --no-trust-remote-code").split()
 
@@ -50,6 +51,8 @@ def test_cli_flags_are_unchanged_and_build_the_api_defaults():
                        "--batch-size", "16", "--overwrite"])
     assert config_from_args(TransferConfig, ns) == TransferConfig(head="side", epochs=5, lr=0.002, patience=1,
                                                                   seed=3, batch_size=16, overwrite=True)
+    ns = p.parse_args(["run", "--head", "last", "--l2-cv", "5"])
+    assert config_from_args(TransferConfig, ns) == TransferConfig(head="last", l2_cv=5)
 
 
 def test_records_read_back():

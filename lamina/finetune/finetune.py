@@ -137,7 +137,7 @@ def checkpoint_files() -> list[str]:
 
 
 def _finetune(model, data: str, config: FinetuneConfig, out: Path, rank: int, size: int) -> FinetuneResult:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()  # CPU time: far less sensitive than wall to other jobs
     rt = config.runtime()
     base = load_model(model, runtime=rt, for_training=True)  # float32 weights; the forward autocasts
     if is_causal_lm(base):  # a decoder LM learns next tokens of the text: no head to attach
@@ -210,7 +210,7 @@ def _finetune(model, data: str, config: FinetuneConfig, out: Path, rank: int, si
            "parameters": n_params, "trainable_parameters": sum(p.numel() for p in params),
            "history": hist, "test": test, "model_path": str(out / "model"), "warnings": warnings,
            "probe_comparison": probe,
-           "seconds": time.perf_counter() - t0}
+           "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
     if rank == 0:
         check = task.batch(lm, (list(split["test"]) or list(split["train"]))[:8])
         fmt, rec["reload_check"] = save_checked(lm, out / "model", base, check, stage="finetune")

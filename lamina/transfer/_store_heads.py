@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..train import Loop
+from ._l2cv import linear_l2cv
 from ._train import counts, train_head
 from .heads import ConcatLinear, MixHead
 
@@ -48,9 +49,20 @@ def linear(X: dict, names: list[str], labels, split, loop: Loop, n_classes: int,
     return head, hist
 
 
+def _linear_of(cfg):
+    """The linear-head trainer ``cfg`` asks for: the shared loop, or L2 chosen by k-fold CV (--l2-cv)."""
+    folds = getattr(cfg, "l2_cv", None)
+    if not folds:
+        return linear
+
+    def fit(X, names, labels, split, loop, n_classes, keep=None, at=CPU):
+        return linear_l2cv(X, names, labels, split, n_classes, folds, loop.seed)
+    return fit
+
+
 def fit_last(X, layers, labels, split, loop, n_classes, cfg, at=CPU) -> tuple:
     name = layers[-1]
-    head, hist = linear(X, [name], labels, split, loop, n_classes, at=at)
+    head, hist = _linear_of(cfg)(X, [name], labels, split, loop, n_classes, at=at)
     return head, [name], {"history": hist}
 
 
@@ -58,7 +70,7 @@ def fit_best(X, layers, labels, split, loop, n_classes, cfg, at=CPU) -> tuple:
     """One linear head per layer; the one with the best validation accuracy (ties: the shallower)."""
     per, best = {}, None
     for name in layers:
-        head, hist = linear(X, [name], labels, split, loop, n_classes, at=at)
+        head, hist = _linear_of(cfg)(X, [name], labels, split, loop, n_classes, at=at)
         per[name] = hist["best_val_accuracy"]
         if best is None or per[name] > per[best[0]]:
             best = (name, head, hist)

@@ -94,6 +94,11 @@ class TransferConfig(TrainConfig):
                                          "is kept)")
     hidden: int | None = field(default=None, metadata={"help": "mix: an MLP head with this hidden width "
                                                                "(default: linear)"})
+    l2_cv: int | None = field(default=None, metadata={
+        "help": "last/best: fit the linear head to convergence (full-batch L-BFGS) with an L2 penalty chosen by "
+                "this many-fold cross-validation on the training rows (e.g. 5), instead of AdamW with early "
+                "stopping on the validation rows; for small tasks, whose few validation rows cannot choose "
+                "(default: off)"})
     pooling: str | None = field(default=None, metadata={
         "help": "pooled heads: how each layer is pooled, one way or several joined by ',' (mean, max, cls, last "
                 "for token sequences; mean, max, mean2x2 for CNN maps); several ways need a store captured "
@@ -144,6 +149,11 @@ class TransferConfig(TrainConfig):
         if self.hidden is not None and self.hidden < 1:
             raise UsageError("--hidden must be a positive width", value=self.hidden, allowed=">= 1",
                              fix="--hidden 256, or leave it out for a linear head")
+        if self.l2_cv is not None and (isinstance(self.l2_cv, bool) or not isinstance(self.l2_cv, int)
+                                       or self.l2_cv < 2 or self.head not in ("last", "best")):
+            raise UsageError("--l2-cv is a number of folds (>= 2) for the linear heads last and best",
+                             value=f"--l2-cv {self.l2_cv} with --head {self.head}", allowed="--head last|best, "
+                             "--l2-cv 2 or more", fix="--head last --l2-cv 5, or leave --l2-cv out")
         if self.side_cache_mb < 0:
             raise UsageError("--side-cache-mb must be >= 0", value=self.side_cache_mb, allowed=">= 0 (0: never cache)",
                              fix="--side-cache-mb 512")
@@ -241,7 +251,9 @@ def transfer(run, config: TransferConfig = TransferConfig(), *, model=None, data
     stored = store.manifest.get("pooling", "mean")
     loop = config.loop()
     at = (resolve_device(config.device), resolve_dtype(config.torch_dtype, None))
-    t0 = time.perf_counter()
+    # process CPU time beside wall time: a ratio of training times read from CPU time barely moves with the load
+    # other processes put on a shared machine, wall time does (BENCHMARKS.md "transfer")
+    t0, c0 = time.perf_counter(), time.process_time()
     if side:
         head, dep, info, extra, feats_of, mem = _train_side(lm, ds, names, split, labels, n_classes, cap, config,
                                                             loop, store if stored == "none" else None, at)
@@ -259,7 +271,7 @@ def transfer(run, config: TransferConfig = TransferConfig(), *, model=None, data
 
         def feats_of(rows):
             return [X[n][rows] for n in reads], None
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     head.eval()
     test = test_record(head, feats_of, labels, split["test"])
     trainable = sum(p.numel() for p in head.parameters())
@@ -289,7 +301,8 @@ def transfer(run, config: TransferConfig = TransferConfig(), *, model=None, data
         rec = {"head": config.head, "test": test, "trainable_parameters": int(trainable),
                "backbone_parameters": int(sum(p.numel() for p in info["backbone"].module.parameters())),
                "deployed_parameters": int(sum(p.numel() for p in dep.module.parameters())),
-               "seconds": seconds, "peak_memory_bytes": int(mem.bytes), "peak_memory_method": mem.method,
+               "seconds": seconds, "cpu_seconds": cpu_seconds,
+               "peak_memory_bytes": int(mem.bytes), "peak_memory_method": mem.method,
                "layers": reads, "deepest_block": info["deepest_block"], "n_blocks": info["n_blocks"],
                "blocks_removed": info["removed"], "model_path": str(out),
                "reload_check": {"rows": int(len(calib)), "max_abs_difference": reload_diff,
@@ -360,6 +373,7 @@ def _write_record(run_dir: Path, store: FeatureStore, split: dict, split_info: d
                                                  "and class)",
                          "seconds": "wall time of training (store heads: from features in memory; side: including "
                                     "the frozen backbone's passes)",
+                         "cpu_seconds": "CPU time of this process over the same span as seconds (every thread)",
                          "peak_memory_bytes": "rise of peak memory during training (see peak_memory_method)",
                          "deepest_block": "index of the deepest block the head reads (-1: the embeddings only); "
                                           "the deployable model keeps blocks 0..deepest_block"}})
