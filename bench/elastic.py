@@ -197,9 +197,10 @@ def run_separate(work: Path, model: str, args) -> None:
     if not stamp.exists() or time.perf_counter() - t0 > 5:
         stamp.write_text(json.dumps({"seconds": time.perf_counter() - t0, "load": list(os.getloadavg())}))
     old = (_load().get(model) or {}).get("separate") or {}
-    same = old.get("epochs") == args.epochs and old.get("recipe") == RECIPE[model]
+    same = (old.get("epochs") == args.epochs and old.get("recipe") == RECIPE[model]
+            and old.get("patience") == args.patience)
     sep = {"scores_seconds": json.loads(stamp.read_text())["seconds"], "budgets": {}, "epochs": args.epochs,
-           "recipe": RECIPE[model]}
+           "patience": args.patience, "recipe": RECIPE[model]}
     pruned, prune_s, f_student = {}, {}, {}
     for budget, (pcfg, _) in BUDGETS[model].items():
         tag = budget.replace("/", "of")
@@ -219,8 +220,8 @@ def run_separate(work: Path, model: str, args) -> None:
         for budget in BUDGETS[model]:
             b = sep["budgets"][budget]
             out = work / f"{_name(model)}-distill-{budget.replace('/', 'of')}-s{seed}"
-            cfg = DistillConfig(out=str(out), epochs=args.epochs, seed=seed, patience=None, overwrite=True,
-                                progress=False, **RECIPE[model])
+            cfg = DistillConfig(out=str(out), epochs=args.epochs, seed=seed, patience=args.patience,
+                                overwrite=True, progress=False, **RECIPE[model])
             prev_seed = b["seeds"].get(str(seed))
             if prev_seed and Path(prev_seed.get("correct", "")).exists():
                 continue  # measured by an earlier invocation of this recipe: kept
@@ -517,7 +518,10 @@ def main(argv=None) -> dict:
                     default=["separate", "elastic", "selector"])
     ap.add_argument("--model", nargs="+", choices=tuple(REDUCED), default=list(REDUCED))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=2, help="epochs of every distill run")
+    ap.add_argument("--epochs", type=int, default=2, help="epochs of every distill run (at most, with --patience)")
+    ap.add_argument("--patience", type=int, default=None,
+                    help="distill's early stopping for the separate route (None: every epoch runs; the cost counts "
+                         "the epochs run, the best epoch's weights are kept either way)")
     ap.add_argument("--elastic-epochs", type=int, default=1, help="epochs of every elastic run")
     ap.add_argument("--sampled", type=int, default=0, help="random sub-models per elastic step (--sampled)")
     ap.add_argument("--teacher-kd", type=float, default=0.0, help="elastic --teacher-kd")
