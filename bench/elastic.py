@@ -37,9 +37,9 @@ fine-tuning is shared by both routes and counted in neither. ``cost_ratio`` = el
 separate cost of the 2/3 and 1/2 budgets; met when both the wall-time and the FLOP ratio are <= 0.5.
 
 Usage: python bench/elastic.py [--work DIR] [--part profile|separate|elastic|selector ...]
-       [--model minilm|efficientnet ...] [--seeds 0 1 2] [--epochs 2 (distill)] [--elastic-epochs 1]
+       [--model minilm|efficientnet ...] [--seeds 0 1 2] [--epochs 2 (distill)] [--patience N] [--elastic-epochs 1]
        [--sampled 0] [--teacher-kd 0] [--hidden 0] [--target full|teacher] [--full-fraction 1]
-       [--no-train-full] [--elastic-lr LR] [--elastic-batch-size N] [--repeats N]
+       [--no-train-full] [--best-on full|members] [--elastic-lr LR] [--elastic-batch-size N] [--repeats N]
 A distill seed recorded in the results with this recipe, or an elastic run finished in --work with the
 same config, is kept, not re-run, so an interrupted invocation can be started again.
 """
@@ -113,6 +113,9 @@ def _commit(model: str, key: str, value) -> dict:
         old = result.setdefault(model, {}).get(key)
         if key == "elastic" and old and old.get("config") == value.get("config"):
             value = {**value, "seeds": {**old["seeds"], **value["seeds"]}}  # seeds run by parallel processes
+        if key == "separate" and old and all(old.get(k) == value.get(k) for k in ("epochs", "patience", "recipe")):
+            value = {**value, "budgets": {b: {**v, "seeds": {**((old.get("budgets") or {}).get(b) or {}).get(
+                "seeds", {}), **v["seeds"]}} for b, v in value["budgets"].items()}}
         result[model][key] = value
         result["machine"] = {**machine(), "load_average_now": list(os.getloadavg())}
         result["targets"] = targets(result)
@@ -226,7 +229,9 @@ def run_separate(work: Path, model: str, args) -> None:
             if prev_seed and Path(prev_seed.get("correct", "")).exists():
                 continue  # measured by an earlier invocation of this recipe: kept
             load0 = list(os.getloadavg())
+            cpu0 = time.process_time()  # this process's CPU seconds: far less sensitive to other processes
             rec = distill(str(t), str(pruned[budget]), cfg).record
+            cpu = time.process_time() - cpu0
             hist = rec["history"]
             epochs = len(hist["epochs"])
             rows = rec["train_rows"] * epochs
@@ -238,7 +243,7 @@ def run_separate(work: Path, model: str, args) -> None:
                 "train_s": sum(e["seconds"] for e in hist["epochs"]),
                 "wall_s": rec["seconds"] + prune_s[budget], "steps": hist["steps_per_epoch"] * epochs,
                 "trained_rows": rows, "flops": rows * (3 * f_student[budget] + f_teacher),
-                "val_accuracy": [e["val_accuracy"] for e in hist["epochs"]],
+                "val_accuracy": [e["val_accuracy"] for e in hist["epochs"]], "cpu_s": cpu,
                 "load_average": [load0, list(os.getloadavg())]}
             print(f"{model} separate {budget} seed {seed}: test acc {rec['test']['accuracy']:.4f}, all "
                   f"{sc_['all_accuracy']:.4f} ({rec['seconds']:.0f} s)", flush=True)
@@ -260,6 +265,8 @@ def _elastic_config(model: str, args) -> dict:
         kw["train_full"] = False
     if getattr(args, "elastic_lr", None):
         kw["lr"] = args.elastic_lr
+    if getattr(args, "best_on", "full") != "full":
+        kw["best_on"] = args.best_on
     if getattr(args, "elastic_batch_size", None):
         kw["batch_size"] = args.elastic_batch_size
     return kw
@@ -297,8 +304,10 @@ def run_elastic(work: Path, model: str, args) -> None:
             rec, wall = done, done["seconds"]  # finished by an earlier invocation (its own timing kept)
             load0 = (rec.get("members") or [{}])[0].get("loadavg") or list(os.getloadavg())  # at its selector
         else:
+            cpu0 = time.process_time()
             rec = elastic(str(t), ElasticConfig(out=str(e), seed=seed, overwrite=True, progress=False, **kw)).record
             wall = time.perf_counter() - t0
+            rec["cpu_s"] = time.process_time() - cpu0  # the whole call: ordering, training, selector
         members, pairs = {}, {}
         points = {"full": {}} | {b: axes for b, (_, axes) in BUDGETS[model].items()}
         for budget, axes in points.items():
@@ -316,7 +325,7 @@ def run_elastic(work: Path, model: str, args) -> None:
             print(f"{model} elastic seed {seed} {budget}: test acc {members[budget]['test_accuracy']:.4f}, all "
                   f"{members[budget]['all_accuracy']:.4f}", flush=True)
         tr = rec.get("training", {})
-        el["seeds"][str(seed)] = {"path": str(e), "wall_s": wall, "train_s": tr.get("wall_s"),
+        el["seeds"][str(seed)] = {"path": str(e), "wall_s": wall, "train_s": tr.get("wall_s"), "cpu_s": rec.get("cpu_s"),
                                   "one_time_s": (tr.get("order_s") or 0) + (tr.get("select_s") or 0),
                                   "training": tr, "flops": tr.get("flops"), "members": members, "pairs": pairs,
                                   "grid": rec.get("grid"), "runtime": rec.get("runtime"), "family": rec.get("members"),
@@ -529,6 +538,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--target", choices=("full", "teacher"), default="full", help="elastic --target")
     ap.add_argument("--full-fraction", type=float, default=1.0, help="elastic --full-fraction")
     ap.add_argument("--no-train-full", action="store_true", help="elastic --no-train-full")
+    ap.add_argument("--best-on", choices=("full", "members"), default="full", help="elastic --best-on")
     ap.add_argument("--elastic-lr", type=float, default=None, help="elastic --lr (default: the distill lr)")
     ap.add_argument("--elastic-batch-size", type=int, default=None,
                     help="elastic --batch-size (default: distill's, 32); FLOPs count rows, so more steps cost no more")
