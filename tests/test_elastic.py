@@ -363,6 +363,23 @@ def test_elastic_end_to_end_extract_and_select(tmp_path, nodrop_teacher, capsys)
 
 
 @pytest.mark.slow
+def test_best_on_members_keeps_the_epoch_best_for_the_pooled_grid(tmp_path, nodrop_teacher):
+    """--best-on members: each epoch's validation accuracy is every member's, pooled; checked against the
+    selector's own scoring of each extracted member on the same rows, after the kept epoch is restored."""
+    e = tmp_path / "E"
+    rec = elastic(str(nodrop_teacher), ElasticConfig(out=str(e), depths="2,1", widths="1,0.5", sampled=1, epochs=2,
+                                                     lr=3e-3, batch_size=16, patience=None, best_on="members",
+                                                     progress=False, latency_repeats=1,
+                                                     calibration_samples=32)).record
+    hist = rec["history"]
+    pooled = sum(m["val_metric"] for m in rec["members"]) / len(rec["members"])
+    assert len(rec["members"]) == 4 and hist["best_val_accuracy"] == pytest.approx(pooled, abs=1e-9)
+    assert hist["best_val_accuracy"] == max(ep["val_accuracy"] for ep in hist["epochs"])
+    with pytest.raises(UsageError, match="best.on must be"):
+        ElasticConfig(out="x", best_on="smallest")
+
+
+@pytest.mark.slow
 def test_resume_after_a_kill_gives_the_same_weights(tmp_path, nodrop_teacher, monkeypatch):
     ref = elastic(str(nodrop_teacher), _cfg(tmp_path / "ref", epochs=3))
     restore = die_in_epoch(monkeypatch, 2)

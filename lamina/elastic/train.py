@@ -106,6 +106,11 @@ class ElasticConfig(TrainConfig):
         "help": "fraction of the steps on which the full member is trained (each step drawn like the members; "
                 "1: every step, the sandwich rule). On the other steps it is run only when --target full needs "
                 "its outputs, without a backward"})
+    best_on: str = field(default="full", metadata={
+        "help": "which validation metric picks the epoch kept (and early stopping): 'full' (the full member's) or "
+                "'members' (pooled over every member of the grid: the sub-members are products of the run too, and "
+                "an epoch that helps them can cost the full member a little)",
+        "choices": ("full", "members")})
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature of both KD losses (> 0)"})
     patience: int | None = loop_field(2, "stop after this many epochs without a validation gain of the full "
                                          "member; the best epoch is kept")
@@ -139,6 +144,9 @@ class ElasticConfig(TrainConfig):
         LossWeights(ce=self.ce, kd=self.kd, temperature=self.temperature, cosine=0, fsp=0)  # validates them
         if not (isinstance(self.hidden, (int, float)) and self.hidden >= 0):
             raise UsageError("--hidden must be >= 0", value=self.hidden, allowed="a float >= 0", fix="--hidden 1")
+        if self.best_on not in ("full", "members"):
+            raise UsageError("--best-on must be 'full' or 'members'", value=self.best_on, allowed="full, members",
+                             fix="--best-on members to keep the epoch best for the whole grid")
         if self.target not in ("full", "teacher"):
             raise UsageError("--target must be 'full' or 'teacher'", value=self.target, allowed="full, teacher",
                              fix="--target teacher")
@@ -410,9 +418,18 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in parent.module.modules())
 
     def validate(rows):
-        if has_bn:
-            recalibrate_bn(parent, calib)
-        return task.counts(parent, rows)
+        if config.best_on == "full":
+            if has_bn:
+                recalibrate_bn(parent, calib)
+            return task.counts(parent, rows)
+        # every member scored on the same rows, counts summed: the pooled metric over the grid
+        tot = [0, 0, 0.0]
+        for b in grid.members():
+            m = fam.extract(b)
+            if has_bn:
+                recalibrate_bn(m, calib)
+            tot = [x + y for x, y in zip(tot, task.counts(m, rows))]
+        return tuple(tot)
 
     train_rows = task.train_rows(config.train_limit, config.seed)
     params = list(parent.module.parameters())
