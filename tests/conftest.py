@@ -189,3 +189,12 @@ def one_and_two_ranks():
         assert two.returncode == 0, two.stderr[-3000:]
         return Path(root) / "one", Path(root) / "two"
     return run
+
+
+@pytest.fixture(scope="module")
+def bert_run(tmp_path_factory, tiny_dirs, sentences_csv):
+    """A capture of the tiny BERT over the labelled sentences (one per test module: modules write heads into it)."""
+    from lamina import CaptureConfig, capture
+    run = tmp_path_factory.mktemp("transfer") / "run"
+    capture(str(tiny_dirs["bert"]), str(sentences_csv), CaptureConfig(out=str(run), batch_size=64, progress=False))
+    return run

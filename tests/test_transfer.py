@@ -31,13 +31,6 @@ from lamina.transfer.transfer import _train_side
 FAST = dict(epochs=3, batch_size=32, progress=False)
 
 
-@pytest.fixture(scope="module")
-def bert_run(tmp_path_factory, tiny_dirs, sentences_csv):
-    run = tmp_path_factory.mktemp("transfer") / "run"
-    capture(str(tiny_dirs["bert"]), str(sentences_csv), CaptureConfig(out=str(run), batch_size=64, progress=False))
-    return run
-
-
 def _pooled(run):
     store = FeatureStore.open(run)
     X = {n: torch.from_numpy(np.array(store.load(n), dtype=np.float32)) for n in store.layers}

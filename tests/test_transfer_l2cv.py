@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from lamina import CaptureConfig, capture
 from lamina.errors import UsageError
 from lamina.store import FeatureStore
 from lamina.analyze.metrics.split import stratified_split
@@ -22,10 +21,8 @@ sk = pytest.importorskip("sklearn.linear_model")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_dirs, sentences_csv):
-    out = tmp_path_factory.mktemp("l2cv") / "run"
-    capture(str(tiny_dirs["bert"]), str(sentences_csv), CaptureConfig(out=str(out), batch_size=64, progress=False))
-    return out
+def run(bert_run):
+    return bert_run
 
 
 def _data(run):
