@@ -167,21 +167,28 @@ def _students(args, students: dict) -> dict:
                          "models": rec, "latency_ms": lat}}
 
 
-def _retime(args, saved: dict) -> dict:
-    import lamina
+def _timed(args, fp, models: dict, against: list[str]) -> tuple[dict, list, list, dict]:
+    """The fp32 teacher's first test rows as one batch; every model timed interleaved on it (one thread);
+    the load average before and after; each model of ``against`` as a speed-up over "fp32" (printed)."""
     from lamina.task import read_task
-    fp = lamina.load_model(args.teacher)
-    models = {"fp32": fp, **{name: lamina.load_model(folder) for name, folder in saved.items()}}
     spec = read_task(args.teacher)
     ds, split = spec.load()
     batch = fp.batch(ds, split["test"][:args.batch], min(spec.max_length, 64))
     load0 = list(os.getloadavg())
     lat = _latency(models, batch, 1, args.repeats)
     load1 = list(os.getloadavg())
-    rows = {m: _ratios(lat, "fp32", m) for m in saved}
+    rows = {m: _ratios(lat, "fp32", m) for m in against}
     for m, r in rows.items():
         print(f"{m}: {lat[m]['median_ms']:.1f} ms wall, {lat[m]['cpu_median_ms']:.1f} ms cpu; "
               f"x{r['wall']} wall, x{r['cpu']} cpu", flush=True)
+    return lat, load0, load1, rows
+
+
+def _retime(args, saved: dict) -> dict:
+    import lamina
+    fp = lamina.load_model(args.teacher)
+    models = {"fp32": fp, **{name: lamina.load_model(folder) for name, folder in saved.items()}}
+    lat, load0, load1, rows = _timed(args, fp, models, list(saved))
     return {"retimes": [{"command": "PYTHONPATH=. python bench/quantize_proxy.py " + " ".join(sys.argv[1:]),
                        "machine": machine(), "models": saved, "batch": args.batch, "threads": 1,
                        "repeats": args.repeats, "load_average_start": load0, "load_average_end": load1,
@@ -192,7 +199,6 @@ def _shapes(args, shapes: dict) -> dict:
     import lamina
     from lamina.quantize.formats import linear_names
     from lamina.quantize.quantize import quantized_copy
-    from lamina.task import read_task
     fp = lamina.load_model(args.teacher)
     models = {"fp32": fp, "all_int8fused": quantized_copy(fp, {n: "int8fused" for n in linear_names(fp.module)})}
     info = {"fp32": _shape(fp)}
@@ -201,16 +207,7 @@ def _shapes(args, shapes: dict) -> dict:
         models[f"{name}_fp32"] = lm
         models[f"{name}_int8fused"] = quantized_copy(lm, {n: "int8fused" for n in linear_names(lm.module)})
         info[name] = {"folder": folder, **_shape(lm)}
-    spec = read_task(args.teacher)
-    ds, split = spec.load()
-    batch = fp.batch(ds, split["test"][:args.batch], min(spec.max_length, 64))
-    load0 = list(os.getloadavg())
-    lat = _latency(models, batch, 1, args.repeats)
-    load1 = list(os.getloadavg())
-    rows = {m: _ratios(lat, "fp32", m) for m in models if m != "fp32"}
-    for m, r in rows.items():
-        print(f"{m}: {lat[m]['median_ms']:.1f} ms wall, {lat[m]['cpu_median_ms']:.1f} ms cpu; "
-              f"x{r['wall']} wall, x{r['cpu']} cpu", flush=True)
+    lat, load0, load1, rows = _timed(args, fp, models, [m for m in models if m != "fp32"])
     return {"version": 1, "teacher": args.teacher, "proxy": {
                 "command": "PYTHONPATH=. python bench/quantize_proxy.py " + " ".join(sys.argv[1:]),
                 "machine": machine(), "shapes": info, "batch": args.batch, "threads": 1, "repeats": args.repeats,
