@@ -33,7 +33,7 @@ KEYS = {
                     "seed val test max_length seq_len image_size text_column label_column skip_bad_files "
                     "probe_scores resume overwrite progress",
     ElasticConfig: "device torch_dtype trust_remote_code out data seq_len depths widths heads channels sampled ce kd "
-                   "hidden teacher_kd train_full target full_fraction temperature epochs lr batch_size weight_decay patience train_limit "
+                   "hidden teacher_kd train_full target full_fraction best_on temperature epochs lr batch_size weight_decay patience train_limit "
                    "seed calibration_samples latency_batch latency_repeats threads resume overwrite progress",
 }
 CONFIGS = list(DEFAULTS)
