@@ -143,14 +143,8 @@ def _students(args, students: dict) -> dict:
         models[f"{name}_composed"] = score_models[f"composed_{name}"] = lamina.load_model(r.out)
     scratch = {}
     sc = _score(score_models, argparse.Namespace(teacher=args.teacher, heldout=args.heldout), scratch)
-    from lamina.task import read_task
-    spec = read_task(args.teacher)
-    ds, split = spec.load()
-    batch = fp.batch(ds, split["test"][:args.batch], min(spec.max_length, 64))
     os.setpriority(os.PRIO_PROCESS, 0, start)
-    load0 = list(os.getloadavg())
-    lat = _latency(models, batch, 1, args.repeats)
-    load1 = list(os.getloadavg())
+    lat, load0, load1, _ = _timed(args, fp, models, [])  # speed-ups per student below, with their drops
     for name in students:
         drop = sc["fp32"]["heldout_accuracy"] - sc[f"composed_{name}"]["heldout_accuracy"]
         sp = _ratios(lat, "fp32", f"{name}_composed")
