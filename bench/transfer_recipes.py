@@ -40,7 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transfer as T  # noqa: E402
 from _common import save_result  # noqa: E402
 
-CS = np.logspace(-4, 2, 13)
+from lamina.transfer._l2cv import C_GRID  # noqa: E402  the same strengths as --l2-cv searches
+
+CS = np.asarray(C_GRID)
 # name: (layers: "last" | "last2" | "last3" | "blocks.4" | "all", poolings, average the layers, preprocessing)
 PROBES = {
     "last mean": ("last", ["mean"], False, "std"),
