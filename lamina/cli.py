@@ -531,7 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for name, (fn, help_) in _VERBS.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+        # the nested spelling is the documented one; argparse would print the flat verb in usage lines
+        prog = "lamina elastic extract" if name == "elastic-extract" else None
+        p = sub.add_parser(name, help=help_, description=help_, **({"prog": prog} if prog else {}))
         fn.add_args(p)
         if name in _LOADS_MODELS:
             p.add_argument("--trust-code", action="store_true",
@@ -559,23 +561,24 @@ def main(argv=None) -> int:
         from ._quiet import quiet_known_noise
         quiet_known_noise()  # torchao's no-CUDA start-up lines, before anything imports transformers
     from .trust import trusting_code
+    said = "elastic extract" if ns.verb == "elastic-extract" else ns.verb  # the spelling the usage line shows
     try:
         with trusting_code(getattr(ns, "trust_code", False)):
             return int(ns._fn(ns) or 0)
     except LaminaError as e:
-        print(f"lamina {ns.verb}: error: {e.cli_text()}", file=sys.stderr)
+        print(f"lamina {said}: error: {e.cli_text()}", file=sys.stderr)
         return e.exit_code
     except Exception as e:  # a read-only folder, a full disk: the OS's refusal (also inside a library's error)
         from .files import os_error
         err = os_error(e, resumable=hasattr(ns, "resume"), out=getattr(ns, "out", None))
         if err is None:
             raise
-        print(f"lamina {ns.verb}: error: {err.cli_text()}", file=sys.stderr)
+        print(f"lamina {said}: error: {err.cli_text()}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         then = "run the same command with --resume to continue" if hasattr(ns, "resume") \
             else "run the same command again (it starts over)"
-        print(f"lamina {ns.verb}: interrupted; {then}", file=sys.stderr)
+        print(f"lamina {said}: interrupted; {then}", file=sys.stderr)
         return 130
 
 

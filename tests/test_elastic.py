@@ -442,6 +442,10 @@ def test_bad_input(tmp_path, nodrop_teacher, sentences_csv, capsys):
     assert "whole number of key-value groups" in capsys.readouterr().err
     # not an elastic folder
     assert main(["elastic", "extract", str(tmp_path), "--out", str(tmp_path / "f")]) == 2
+    assert "lamina elastic extract: error: not a `lamina elastic` folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --help: the usage line shows the nested spelling users type
+        main(["elastic", "extract", "--help"])
+    assert capsys.readouterr().out.startswith("usage: lamina elastic extract ")
     # two ways of naming the budget
     with pytest.raises(UsageError):
         ExtractConfig(out="x", depth=1, params=0.5)
