@@ -375,8 +375,27 @@ def test_best_on_members_keeps_the_epoch_best_for_the_pooled_grid(tmp_path, nodr
     pooled = sum(m["val_metric"] for m in rec["members"]) / len(rec["members"])
     assert len(rec["members"]) == 4 and hist["best_val_accuracy"] == pytest.approx(pooled, abs=1e-9)
     assert hist["best_val_accuracy"] == max(ep["val_accuracy"] for ep in hist["epochs"])
+    assert rec["training"]["best_on"] == "members"
     with pytest.raises(UsageError, match="best.on must be"):
         ElasticConfig(out="x", best_on="smallest")
+    # the default: the pooled grid when the full member is not trained (its score alone says little), else the full
+    assert ElasticConfig(out="x", train_full=False, teacher_kd=0).picks_on() == "members"
+    assert ElasticConfig(out="x").picks_on() == "full"
+    assert ElasticConfig(out="x", train_full=False, teacher_kd=0, best_on="full").picks_on() == "full"
+
+
+def test_max_steps_stops_part_way_and_the_cost_counts_the_rows_trained(tmp_path, nodrop_teacher):
+    """--max-steps between whole epochs: the last epoch stops part-way, and the recorded steps, rows and FLOPs
+    are what ran (the cost a budget comparison reads), not whole epochs."""
+    rec = elastic(str(nodrop_teacher), ElasticConfig(out=str(tmp_path / "E"), depths="2,1", sampled=0, epochs=1,
+                                                     max_steps=3, batch_size=100, patience=None, progress=False,
+                                                     latency_repeats=1, calibration_samples=32)).record
+    hist, tr = rec["history"], rec["training"]
+    spe, n = hist["steps_per_epoch"], rec["train_rows"]
+    assert spe == 2 and len(hist["epochs"]) == 2  # 3 steps of 2 an epoch: the second epoch stops after one
+    assert [e["steps"] for e in hist["epochs"]] == [2, 1] and tr["steps"] == 3
+    assert tr["rows"] == n + 100 == sum(e["rows"] for e in hist["epochs"])
+    assert tr["flops"] == pytest.approx(tr["rows"] * tr["flops_per_row"]["step_expected"])
 
 
 @pytest.mark.slow

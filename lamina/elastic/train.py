@@ -106,11 +106,13 @@ class ElasticConfig(TrainConfig):
         "help": "fraction of the steps on which the full member is trained (each step drawn like the members; "
                 "1: every step, the sandwich rule). On the other steps it is run only when --target full needs "
                 "its outputs, without a backward"})
-    best_on: str = field(default="full", metadata={
-        "help": "which validation metric picks the epoch kept (and early stopping): 'full' (the full member's) or "
+    best_on: str = field(default="auto", metadata={
+        "help": "which validation metric picks the epoch kept (and early stopping): 'full' (the full member's), "
                 "'members' (pooled over every member of the grid: the sub-members are products of the run too, and "
-                "an epoch that helps them can cost the full member a little)",
-        "choices": ("full", "members")})
+                "an epoch that helps them can cost the full member a little) or 'auto': 'members' under "
+                "--no-train-full (the full member is not trained then, so its score alone says little of the run), "
+                "'full' otherwise",
+        "choices": ("auto", "full", "members")})
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature of both KD losses (> 0)"})
     patience: int | None = loop_field(2, "stop after this many epochs without a validation gain (of the full "
                                          "member, or of every member with --best-on members); the best epoch "
@@ -124,6 +126,12 @@ class ElasticConfig(TrainConfig):
     latency_repeats: int = field(default=7, metadata={
         "help": "timed forwards per member (members interleaved, after one warm-up round); the median is kept"})
     threads: int | None = field(default=1, metadata={"help": "torch threads while timing members (None: as is)"})
+
+    def picks_on(self) -> str:
+        """The validation metric that keeps an epoch: --best-on with 'auto' resolved."""
+        if self.best_on != "auto":
+            return self.best_on
+        return "full" if self.train_full else "members"
 
     def __post_init__(self):
         if not self.out:
@@ -145,8 +153,9 @@ class ElasticConfig(TrainConfig):
         LossWeights(ce=self.ce, kd=self.kd, temperature=self.temperature, cosine=0, fsp=0)  # validates them
         if not (isinstance(self.hidden, (int, float)) and self.hidden >= 0):
             raise UsageError("--hidden must be >= 0", value=self.hidden, allowed="a float >= 0", fix="--hidden 1")
-        if self.best_on not in ("full", "members"):
-            raise UsageError("--best-on must be 'full' or 'members'", value=self.best_on, allowed="full, members",
+        if self.best_on not in ("auto", "full", "members"):
+            raise UsageError("--best-on must be 'auto', 'full' or 'members'", value=self.best_on,
+                             allowed="auto, full, members",
                              fix="--best-on members to keep the epoch best for the whole grid")
         if self.target not in ("full", "teacher"):
             raise UsageError("--target must be 'full' or 'teacher'", value=self.target, allowed="full, teacher",
@@ -417,9 +426,10 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
         return loss * scale, {k: torch.tensor(v * scale, device=loss.device) for k, v in parts.items()}
 
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in parent.module.modules())
+    best_on = config.picks_on()
 
     def validate(rows):
-        if config.best_on == "full":
+        if best_on == "full":
             if has_bn:
                 recalibrate_bn(parent, calib)
             return task.counts(parent, rows)
@@ -436,7 +446,8 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
     params = list(parent.module.parameters())
     for p in params:
         p.requires_grad_(True)
-    settings = {**asdict(config), "teacher": same_path(teacher_src), "data": same_path(config.data),
+    # best_on as resolved: a run recorded before 'auto' (its 'full' or 'members') resumes when it means the same
+    settings = {**asdict(config), "best_on": best_on, "teacher": same_path(teacher_src), "data": same_path(config.data),
                 "teacher_fingerprint": teacher.fingerprint(),
                 "rows": rows_hash(task.ds, getattr(task, "doc_split", None) or {**split, "train": train_rows})}
     check_resume(out, "elastic", settings, config.resume, rank, config)
@@ -449,8 +460,9 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
     wall = time.perf_counter() - t_fit
     if has_bn:
         recalibrate_bn(parent, calib)
-    steps = len(hist["epochs"]) * hist["steps_per_epoch"]
-    rows_seen = len(hist["epochs"]) * len(train_rows)
+    # per epoch as run (--max-steps can stop the last part-way; an epoch checkpointed by an older lamina is whole)
+    steps = sum(e.get("steps", hist["steps_per_epoch"]) for e in hist["epochs"])
+    rows_seen = sum(e.get("rows", len(train_rows)) for e in hist["epochs"])
     sub = draw(grid, 0, 0, [])  # the smallest, when there is one
     pool = [b for b in members if b not in (grid.full, grid.smallest)]
     k = min(config.sampled, len(pool))
@@ -486,7 +498,7 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
                         "full_trained_steps": full_steps[0], "steps_run": full_steps[1],
                         # one-time work outside the training loop (a separate route's analogue: its scores run)
                         "order_s": order_seconds, "select_s": select_seconds,
-                        "resumed_from": hist.get("resumed_from")},
+                        "best_on": best_on, "resumed_from": hist.get("resumed_from")},
            "history": hist, "config": asdict(config), "runtime": describe(parent.device, teacher.compute_dtype),
            "train_rows": len(train_rows), "model_path": str(out / "model"), "seconds": None}
     if rank == 0:
