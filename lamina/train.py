@@ -48,6 +48,7 @@ class Loop:
     epochs: int
     lr: float
     batch_size: int
+    max_steps: int | None = None  # optimizer steps in all, overriding epochs (the last epoch may be partial)
     weight_decay: float = 0.01
     warmup: float = 0.06
     patience: int | None = 2
@@ -57,7 +58,7 @@ class Loop:
     best: str = "accuracy"  # what picks the best epoch: highest validation 'accuracy', or lowest 'loss' (perplexity)
 
 
-def check_loop_args(epochs, lr, batch_size, patience) -> None:
+def check_loop_args(epochs, lr, batch_size, patience, max_steps=None) -> None:
     """The same refusal for every stage's training flags."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise UsageError("--epochs must be a positive integer", value=epochs, allowed="an integer >= 1",
@@ -68,6 +69,10 @@ def check_loop_args(epochs, lr, batch_size, patience) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError("--batch-size must be a positive integer", value=batch_size, allowed="an integer >= 1",
                          fix="e.g. --batch-size 32")
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise UsageError("--max-steps must be a positive integer", value=max_steps,
+                         allowed="an integer >= 1 (optimizer steps in all), or leave it out to train --epochs",
+                         fix="e.g. --max-steps 77")
     if patience is not None and (isinstance(patience, bool) or not isinstance(patience, int) or patience < 0):
         raise UsageError("--patience must be a non-negative integer", value=patience,
                          allowed="an integer >= 0 (epochs without a validation gain before stopping)",
@@ -89,6 +94,10 @@ class TrainConfig(Runtime):
     ``seed`` and ``progress``, elastic ``seed`` and ``patience``, distill ``seed``."""
 
     epochs: int = loop_field(3, "passes over the training rows")
+    max_steps: int | None = loop_field(None, "optimizer steps in all, overriding --epochs (as transformers' "
+                                             "max_steps does): the schedule is laid over them and the last epoch "
+                                             "may stop part-way (it is validated like the others); for training "
+                                             "to a compute budget")
     lr: float = loop_field(1e-4, "peak AdamW learning rate (linear warm-up and decay)")
     batch_size: int = loop_field(32, "rows per optimizer step (over all ranks)")
     weight_decay: float = loop_field(0.01, "AdamW weight decay (not on biases and norms)")
@@ -101,10 +110,11 @@ class TrainConfig(Runtime):
     progress: bool = loop_field(True, "show a progress bar with the current losses")
 
     def __post_init__(self):
-        check_loop_args(self.epochs, self.lr, self.batch_size, self.patience)
+        check_loop_args(self.epochs, self.lr, self.batch_size, self.patience, self.max_steps)
 
     def loop(self) -> Loop:
-        return Loop(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, weight_decay=self.weight_decay,
+        return Loop(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, max_steps=self.max_steps,
+                    weight_decay=self.weight_decay,
                     patience=self.patience, seed=self.seed, progress=self.progress)
 
 
@@ -183,12 +193,13 @@ def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: L
     scaler = grad_scaler(device, dtype)
     train_idx = np.asarray(train_idx)
     steps_per_epoch = math.ceil(len(train_idx) / loop.batch_size)
-    total = steps_per_epoch * loop.epochs
+    total = loop.max_steps or steps_per_epoch * loop.epochs
+    epochs = math.ceil(total / steps_per_epoch)  # loop.epochs unless max_steps overrides it
     warm = max(1, int(loop.warmup * total))
     opt = torch.optim.AdamW(_param_groups(params, loop.weight_decay), lr=loop.lr)
     sched = warmup_linear_decay(opt, total, warm)
     hist = {"epochs": [], "best_epoch": None, "best_val_accuracy": None, "stopped_early": False,
-            "resumed_from": None, "world_size": size, "steps_per_epoch": steps_per_epoch}
+            "resumed_from": None, "world_size": size, "steps_per_epoch": steps_per_epoch, "total_steps": total}
     best_state = None
     start = 0
     ckpt = out / CHECKPOINT if out is not None else None
@@ -200,7 +211,7 @@ def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: L
         start = last + 1
         hist["resumed_from"] = last
     val_rows = np.asarray(val_idx)[rank::size]
-    for epoch in range(start, loop.epochs):
+    for epoch in range(start, epochs):
         if hist["stopped_early"]:
             break
         t0 = time.perf_counter()
@@ -209,10 +220,13 @@ def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: L
         for m in modules.values():
             m.train()
         sums: dict = {}
-        bar = _bar(loop, rank, steps_per_epoch, f"{desc} {epoch + 1}/{loop.epochs}")
-        for s in range(steps_per_epoch):
+        n_steps = min(steps_per_epoch, total - epoch * steps_per_epoch)  # < steps_per_epoch: a partial last epoch
+        bar = _bar(loop, rank, n_steps, f"{desc} {epoch + 1}/{epochs}")
+        rows_done = 0
+        for s in range(n_steps):
             glob = order[s * loop.batch_size:(s + 1) * loop.batch_size]
             rows = glob[rank::size]
+            rows_done += len(glob)
             opt.zero_grad(set_to_none=True)
             with autocast(device, dtype):
                 loss, parts = step(rows, len(glob)) if len(rows) else _zero(params)
@@ -238,7 +252,8 @@ def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: L
         if bar is not None:
             bar.close()
         val = _validate(validate, val_rows, modules, device)
-        rec = {"epoch": epoch + 1, "train": {k: v / steps_per_epoch for k, v in sums.items()},
+        rec = {"epoch": epoch + 1, "train": {k: v / n_steps for k, v in sums.items()},
+               "steps": n_steps, "rows": rows_done,  # every rank's: the rows this epoch trained on
                "val_accuracy": val[0], "val_loss": val[1], "lr": sched.get_last_lr()[0],
                "seconds": time.perf_counter() - t0}
         hist["epochs"].append(rec)
@@ -246,7 +261,7 @@ def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: L
                                           else val[0] > hist["best_val_accuracy"]):
             hist["best_val_accuracy"], hist["best_val_loss"], hist["best_epoch"] = val[0], val[1], epoch + 1
             best_state = {k: copy.deepcopy(m.state_dict()) for k, m in modules.items()}
-        elif stop_now(epoch + 1, hist["best_epoch"], loop.patience, loop.epochs):
+        elif stop_now(epoch + 1, hist["best_epoch"], loop.patience, epochs):
             hist["stopped_early"] = True
         if ckpt is not None and rank == 0:
             save_checkpoint(out, epoch, modules, opt, sched, hist, best_state,

@@ -17,8 +17,8 @@ from lamina.finetune import FinetuneConfig
 from lamina.runtime import Runtime
 from lamina.train import TrainConfig
 
-LOOP = ("epochs", "lr", "batch_size", "weight_decay", "patience", "seed", "resume", "overwrite", "progress")
-SHARED = {"epochs": 3, "lr": 1e-4, "batch_size": 32, "weight_decay": 0.01, "patience": 2, "seed": 0,
+LOOP = ("epochs", "max_steps", "lr", "batch_size", "weight_decay", "patience", "seed", "resume", "overwrite", "progress")
+SHARED = {"epochs": 3, "max_steps": None, "lr": 1e-4, "batch_size": 32, "weight_decay": 0.01, "patience": 2, "seed": 0,
           "resume": False, "overwrite": False, "progress": True}
 DEFAULTS = {DistillConfig: SHARED, ElasticConfig: SHARED, FinetuneConfig: {**SHARED, "epochs": 6, "lr": None}}
 # the fields whose help a stage words its own way (what its seed seeds, which patience, ...)
@@ -27,13 +27,13 @@ OWN_HELP = {DistillConfig: {"seed"}, ElasticConfig: {"seed", "patience"},
 # every key of the configs as the records (distill.json, finetune.json, elastic.json, resume.json) hold them
 KEYS = {
     DistillConfig: "device torch_dtype trust_remote_code out width scratch data seq_len ce kd temperature cosine fsp "
-                   "center taps layer_map epochs lr batch_size weight_decay patience train_limit seed "
+                   "center taps layer_map epochs max_steps lr batch_size weight_decay patience train_limit seed "
                    "teacher_correction teacher_correction_lr calibration_samples resume overwrite progress",
-    FinetuneConfig: "device torch_dtype trust_remote_code out full epochs lr batch_size weight_decay patience limit "
+    FinetuneConfig: "device torch_dtype trust_remote_code out full epochs max_steps lr batch_size weight_decay patience limit "
                     "seed val test max_length seq_len image_size text_column label_column skip_bad_files "
                     "probe_scores resume overwrite progress",
     ElasticConfig: "device torch_dtype trust_remote_code out data seq_len depths widths heads channels sampled ce kd "
-                   "hidden teacher_kd train_full target full_fraction best_on temperature epochs lr batch_size weight_decay patience train_limit "
+                   "hidden teacher_kd train_full target full_fraction best_on temperature epochs max_steps lr batch_size weight_decay patience train_limit "
                    "seed calibration_samples latency_batch latency_repeats threads resume overwrite progress",
 }
 CONFIGS = list(DEFAULTS)
