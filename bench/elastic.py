@@ -39,7 +39,8 @@ separate cost of the 2/3 and 1/2 budgets; met when both the wall-time and the FL
 Usage: python bench/elastic.py [--work DIR] [--part profile|separate|elastic|selector ...]
        [--model minilm|efficientnet ...] [--seeds 0 1 2] [--epochs 2 (distill)] [--patience N] [--elastic-epochs 1]
        [--sampled 0] [--teacher-kd 0] [--hidden 0] [--target full|teacher] [--full-fraction 1]
-       [--no-train-full] [--best-on full|members] [--elastic-lr LR] [--elastic-batch-size N] [--repeats N]
+       [--no-train-full] [--best-on auto|full|members] [--elastic-lr LR] [--elastic-batch-size N]
+       [--elastic-max-steps N] [--repeats N]
 A distill seed recorded in the results with this recipe, or an elastic run finished in --work with the
 same config, is kept, not re-run, so an interrupted invocation can be started again.
 """
@@ -234,14 +235,15 @@ def run_separate(work: Path, model: str, args) -> None:
             cpu = time.process_time() - cpu0
             hist = rec["history"]
             epochs = len(hist["epochs"])
-            rows = rec["train_rows"] * epochs
+            rows = sum(e.get("rows", rec["train_rows"]) for e in hist["epochs"])  # as run (--max-steps: partial)
             b["parameters"] = rec["parameters"]["student"]
             sc_ = _score(out / "model", ds, split, hold, spec, out.with_suffix(".correct.npy"))
             b["seeds"][str(seed)] = {
                 **sc_, "path": str(out), "test_accuracy": rec["test"]["accuracy"], "distill_seconds": rec["seconds"],
                 # the training loop (steps + each epoch's validation), like the elastic run's training.wall_s
                 "train_s": sum(e["seconds"] for e in hist["epochs"]),
-                "wall_s": rec["seconds"] + prune_s[budget], "steps": hist["steps_per_epoch"] * epochs,
+                "wall_s": rec["seconds"] + prune_s[budget],
+                "steps": sum(e.get("steps", hist["steps_per_epoch"]) for e in hist["epochs"]),
                 "trained_rows": rows, "flops": rows * (3 * f_student[budget] + f_teacher),
                 "val_accuracy": [e["val_accuracy"] for e in hist["epochs"]], "cpu_s": cpu,
                 "load_average": [load0, list(os.getloadavg())]}
@@ -265,10 +267,12 @@ def _elastic_config(model: str, args) -> dict:
         kw["train_full"] = False
     if getattr(args, "elastic_lr", None):
         kw["lr"] = args.elastic_lr
-    if getattr(args, "best_on", "full") != "full":
+    if getattr(args, "best_on", "auto") != "auto":
         kw["best_on"] = args.best_on
     if getattr(args, "elastic_batch_size", None):
         kw["batch_size"] = args.elastic_batch_size
+    if getattr(args, "elastic_max_steps", None):
+        kw["max_steps"] = args.elastic_max_steps
     return kw
 
 
@@ -538,8 +542,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--target", choices=("full", "teacher"), default="full", help="elastic --target")
     ap.add_argument("--full-fraction", type=float, default=1.0, help="elastic --full-fraction")
     ap.add_argument("--no-train-full", action="store_true", help="elastic --no-train-full")
-    ap.add_argument("--best-on", choices=("full", "members"), default="full", help="elastic --best-on")
+    ap.add_argument("--best-on", choices=("auto", "full", "members"), default="auto", help="elastic --best-on")
     ap.add_argument("--elastic-lr", type=float, default=None, help="elastic --lr (default: the distill lr)")
+    ap.add_argument("--elastic-max-steps", type=int, default=None,
+                    help="elastic --max-steps: optimizer steps in all, overriding --elastic-epochs (a training "
+                         "budget between whole epochs; the cost counts the rows trained)")
     ap.add_argument("--elastic-batch-size", type=int, default=None,
                     help="elastic --batch-size (default: distill's, 32); FLOPs count rows, so more steps cost no more")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in this process")
