@@ -14,9 +14,9 @@ from lamina.train import TrainConfig
 from lamina.transfer import TransferConfig
 
 # a head's loop defaults (before the inheritance these were TransferConfig's own fields, with these values)
-DEFAULTS = {"epochs": None, "lr": None, "batch_size": 64, "weight_decay": 0.01, "patience": 5, "seed": 0,
+DEFAULTS = {"epochs": None, "max_steps": None, "lr": None, "batch_size": 64, "weight_decay": 0.01, "patience": 5, "seed": 0,
             "overwrite": False, "progress": False, "resume": False}
-FLAGS = ("--head --layers --task --fractions --seed --epochs --lr --batch-size --weight-decay --patience --hidden "
+FLAGS = ("--head --layers --task --fractions --seed --epochs --max-steps --lr --batch-size --weight-decay --patience --hidden "
          "--l2-cv "
          "--pooling --keep --group-lasso --side-width --side-cache-mb --overwrite --no-overwrite --progress "
          "--no-progress --device --torch-dtype --trust-remote-code --no-trust-remote-code").split()
@@ -39,6 +39,9 @@ def test_the_loop_fields_come_from_trainconfig_with_a_heads_defaults():
     assert (loop.epochs, loop.lr, loop.batch_size, loop.patience) == (40, 3e-3, 64, 5)
     side = TransferConfig(head="side").loop()
     assert (side.epochs, side.lr) == (6, 1e-3)
+    assert TransferConfig(max_steps=5).loop().max_steps == 5  # reaches fit(), which every trained head runs through
+    with pytest.raises(UsageError, match="max.steps must be a positive integer"):
+        TransferConfig(max_steps=0)
     assert TransferConfig("select").head == "select"  # head is still the first positional field
 
 

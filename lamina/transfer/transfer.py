@@ -125,7 +125,8 @@ class TransferConfig(TrainConfig):
             from ..errors import suggest
             raise UsageError("unknown head", value=self.head, allowed=", ".join(HEADS),
                              fix=suggest(self.head, HEADS) or "--head mix")
-        check_loop_args(self.epochs if self.epochs is not None else 1, self.lr, self.batch_size, self.patience)
+        check_loop_args(self.epochs if self.epochs is not None else 1, self.lr, self.batch_size, self.patience,
+                        self.max_steps)
         check_runtime(self)
         if self.resume:
             raise UsageError("transfer has nothing to resume: a head writes no checkpoint", value=self.resume,
@@ -164,8 +165,8 @@ class TransferConfig(TrainConfig):
     def loop(self) -> Loop:
         side = self.head == "side"
         return Loop(epochs=self.epochs or (6 if side else 40), lr=self.lr or (1e-3 if side else 3e-3),
-                    batch_size=self.batch_size, weight_decay=self.weight_decay, patience=self.patience,
-                    seed=self.seed, progress=self.progress)
+                    batch_size=self.batch_size, max_steps=self.max_steps, weight_decay=self.weight_decay,
+                    patience=self.patience, seed=self.seed, progress=self.progress)
 
 
 @dataclass
