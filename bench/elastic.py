@@ -882,7 +882,9 @@ NOTES = [  # written by hand from the numbers of the runs recorded above (kept h
     "MiniLM recorded 14.9 / 19.5 / 26.0 ms, target 17.2, chose depth 3, re-measured 8.3 ms; EfficientNet "
     "recorded 15.6 / 17.1 / 21.3 ms, target 16.4, chose channels 0.43, re-measured 7.2 ms. The recorded "
     "latencies were taken inside the elastic runs while a second bench process ran on the other core; the "
-    "re-measurement ran alone, about 2x faster. Same order of members, so the same choice.",
+    "re-measurement ran alone, about 2x faster. Same order of members, so the same choice. Not the way elastic "
+    "times members: a short EfficientNet elastic run alone (`--train-limit 64`, 1 epoch) recorded 12.6 / 10.8 / "
+    "9.6 ms, and the same members timed the same way in a fresh process 11.4 / 10.0 / 8.7 ms (`/tmp` script).",
     "- **Selector.** The target is set halfway between the two fastest members' latencies recorded in "
     "elastic.json (batch 1, 1 thread), and the chosen model is re-measured by `lamina bench` (5 rounds). The "
     "members' latencies were recorded by the elastic run under a load near 9 and the re-measurement ran as the "
