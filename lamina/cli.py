@@ -531,9 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for name, (fn, help_) in _VERBS.items():
-        # the nested spelling is the documented one; argparse would print the flat verb in usage lines
-        prog = "lamina elastic extract" if name == "elastic-extract" else None
-        p = sub.add_parser(name, help=help_, description=help_, **({"prog": prog} if prog else {}))
+        # a nested verb's usage line shows the spelling users type, not the flat name it is parsed under
+        extra = {"prog": f"lamina {_NESTED[name]}"} if name in _NESTED else {}
+        p = sub.add_parser(name, help=help_, description=help_, **extra)
         fn.add_args(p)
         if name in _LOADS_MODELS:
             p.add_argument("--trust-code", action="store_true",
@@ -543,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# verbs typed as two words (`lamina elastic extract`), parsed under one flat name: flat name -> what users type
+_NESTED = {"elastic-extract": "elastic extract"}
+
 _LOADS_MODELS = ("capture", "analyze", "finetune", "prune", "distill", "bench", "transfer", "quantize", "elastic",
                  "elastic-extract")
 
@@ -550,8 +553,9 @@ _LOADS_MODELS = ("capture", "analyze", "finetune", "prune", "distill", "bench", 
 def main(argv=None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["elastic", "extract"]:  # the nested spelling of `lamina elastic-extract`
-        argv = ["elastic-extract", *argv[2:]]
+    for flat, typed in _NESTED.items():
+        if argv[:2] == typed.split():
+            argv = [flat, *argv[2:]]
     ns = parser.parse_args(argv)  # argparse exits 2 on unknown flags itself
     if not getattr(ns, "_fn", None):
         parser.print_help()
@@ -561,7 +565,7 @@ def main(argv=None) -> int:
         from ._quiet import quiet_known_noise
         quiet_known_noise()  # torchao's no-CUDA start-up lines, before anything imports transformers
     from .trust import trusting_code
-    said = "elastic extract" if ns.verb == "elastic-extract" else ns.verb  # the spelling the usage line shows
+    said = _NESTED.get(ns.verb, ns.verb)  # the spelling the usage line shows
     try:
         with trusting_code(getattr(ns, "trust_code", False)):
             return int(ns._fn(ns) or 0)
