@@ -65,6 +65,7 @@ from _common import HERE, TEACHERS, machine, save_result, scores, teacher, write
 from lamina.bench import BenchConfig, bench, flops_per_sample  # noqa: E402
 from lamina.compress import PruneConfig, prune  # noqa: E402
 from lamina.distill import DistillConfig, distill  # noqa: E402
+from lamina.train import trained  # noqa: E402
 from lamina.models import load_model  # noqa: E402
 from lamina.elastic import ElasticConfig, ExtractConfig, elastic, elastic_extract  # noqa: E402
 from lamina.task import batches, evaluate, logits_of, make_task, read_task  # noqa: E402
@@ -114,7 +115,7 @@ def _commit(model: str, key: str, value) -> dict:
         old = result.setdefault(model, {}).get(key)
         if key == "elastic" and old and old.get("config") == value.get("config"):
             value = {**value, "seeds": {**old["seeds"], **value["seeds"]}}  # seeds run by parallel processes
-        if key == "separate" and old and all(old.get(k) == value.get(k) for k in ("epochs", "patience", "recipe")):
+        if key == "separate" and old and _same_recipe(old, value):
             value = {**value, "budgets": {b: {**v, "seeds": {**((old.get("budgets") or {}).get(b) or {}).get(
                 "seeds", {}), **v["seeds"]}} for b, v in value["budgets"].items()}}
         result[model][key] = value
@@ -123,6 +124,11 @@ def _commit(model: str, key: str, value) -> dict:
         save_result("elastic", result)
         _write(result)
     return result
+
+
+def _same_recipe(a: dict, b: dict) -> bool:
+    """Whether two separate-route records distilled the same way (their seeds can be pooled)."""
+    return all(a.get(k) == b.get(k) for k in ("epochs", "patience", "recipe"))
 
 
 def _flops(model_dir, spec, rows) -> float:
@@ -201,10 +207,9 @@ def run_separate(work: Path, model: str, args) -> None:
     if not stamp.exists() or time.perf_counter() - t0 > 5:
         stamp.write_text(json.dumps({"seconds": time.perf_counter() - t0, "load": list(os.getloadavg())}))
     old = (_load().get(model) or {}).get("separate") or {}
-    same = (old.get("epochs") == args.epochs and old.get("recipe") == RECIPE[model]
-            and old.get("patience") == args.patience)
     sep = {"scores_seconds": json.loads(stamp.read_text())["seconds"], "budgets": {}, "epochs": args.epochs,
            "patience": args.patience, "recipe": RECIPE[model]}
+    same = _same_recipe(old, sep)
     pruned, prune_s, f_student = {}, {}, {}
     for budget, (pcfg, _) in BUDGETS[model].items():
         tag = budget.replace("/", "of")
@@ -234,16 +239,14 @@ def run_separate(work: Path, model: str, args) -> None:
             rec = distill(str(t), str(pruned[budget]), cfg).record
             cpu = time.process_time() - cpu0
             hist = rec["history"]
-            epochs = len(hist["epochs"])
-            rows = sum(e.get("rows", rec["train_rows"]) for e in hist["epochs"])  # as run (--max-steps: partial)
+            steps, rows = trained(hist, rec["train_rows"])
             b["parameters"] = rec["parameters"]["student"]
             sc_ = _score(out / "model", ds, split, hold, spec, out.with_suffix(".correct.npy"))
             b["seeds"][str(seed)] = {
                 **sc_, "path": str(out), "test_accuracy": rec["test"]["accuracy"], "distill_seconds": rec["seconds"],
                 # the training loop (steps + each epoch's validation), like the elastic run's training.wall_s
                 "train_s": sum(e["seconds"] for e in hist["epochs"]),
-                "wall_s": rec["seconds"] + prune_s[budget],
-                "steps": sum(e.get("steps", hist["steps_per_epoch"]) for e in hist["epochs"]),
+                "wall_s": rec["seconds"] + prune_s[budget], "steps": steps,
                 "trained_rows": rows, "flops": rows * (3 * f_student[budget] + f_teacher),
                 "val_accuracy": [e["val_accuracy"] for e in hist["epochs"]], "cpu_s": cpu,
                 "load_average": [load0, list(os.getloadavg())]}

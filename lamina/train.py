@@ -38,7 +38,7 @@ from .errors import UsageError
 from .runtime import Runtime
 
 __all__ = ["CHECKPOINT", "CHECKPOINT_FILES", "Loop", "TrainConfig", "check_loop_args", "fit", "init_distributed",
-           "loop_field", "remove_checkpoint", "world"]
+           "loop_field", "remove_checkpoint", "trained", "world"]
 
 
 @dataclass(frozen=True)
@@ -222,11 +222,9 @@ def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: L
         sums: dict = {}
         n_steps = min(steps_per_epoch, total - epoch * steps_per_epoch)  # < steps_per_epoch: a partial last epoch
         bar = _bar(loop, rank, n_steps, f"{desc} {epoch + 1}/{epochs}")
-        rows_done = 0
         for s in range(n_steps):
             glob = order[s * loop.batch_size:(s + 1) * loop.batch_size]
             rows = glob[rank::size]
-            rows_done += len(glob)
             opt.zero_grad(set_to_none=True)
             with autocast(device, dtype):
                 loss, parts = step(rows, len(glob)) if len(rows) else _zero(params)
@@ -253,7 +251,8 @@ def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: L
             bar.close()
         val = _validate(validate, val_rows, modules, device)
         rec = {"epoch": epoch + 1, "train": {k: v / n_steps for k, v in sums.items()},
-               "steps": n_steps, "rows": rows_done,  # every rank's: the rows this epoch trained on
+               # every rank's rows: the first n_steps global batches of this epoch's order
+               "steps": n_steps, "rows": len(order[:n_steps * loop.batch_size]),
                "val_accuracy": val[0], "val_loss": val[1], "lr": sched.get_last_lr()[0],
                "seconds": time.perf_counter() - t0}
         hist["epochs"].append(rec)
@@ -273,6 +272,13 @@ def fit(modules: dict, params: list, step, train_idx, val_idx, validate, loop: L
     for m in modules.values():
         m.eval()
     return hist
+
+
+def trained(hist: dict, train_rows: int) -> tuple[int, int]:
+    """(optimizer steps, rows) a history trained, epoch by epoch as run (``--max-steps`` can stop the last
+    part-way); an epoch recorded by an older lamina, without the counts, was whole."""
+    eps = hist["epochs"]
+    return (sum(e.get("steps", hist["steps_per_epoch"]) for e in eps), sum(e.get("rows", train_rows) for e in eps))
 
 
 def _zero(params):

@@ -53,7 +53,7 @@ from ..runfolder import check_out, claim, plan_writes
 from ..runfolder import record as record_files
 from ..runtime import describe, oom_message, resolve_device
 from ..task import check_classes, logits_of, make_task, num_classes, teacher_spec
-from ..train import CHECKPOINT, TrainConfig, fit, init_distributed, loop_field, remove_checkpoint, world
+from ..train import CHECKPOINT, TrainConfig, fit, init_distributed, loop_field, remove_checkpoint, trained, world
 from ..verify import save_checked
 from .budget import Budget, Grid, Written, kept_groups, make_grid
 from .family import Family
@@ -460,9 +460,7 @@ def _elastic(teacher_src, config: ElasticConfig, out: Path, rank: int, size: int
     wall = time.perf_counter() - t_fit
     if has_bn:
         recalibrate_bn(parent, calib)
-    # per epoch as run (--max-steps can stop the last part-way; an epoch checkpointed by an older lamina is whole)
-    steps = sum(e.get("steps", hist["steps_per_epoch"]) for e in hist["epochs"])
-    rows_seen = sum(e.get("rows", len(train_rows)) for e in hist["epochs"])
+    steps, rows_seen = trained(hist, len(train_rows))
     sub = draw(grid, 0, 0, [])  # the smallest, when there is one
     pool = [b for b in members if b not in (grid.full, grid.smallest)]
     k = min(config.sampled, len(pool))
