@@ -85,7 +85,7 @@ def _features(work: Path, path: Path) -> dict:
     rows (cached in ``path``)."""
     if path.exists():
         return dict(np.load(path))
-    from lamina.capture.hooks import pool
+    from lamina.transfer._pools import pool_many
     from lamina.store import FeatureStore
     from lamina.transfer._rows import reload_model_and_data, split_rows
     run, t = work / "minilm-transfer-run", _task(work)
@@ -102,11 +102,8 @@ def _features(work: Path, path: Path) -> dict:
                 b = held.dep.batch(ds, list(range(i, min(i + 50, len(ds)))), held.max_length)
                 mask = b["attention_mask"]
                 for n, x in zip(held.names, held.dep.module.features(**b)):
-                    x = x.float()
-                    pad = ~mask.unsqueeze(-1).bool()
-                    acc.setdefault(f"{tag}|{n}|mean", []).append(pool(x, "mean", mask))
-                    acc.setdefault(f"{tag}|{n}|max", []).append(x.masked_fill(pad, -1e4).amax(1))
-                    acc.setdefault(f"{tag}|{n}|cls", []).append(x[:, 0])
+                    for w in ("mean", "max", "cls"):  # lamina's own poolings, as `--pooling` computes them
+                        acc.setdefault(f"{tag}|{n}|{w}", []).append(pool_many(x.float(), [w], mask))
         out.update({k: torch.cat(v).numpy() for k, v in acc.items()})
     diff = max(float(np.abs(np.asarray(store.load(n, mmap=False), np.float32) - out[f"sub|{n}|mean"]).max())
                for n in held.names)
