@@ -1029,6 +1029,14 @@ def _recipes_lines(e: dict) -> list[str]:
     return lines
 
 
+def _cpu_cells(cpu: float | None, full: dict, fmt: str) -> str:
+    """The table's two CPU-time cells of one method: its training CPU seconds and their fraction of full
+    fine-tuning's ('-' where either run did not record CPU time)."""
+    if not cpu or not full.get("cpu_seconds"):
+        return "- | -"
+    return f"{cpu:{fmt}} | {cpu / full['cpu_seconds']:.3f}"
+
+
 def _write(r: dict) -> None:
     lines = [f"Results: `bench/results/transfer.json` ({r['machine']['cpus']} shared CPUs, torch "
              f"{r['machine']['torch']}, 1 torch thread for every method); each part names the command that "
@@ -1073,14 +1081,13 @@ def _write(r: dict) -> None:
                   "| training CPU s | fraction | peak memory rise MiB | layers read | deepest block |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|",
                   f"| full fine-tuning | {full['accuracy']:.4f} | 1.000 | {full['trainable_parameters']:,} | 1 | "
-                  f"{full['seconds']:.0f} | 1 | " + (f"{full['cpu_seconds']:.0f} | 1 | " if full.get("cpu_seconds")
-                                                    else "- | - | ")
+                  f"{full['seconds']:.0f} | 1 | "
+                  + (f"{full['cpu_seconds']:.0f} | 1" if full.get("cpu_seconds") else "- | -") + " | "
                   + (f"{mem['full']['rise_bytes'] / 2**20:.0f}" if "full" in mem else "-") + " | all | - |",
                   f"| frozen-head fine-tuning | {hf['accuracy']:.4f} | {hf['accuracy'] / full['accuracy']:.3f} | "
                   f"{hf['trainable_parameters']:,} | {hf['trainable_parameters'] / full['trainable_parameters']:.4f} "
                   f"| {hf['seconds']:.0f} | {hf['seconds'] / full['seconds']:.3f} | "
-                  + (f"{hf['cpu_seconds']:.0f} | {hf['cpu_seconds'] / full['cpu_seconds']:.3f} | "
-                     if hf.get("cpu_seconds") and full.get("cpu_seconds") else "- | - | ") + "- | last | - |"]
+                  + _cpu_cells(hf.get("cpu_seconds"), full, ".0f") + " | - | last | - |"]
         for h, v in e["heads"].items():
             a = v["accuracy"]
             memh = f"{mem[h]['rise_bytes'] / 2**20:.0f}" if h in mem else "-"
@@ -1089,8 +1096,7 @@ def _write(r: dict) -> None:
                          f"{v['trainable_parameters']:,} | "
                          f"{v['trainable_parameters'] / full['trainable_parameters']:.4f}"
                          f" | {v['seconds']['mean']:.1f} | {v['seconds']['mean'] / full['seconds']:.3f} | "
-                         + (f"{v['cpu_seconds']['mean']:.1f} | {v['cpu_seconds']['mean'] / full['cpu_seconds']:.3f}"
-                            if v.get("cpu_seconds") and full.get("cpu_seconds") else "- | -") + f" | {memh} | "
+                         + _cpu_cells((v.get("cpu_seconds") or {}).get("mean"), full, ".1f") + f" | {memh} | "
                          f"{reads} | {v['deepest_block']} of {v['n_blocks']} |")
         best = max(e["heads"].values(), key=lambda v: v["accuracy"]["mean"])["accuracy"]["mean"]
         n_test = full["test_rows"]
