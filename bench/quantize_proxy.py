@@ -91,6 +91,11 @@ def main(argv=None) -> dict:
     return old
 
 
+def _command() -> str:
+    """This invocation, as its records name it."""
+    return "PYTHONPATH=. python bench/quantize_proxy.py " + " ".join(sys.argv[1:])
+
+
 def _targets(rec: dict) -> dict:
     """Every key from the records the file holds (proxy, students, retimes), so each mode keeps the others' keys.
     A composed alternative's speed-up near its goal is one sample of a wide spread: its value is the median over
@@ -154,7 +159,7 @@ def _students(args, students: dict) -> dict:
                           "speedup_b8": sp})
         print(f"{name}: held-out {rec[name]['heldout_accuracy']:.4f} (drop {drop:.4f}), x{sp['wall']} wall, "
               f"x{sp['cpu']} cpu", flush=True)
-    return {"students": {"command": "PYTHONPATH=. python bench/quantize_proxy.py " + " ".join(sys.argv[1:]),
+    return {"students": {"command": _command(),
                          "machine": machine(), "heldout_rows": scratch["heldout_rows"], "repeats": args.repeats,
                          "batch": args.batch, "threads": 1, "load_average_start": load0, "load_average_end": load1,
                          "max_drop": args.max_drop, "teacher_heldout_accuracy": sc["fp32"]["heldout_accuracy"],
@@ -183,7 +188,7 @@ def _retime(args, saved: dict) -> dict:
     fp = lamina.load_model(args.teacher)
     models = {"fp32": fp, **{name: lamina.load_model(folder) for name, folder in saved.items()}}
     lat, load0, load1, rows = _timed(args, fp, models, list(saved))
-    return {"retimes": [{"command": "PYTHONPATH=. python bench/quantize_proxy.py " + " ".join(sys.argv[1:]),
+    return {"retimes": [{"command": _command(),
                        "machine": machine(), "models": saved, "batch": args.batch, "threads": 1,
                        "repeats": args.repeats, "load_average_start": load0, "load_average_end": load1,
                        "latency_ms": lat, "speedup_vs_fp32_teacher": rows}]}
@@ -203,7 +208,7 @@ def _shapes(args, shapes: dict) -> dict:
         info[name] = {"folder": folder, **_shape(lm)}
     lat, load0, load1, rows = _timed(args, fp, models, [m for m in models if m != "fp32"])
     return {"version": 1, "teacher": args.teacher, "proxy": {
-                "command": "PYTHONPATH=. python bench/quantize_proxy.py " + " ".join(sys.argv[1:]),
+                "command": _command(),
                 "machine": machine(), "shapes": info, "batch": args.batch, "threads": 1, "repeats": args.repeats,
                 "load_average_start": load0, "load_average_end": load1, "latency_ms": lat,
                 "speedup_vs_fp32_teacher": rows}}

@@ -299,7 +299,6 @@ def test_resume_record_is_compared_key_by_key(tmp_path):
         check_resume(tmp_path, "finetune", {"teacher": "t", "lr": 1e-3}, resume=True)  # another stage's record
 
 
-
 def test_resume_of_a_run_recorded_before_a_setting_existed(tmp_path):
     """A record written by an older lamina lacks a newer config field: resuming matches it while the field is
     at its default (what the older lamina did), and refuses, naming it, once it is not."""
@@ -317,6 +316,7 @@ def test_resume_of_a_run_recorded_before_a_setting_existed(tmp_path):
         check_resume(tmp_path, "distill", asdict(later), resume=True, config=later)
     with pytest.raises(UsageError, match="differs in: teacher_correction"):  # without the config: no defaults known
         check_resume(tmp_path, "distill", asdict(cfg), resume=True)
+
 
 # ---------------------------------------------------------------- 10: non-finite scores, strict JSON
 
