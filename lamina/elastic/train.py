@@ -114,9 +114,9 @@ class ElasticConfig(TrainConfig):
                 "'full' otherwise",
         "choices": ("auto", "full", "members")})
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature of both KD losses (> 0)"})
-    patience: int | None = loop_field(2, "stop after this many epochs without a validation gain (of the full "
-                                         "member, or of every member with --best-on members); the best epoch "
-                                         "is kept")
+    patience: int | None = loop_field(2, "stop after this many epochs without a validation gain (of what "
+                                         "--best-on names: the full member, or every member pooled); the best "
+                                         "epoch is kept")
     seed: int = loop_field(0, "seed of the row order and of the members drawn each step")
     train_limit: int | None = field(default=None, metadata={
         "help": "train on at most this many of the training rows (stratified); validation and test stay whole"})
